@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# install whatever is missing on a fresh Debian-like machine: system packages, node tools and a
+# Python virtual environment with pydstack and its development tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# system packages the stack and its tests use (real components, no mocks)
+APT_PACKAGES=(iproute2 curl ca-certificates)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "setup: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "setup: missing system packages ${missing[*]} (run as root to install)" >&2
+    fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.pydstack-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing pydstack and its development tools into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+    touch "$stamp"
+fi

@@ -1,0 +1,19 @@
+"""shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", REPO.parent / "shared" / "vectors"))
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """directory of the shared test vectors (real quotes, collateral, event logs)."""
+    if not VECTORS.is_dir():
+        pytest.fail(f"test vectors not found at {VECTORS}; set PYDSTACK_VECTORS")
+    return VECTORS
