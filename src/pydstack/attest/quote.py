@@ -1,0 +1,359 @@
+"""Intel DCAP quotes: v3 (SGX), v4 and v5 (TDX), parsed and built.
+
+Layout (all integers little-endian): a 48-byte header; the body (v4: a TD report 1.0 of 584
+bytes at offset 48; v5: a 6-byte descriptor `u16 type, u32 size` then a TD report 1.0 (type 2)
+or 1.5 (type 3, 648 bytes); v3: a 384-byte SGX enclave report); then `u32 auth_data_len` and the
+ECDSA auth data: signature (64, raw r||s over header+body), attestation key (64, raw x||y), and
+certification data type 6 (QE report, its signature by the PCK key, QE auth data, and inner
+certification data type 5: the PEM PCK chain). Real quotes carry trailing zero padding, which is
+ignored.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import ParseError
+
+TEE_TYPE_SGX = 0x00000000
+TEE_TYPE_TDX = 0x00000081
+ATT_KEY_TYPE_ECDSA_P256 = 2
+INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
+BODY_SGX_ENCLAVE = 1
+BODY_TD_REPORT10 = 2
+BODY_TD_REPORT15 = 3
+CERT_TYPE_PCK_CHAIN = 5
+CERT_TYPE_QE_REPORT = 6
+
+HEADER_LEN = 48
+TD_REPORT10_LEN = 584
+TD_REPORT15_LEN = 648
+ENCLAVE_REPORT_LEN = 384
+MAX_QUOTE_LEN = 64 * 1024
+
+_TD10_FIELDS = (
+    ("tee_tcb_svn", 16),
+    ("mr_seam", 48),
+    ("mr_signer_seam", 48),
+    ("seam_attributes", 8),
+    ("td_attributes", 8),
+    ("xfam", 8),
+    ("mr_td", 48),
+    ("mr_config_id", 48),
+    ("mr_owner", 48),
+    ("mr_owner_config", 48),
+    ("rtmr0", 48),
+    ("rtmr1", 48),
+    ("rtmr2", 48),
+    ("rtmr3", 48),
+    ("report_data", 64),
+)
+
+
+class _Cursor:
+    """a bounded reader over a byte string."""
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data) if end is None else end
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > self.end:
+            raise ParseError(f"quote truncated: {what} needs {n} bytes at offset {self.pos}")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u16(self, what: str) -> int:
+        return int(struct.unpack("<H", self.take(2, what))[0])
+
+    def u32(self, what: str) -> int:
+        return int(struct.unpack("<I", self.take(4, what))[0])
+
+
+@dataclass(frozen=True)
+class QuoteHeader:
+    version: int
+    attestation_key_type: int
+    tee_type: int
+    qe_svn: int
+    pce_svn: int
+    qe_vendor_id: bytes
+    user_data: bytes
+
+    def to_bytes(self) -> bytes:
+        if len(self.qe_vendor_id) != 16 or len(self.user_data) != 20:
+            raise ValueError("qe_vendor_id must be 16 bytes and user_data 20 bytes")
+        return struct.pack(
+            "<HHIHH16s20s",
+            self.version,
+            self.attestation_key_type,
+            self.tee_type,
+            self.qe_svn,
+            self.pce_svn,
+            self.qe_vendor_id,
+            self.user_data,
+        )
+
+    @classmethod
+    def parse(cls, data: bytes) -> QuoteHeader:
+        if len(data) < HEADER_LEN:
+            raise ParseError(f"quote header needs {HEADER_LEN} bytes, got {len(data)}")
+        v, akt, tee, qsvn, psvn, vid, ud = struct.unpack("<HHIHH16s20s", data[:HEADER_LEN])
+        return cls(v, akt, tee, qsvn, psvn, vid, ud)
+
+
+@dataclass(frozen=True)
+class TdReport:
+    """a TD report 1.0 (584 bytes), or 1.5 (648 bytes) when tee_tcb_svn2 is set."""
+
+    tee_tcb_svn: bytes
+    mr_seam: bytes
+    mr_signer_seam: bytes
+    seam_attributes: bytes
+    td_attributes: bytes
+    xfam: bytes
+    mr_td: bytes
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    rtmr0: bytes
+    rtmr1: bytes
+    rtmr2: bytes
+    rtmr3: bytes
+    report_data: bytes
+    tee_tcb_svn2: bytes | None = None
+    mr_service_td: bytes | None = None
+
+    def to_bytes(self) -> bytes:
+        out = bytearray()
+        for name, size in _TD10_FIELDS:
+            value = getattr(self, name)
+            if len(value) != size:
+                raise ValueError(f"td report field {name} must be {size} bytes")
+            out += value
+        if self.tee_tcb_svn2 is not None or self.mr_service_td is not None:
+            svn2 = self.tee_tcb_svn2 or bytes(16)
+            service = self.mr_service_td or bytes(48)
+            if len(svn2) != 16 or len(service) != 48:
+                raise ValueError("td report 1.5 fields have the wrong size")
+            out += svn2 + service
+        return bytes(out)
+
+    @classmethod
+    def parse(cls, data: bytes, *, v15: bool = False) -> TdReport:
+        need = TD_REPORT15_LEN if v15 else TD_REPORT10_LEN
+        if len(data) < need:
+            raise ParseError(f"td report needs {need} bytes, got {len(data)}")
+        values: dict[str, bytes] = {}
+        pos = 0
+        for name, size in _TD10_FIELDS:
+            values[name] = data[pos : pos + size]
+            pos += size
+        if v15:
+            return cls(**values, tee_tcb_svn2=data[584:600], mr_service_td=data[600:648])
+        return cls(**values)
+
+    @property
+    def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.rtmr0, self.rtmr1, self.rtmr2, self.rtmr3)
+
+    @property
+    def is_debug(self) -> bool:
+        return bool(self.td_attributes[0] & 0x01)
+
+
+@dataclass(frozen=True)
+class EnclaveReport:
+    """the 384-byte SGX enclave report (the QE report of a quote, or an SGX quote's body)."""
+
+    cpu_svn: bytes
+    misc_select: int
+    attributes: bytes
+    mr_enclave: bytes
+    mr_signer: bytes
+    isv_prod_id: int
+    isv_svn: int
+    report_data: bytes
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(ENCLAVE_REPORT_LEN)
+        out[0:16] = self.cpu_svn
+        out[16:20] = struct.pack("<I", self.misc_select)
+        out[48:64] = self.attributes
+        out[64:96] = self.mr_enclave
+        out[128:160] = self.mr_signer
+        out[256:258] = struct.pack("<H", self.isv_prod_id)
+        out[258:260] = struct.pack("<H", self.isv_svn)
+        out[320:384] = self.report_data
+        if len(out) != ENCLAVE_REPORT_LEN:
+            raise ValueError("enclave report fields have the wrong size")
+        return bytes(out)
+
+    @classmethod
+    def parse(cls, data: bytes) -> EnclaveReport:
+        if len(data) < ENCLAVE_REPORT_LEN:
+            raise ParseError(f"enclave report needs {ENCLAVE_REPORT_LEN} bytes, got {len(data)}")
+        return cls(
+            cpu_svn=data[0:16],
+            misc_select=int(struct.unpack("<I", data[16:20])[0]),
+            attributes=data[48:64],
+            mr_enclave=data[64:96],
+            mr_signer=data[128:160],
+            isv_prod_id=int(struct.unpack("<H", data[256:258])[0]),
+            isv_svn=int(struct.unpack("<H", data[258:260])[0]),
+            report_data=data[320:384],
+        )
+
+
+@dataclass(frozen=True)
+class Quote:
+    raw: bytes
+    header: QuoteHeader
+    body_type: int
+    td_report: TdReport | None
+    enclave_report: EnclaveReport | None
+    signed_length: int
+    ecdsa_signature: bytes
+    attestation_key: bytes
+    qe_report: EnclaveReport
+    qe_report_raw: bytes
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    pck_cert_chain_pem: bytes
+
+    @property
+    def is_tdx(self) -> bool:
+        return self.header.tee_type == TEE_TYPE_TDX
+
+    @property
+    def report_data(self) -> bytes:
+        if self.td_report is not None:
+            return self.td_report.report_data
+        assert self.enclave_report is not None
+        return self.enclave_report.report_data
+
+    @property
+    def signed_bytes(self) -> bytes:
+        return self.raw[: self.signed_length]
+
+
+def parse_quote(data: bytes) -> Quote:
+    """parse a v3, v4 or v5 quote; trailing bytes after the auth data are ignored."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ParseError("quote must be bytes")
+    data = bytes(data)
+    if len(data) > MAX_QUOTE_LEN:
+        raise ParseError(f"quote too large ({len(data)} bytes, max {MAX_QUOTE_LEN})")
+    header = QuoteHeader.parse(data)
+    if header.attestation_key_type != ATT_KEY_TYPE_ECDSA_P256:
+        raise ParseError(f"unsupported attestation key type {header.attestation_key_type}")
+    cur = _Cursor(data, HEADER_LEN)
+    td_report: TdReport | None = None
+    enclave: EnclaveReport | None = None
+    if header.version == 3:
+        if header.tee_type != TEE_TYPE_SGX:
+            raise ParseError("a v3 quote must be an sgx quote")
+        body_type = BODY_SGX_ENCLAVE
+        enclave = EnclaveReport.parse(cur.take(ENCLAVE_REPORT_LEN, "enclave report"))
+    elif header.version == 4:
+        if header.tee_type != TEE_TYPE_TDX:
+            raise ParseError(f"unsupported tee type {header.tee_type:#x} in a v4 quote")
+        body_type = BODY_TD_REPORT10
+        td_report = TdReport.parse(cur.take(TD_REPORT10_LEN, "td report"))
+    elif header.version == 5:
+        body_type = cur.u16("body type")
+        size = cur.u32("body size")
+        expected = {
+            BODY_SGX_ENCLAVE: ENCLAVE_REPORT_LEN,
+            BODY_TD_REPORT10: TD_REPORT10_LEN,
+            BODY_TD_REPORT15: TD_REPORT15_LEN,
+        }.get(body_type)
+        if expected is None:
+            raise ParseError(f"unsupported quote body type {body_type}")
+        if size != expected:
+            raise ParseError(f"quote body type {body_type} must be {expected} bytes, not {size}")
+        body = cur.take(size, "quote body")
+        if body_type == BODY_SGX_ENCLAVE:
+            enclave = EnclaveReport.parse(body)
+        else:
+            td_report = TdReport.parse(body, v15=body_type == BODY_TD_REPORT15)
+    else:
+        raise ParseError(f"unsupported quote version {header.version}")
+    signed_length = cur.pos
+    auth_len = cur.u32("auth data length")
+    auth = _Cursor(data, cur.pos, cur.pos + auth_len)
+    if auth.end > len(data):
+        raise ParseError(f"quote auth data length {auth_len} exceeds the quote")
+    signature = auth.take(64, "ecdsa signature")
+    att_key = auth.take(64, "attestation key")
+    if header.version == 3:
+        # sgx v3 flattens the qe report certification data into the auth data
+        cert = auth
+    else:
+        cert_type = auth.u16("certification data type")
+        cert_size = auth.u32("certification data size")
+        if cert_type != CERT_TYPE_QE_REPORT:
+            raise ParseError(f"unsupported certification data type {cert_type}")
+        cert = _Cursor(data, auth.pos, auth.pos + cert_size)
+        if cert.end > auth.end:
+            raise ParseError("certification data exceeds the auth data")
+    qe_raw = cert.take(ENCLAVE_REPORT_LEN, "qe report")
+    qe_sig = cert.take(64, "qe report signature")
+    qe_auth = cert.take(cert.u16("qe auth data length"), "qe auth data")
+    inner_type = cert.u16("inner certification data type")
+    inner_size = cert.u32("inner certification data size")
+    if inner_type != CERT_TYPE_PCK_CHAIN:
+        raise ParseError(f"unsupported inner certification data type {inner_type}")
+    chain = cert.take(inner_size, "pck certificate chain")
+    return Quote(
+        raw=data,
+        header=header,
+        body_type=body_type,
+        td_report=td_report,
+        enclave_report=enclave,
+        signed_length=signed_length,
+        ecdsa_signature=signature,
+        attestation_key=att_key,
+        qe_report=EnclaveReport.parse(qe_raw),
+        qe_report_raw=qe_raw,
+        qe_report_signature=qe_sig,
+        qe_auth_data=qe_auth,
+        pck_cert_chain_pem=chain,
+    )
+
+
+def build_quote(
+    header: QuoteHeader,
+    report: TdReport,
+    *,
+    sign: Callable[[bytes], bytes],
+    attestation_key: bytes,
+    qe_report: bytes,
+    qe_report_signature: bytes,
+    qe_auth_data: bytes,
+    pck_cert_chain_pem: bytes,
+) -> bytes:
+    """a v4 TDX quote; `sign` returns the raw 64-byte r||s ECDSA signature of its input."""
+    if header.version != 4:
+        raise ValueError("build_quote writes v4 quotes")
+    signed = header.to_bytes() + report.to_bytes()
+    signature = sign(signed)
+    if len(signature) != 64 or len(attestation_key) != 64:
+        raise ValueError("signature and attestation key must be 64 bytes each")
+    if len(qe_report) != ENCLAVE_REPORT_LEN or len(qe_report_signature) != 64:
+        raise ValueError("qe report must be 384 bytes and its signature 64")
+    inner = struct.pack("<HI", CERT_TYPE_PCK_CHAIN, len(pck_cert_chain_pem)) + pck_cert_chain_pem
+    cert_body = (
+        qe_report + qe_report_signature + struct.pack("<H", len(qe_auth_data)) + qe_auth_data + inner
+    )
+    auth = (
+        signature
+        + attestation_key
+        + struct.pack("<HI", CERT_TYPE_QE_REPORT, len(cert_body))
+        + cert_body
+    )
+    return signed + struct.pack("<I", len(auth)) + auth
