@@ -1,0 +1,287 @@
+"""versioned attestations: upstream's `VersionedAttestation` wire formats.
+
+* V0 (legacy, SCALE): `0x00 || quote-variant || ... || runtime_events || report_data[64] || config`
+  where the TDX variant (0) carries `Vec<u8> quote` and `Vec<TdxEvent>` (imr u32, event_type u32,
+  digest bytes, event string, payload bytes; no version or preimage).
+* V1 (msgpack, structs as maps): `{"version": 1, "platform": {"kind": "tdx", "data": {quote,
+  event_log}}, "stack": {"kind": "dstack", "data": {report_data, runtime_events, config}}}`;
+  quote and report_data are arrays of integers, digests and payloads are msgpack bin.
+
+The first byte picks the decoder (0x00 = V0, a msgpack map = V1); at most 10 MiB; trailing
+bytes are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ParseError
+from .eventlog import RuntimeEvent, TdxEvent, strip_for_certificate
+from .scale import Reader, Writer
+
+MAX_ATTESTATION_SIZE = 10 * 1024 * 1024
+MAX_ITEMS = 65536
+V0_PLATFORMS = {0: "tdx", 1: "gcp-tdx", 2: "nitro-enclave", 3: "sev-snp", 4: "aws-nitro-tpm"}
+
+
+@dataclass(frozen=True)
+class Attestation:
+    quote: bytes
+    event_log: tuple[TdxEvent, ...]
+    runtime_events: tuple[RuntimeEvent, ...]
+    report_data: bytes
+    config: str
+    platform: str = "tdx"
+
+    def with_report_data(self, report_data: bytes) -> Attestation:
+        return dataclasses.replace(self, report_data=report_data)
+
+
+def stripped(att: Attestation) -> Attestation:
+    """the form embedded in RA-TLS certificates (ACPI markers and RTMR3 events only)."""
+    return dataclasses.replace(att, event_log=tuple(strip_for_certificate(att.event_log)))
+
+
+# ---------------------------------------------------------------------------------- V0 (SCALE)
+
+
+def encode_v0(att: Attestation) -> bytes:
+    if att.platform != "tdx":
+        raise ValueError(f"cannot encode platform {att.platform} as v0")
+    if len(att.report_data) != 64:
+        raise ValueError("report_data must be 64 bytes")
+    w = Writer()
+    w.write_u8(0)  # VersionedAttestation::V0
+    w.write_u8(0)  # AttestationQuote::DstackTdx
+    w.write_bytes(att.quote)
+    w.write_compact(len(att.event_log))
+    for ev in att.event_log:
+        if ev.version != 1:
+            raise ValueError("v0 attestations carry only version 1 events")
+        w.write_u32(ev.imr)
+        w.write_u32(ev.event_type)
+        w.write_bytes(ev.digest)
+        w.write_str(ev.event)
+        w.write_bytes(ev.event_payload)
+    w.write_compact(len(att.runtime_events))
+    for rt in att.runtime_events:
+        if rt.version != 1:
+            raise ValueError("v0 attestations carry only version 1 events")
+        w.write_str(rt.event)
+        w.write_bytes(rt.payload)
+    w.write_raw(att.report_data)
+    w.write_str(att.config)
+    return w.getvalue()
+
+
+def _decode_v0(data: bytes) -> Attestation:
+    r = Reader(data)
+    r.read_u8()
+    variant = r.read_u8()
+    if variant != 0:
+        raise ParseError(f"unsupported platform: {V0_PLATFORMS.get(variant, variant)}")
+    quote = r.read_bytes()
+    events = []
+    for _ in range(r.read_len(min_item_size=11)):
+        imr = r.read_u32()
+        event_type = r.read_u32()
+        digest = r.read_bytes()
+        name = r.read_str()
+        payload = r.read_bytes()
+        if imr > 3:
+            raise ParseError(f"event imr {imr} out of range")
+        events.append(TdxEvent(imr, event_type, digest, name, payload))
+    runtime = [RuntimeEvent(r.read_str(), r.read_bytes()) for _ in range(r.read_len(2))]
+    report_data = r.read_fixed(64)
+    config = r.read_str()
+    r.expect_end()
+    return Attestation(quote, tuple(events), tuple(runtime), report_data, config)
+
+
+# ---------------------------------------------------------------------------------- V1 (msgpack)
+
+
+def _event_v1(ev: TdxEvent) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "imr": ev.imr,
+        "event_type": ev.event_type,
+        "digest": ev.digest,
+        "event": ev.event,
+        "event_payload": ev.event_payload,
+    }
+    if ev.version == 2:
+        obj["version"] = 2
+    if ev.preimage is not None:
+        obj["preimage"] = ev.preimage
+    return obj
+
+
+def _runtime_v1(ev: RuntimeEvent) -> dict[str, Any]:
+    obj: dict[str, Any] = {"event": ev.event, "payload": ev.payload}
+    if ev.version == 2:
+        obj["version"] = 2
+    return obj
+
+
+def encode_v1(att: Attestation) -> bytes:
+    if att.platform != "tdx":
+        raise ValueError(f"cannot encode platform {att.platform}")
+    doc = {
+        "version": 1,
+        "platform": {
+            "kind": "tdx",
+            "data": {
+                "quote": list(att.quote),
+                "event_log": [_event_v1(e) for e in att.event_log],
+            },
+        },
+        "stack": {
+            "kind": "dstack",
+            "data": {
+                "report_data": list(att.report_data),
+                "runtime_events": [_runtime_v1(e) for e in att.runtime_events],
+                "config": att.config,
+            },
+        },
+    }
+    out: bytes = msgpack.packb(doc, use_bin_type=True)
+    return out
+
+
+def _map(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ParseError(f"{what} must be a map")
+    return obj
+
+
+def _bytes(obj: Any, what: str, *, size: int | None = None) -> bytes:
+    if isinstance(obj, bytes):
+        out = obj
+    elif isinstance(obj, list) and all(isinstance(x, int) and 0 <= x <= 255 for x in obj):
+        out = bytes(obj)
+    else:
+        raise ParseError(f"{what} must be bytes")
+    if size is not None and len(out) != size:
+        raise ParseError(f"{what} must be {size} bytes")
+    return out
+
+
+def _str(obj: Any, what: str) -> str:
+    if not isinstance(obj, str):
+        raise ParseError(f"{what} must be a string")
+    return obj
+
+
+def _int(obj: Any, what: str, hi: int) -> int:
+    if not isinstance(obj, int) or isinstance(obj, bool) or not 0 <= obj <= hi:
+        raise ParseError(f"{what} is not a valid integer")
+    return obj
+
+
+def _version(obj: dict[str, Any]) -> int:
+    v = obj.get("version", 1)
+    if v not in (1, 2) or isinstance(v, bool):
+        raise ParseError(f"unsupported event version {v!r}")
+    return int(v)
+
+
+def _list(obj: Any, what: str) -> list[Any]:
+    if not isinstance(obj, list) or len(obj) > MAX_ITEMS:
+        raise ParseError(f"{what} must be a list of at most {MAX_ITEMS} items")
+    return obj
+
+
+def _decode_v1(data: bytes) -> Attestation:
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data))
+    except (msgpack.ExtraData, ValueError, TypeError) as e:
+        raise ParseError(f"attestation is not valid msgpack: {e}") from e
+    except Exception as e:  # msgpack raises its own exception types on malformed input
+        raise ParseError(f"attestation is not valid msgpack: {e}") from e
+    doc = _map(doc, "attestation")
+    if doc.get("version") != 1:
+        raise ParseError(f"unsupported attestation version {doc.get('version')!r}")
+    platform = _map(doc.get("platform"), "platform")
+    kind = platform.get("kind")
+    if kind != "tdx":
+        raise ParseError(f"unsupported platform: {kind}")
+    pdata = _map(platform.get("data"), "platform data")
+    stack = _map(doc.get("stack"), "stack")
+    if stack.get("kind") not in ("dstack", "dstack-pod"):
+        raise ParseError(f"unsupported stack: {stack.get('kind')}")
+    sdata = _map(stack.get("data"), "stack data")
+    events = []
+    for e in _list(pdata.get("event_log", []), "event_log"):
+        e = _map(e, "event")
+        pre = e.get("preimage")
+        events.append(
+            TdxEvent(
+                imr=_int(e.get("imr"), "event imr", 3),
+                event_type=_int(e.get("event_type"), "event type", 0xFFFFFFFF),
+                digest=_bytes(e.get("digest", b""), "event digest"),
+                event=_str(e.get("event", ""), "event name"),
+                event_payload=_bytes(e.get("event_payload", b""), "event payload"),
+                version=_version(e),
+                preimage=None if pre is None else _bytes(pre, "event preimage"),
+            )
+        )
+    runtime = []
+    for e in _list(sdata.get("runtime_events", []), "runtime_events"):
+        e = _map(e, "runtime event")
+        runtime.append(
+            RuntimeEvent(
+                _str(e.get("event"), "runtime event name"),
+                _bytes(e.get("payload", b""), "runtime event payload"),
+                _version(e),
+            )
+        )
+    return Attestation(
+        quote=_bytes(pdata.get("quote", b""), "quote"),
+        event_log=tuple(events),
+        runtime_events=tuple(runtime),
+        report_data=_bytes(sdata.get("report_data"), "report_data", size=64),
+        config=_str(sdata.get("config", ""), "config"),
+    )
+
+
+# ---------------------------------------------------------------------------------- dispatch
+
+
+def decode_versioned(data: bytes) -> Attestation:
+    """decode a V0 or V1 versioned attestation."""
+    if not isinstance(data, bytes | bytearray):
+        raise ParseError("attestation must be bytes")
+    data = bytes(data)
+    if not data:
+        raise ParseError("attestation is empty")
+    if len(data) > MAX_ATTESTATION_SIZE:
+        raise ParseError(f"attestation too large ({len(data)} bytes)")
+    first = data[0]
+    if first == 0x00:
+        return _decode_v0(data)
+    if 0x80 <= first <= 0x8F or first in (0xDE, 0xDF):
+        return _decode_v1(data)
+    raise ParseError(f"unknown attestation version byte {first:#04x}")
+
+
+def to_versioned_bytes(att: Attestation) -> bytes:
+    """V0 unless a runtime event needs V1 (version 2 events)."""
+    if any(e.version == 2 for e in att.runtime_events) or any(
+        e.version == 2 for e in att.event_log
+    ):
+        return encode_v1(att)
+    return encode_v0(att)
+
+
+def from_quote_and_event_log(quote: bytes, event_log: Sequence[TdxEvent], config: str = "") -> Attestation:
+    """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier)."""
+    from .quote import parse_quote
+
+    parsed = parse_quote(quote)
+    runtime = tuple(e.to_runtime_event() for e in event_log if e.is_runtime)
+    return Attestation(quote, tuple(event_log), runtime, parsed.report_data, config)

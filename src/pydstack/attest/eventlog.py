@@ -1,0 +1,347 @@
+"""TDX event logs: the CCEL boot log, dstack runtime events (RTMR3), replay and JSON forms.
+
+* CCEL: the TCG crypto-agile binary log from the ACPI CCEL table (SHA-384 digests). CC measurement
+  register 1..4 is RTMR0..3 (`imr = mr_index - 1`); index 0 (MRTD) records are dropped.
+* runtime events: type 0x08000001; V1 digest = sha384(le32(type) || ":" || name || ":" || payload),
+  V2 digest = sha384(JCS {"name", "payload" (hex), "type"}); RTMR3 = replay of all of them.
+* JSON: upstream's `TdxEvent` objects (`imr, event_type, digest, event, event_payload[, version]
+  [, preimage]`, hex lowercase), and the runtime-event log file lines
+  (`{"event", "payload" (base64)[, "version": 2]}`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ParseError
+
+RUNTIME_EVENT_TYPE = 0x08000001
+EV_NO_ACTION = 0x3
+EV_PLATFORM_CONFIG_FLAGS = 0xA
+ACPI_DATA = b"ACPI DATA"
+ACPI_LABELS = ("acpi-loader", "acpi-rsdp", "acpi-tables")
+MR_LEN = 48
+MAX_EVENTS = 65536
+MAX_EVENT_SIZE = 16 * 1024 * 1024
+MAX_EVENT_LOG_JSON = 32 * 1024 * 1024
+_ALG_SIZES = {0x4: 20, 0xB: 32, 0xC: 48, 0xD: 64, 0x12: 32}
+_SHA384 = 0xC
+
+
+@dataclass(frozen=True)
+class TdxEvent:
+    imr: int
+    event_type: int
+    digest: bytes
+    event: str
+    event_payload: bytes
+    version: int = 1
+    preimage: bytes | None = None
+
+    def to_json_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "imr": self.imr,
+            "event_type": self.event_type,
+            "digest": self.digest.hex(),
+            "event": self.event,
+            "event_payload": self.event_payload.hex(),
+        }
+        if self.version == 2:
+            obj["version"] = 2
+        if self.preimage is not None:
+            obj["preimage"] = self.preimage.hex()
+        return obj
+
+    @classmethod
+    def from_json_obj(cls, obj: Any) -> TdxEvent:
+        if not isinstance(obj, dict):
+            raise ParseError("event log entry must be an object")
+        imr = obj.get("imr")
+        event_type = obj.get("event_type")
+        if not isinstance(imr, int) or isinstance(imr, bool) or not 0 <= imr <= 3:
+            raise ParseError(f"event log entry has an invalid imr: {imr!r}")
+        if not isinstance(event_type, int) or isinstance(event_type, bool):
+            raise ParseError("event log entry has an invalid event_type")
+        if not 0 <= event_type <= 0xFFFFFFFF:
+            raise ParseError("event log entry has an invalid event_type")
+        event = obj.get("event", "")
+        if not isinstance(event, str):
+            raise ParseError("event log entry has an invalid event name")
+        if "event_payload" not in obj:
+            raise ParseError("event log entry has no event_payload")
+        version = obj.get("version", 1)
+        if version not in (1, 2) or isinstance(version, bool):
+            raise ParseError(f"event log entry has an unsupported version: {version!r}")
+        preimage = obj.get("preimage")
+        return cls(
+            imr=imr,
+            event_type=event_type,
+            digest=_unhex(obj.get("digest", ""), "digest"),
+            event=event,
+            event_payload=_unhex(obj["event_payload"], "event_payload"),
+            version=version,
+            preimage=None if preimage is None else _unhex(preimage, "preimage"),
+        )
+
+    @property
+    def is_runtime(self) -> bool:
+        return self.event_type == RUNTIME_EVENT_TYPE
+
+    def to_runtime_event(self) -> RuntimeEvent:
+        return RuntimeEvent(self.event, self.event_payload, self.version)
+
+
+@dataclass(frozen=True)
+class RuntimeEvent:
+    event: str
+    payload: bytes
+    version: int = 1
+
+    def preimage(self) -> bytes:
+        if self.version == 2:
+            doc = {"name": self.event, "payload": self.payload.hex(), "type": RUNTIME_EVENT_TYPE}
+            return json.dumps(
+                doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            ).encode()
+        return (
+            struct.pack("<I", RUNTIME_EVENT_TYPE)
+            + b":"
+            + self.event.encode()
+            + b":"
+            + self.payload
+        )
+
+    def digest(self) -> bytes:
+        return hashlib.sha384(self.preimage()).digest()
+
+    def to_tdx_event(self) -> TdxEvent:
+        return TdxEvent(
+            imr=3,
+            event_type=RUNTIME_EVENT_TYPE,
+            digest=self.digest(),
+            event=self.event,
+            event_payload=self.payload,
+            version=self.version,
+            preimage=self.preimage() if self.version == 2 else None,
+        )
+
+    def to_log_line(self) -> str:
+        obj: dict[str, Any] = {
+            "event": self.event,
+            "payload": base64.b64encode(self.payload).decode(),
+        }
+        if self.version == 2:
+            obj["version"] = 2
+        return json.dumps(obj, separators=(",", ":"))
+
+    @classmethod
+    def from_log_line(cls, line: str) -> RuntimeEvent:
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ParseError(f"runtime event line is not json: {e}") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
+            raise ParseError("runtime event line must be an object with an event name")
+        payload = obj.get("payload", "")
+        if not isinstance(payload, str):
+            raise ParseError("runtime event payload must be base64 text")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except binascii.Error as e:
+            raise ParseError(f"runtime event payload is not base64: {e}") from e
+        version = obj.get("version", 1)
+        if version not in (1, 2):
+            raise ParseError(f"unsupported runtime event version {version!r}")
+        return cls(obj["event"], raw, version)
+
+
+def _unhex(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise ParseError(f"{what} must be a hex string")
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError as e:
+        raise ParseError(f"{what} is not valid hex") from e
+
+
+def extend_mr(mr: bytes, digest: bytes) -> bytes:
+    """RTMR extension: sha384(mr || digest), the digest right-padded with zeros to 48 bytes."""
+    if len(digest) > MR_LEN:
+        raise ValueError(f"digest longer than {MR_LEN} bytes")
+    return hashlib.sha384(mr + digest.ljust(MR_LEN, b"\0")).digest()
+
+
+def replay_rtmrs(events: Iterable[TdxEvent]) -> tuple[bytes, bytes, bytes, bytes]:
+    """replay each register from 48 zero bytes over its events' digests, in log order."""
+    mrs = [bytes(MR_LEN)] * 4
+    for ev in events:
+        digest = ev.digest
+        if ev.is_runtime and not digest:
+            digest = ev.to_runtime_event().digest()
+        mrs[ev.imr] = extend_mr(mrs[ev.imr], digest)
+    return mrs[0], mrs[1], mrs[2], mrs[3]
+
+
+def replay_runtime_events(events: Iterable[RuntimeEvent], stop_after: str | None = None) -> bytes:
+    """RTMR3 from runtime events, optionally stopping after the first event named `stop_after`."""
+    mr = bytes(MR_LEN)
+    for ev in events:
+        mr = extend_mr(mr, ev.digest())
+        if stop_after is not None and ev.event == stop_after:
+            break
+    return mr
+
+
+def runtime_events_of(events: Iterable[TdxEvent]) -> list[RuntimeEvent]:
+    return [e.to_runtime_event() for e in events if e.is_runtime]
+
+
+def parse_ccel(data: bytes) -> list[TdxEvent]:
+    """parse a CCEL table (TCG crypto-agile log) into TDX events."""
+    data = bytes(data)
+    pos = 0
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal pos
+        if n < 0 or pos + n > len(data):
+            raise ParseError(f"ccel truncated: {what} needs {n} bytes at offset {pos}")
+        out = data[pos : pos + n]
+        pos += n
+        return out
+
+    def u32(what: str) -> int:
+        return int(struct.unpack("<I", take(4, what))[0])
+
+    # the spec-ID header record, in the legacy TCG_PCClientPCREvent form
+    u32("header pcr index")
+    header_type = u32("header event type")
+    if header_type != EV_NO_ACTION:
+        raise ParseError(f"ccel does not start with a spec id event (type {header_type:#x})")
+    take(20, "header digest")
+    header = take(u32("header size"), "spec id event")
+    if not header.startswith(b"Spec ID Event03"):
+        raise ParseError("ccel spec id event signature is not 'Spec ID Event03'")
+    alg_sizes = _spec_id_algorithms(header)
+    events: list[TdxEvent] = []
+    while pos + 4 <= len(data):
+        mr_index = int(struct.unpack("<I", data[pos : pos + 4])[0])
+        if mr_index == 0xFFFFFFFF:
+            break
+        pos += 4
+        event_type = u32("event type")
+        count = u32("digest count")
+        if count > len(alg_sizes) or count == 0 and event_type != EV_NO_ACTION:
+            raise ParseError(f"ccel event has {count} digests")
+        digests: list[tuple[int, bytes]] = []
+        for _ in range(count):
+            alg = int(struct.unpack("<H", take(2, "digest algorithm"))[0])
+            size = alg_sizes.get(alg, _ALG_SIZES.get(alg))
+            if size is None:
+                raise ParseError(f"ccel digest algorithm {alg:#x} is unknown")
+            digests.append((alg, take(size, "digest")))
+        size = u32("event size")
+        if size > MAX_EVENT_SIZE:
+            raise ParseError(f"ccel event size {size} too large")
+        payload = take(size, "event data")
+        if len(events) >= MAX_EVENTS:
+            raise ParseError("ccel has too many events")
+        if mr_index == 0:
+            continue
+        if mr_index > 4:
+            raise ParseError(f"ccel measurement register index {mr_index} out of range")
+        if len(digests) != 1:
+            raise ParseError(f"ccel event must carry exactly one digest, has {len(digests)}")
+        events.append(TdxEvent(mr_index - 1, event_type, digests[0][1], "", payload))
+    return label_acpi_events(events)
+
+
+def _spec_id_algorithms(header: bytes) -> dict[int, int]:
+    # signature[16] platformClass u32, versions 3×u8, uintnSize u8, numberOfAlgorithms u32
+    if len(header) < 28:
+        raise ParseError("ccel spec id event too short")
+    (n,) = struct.unpack("<I", header[24:28])
+    if n == 0 or n > 16 or 28 + 4 * n > len(header):
+        raise ParseError(f"ccel spec id event lists {n} algorithms")
+    out: dict[int, int] = {}
+    for i in range(n):
+        alg, size = struct.unpack("<HH", header[28 + 4 * i : 32 + 4 * i])
+        out[int(alg)] = int(size)
+    return out
+
+
+def label_acpi_events(events: Sequence[TdxEvent]) -> list[TdxEvent]:
+    """name the three RTMR0 `ACPI DATA` events acpi-loader, acpi-rsdp, acpi-tables."""
+    out: list[TdxEvent] = []
+    labels = iter(ACPI_LABELS)
+    for ev in events:
+        if (
+            ev.imr == 0
+            and ev.event_type == EV_PLATFORM_CONFIG_FLAGS
+            and ev.event_payload == ACPI_DATA
+            and not ev.event
+        ):
+            label = next(labels, "")
+            ev = TdxEvent(ev.imr, ev.event_type, ev.digest, label, ev.event_payload)
+        out.append(ev)
+    return out
+
+
+def _is_acpi_marker(ev: TdxEvent) -> bool:
+    return ev.imr == 0 and ev.event_type == EV_PLATFORM_CONFIG_FLAGS and ev.event_payload == ACPI_DATA
+
+
+def _strip_runtime(ev: TdxEvent) -> TdxEvent:
+    preimage = ev.preimage
+    if ev.version == 2 and preimage is None:
+        preimage = ev.to_runtime_event().preimage()
+    return TdxEvent(ev.imr, ev.event_type, b"", ev.event, ev.event_payload, ev.version, preimage)
+
+
+def strip_event_log(events: Iterable[TdxEvent]) -> list[TdxEvent]:
+    """the GetQuote form: boot events keep digests and lose payloads (except the ACPI DATA
+    markers); runtime events keep payloads and lose digests."""
+    out = []
+    for ev in events:
+        if ev.is_runtime:
+            out.append(_strip_runtime(ev))
+        elif _is_acpi_marker(ev):
+            out.append(TdxEvent(ev.imr, ev.event_type, ev.digest, ev.event, ACPI_DATA))
+        else:
+            out.append(TdxEvent(ev.imr, ev.event_type, ev.digest, ev.event, b""))
+    return out
+
+
+def strip_for_certificate(events: Iterable[TdxEvent]) -> list[TdxEvent]:
+    """the RA-TLS form: only the ACPI DATA markers and the stripped RTMR3 events remain."""
+    out = []
+    for ev in events:
+        if _is_acpi_marker(ev):
+            out.append(TdxEvent(ev.imr, ev.event_type, ev.digest, ev.event, ACPI_DATA))
+        elif ev.imr == 3:
+            out.append(_strip_runtime(ev))
+    return out
+
+
+def event_log_to_json(events: Iterable[TdxEvent]) -> str:
+    return json.dumps([e.to_json_obj() for e in events], separators=(",", ":"))
+
+
+def event_log_from_json(text: str | bytes) -> list[TdxEvent]:
+    if len(text) > MAX_EVENT_LOG_JSON:
+        raise ParseError("event log json too large")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ParseError(f"event log is not valid json: {e}") from e
+    if not isinstance(obj, list):
+        raise ParseError("event log must be a json array")
+    if len(obj) > MAX_EVENTS:
+        raise ParseError("event log has too many events")
+    return [TdxEvent.from_json_obj(o) for o in obj]
