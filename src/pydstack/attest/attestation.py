@@ -199,10 +199,8 @@ def _list(obj: Any, what: str) -> list[Any]:
 def _decode_v1(data: bytes) -> Attestation:
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data))
-    except (msgpack.ExtraData, ValueError, TypeError) as e:
-        raise ParseError(f"attestation is not valid msgpack: {e}") from e
-    except Exception as e:  # msgpack raises its own exception types on malformed input
-        raise ParseError(f"attestation is not valid msgpack: {e}") from e
+    except Exception as exc:  # msgpack raises several exception types on malformed input
+        raise ParseError(f"attestation is not valid msgpack: {exc}") from exc
     doc = _map(doc, "attestation")
     if doc.get("version") != 1:
         raise ParseError(f"unsupported attestation version {doc.get('version')!r}")
@@ -216,8 +214,8 @@ def _decode_v1(data: bytes) -> Attestation:
         raise ParseError(f"unsupported stack: {stack.get('kind')}")
     sdata = _map(stack.get("data"), "stack data")
     events = []
-    for e in _list(pdata.get("event_log", []), "event_log"):
-        e = _map(e, "event")
+    for item in _list(pdata.get("event_log", []), "event_log"):
+        e = _map(item, "event")
         pre = e.get("preimage")
         events.append(
             TdxEvent(
@@ -231,8 +229,8 @@ def _decode_v1(data: bytes) -> Attestation:
             )
         )
     runtime = []
-    for e in _list(sdata.get("runtime_events", []), "runtime_events"):
-        e = _map(e, "runtime event")
+    for item in _list(sdata.get("runtime_events", []), "runtime_events"):
+        e = _map(item, "runtime event")
         runtime.append(
             RuntimeEvent(
                 _str(e.get("event"), "runtime event name"),
@@ -278,7 +276,9 @@ def to_versioned_bytes(att: Attestation) -> bytes:
     return encode_v0(att)
 
 
-def from_quote_and_event_log(quote: bytes, event_log: Sequence[TdxEvent], config: str = "") -> Attestation:
+def from_quote_and_event_log(
+    quote: bytes, event_log: Sequence[TdxEvent], config: str = ""
+) -> Attestation:
     """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier)."""
     from .quote import parse_quote
 

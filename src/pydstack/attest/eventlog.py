@@ -111,11 +111,7 @@ class RuntimeEvent:
                 doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False
             ).encode()
         return (
-            struct.pack("<I", RUNTIME_EVENT_TYPE)
-            + b":"
-            + self.event.encode()
-            + b":"
-            + self.payload
+            struct.pack("<I", RUNTIME_EVENT_TYPE) + b":" + self.event.encode() + b":" + self.payload
         )
 
     def digest(self) -> bytes:
@@ -237,7 +233,7 @@ def parse_ccel(data: bytes) -> list[TdxEvent]:
         pos += 4
         event_type = u32("event type")
         count = u32("digest count")
-        if count > len(alg_sizes) or count == 0 and event_type != EV_NO_ACTION:
+        if count > len(alg_sizes) or (count == 0 and event_type != EV_NO_ACTION):
             raise ParseError(f"ccel event has {count} digests")
         digests: list[tuple[int, bytes]] = []
         for _ in range(count):
@@ -294,7 +290,9 @@ def label_acpi_events(events: Sequence[TdxEvent]) -> list[TdxEvent]:
 
 
 def _is_acpi_marker(ev: TdxEvent) -> bool:
-    return ev.imr == 0 and ev.event_type == EV_PLATFORM_CONFIG_FLAGS and ev.event_payload == ACPI_DATA
+    return (
+        ev.imr == 0 and ev.event_type == EV_PLATFORM_CONFIG_FLAGS and ev.event_payload == ACPI_DATA
+    )
 
 
 def _strip_runtime(ev: TdxEvent) -> TdxEvent:

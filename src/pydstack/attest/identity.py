@@ -222,6 +222,13 @@ class AppInfo:
         ):
             raise ParseError("app info init_script_hashes must be a list of bytes")
         return cls(
-            b(0), b(1), b(2), b(3), b(4, 32), b(5, 32), b(6), b(7),
+            b(0),
+            b(1),
+            b(2),
+            b(3),
+            b(4, 32),
+            b(5, 32),
+            b(6),
+            b(7),
             None if scripts is None else tuple(scripts),
         )

@@ -348,7 +348,11 @@ def build_quote(
         raise ValueError("qe report must be 384 bytes and its signature 64")
     inner = struct.pack("<HI", CERT_TYPE_PCK_CHAIN, len(pck_cert_chain_pem)) + pck_cert_chain_pem
     cert_body = (
-        qe_report + qe_report_signature + struct.pack("<H", len(qe_auth_data)) + qe_auth_data + inner
+        qe_report
+        + qe_report_signature
+        + struct.pack("<H", len(qe_auth_data))
+        + qe_auth_data
+        + inner
     )
     auth = (
         signature

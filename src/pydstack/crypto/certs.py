@@ -89,9 +89,7 @@ def issue_cert(
 ) -> x509.Certificate:
     """a certificate for `public_key`, signed by `signer_key` (self-signed without issuer)."""
     not_before = req.not_before if req.not_before is not None else DEFAULT_NOT_BEFORE
-    not_after = (
-        req.not_after if req.not_after is not None else int(time.time()) + DEFAULT_VALIDITY
-    )
+    not_after = req.not_after if req.not_after is not None else int(time.time()) + DEFAULT_VALIDITY
     if not_before >= not_after:
         raise ValueError("not_before must be earlier than not_after")
     subject = _name(req)

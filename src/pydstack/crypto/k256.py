@@ -77,7 +77,9 @@ def sign_ecdsa(secret: bytes, data: bytes, *, prehashed: bool = False) -> bytes:
     return bytes(rec[:64])
 
 
-def verify_ecdsa(public_key: bytes, data: bytes, signature: bytes, *, prehashed: bool = False) -> bool:
+def verify_ecdsa(
+    public_key: bytes, data: bytes, signature: bytes, *, prehashed: bool = False
+) -> bool:
     """True for a valid low-S signature; malformed keys or signatures raise ValueError."""
     if len(signature) != 64:
         raise ValueError("invalid signature")

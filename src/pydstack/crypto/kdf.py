@@ -56,7 +56,5 @@ def p256_pkcs8_der(key: ec.EllipticCurvePrivateKey) -> bytes:
     return _PKCS8_PREFIX + p256_scalar(key) + _PKCS8_PUBKEY_TAG + pub
 
 
-def derive_dh_secret(
-    parent: ec.EllipticCurvePrivateKey | bytes, context: Sequence[bytes]
-) -> bytes:
+def derive_dh_secret(parent: ec.EllipticCurvePrivateKey | bytes, context: Sequence[bytes]) -> bytes:
     return hashlib.sha256(p256_pkcs8_der(derive_p256_key(parent, context))).digest()

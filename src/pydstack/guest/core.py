@@ -35,7 +35,7 @@ from pydstack.attest.quote import parse_quote
 from pydstack.attest.report_data import to_report_data
 from pydstack.crypto import ed25519 as ed
 from pydstack.crypto import k256
-from pydstack.crypto.certs import CertRequest, issue_cert
+from pydstack.crypto.certs import CertRequest
 from pydstack.crypto.kdf import derive_key, p256_key_from_bytes
 
 from .appkeys import AppKeys
@@ -150,9 +150,7 @@ class GuestCore:
     # ------------------------------------------------------------------ keys
     def get_key(self, path: str, purpose: str, algorithm: str) -> tuple[bytes, list[bytes]]:
         alg = normalize_algorithm(algorithm)
-        return k256.get_key_chain(
-            self.keys.k256_key, path, purpose, alg, self.keys.k256_signature
-        )
+        return k256.get_key_chain(self.keys.k256_key, path, purpose, alg, self.keys.k256_signature)
 
     def get_tls_key(
         self,
@@ -260,7 +258,9 @@ class GuestCore:
     def attest(self, report_data: bytes) -> bytes:
         return to_versioned_bytes(self.attestation(report_data))
 
-    def tdx_quote(self, report_data: bytes, hash_algorithm: str, prefix: str) -> tuple[QuoteResult, str, str]:
+    def tdx_quote(
+        self, report_data: bytes, hash_algorithm: str, prefix: str
+    ) -> tuple[QuoteResult, str, str]:
         """legacy Tappd.TdxQuote: report_data = H(prefix ":" data), or raw 64 bytes."""
         alg = hash_algorithm or "sha512"
         tag = "" if alg == "raw" else (prefix or "app-data")
@@ -293,8 +293,7 @@ class GuestCore:
         else:
             if prehashed and len(data) != 32:
                 raise AgentError(
-                    "Pre-hashed signing requires a 32-byte digest, "
-                    f"but received {len(data)} bytes"
+                    f"Pre-hashed signing requires a 32-byte digest, but received {len(data)} bytes"
                 )
             signature = k256.sign_ecdsa(key, data, prehashed=prehashed)
             public_key = k256.compressed_pubkey(key)

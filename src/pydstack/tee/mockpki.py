@@ -184,15 +184,25 @@ class MockPki:
     @cached_property
     def root_cert(self) -> x509.Certificate:
         return self._cert(
-            "Mock Intel SGX Root CA", self.root_key, None, self.root_key,
-            ca=True, path_length=1, serial=0x4201,
+            "Mock Intel SGX Root CA",
+            self.root_key,
+            None,
+            self.root_key,
+            ca=True,
+            path_length=1,
+            serial=0x4201,
         )
 
     @cached_property
     def pck_ca_cert(self) -> x509.Certificate:
         return self._cert(
-            "Mock Intel SGX PCK Platform CA", self.pck_ca_key, self.root_cert, self.root_key,
-            ca=True, path_length=0, serial=0x4202,
+            "Mock Intel SGX PCK Platform CA",
+            self.pck_ca_key,
+            self.root_cert,
+            self.root_key,
+            ca=True,
+            path_length=0,
+            serial=0x4202,
         )
 
     @cached_property
@@ -205,15 +215,26 @@ class MockPki:
             ),
         )
         return self._cert(
-            "Mock Intel SGX PCK Certificate", self.pck_key, self.pck_ca_cert, self.pck_ca_key,
-            ca=False, path_length=None, serial=0x4203, extra=[ext],
+            "Mock Intel SGX PCK Certificate",
+            self.pck_key,
+            self.pck_ca_cert,
+            self.pck_ca_key,
+            ca=False,
+            path_length=None,
+            serial=0x4203,
+            extra=[ext],
         )
 
     @cached_property
     def tcb_cert(self) -> x509.Certificate:
         return self._cert(
-            "Mock Intel SGX TCB Signing", self.tcb_key, self.root_cert, self.root_key,
-            ca=False, path_length=None, serial=0x4204,
+            "Mock Intel SGX TCB Signing",
+            self.tcb_key,
+            self.root_cert,
+            self.root_key,
+            ca=False,
+            path_length=None,
+            serial=0x4204,
         )
 
     def _crl(

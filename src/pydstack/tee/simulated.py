@@ -87,7 +87,9 @@ def synthetic_boot_log(seed: bytes, os_image: str) -> tuple[bytes, list[TdxEvent
         (2, EV_EVENT_TAG, "cmdline", b"LOADED_IMAGE::LoadOptions"),
         (2, EV_EVENT_TAG, "initrd", b"Linux initrd"),
     ]
-    events = [TdxEvent(imr, et, d(f"rtmr{imr}:{label}"), "", payload) for imr, et, label, payload in boot]
+    events = [
+        TdxEvent(imr, et, d(f"rtmr{imr}:{label}"), "", payload) for imr, et, label, payload in boot
+    ]
     return mrtd, label_acpi_events(events)
 
 
