@@ -1,0 +1,188 @@
+"""prpc's JSON mapping of protobuf messages.
+
+Keys are the proto field names in field order; every field is present (defaults included);
+`bytes` are lowercase hex without `0x` (either case and a `0x` prefix accepted on input);
+`repeated bytes` are arrays of hex; `optional` scalars are the value or null; nested messages
+are objects; `google.protobuf.Empty` is `null`. Missing input fields take their defaults and
+unknown ones are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+EMPTY_FULL_NAME = "google.protobuf.Empty"
+
+_INT_TYPES = {
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED32,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+_INT_RANGES = {
+    FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: (0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
+    FieldDescriptor.TYPE_FIXED64: (0, 2**64 - 1),
+}
+
+
+class CodecError(ValueError):
+    """a JSON request does not fit the message type."""
+
+
+def _is_repeated(f: Any) -> bool:
+    if hasattr(f, "is_repeated"):
+        return bool(f.is_repeated)
+    return bool(f.label == FieldDescriptor.LABEL_REPEATED)
+
+
+def _scalar_out(f: Any, v: Any) -> Any:
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return bytes(v).hex()
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_obj(v)
+    if f.type == FieldDescriptor.TYPE_ENUM:
+        return int(v)
+    return v
+
+
+def message_to_obj(msg: Message, omit_empty: frozenset[str] = frozenset()) -> Any:
+    desc: Any = msg.DESCRIPTOR
+    if desc.full_name == EMPTY_FULL_NAME:
+        return None
+    out: dict[str, Any] = {}
+    for f in sorted(desc.fields, key=lambda f: f.number):
+        value = getattr(msg, f.name)
+        if _is_repeated(f):
+            out[f.name] = [_scalar_out(f, v) for v in value]
+        elif f.has_presence and f.type != FieldDescriptor.TYPE_MESSAGE:
+            out[f.name] = _scalar_out(f, value) if msg.HasField(f.name) else None
+        else:
+            out[f.name] = _scalar_out(f, value)
+        if f.name in omit_empty and not value:
+            del out[f.name]
+    return out
+
+
+def message_to_json(msg: Message, omit_empty: frozenset[str] = frozenset()) -> bytes:
+    return json.dumps(message_to_obj(msg, omit_empty), separators=(",", ":")).encode()
+
+
+def _hex(value: Any, name: str) -> bytes:
+    if not isinstance(value, str):
+        raise CodecError(f"field {name}: expected a hex string")
+    try:
+        return bytes.fromhex(value.removeprefix("0x").removeprefix("0X"))
+    except ValueError as e:
+        raise CodecError(f"field {name}: invalid hex") from e
+
+
+def _scalar_in(f: Any, value: Any, msg_cls: Callable[[], Message] | None) -> Any:
+    name = f.name
+    t = f.type
+    if t == FieldDescriptor.TYPE_BYTES:
+        return _hex(value, name)
+    if t == FieldDescriptor.TYPE_STRING:
+        if not isinstance(value, str):
+            raise CodecError(f"field {name}: expected a string")
+        return value
+    if t == FieldDescriptor.TYPE_BOOL:
+        if not isinstance(value, bool):
+            raise CodecError(f"field {name}: expected a boolean")
+        return value
+    if t in _INT_TYPES or t == FieldDescriptor.TYPE_ENUM:
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CodecError(f"field {name}: expected an integer")
+        lo, hi = _INT_RANGES.get(t, (-(2**31), 2**31 - 1))
+        if not lo <= value <= hi:
+            raise CodecError(f"field {name}: integer out of range")
+        return value
+    if t in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise CodecError(f"field {name}: expected a number")
+        return float(value)
+    raise CodecError(f"field {name}: unsupported type")
+
+
+def obj_to_message(obj: Any, msg: Message) -> Message:
+    """fill `msg` from a decoded JSON value (object, or null for defaults)."""
+    if obj is None:
+        return msg
+    if not isinstance(obj, dict):
+        raise CodecError(f"expected a json object for {msg.DESCRIPTOR.name}")
+    fields = msg.DESCRIPTOR.fields_by_name
+    for key, value in obj.items():
+        f = fields.get(key)
+        if f is None or value is None:
+            continue
+        if _is_repeated(f):
+            if not isinstance(value, list):
+                raise CodecError(f"field {key}: expected an array")
+            target = getattr(msg, key)
+            for item in value:
+                if f.type == FieldDescriptor.TYPE_MESSAGE:
+                    obj_to_message(item, target.add())
+                else:
+                    target.append(_scalar_in(f, item, None))
+        elif f.type == FieldDescriptor.TYPE_MESSAGE:
+            obj_to_message(value, getattr(msg, key))
+        else:
+            setattr(msg, key, _scalar_in(f, value, None))
+    return msg
+
+
+def json_to_message(body: bytes, msg: Message) -> Message:
+    if not body.strip():
+        return msg
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise CodecError(f"invalid json: {e}") from e
+    return obj_to_message(obj, msg)
+
+
+def query_to_message(query: str, msg: Message) -> Message:
+    """the GET form: `?field=value&...` (repeated fields as repeated keys or `f[]`)."""
+    obj: dict[str, Any] = {}
+    fields = msg.DESCRIPTOR.fields_by_name
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        key = key.removesuffix("[]")
+        f = fields.get(key)
+        if f is None:
+            continue
+        parsed: Any = value
+        if f.type == FieldDescriptor.TYPE_BOOL:
+            if value not in ("true", "false", "1", "0", ""):
+                raise CodecError(f"field {key}: expected a boolean")
+            parsed = value in ("true", "1")
+        elif f.type in _INT_TYPES:
+            try:
+                parsed = int(value)
+            except ValueError as e:
+                raise CodecError(f"field {key}: expected an integer") from e
+        if _is_repeated(f):
+            obj.setdefault(key, []).append(parsed)
+        else:
+            obj[key] = parsed
+    return obj_to_message(obj, msg)
