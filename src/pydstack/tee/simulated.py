@@ -105,8 +105,10 @@ class SimulatedTdx:
         os_image: str = "pydstack-sim",
         mr_config_id: bytes = bytes(48),
         tcb_policy: TcbPolicy | None = None,
+        debug: bool = False,
     ) -> None:
         self.pki = MockPki(seed)
+        self.td_attributes = bytes([TD_ATTRIBUTES[0] | (1 if debug else 0)]) + TD_ATTRIBUTES[1:]
         self.seed = seed
         self.tcb_policy = tcb_policy or TcbPolicy()
         self.mr_config_id = mr_config_id.ljust(48, b"\0")
@@ -177,7 +179,7 @@ class SimulatedTdx:
             mr_seam=hashlib.sha384(b"pydstack simulated tdx module").digest(),
             mr_signer_seam=bytes(48),
             seam_attributes=bytes(8),
-            td_attributes=TD_ATTRIBUTES,
+            td_attributes=self.td_attributes,
             xfam=XFAM,
             mr_td=self.mrtd,
             mr_config_id=self.mr_config_id,

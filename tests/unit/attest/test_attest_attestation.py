@@ -1,0 +1,126 @@
+"""versioned attestations and app identity on upstream's fixtures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from pydstack.attest.attestation import (
+    decode_versioned,
+    encode_v0,
+    encode_v1,
+    stripped,
+    to_versioned_bytes,
+)
+from pydstack.attest.errors import ParseError
+from pydstack.attest.eventlog import RuntimeEvent, replay_rtmrs, replay_runtime_events
+from pydstack.attest.identity import AppInfo, compose_hash, mr_config_id_v1
+from pydstack.attest.quote import parse_quote
+from pydstack.attest.report_data import ratls_report_data, to_report_data
+
+
+@pytest.fixture(scope="module")
+def sim_bin(vectors) -> bytes:
+    return (vectors / "dstack/simulator_attestation.bin").read_bytes()
+
+
+def test_v0_decodes_and_reencodes_exactly(sim_bin):
+    att = decode_versioned(sim_bin)
+    assert len(att.quote) == 5010
+    assert len(att.event_log) == 33 and len(att.runtime_events) == 9
+    assert [e.event for e in att.runtime_events] == [
+        "system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done",
+        "os-image-hash", "key-provider", "storage-fs", "system-ready",
+    ]
+    assert att.report_data == bytes(64)
+    assert encode_v0(att) == sim_bin
+    assert to_versioned_bytes(att) == sim_bin
+
+
+def test_event_log_replays_to_the_quote(sim_bin):
+    att = decode_versioned(sim_bin)
+    report = parse_quote(att.quote).td_report
+    assert report is not None
+    assert replay_rtmrs(att.event_log) == report.rtmrs
+    assert replay_runtime_events(att.runtime_events) == report.rtmr3
+
+
+def test_app_identity_matches_upstream(sim_bin):
+    att = decode_versioned(sim_bin)
+    info = AppInfo.from_attestation(att, boottime_mr=False)
+    assert info.app_id.hex() == "5bb4ff9a3837357f19dc176407a5709c62eb6c56"
+    assert info.instance_id.hex() == "1691ed1b47506cad7d08834668691d88246f5b1f"
+    assert info.compose_hash.hex() == (
+        "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a"
+    )
+    assert info.mr_system.hex() == (
+        "51ea38f8eee6dc72dbae9b74531ae6d6204295d265dabb4e6c34621a2a1a1197"
+    )
+    assert info.mr_aggregated.hex() == (
+        "85334a62c97d0f8bf82d0245d31b539d17a2d7c258e2a13efc928aaea0e107cb"
+    )
+    assert info.os_image_hash.hex().startswith("e61be43d")
+    assert info.device_id.hex() == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+    early = AppInfo.from_attestation(att, boottime_mr=True)
+    assert early.mr_aggregated.hex().startswith("787f9fe5")
+    assert early.key_provider_info == b""
+    report = parse_quote(att.quote).td_report
+    assert report is not None and report.mr_config_id == mr_config_id_v1(info.compose_hash)
+    assert AppInfo.from_msgpack(info.to_msgpack()) == info
+
+
+def test_v1_roundtrip_and_selection(sim_bin):
+    att = decode_versioned(sim_bin)
+    v1 = encode_v1(att)
+    assert 0x80 <= v1[0] <= 0x8F
+    assert decode_versioned(v1) == att
+    v2 = dataclasses.replace(
+        att, runtime_events=(*att.runtime_events, RuntimeEvent("x", b"1", version=2))
+    )
+    assert to_versioned_bytes(v2)[0] != 0
+    assert decode_versioned(to_versioned_bytes(v2)) == v2
+
+
+def test_stripped_keeps_acpi_and_rtmr3(sim_bin):
+    s = stripped(decode_versioned(sim_bin))
+    assert all(e.imr in (0, 3) for e in s.event_log)
+    assert sum(1 for e in s.event_log if e.imr == 0) == 3
+    assert all(e.digest == b"" for e in s.event_log if e.imr == 3)
+
+
+def test_lite_fixture_decodes(vectors):
+    doc = json.loads((vectors / "dstack/verifier_tdx-lite-attestation.json").read_text())
+    att = decode_versioned(bytes.fromhex(doc["attestation"]))
+    assert len(att.event_log) == 12 and len(att.runtime_events) == 9
+    report = parse_quote(att.quote).td_report
+    assert report is not None
+    assert replay_runtime_events(att.runtime_events) == report.rtmr3
+
+
+def test_trailing_bytes_and_unknown_versions_refused(sim_bin):
+    for bad in (sim_bin + b"\x00", b"\x01abc", b"", sim_bin[:100], b"\x81\xa7version\x02"):
+        with pytest.raises(ParseError):
+            decode_versioned(bad)
+
+
+def test_report_data_conventions():
+    assert to_report_data("app-data", b"test content").hex() == (
+        "7ea0b744ed5e9c0c83ff9f575668e1697652cd349f2027cdf26f918d4c53e8cd"
+        "50b5ea9b449b4c3d50e20ae00ec29688d5a214e8daff8a10041f5d624dae8a01"
+    )
+    assert to_report_data("x", b"y", "sha256")[32:] == bytes(32)
+    assert len(to_report_data("x", b"y", "keccak256")) == 64
+    with pytest.raises(ValueError, match="invalid content length"):
+        to_report_data("", b"short", "raw")
+    with pytest.raises(ValueError, match="invalid hash algorithm"):
+        to_report_data("", b"", "md5")
+    assert len(ratls_report_data(b"spki")) == 64
+
+
+def test_compose_hash_is_raw_sha256(vectors):
+    raw = (vectors / "dstack/simulator_app-compose.json").read_bytes()
+    assert compose_hash(raw).hex().startswith("65b4e574")

@@ -1,0 +1,112 @@
+"""event logs: ccel, runtime events, replay and json forms."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from pydstack.attest.errors import ParseError
+from pydstack.attest.eventlog import (
+    RUNTIME_EVENT_TYPE,
+    RuntimeEvent,
+    TdxEvent,
+    event_log_from_json,
+    event_log_to_json,
+    extend_mr,
+    parse_ccel,
+    replay_rtmrs,
+    replay_runtime_events,
+    strip_event_log,
+)
+from pydstack.attest.quote import parse_quote
+
+
+def test_ccel_replays_to_known_rtmrs(vectors):
+    events = parse_ccel((vectors / "dstack/ccel.bin").read_bytes())
+    assert len(events) == 18
+    assert [e.event for e in events if e.event] == ["acpi-loader", "acpi-rsdp", "acpi-tables"]
+    assert sum(1 for e in events if e.imr == 0) == 13
+    assert sum(1 for e in events if e.imr == 1) == 5
+    rtmr0, rtmr1, rtmr2, rtmr3 = replay_rtmrs(events)
+    assert rtmr0.hex().startswith("274c2344")
+    assert rtmr1.hex().startswith("bdcf4ee0")
+    assert rtmr2 == rtmr3 == bytes(48)
+
+
+def test_ccel_truncated_or_garbage_is_a_parse_error(vectors):
+    data = (vectors / "dstack/ccel.bin").read_bytes()
+    with pytest.raises(ParseError):
+        parse_ccel(data[:200])
+    with pytest.raises(ParseError):
+        parse_ccel(b"\x00" * 64)
+
+
+def test_runtime_event_digests():
+    v1 = RuntimeEvent("compose-hash", bytes.fromhex("abcd"))
+    assert v1.preimage() == b"\x01\x00\x00\x08:compose-hash:\xab\xcd"
+    assert v1.digest() == hashlib.sha384(v1.preimage()).digest()
+    v2 = RuntimeEvent("compose-hash", bytes.fromhex("abcd"), version=2)
+    assert v2.preimage() == b'{"name":"compose-hash","payload":"abcd","type":134217729}'
+    esc = RuntimeEvent('a"\n\u00e9', b"", version=2).preimage()
+    assert esc == '{"name":"a\\"\\n\u00e9","payload":"","type":134217729}'.encode()
+    assert v2.to_tdx_event().preimage == v2.preimage()
+
+
+def test_runtime_events_replay_to_quote_rtmr3(vectors):
+    import json as _json
+
+    doc = _json.loads((vectors / "dstack/verifier_quote-report.json").read_text())
+    events = event_log_from_json(doc["event_log"])
+    quote = parse_quote(bytes.fromhex(doc["quote"]))
+    assert quote.td_report is not None
+    assert replay_rtmrs(events) == quote.td_report.rtmrs
+    runtime = [e.to_runtime_event() for e in events if e.event_type == RUNTIME_EVENT_TYPE]
+    assert replay_runtime_events(runtime) == quote.td_report.rtmr3
+    early = replay_runtime_events(runtime, stop_after="boot-mr-done")
+    assert early != quote.td_report.rtmr3
+
+
+def test_json_roundtrip_and_key_order():
+    ev = RuntimeEvent("app-id", b"\x01" * 20, version=2).to_tdx_event()
+    boot = TdxEvent(0, 10, b"\x02" * 48, "acpi-loader", b"ACPI DATA")
+    text = event_log_to_json([boot, ev])
+    assert " " not in text
+    objs = json.loads(text)
+    assert list(objs[0]) == ["imr", "event_type", "digest", "event", "event_payload"]
+    assert list(objs[1]) == [
+        "imr", "event_type", "digest", "event", "event_payload", "version", "preimage",
+    ]
+    assert event_log_from_json(text) == [boot, ev]
+
+
+def test_strip_keeps_what_upstream_keeps():
+    boot = TdxEvent(1, 3, b"\x03" * 48, "", b"kernel")
+    acpi = TdxEvent(0, 10, b"\x02" * 48, "acpi-rsdp", b"ACPI DATA")
+    rt = RuntimeEvent("app-id", b"\x01" * 20).to_tdx_event()
+    stripped = strip_event_log([boot, acpi, rt])
+    assert stripped[0].event_payload == b"" and stripped[0].digest == boot.digest
+    assert stripped[1].event_payload == b"ACPI DATA"
+    assert stripped[2].digest == b"" and stripped[2].event_payload == rt.event_payload
+    # replay still works: runtime digests are recomputed from their payloads
+    assert replay_rtmrs(stripped)[3] == extend_mr(bytes(48), rt.digest)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "{}", "[1]", '[{"imr":5,"event_type":1,"event_payload":""}]', '[{"imr":0}]',
+     '[{"imr":0,"event_type":1,"event_payload":"zz"}]'],
+)
+def test_bad_event_log_json(bad):
+    with pytest.raises(ParseError):
+        event_log_from_json(bad)
+
+
+def test_runtime_log_line_roundtrip():
+    ev = RuntimeEvent("key-provider", b'{"name":"kms"}', version=2)
+    line = ev.to_log_line()
+    assert json.loads(line) == {"event": "key-provider", "payload": "eyJuYW1lIjoia21zIn0=", "version": 2}
+    assert RuntimeEvent.from_log_line(line) == ev
+    with pytest.raises(ParseError):
+        RuntimeEvent.from_log_line('{"event":"x","payload":"!!"}')
