@@ -8,7 +8,7 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from cryptography import x509
@@ -43,7 +43,7 @@ class PrpcClient:
         if base.startswith(("http://", "https://")):
             self.url = base.rstrip("/") + "/" + prefix.strip("/")
             self._connector_factory: Callable[[], aiohttp.BaseConnector] = lambda: (
-                aiohttp.TCPConnector(ssl=self._ssl)
+                _PeerCertConnector(self._on_peer_cert, ssl=self._ssl)
             )
         else:
             path = base
@@ -71,6 +71,13 @@ class PrpcClient:
                     ctx.load_cert_chain(cf, kf)
             self._ssl = ctx
         self._session: aiohttp.ClientSession | None = None
+
+    def _on_peer_cert(self, der: bytes | None) -> None:
+        self.peer_cert = x509.load_der_x509_certificate(der) if der else None
+        if self.verify_server is not None:
+            if self.peer_cert is None:
+                raise RpcError("server presented no certificate")
+            self.verify_server(self.peer_cert)
 
     async def __aenter__(self) -> PrpcClient:
         return self
@@ -100,16 +107,6 @@ class PrpcClient:
             data = request.SerializeToString()
             headers = {"Content-Type": "application/octet-stream"}
         async with self._sess().post(url, data=data, headers=headers) as resp:
-            transport = resp.connection.transport if resp.connection else None
-            if transport is not None:
-                ssl_obj = transport.get_extra_info("ssl_object")
-                if ssl_obj is not None:
-                    der = ssl_obj.getpeercert(binary_form=True)
-                    self.peer_cert = x509.load_der_x509_certificate(der) if der else None
-                    if self.verify_server is not None:
-                        if self.peer_cert is None:
-                            raise RpcError("server presented no certificate")
-                        self.verify_server(self.peer_cert)
             body = await resp.read()
             if resp.status != 200:
                 raise RpcError(_error_message(body, resp.status, self.json_mode))
@@ -122,6 +119,25 @@ class PrpcClient:
         except (CodecError, DecodeError) as e:
             raise RpcError(f"invalid response from {method}: {e}") from e
         return out
+
+
+class _PeerCertConnector(aiohttp.TCPConnector):
+    """hands each new TLS connection's server certificate to a check before it is used."""
+
+    def __init__(self, on_cert: Callable[[bytes | None], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._on_cert = on_cert
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            try:
+                self._on_cert(ssl_obj.getpeercert(binary_form=True))
+            except BaseException:
+                transport.close()
+                raise
+        return transport, protocol
 
 
 def _error_message(body: bytes, status: int, json_mode: bool) -> str:
