@@ -35,14 +35,26 @@ async def test_dcap_qvl_fetches_and_verifies():
 def test_cli_serves_and_rejects_bad_seed(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "pydstack.tee.collateral_server", "--seed", "zz"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert bad.returncode == 2 and "invalid seed" in bad.stderr
     root = tmp_path / "root.der"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pydstack.tee.collateral_server", "--seed", SEED.hex(),
-         "--listen", "127.0.0.1:0", "--root-out", str(root)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pydstack.tee.collateral_server",
+            "--seed",
+            SEED.hex(),
+            "--listen",
+            "127.0.0.1:0",
+            "--root-out",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -34,7 +34,9 @@ class Impl:
 
     async def GetTlsKey(self, req: pb.GetTlsKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
         nb = req.not_before if req.HasField("not_before") else -1
-        return pb.GetTlsKeyResponse(key=f"{req.subject}|{nb}", certificate_chain=list(req.alt_names))
+        return pb.GetTlsKeyResponse(
+            key=f"{req.subject}|{nb}", certificate_chain=list(req.alt_names)
+        )
 
     async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
         self.contexts.append(ctx)
@@ -69,12 +71,16 @@ async def test_json_modes_and_shapes(server):
             body = await r.read()
             assert "Content-Length" in r.headers
             assert body == b'{"quote":"abcd","event_log":"[]","report_data":"00ff","vm_config":""}'
-        async with s.post(f"{url}/GetQuote?json", data=b'{"report_data":"0xABCD","unknown":1}') as r:
+        async with s.post(
+            f"{url}/GetQuote?json", data=b'{"report_data":"0xABCD","unknown":1}'
+        ) as r:
             assert (await r.json())["report_data"] == "abcd"
         headers = {"Content-Type": "application/json"}
         async with s.post(f"{url}/GetQuote", data=b"", headers=headers) as r:
             assert (await r.json())["report_data"] == ""
-        async with s.post(f"{url}/GetTlsKey", data=b'{"subject":"s","alt_names":["a","b"]}', headers=headers) as r:
+        async with s.post(
+            f"{url}/GetTlsKey", data=b'{"subject":"s","alt_names":["a","b"]}', headers=headers
+        ) as r:
             assert await r.json() == {"key": "s|-1", "certificate_chain": ["a", "b"]}
         async with s.post(f"{url}/GetTlsKey", data=b'{"not_before":5}', headers=headers) as r:
             assert (await r.json())["key"] == "|5"
@@ -104,7 +110,9 @@ async def test_errors_in_both_modes(server):
         msg = pb.RawQuoteArgs(report_data=b"x" * 65).SerializeToString()
         async with s.post(f"{url}/GetQuote", data=msg) as r:
             assert r.status == 400
-            assert prpc_pb2.ProtoError.FromString(await r.read()).message == "Report data is too long"
+            assert (
+                prpc_pb2.ProtoError.FromString(await r.read()).message == "Report data is too long"
+            )
         async with s.post(f"{url}/GetQuote", data=b"\xff\xff\xff") as r:
             assert r.status == 400 and r.content_type == "application/octet-stream"
         # the server keeps serving after all of that
@@ -116,14 +124,20 @@ async def test_protobuf_mode_and_trim(server):
     _, _, sock, url = server
     client = PrpcClient(url, json_mode=False)
     try:
-        resp = await client.call("GetQuote", pb.RawQuoteArgs(report_data=b"\x01"), pb.GetQuoteResponse)
+        resp = await client.call(
+            "GetQuote", pb.RawQuoteArgs(report_data=b"\x01"), pb.GetQuoteResponse
+        )
         assert resp.quote == b"\xab\xcd" and resp.report_data == b"\x01"
     finally:
         await client.close()
     for method in ("Tappd.TdxQuote", "TdxQuote"):
         tappd = PrpcClient(str(sock), prefix="/prpc/")
         try:
-            r = await tappd.call(method, pb.TdxQuoteArgs(report_data=b"hi", hash_algorithm="raw"), pb.TdxQuoteResponse)
+            r = await tappd.call(
+                method,
+                pb.TdxQuoteArgs(report_data=b"hi", hash_algorithm="raw"),
+                pb.TdxQuoteResponse,
+            )
             assert r.quote == b"hi" and r.hash_algorithm == "raw"
         finally:
             await tappd.close()
@@ -138,7 +152,9 @@ async def test_unix_socket_mode_and_peer_credentials(server):
     try:
         await client.call("Version", Empty(), pb.WorkerVersion)
         with pytest.raises(RpcError, match="Report data is too long"):
-            await client.call("GetQuote", pb.RawQuoteArgs(report_data=b"x" * 65), pb.GetQuoteResponse)
+            await client.call(
+                "GetQuote", pb.RawQuoteArgs(report_data=b"x" * 65), pb.GetQuoteResponse
+            )
     finally:
         await client.close()
     cred = impl.contexts[0].peer_cred
@@ -159,7 +175,9 @@ def _raw_half_close(path: str) -> tuple[bytes, bool]:
         data += s.recv(4096)
     head, rest = data.split(b"\r\n\r\n", 1)
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
     )
     while len(rest) < length:
         rest += s.recv(4096)
@@ -179,11 +197,14 @@ async def test_js_style_half_close(server):
 async def test_node_unix_client(server, tmp_path):
     _, _, sock, _ = server
     script = tmp_path / "client.js"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         const net = require('net');
         const body = JSON.stringify({report_data: 'ff'});
         const c = net.createConnection(process.argv[2], () => {
-          c.write(`POST /GetQuote HTTP/1.1\\r\\nHost: localhost\\r\\nContent-Type: application/json\\r\\nContent-Length: ${body.length}\\r\\n\\r\\n${body}`);
+          const head = ['POST /GetQuote HTTP/1.1', 'Host: localhost',
+            'Content-Type: application/json', `Content-Length: ${body.length}`];
+          c.write(head.join('\\r\\n') + '\\r\\n\\r\\n' + body);
         });
         let data = '';
         c.on('data', (chunk) => {
@@ -194,7 +215,8 @@ async def test_node_unix_client(server, tmp_path):
         });
         c.on('end', () => { console.log(data.split('\\r\\n\\r\\n')[1]); process.exit(0); });
         setTimeout(() => { console.error('timeout'); process.exit(1); }, 5000);
-    """))
+    """)
+    )
     proc = await asyncio.create_subprocess_exec(
         "node", str(script), str(sock), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -209,24 +231,35 @@ async def test_tls_with_client_certificates(tmp_path):
     srv_key = generate_p256_key()
     srv_cert = issue_cert(
         CertRequest("localhost", alt_names=("localhost", "127.0.0.1"), usage_server_auth=True),
-        srv_key.public_key(), ca_key, ca,
+        srv_key.public_key(),
+        ca_key,
+        ca,
     )
     cli_key = generate_p256_key()
-    cli_cert = issue_cert(CertRequest("client-1", usage_client_auth=True), cli_key.public_key(), ca_key, ca)
+    cli_cert = issue_cert(
+        CertRequest("client-1", usage_client_auth=True), cli_key.public_key(), ca_key, ca
+    )
     impl = Impl()
     for required in (False, True):
         srv = PrpcServer()
         srv.mount(PrpcService(GUEST, impl, prefix="/prpc/"))
         port = await srv.listen_tls(
-            "127.0.0.1", 0, cert_pem=cert_pem(srv_cert), key_pem=key_pem(srv_key),
-            client_ca_pem=cert_pem(ca), require_client_cert=required,
+            "127.0.0.1",
+            0,
+            cert_pem=cert_pem(srv_cert),
+            key_pem=key_pem(srv_key),
+            client_ca_pem=cert_pem(ca),
+            require_client_cert=required,
         )
         url = f"https://127.0.0.1:{port}"
         try:
             seen = []
             with_cert = PrpcClient(
-                url, prefix="/prpc", client_cert_pem=cert_pem(cli_cert),
-                client_key_pem=key_pem(cli_key), verify_server=seen.append,
+                url,
+                prefix="/prpc",
+                client_cert_pem=cert_pem(cli_cert),
+                client_key_pem=key_pem(cli_key),
+                verify_server=seen.append,
             )
             await with_cert.call("Version", Empty(), pb.WorkerVersion)
             await with_cert.close()

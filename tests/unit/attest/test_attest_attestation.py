@@ -31,8 +31,15 @@ def test_v0_decodes_and_reencodes_exactly(sim_bin):
     assert len(att.quote) == 5010
     assert len(att.event_log) == 33 and len(att.runtime_events) == 9
     assert [e.event for e in att.runtime_events] == [
-        "system-preparing", "app-id", "compose-hash", "instance-id", "boot-mr-done",
-        "os-image-hash", "key-provider", "storage-fs", "system-ready",
+        "system-preparing",
+        "app-id",
+        "compose-hash",
+        "instance-id",
+        "boot-mr-done",
+        "os-image-hash",
+        "key-provider",
+        "storage-fs",
+        "system-ready",
     ]
     assert att.report_data == bytes(64)
     assert encode_v0(att) == sim_bin

@@ -76,7 +76,13 @@ def test_json_roundtrip_and_key_order():
     objs = json.loads(text)
     assert list(objs[0]) == ["imr", "event_type", "digest", "event", "event_payload"]
     assert list(objs[1]) == [
-        "imr", "event_type", "digest", "event", "event_payload", "version", "preimage",
+        "imr",
+        "event_type",
+        "digest",
+        "event",
+        "event_payload",
+        "version",
+        "preimage",
     ]
     assert event_log_from_json(text) == [boot, ev]
 
@@ -95,8 +101,14 @@ def test_strip_keeps_what_upstream_keeps():
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "{}", "[1]", '[{"imr":5,"event_type":1,"event_payload":""}]', '[{"imr":0}]',
-     '[{"imr":0,"event_type":1,"event_payload":"zz"}]'],
+    [
+        "",
+        "{}",
+        "[1]",
+        '[{"imr":5,"event_type":1,"event_payload":""}]',
+        '[{"imr":0}]',
+        '[{"imr":0,"event_type":1,"event_payload":"zz"}]',
+    ],
 )
 def test_bad_event_log_json(bad):
     with pytest.raises(ParseError):
@@ -106,7 +118,11 @@ def test_bad_event_log_json(bad):
 def test_runtime_log_line_roundtrip():
     ev = RuntimeEvent("key-provider", b'{"name":"kms"}', version=2)
     line = ev.to_log_line()
-    assert json.loads(line) == {"event": "key-provider", "payload": "eyJuYW1lIjoia21zIn0=", "version": 2}
+    assert json.loads(line) == {
+        "event": "key-provider",
+        "payload": "eyJuYW1lIjoia21zIn0=",
+        "version": 2,
+    }
     assert RuntimeEvent.from_log_line(line) == ev
     with pytest.raises(ParseError):
         RuntimeEvent.from_log_line('{"event":"x","payload":"!!"}')

@@ -67,7 +67,10 @@ def test_sgx_v3_quote_parses(vectors):
     q = parse_quote(_load(vectors, "dcap-qvl/sgx_quote"))
     assert q.header.version == 3 and not q.is_tdx
     assert q.enclave_report is not None
-    assert q.report_data == dcap_qvl.parse_quote(_load(vectors, "dcap-qvl/sgx_quote")).report.report_data
+    assert (
+        q.report_data
+        == dcap_qvl.parse_quote(_load(vectors, "dcap-qvl/sgx_quote")).report.report_data
+    )
 
 
 @pytest.mark.parametrize("name", TDX_QUOTES)

@@ -43,22 +43,33 @@ def _attestation(tdx: SimulatedTdx, report_data: bytes) -> bytes:
 
 def test_roundtrip_and_binding(tdx):
     ca_key = generate_p256_key()
-    ca = issue_cert(CertRequest("Test CA", org_name="Dstack", ca_level=0), ca_key.public_key(), ca_key)
+    ca = issue_cert(
+        CertRequest("Test CA", org_name="Dstack", ca_level=0), ca_key.public_key(), ca_key
+    )
     key = generate_p256_key()
     rd = ratls_report_data(spki_der(key.public_key()))
     cert = issue_cert(
         CertRequest(
-            "app.example", alt_names=("app.example", "10.0.0.1"), usage_server_auth=True,
-            app_id=b"\x05" * 20, special_usage="app:custom", attestation=_attestation(tdx, rd),
+            "app.example",
+            alt_names=("app.example", "10.0.0.1"),
+            usage_server_auth=True,
+            app_id=b"\x05" * 20,
+            special_usage="app:custom",
+            attestation=_attestation(tdx, rd),
         ),
-        key.public_key(), ca_key, ca,
+        key.public_key(),
+        ca_key,
+        ca,
     )
     cert = x509.load_der_x509_certificate(cert.public_bytes(serialization.Encoding.DER))
     info = parse_ratls_cert(cert)
     assert info.app_id == b"\x05" * 20 and info.special_usage == "app:custom"
     att = verify_cert_binding(cert)
     assert att.report_data == rd
-    assert verify_quote(att.quote, tdx.collateral_json(), root_ca_der=tdx.root_ca_der).status == "UpToDate"
+    assert (
+        verify_quote(att.quote, tdx.collateral_json(), root_ca_der=tdx.root_ca_der).status
+        == "UpToDate"
+    )
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.IPAddress)[0].exploded == "10.0.0.1"
     assert cert.issuer == ca.subject
@@ -73,7 +84,9 @@ def test_unbound_certificate_refused(tdx):
     # attestation claims the right report data but the quote was made for another key
     right = ratls_report_data(spki_der(key.public_key()))
     att = Attestation(tdx.get_quote(wrong), (), (), right, "")
-    forged = issue_cert(CertRequest("x", attestation=to_versioned_bytes(att)), key.public_key(), key)
+    forged = issue_cert(
+        CertRequest("x", attestation=to_versioned_bytes(att)), key.public_key(), key
+    )
     with pytest.raises(VerifyError, match="quote report_data"):
         verify_cert_binding(forged)
     plain = issue_cert(CertRequest("plain"), key.public_key(), key)

@@ -71,12 +71,13 @@ def test_collateral_window_and_age(real):
     with pytest.raises(VerifyError, match="future"):
         verify_quote(quote, col, now=now - 2 * 86400)
     with pytest.raises(VerifyError, match="collateral too old"):
+        verify_quote(quote, col, now=now, policy=VerificationPolicy(max_collateral_age_seconds=60))
+    assert (
         verify_quote(
-            quote, col, now=now, policy=VerificationPolicy(max_collateral_age_seconds=60)
-        )
-    assert verify_quote(
-        quote, col, now=now, policy=VerificationPolicy(max_collateral_age_seconds=7200)
-    ).status == "UpToDate"
+            quote, col, now=now, policy=VerificationPolicy(max_collateral_age_seconds=7200)
+        ).status
+        == "UpToDate"
+    )
 
 
 def test_simulated_quote_needs_the_mock_root():
@@ -120,7 +121,7 @@ def test_outofdate_policy_and_advisories():
 
 def test_debug_td_refused():
     tdx = SimulatedTdx(SEED, debug=True)
-    with pytest.raises(VerifyError, match="(?i)debug"):
+    with pytest.raises(VerifyError, match=r"(?i)debug"):
         verify_quote(tdx.get_quote(b""), tdx.collateral_json(), root_ca_der=tdx.root_ca_der)
 
 

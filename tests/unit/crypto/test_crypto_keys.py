@@ -57,7 +57,9 @@ def test_getkey_vectors(appkeys):
     msg = k256.keccak256(f"test-purpose:{derived_pub.hex()}".encode())
     app_pub = k256.recover_pubkey(msg, chain[0])
     assert app_pub.hex() == "02818494263695e8839122dbd88e281d7380622999df4e60a14befa0f2d096fc7c"
-    kms_pub = k256.recover_pubkey(k256.keccak256(b"dstack-kms-issued:" + APP_ID + app_pub), chain[1])
+    kms_pub = k256.recover_pubkey(
+        k256.keccak256(b"dstack-kms-issued:" + APP_ID + app_pub), chain[1]
+    )
     assert kms_pub.hex() == "0321529e458424ab1f710a3a57ec4dad2fb195ddca572f7469242ba6c7563085b6"
     assert k256.get_key_chain(app_key, "", "", "secp256k1", b"")[0].hex() == (
         "aa221ae548b5a8f52fcb8687cfd873712f6a1232b2717e5ee3d58ab74f21905b"
@@ -89,7 +91,9 @@ def test_ecdsa_sign_verify():
     assert k256.verify_ecdsa(pub, b"data", sig)
     assert not k256.verify_ecdsa(pub, b"other", sig)
     digest = bytes(range(32))
-    assert k256.verify_ecdsa(pub, digest, k256.sign_ecdsa(key, digest, prehashed=True), prehashed=True)
+    assert k256.verify_ecdsa(
+        pub, digest, k256.sign_ecdsa(key, digest, prehashed=True), prehashed=True
+    )
     with pytest.raises(ValueError):
         k256.verify_ecdsa(b"\x02" + bytes(32), b"data", sig)
     with pytest.raises(ValueError):
@@ -114,8 +118,12 @@ def test_env_pubkey_signature_vectors():
     sig_v1 = sign_env_pubkey(root, APP_ID, pub, timestamp=1_700_000_000)
     signer = verify_env_encrypt_public_key(pub, sig_v1, APP_ID, 1_700_000_000, now=1_700_000_100)
     assert signer == k256.compressed_pubkey(root)
-    assert verify_env_encrypt_public_key(pub, sig_v1, APP_ID, 1_700_000_000, now=1_700_001_000) is None
-    assert verify_env_encrypt_public_key(pub, sig_v1, APP_ID, 1_700_000_000, now=1_699_999_000) is None
+    assert (
+        verify_env_encrypt_public_key(pub, sig_v1, APP_ID, 1_700_000_000, now=1_700_001_000) is None
+    )
+    assert (
+        verify_env_encrypt_public_key(pub, sig_v1, APP_ID, 1_700_000_000, now=1_699_999_000) is None
+    )
 
 
 def test_env_encryption_roundtrip_and_limits():
