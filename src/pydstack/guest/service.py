@@ -1,0 +1,200 @@
+"""the agent's prpc services: DstackGuest (dstack.sock), Tappd (tappd.sock), Worker (external).
+
+Each method converts the protobuf request, calls :class:`~pydstack.guest.core.GuestCore` off the
+event loop (quotes and signatures are CPU work) and converts the result back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from google.protobuf.empty_pb2 import Empty
+
+from pydstack import UPSTREAM_VERSION, __version__
+from pydstack.rpc.proto import agent_rpc_pb2 as pb
+from pydstack.rpc.server import CallContext, PrpcService, RpcError
+
+from .core import AgentError, GuestCore, InfoResult, QuoteResult
+
+T = TypeVar("T")
+GUEST = pb.DESCRIPTOR.services_by_name["DstackGuest"]
+TAPPD = pb.DESCRIPTOR.services_by_name["Tappd"]
+WORKER = pb.DESCRIPTOR.services_by_name["Worker"]
+
+
+async def _run(fn: Callable[[], T]) -> T:
+    try:
+        return await asyncio.to_thread(fn)
+    except AgentError as e:
+        raise RpcError(str(e)) from e
+
+
+def _info(r: InfoResult) -> pb.AppInfo:
+    return pb.AppInfo(
+        app_id=r.app_id,
+        instance_id=r.instance_id,
+        app_cert=r.app_cert,
+        tcb_info=r.tcb_info,
+        app_name=r.app_name,
+        device_id=r.device_id,
+        mr_aggregated=r.mr_aggregated,
+        os_image_hash=r.os_image_hash,
+        key_provider_info=r.key_provider_info,
+        compose_hash=r.compose_hash,
+        vm_config=r.vm_config,
+        cloud_vendor=r.cloud_vendor,
+        cloud_product=r.cloud_product,
+    )
+
+
+def _quote(r: QuoteResult) -> pb.GetQuoteResponse:
+    return pb.GetQuoteResponse(
+        quote=r.quote,
+        event_log=r.event_log,
+        report_data=r.report_data,
+        vm_config=r.vm_config,
+        attestation=r.attestation,
+    )
+
+
+def version_message() -> pb.WorkerVersion:
+    return pb.WorkerVersion(version=UPSTREAM_VERSION, rev=f"pydstack-{__version__}")
+
+
+class DstackGuestService:
+    def __init__(self, core: GuestCore) -> None:
+        self.core = core
+
+    async def GetTlsKey(self, req: pb.GetTlsKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
+        nb = req.not_before if req.HasField("not_before") else None
+        na = req.not_after if req.HasField("not_after") else None
+        key, chain = await _run(
+            lambda: self.core.get_tls_key(
+                req.subject,
+                list(req.alt_names),
+                usage_ra_tls=req.usage_ra_tls,
+                usage_server_auth=req.usage_server_auth,
+                usage_client_auth=req.usage_client_auth,
+                not_before=nb,
+                not_after=na,
+                with_app_info=req.with_app_info,
+            )
+        )
+        return pb.GetTlsKeyResponse(key=key, certificate_chain=chain)
+
+    async def GetKey(self, req: pb.GetKeyArgs, ctx: CallContext) -> pb.GetKeyResponse:
+        key, chain = await _run(lambda: self.core.get_key(req.path, req.purpose, req.algorithm))
+        return pb.GetKeyResponse(key=key, signature_chain=chain)
+
+    async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.GetQuoteResponse:
+        return _quote(await _run(lambda: self.core.get_quote(req.report_data)))
+
+    async def Attest(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.AttestResponse:
+        return pb.AttestResponse(attestation=await _run(lambda: self.core.attest(req.report_data)))
+
+    async def EmitEvent(self, req: pb.EmitEventArgs, ctx: CallContext) -> Empty:
+        if self.core.platform.simulated:
+            raise RpcError(f"runtime event emission is unavailable in simulator mode: {req.event}")
+        raise RpcError(
+            "EmitEvent was removed in dstack 0.6.0: runtime events are measured by the system only"
+        )
+
+    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
+        return _info(await _run(lambda: self.core.info(external=False)))
+
+    async def GpuInfo(self, req: Empty, ctx: CallContext) -> pb.GpuInfoResponse:
+        return pb.GpuInfoResponse(attestation=await _run(self.core.gpu_info))
+
+    async def Sign(self, req: pb.SignRequest, ctx: CallContext) -> pb.SignResponse:
+        sig, chain, pub = await _run(lambda: self.core.sign(req.algorithm, req.data))
+        return pb.SignResponse(signature=sig, signature_chain=chain, public_key=pub)
+
+    async def Verify(self, req: pb.VerifyRequest, ctx: CallContext) -> pb.VerifyResponse:
+        valid = await _run(
+            lambda: self.core.verify(req.algorithm, req.data, req.signature, req.public_key)
+        )
+        return pb.VerifyResponse(valid=valid)
+
+    async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
+        return version_message()
+
+
+class TappdService:
+    def __init__(self, core: GuestCore) -> None:
+        self.core = core
+
+    async def DeriveKey(self, req: pb.DeriveKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
+        key, chain = await _run(
+            lambda: self.core.derive_tappd_key(
+                req.path,
+                req.subject or req.path,
+                list(req.alt_names),
+                usage_ra_tls=req.usage_ra_tls,
+                usage_server_auth=req.usage_server_auth,
+                usage_client_auth=req.usage_client_auth,
+                random_seed=req.random_seed,
+            )
+        )
+        return pb.GetTlsKeyResponse(key=key, certificate_chain=chain)
+
+    async def DeriveK256Key(self, req: pb.GetKeyArgs, ctx: CallContext) -> pb.DeriveK256KeyResponse:
+        key, chain = await _run(lambda: self.core.get_key(req.path, req.purpose, req.algorithm))
+        return pb.DeriveK256KeyResponse(k256_key=key, k256_signature_chain=chain)
+
+    async def TdxQuote(self, req: pb.TdxQuoteArgs, ctx: CallContext) -> pb.TdxQuoteResponse:
+        res, alg, prefix = await _run(
+            lambda: self.core.tdx_quote(req.report_data, req.hash_algorithm, req.prefix)
+        )
+        return pb.TdxQuoteResponse(
+            quote=res.quote, event_log=res.event_log, hash_algorithm=alg, prefix=prefix
+        )
+
+    async def RawQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.TdxQuoteResponse:
+        res, alg, prefix = await _run(lambda: self.core.tdx_quote(req.report_data, "raw", ""))
+        return pb.TdxQuoteResponse(
+            quote=res.quote, event_log=res.event_log, hash_algorithm=alg, prefix=prefix
+        )
+
+    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
+        return _info(await _run(lambda: self.core.info(external=False)))
+
+    async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
+        return version_message()
+
+
+class WorkerService:
+    def __init__(self, core: GuestCore) -> None:
+        self.core = core
+
+    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
+        return _info(await _run(lambda: self.core.info(external=True)))
+
+    async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
+        return version_message()
+
+    async def GetAttestationForAppKey(
+        self, req: pb.GetAttestationForAppKeyRequest, ctx: CallContext
+    ) -> pb.GetQuoteResponse:
+        return _quote(await _run(lambda: self.core.get_attestation_for_app_key(req.algorithm)))
+
+
+QUOTE_OMIT = {
+    "GetQuote": frozenset({"attestation"}),
+    "GetAttestationForAppKey": frozenset({"attestation"}),
+}
+
+
+def guest_service(core: GuestCore) -> PrpcService:
+    return PrpcService(GUEST, DstackGuestService(core), prefix="/", omit_empty=QUOTE_OMIT)
+
+
+def tappd_service(core: GuestCore) -> PrpcService:
+    return PrpcService(TAPPD, TappdService(core), prefix="/prpc/", trim="Tappd.")
+
+
+def worker_service(core: GuestCore) -> PrpcService:
+    return PrpcService(
+        WORKER, WorkerService(core), prefix="/prpc/", trim="Worker.", omit_empty=QUOTE_OMIT
+    )
