@@ -73,7 +73,9 @@ def _name(req: CertRequest) -> x509.Name:
     attrs = []
     if req.org_name is not None:
         attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, req.org_name))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, req.subject))
+    # rcgen (upstream) accepts any subject, including the empty one SDKs send by default
+    valid = 1 <= len(req.subject) <= 64
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, req.subject, _validate=valid))
     return x509.Name(attrs)
 
 
