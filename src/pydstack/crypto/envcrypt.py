@@ -82,7 +82,8 @@ def parse_env_json(plaintext: bytes) -> list[tuple[str, str]]:
         doc = json.loads(plaintext)
     except ValueError as e:
         raise EnvError(f"decrypted env is not json: {e}") from e
-    items = doc.get("env") if isinstance(doc, dict) else None
+    # {"env": [...]} is the documented form; a bare list is accepted as older encoders wrote it
+    items = doc.get("env") if isinstance(doc, dict) else doc
     if not isinstance(items, list):
         raise EnvError('decrypted env must be {"env": [...]}')
     if len(items) > MAX_ENV_ITEMS:

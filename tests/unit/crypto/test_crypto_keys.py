@@ -126,6 +126,18 @@ def test_env_pubkey_signature_vectors():
     )
 
 
+def test_upstream_env_decrypt_vector():
+    secret = bytes.fromhex("7c282bf94b35dc47801dc953bfa0896fc2bd313381d3e8eca4e42f6536d2a96f")
+    blob = bytes.fromhex(
+        "0bd18749612f4c8b9dd583c7d6a646b90abd34e3c731a7708d0caf9039095641e1f0948e775f0b73"
+        "51788db7f246d51806954626dcccb6a60d64665ca3715c6bef75616cab476d27bba04080361200d6a58cec"
+    )
+    assert x25519_public(secret).hex() == (
+        "b5ee2e67280ef8c9540850e90e6b7ee1b5e7ef011301bde95a2e6f953d04d201"
+    )
+    assert decrypt_env(secret, blob) == [("", "")]
+
+
 def test_env_encryption_roundtrip_and_limits():
     secret = bytes(range(32))
     blob = encrypt_env([("API_KEY", "s3cr3t"), ("OTHER", "x")], x25519_public(secret))
