@@ -32,6 +32,7 @@ from pydstack.tee.simulated import SimulatedTdx
 
 from .appkeys import AppKeys, KeyProvider
 from .core import GuestCore
+from .http_routes import add_routes
 from .instance import InstanceInfo
 from .measure import derive_instance_identity, key_provider_info, measure_stage1, measure_stage2
 from .service import guest_service, tappd_service, worker_service
@@ -210,6 +211,7 @@ async def serve(
     if external is not None:
         ext = PrpcServer(response_headers=headers)
         ext.mount(worker_service(core))
+        add_routes(ext.app, core)
         port = await ext.listen_tcp(external[0], external[1])
         endpoints["external"] = f"http://{external[0]}:{port}"
         servers.append(ext)

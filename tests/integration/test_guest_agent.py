@@ -1,0 +1,146 @@
+"""dstack-guest-agent on the real-tdx backend (configfs-tsm answered by a simulated td), its
+config, and the external port's plain http routes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from pydstack.attest.eventlog import RuntimeEvent, event_log_from_json
+from pydstack.attest.verify import verify_quote
+from pydstack.guest.agent import AgentConfig, build_core, run_agent
+from pydstack.guest.simulator import DEFAULT_COMPOSE, prepare
+from pydstack.tee.real import ConfigfsTsm, RealTdx, RuntimeEventLog
+from pydstack.tee.simulated import SimulatedTdx
+
+from .simulator_proc import start_simulator
+
+
+class SimulatedKernel:
+    """a configfs-tsm directory whose quotes come from a simulated td."""
+
+    def __init__(self, root, tdx: SimulatedTdx) -> None:
+        self.root, self.tdx, self.stop = root, tdx, False
+        root.mkdir()
+        (root / "provider").write_text("tdx_guest\n")
+        (root / "generation").write_text("0\n")
+        (root / "inblob").write_bytes(b"")
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        gen = 0
+        seen = (self.root / "inblob").stat().st_mtime_ns
+        while not self.stop:
+            st = (self.root / "inblob").stat()
+            if st.st_mtime_ns != seen and st.st_size == 64:
+                seen = st.st_mtime_ns
+                data = (self.root / "inblob").read_bytes()
+                (self.root / "outblob").write_bytes(self.tdx.get_quote(data))
+                gen += 1
+                (self.root / "generation").write_text(f"{gen}\n")
+            time.sleep(0.002)
+
+
+def test_config_parsing():
+    cfg = AgentConfig.from_toml(
+        '[default.core]\nkeys_file = "/k"\n[core]\ncompose_file = "/c"\n'
+        '[internal]\naddress = "unix:/tmp/x.sock"\n[external]\naddress = ""\n'
+    )
+    assert str(cfg.keys_file) == "/k" and str(cfg.compose_file) == "/c"
+    assert cfg.internal == "unix:/tmp/x.sock" and cfg.external == ""
+    assert cfg.internal_v0 == "unix:/var/run/tappd.sock"
+    with pytest.raises(ValueError, match="invalid agent config"):
+        AgentConfig.from_toml("[core\n")
+
+
+async def test_agent_on_configfs_tsm(tmp_path, vectors, monkeypatch):
+    state = prepare(tmp_path / "shared", bytes(32))
+    tdx = SimulatedTdx(bytes(32))
+    kernel = SimulatedKernel(tmp_path / "tsm", tdx)
+    rtmr = tmp_path / "rtmr"
+    rtmr.mkdir()
+    (rtmr / "rtmr3:sha384").write_bytes(b"")
+    monkeypatch.setenv("DCAP_TDX_RTMR_SYSFS_PATH", str(rtmr))
+    monkeypatch.setenv("DSTACK_CCEL_FILE", str(vectors / "dstack/ccel.bin"))
+    platform = RealTdx(ConfigfsTsm(tmp_path / "tsm"), RuntimeEventLog(tmp_path / "log"))
+    for name in ("system-preparing", "app-id"):
+        ev = RuntimeEvent(name, b"\x01" * 20)
+        platform.extend_rtmr3(ev)
+        tdx.extend_rtmr3(ev)
+    cfg = AgentConfig(
+        keys_file=state.dir / ".appkeys.json",
+        compose_file=state.dir / "app-compose.json",
+        sys_config_file=state.dir / ".sys-config.json",
+        internal=f"unix:{tmp_path}/dstack.sock",
+        internal_v0=f"unix:{tmp_path}/tappd.sock",
+        external="",
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_agent(build_core(cfg, platform), cfg, stop))
+    try:
+        for _ in range(100):
+            if (tmp_path / "tappd.sock").exists():
+                break
+            await asyncio.sleep(0.02)
+        transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "dstack.sock"))
+        async with httpx.AsyncClient(transport=transport, timeout=30) as c:
+            r = (await c.post("http://localhost/GetQuote", json={"report_data": "aa"})).json()
+            assert "attestation" not in r  # real tdx: no attestation in GetQuote
+            v = verify_quote(
+                bytes.fromhex(r["quote"]), tdx.collateral_json(), root_ca_der=tdx.root_ca_der
+            )
+            assert v.quote.report_data[:1] == b"\xaa"
+            events = event_log_from_json(r["event_log"])
+            runtime = [e for e in events if e.imr == 3]
+            assert [e.event for e in runtime] == ["system-preparing", "app-id"]
+            assert all(e.digest == b"" for e in runtime)  # stripped as upstream
+            assert (await c.post("http://localhost/GetKey", json={"path": "x"})).status_code == 200
+            info = (await c.post("http://localhost/Info", json={})).json()
+            assert info["app_id"] == "01" * 20
+        assert (rtmr / "rtmr3:sha384").read_bytes() == RuntimeEvent("app-id", b"\x01" * 20).digest()
+    finally:
+        stop.set()
+        await task
+        kernel.stop = True
+
+
+def test_external_http_routes(tmp_path):
+    sim = start_simulator(tmp_path / "open")
+    try:
+        with httpx.Client(timeout=30) as c:
+            page = c.get(f"{sim.external}/")
+            assert page.status_code == 200 and "<h1>simulator</h1>" in page.text
+            metrics = c.get(f"{sim.external}/metrics")
+            assert metrics.status_code == 200 and "dstack_memory_bytes" in metrics.text
+            assert c.get(f"{sim.external}/logs/bad$name").status_code == 400
+    finally:
+        sim.stop()
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    compose = {
+        **DEFAULT_COMPOSE,
+        "name": "private",
+        "public_sysinfo": False,
+        "public_logs": False,
+        "public_tcbinfo": False,
+    }
+    (closed / "app-compose.json").write_text(json.dumps(compose))
+    sim = start_simulator(closed)
+    try:
+        with httpx.Client(timeout=30) as c:
+            assert c.get(f"{sim.external}/metrics").status_code == 403
+            assert c.get(f"{sim.external}/logs/app").status_code == 403
+            info = c.post(f"{sim.external}/prpc/Worker.Info", json={}).json()
+            assert (
+                info["tcb_info"] == "" and info["vm_config"] == "" and info["app_name"] == "private"
+            )
+            internal = httpx.Client(transport=httpx.HTTPTransport(uds=str(sim.dstack_sock)))
+            assert internal.post("http://localhost/Info", json={}).json()["tcb_info"]
+            internal.close()
+    finally:
+        sim.stop()
