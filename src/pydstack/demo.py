@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
-import signal
 import sys
 from pathlib import Path
 
 from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
 from pydstack.attest.verify import CollateralCache, verify_quote
-from pydstack.guest.simulator import boot, prepare, serve
+from pydstack.guest.simulator import boot, prepare, serve, stop_signal
 from pydstack.sdk import AsyncDstackClient
 from pydstack.tee.collateral_server import start_server
 
@@ -72,12 +70,7 @@ async def run(directory: Path, keep_serving: bool) -> int:
             return 1
         if keep_serving:
             print(f"export DSTACK_SIMULATOR_ENDPOINT={endpoints['http']}", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await stop_signal().wait()
         _step("done")
         return 0
     finally:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from .core import GuestCore, QuotePlatform
 from .http_routes import add_routes
 from .service import guest_service, tappd_service, worker_service
 from .signer import LocalCertSigner
+from .simulator import stop_signal
 from .sysconfig import SysConfig
 
 log = logging.getLogger("dstack-guest-agent")
@@ -153,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await run_agent(core, config, stop)
+        await run_agent(core, config, stop_signal())
 
     asyncio.run(run())
     return 0

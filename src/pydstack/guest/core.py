@@ -35,7 +35,7 @@ from pydstack.attest.quote import parse_quote
 from pydstack.attest.report_data import to_report_data
 from pydstack.crypto import ed25519 as ed
 from pydstack.crypto import k256
-from pydstack.crypto.certs import CertRequest
+from pydstack.crypto.certs import CertRequest, key_pem
 from pydstack.crypto.kdf import derive_key, p256_key_from_bytes
 
 from .appkeys import AppKeys
@@ -179,13 +179,7 @@ class GuestCore:
             attestation=self.certificate_attestation(key.public_key()) if usage_ra_tls else None,
             app_info=self.app_info(boottime_mr=False).to_msgpack() if with_app_info else None,
         )
-        chain = self.signer.sign(req, key.public_key())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        return pem, chain
+        return key_pem(key), self.signer.sign(req, key.public_key())
 
     def derive_tappd_key(
         self,
@@ -209,13 +203,7 @@ class GuestCore:
             usage_client_auth=usage_client_auth,
             attestation=self.certificate_attestation(key.public_key()) if usage_ra_tls else None,
         )
-        chain = self.signer.sign(req, key.public_key())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-        return pem, chain
+        return key_pem(key), self.signer.sign(req, key.public_key())
 
     # ------------------------------------------------------------------ quotes
     def attestation(self, report_data: bytes) -> Attestation:

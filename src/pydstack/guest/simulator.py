@@ -227,6 +227,16 @@ class ServerGroup:
             await s.close()
 
 
+def stop_signal() -> asyncio.Event:
+    """an event set by SIGINT or SIGTERM (call inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dstack-simulator",
@@ -264,12 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  collateral {state.dir / 'collateral.json'}")
         print(f"export DSTACK_SIMULATOR_ENDPOINT={dstack_ep}")
         print(f"export TAPPD_SIMULATOR_ENDPOINT={tappd_ep}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await stop_signal().wait()
         log.info("shutting down")
         await group.close()
 
