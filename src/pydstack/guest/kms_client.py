@@ -1,0 +1,94 @@
+"""the guest side of the KMS: obtain an app's keys over RA-TLS.
+
+1. `GetTempCaCert` over TLS (the KMS's certificate must carry the `kms:rpc` usage);
+2. a fresh P-256 key and an "RA-TLS TEMP Cert" signed by that temp CA, carrying this CVM's
+   attestation bound to the key (report_data = sha512("ratls-cert:" || SPKI));
+3. `GetAppKey` over mutual TLS with that certificate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from google.protobuf.empty_pb2 import Empty
+
+from pydstack.attest.ratls import parse_ratls_cert
+from pydstack.crypto.certs import (
+    CertRequest,
+    cert_pem,
+    generate_p256_key,
+    issue_cert,
+    key_pem,
+    load_cert_pem,
+    load_key_pem,
+    spki_der,
+)
+from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.proto import kms_rpc_pb2 as pb
+from pydstack.rpc.server import RpcError
+
+from .appkeys import AppKeys, KeyProvider
+
+#: makes the versioned attestation for a key's report_data (sha512("ratls-cert:" || spki))
+AttestFn = Callable[[bytes], bytes]
+
+
+def check_kms_rpc_cert(cert: x509.Certificate) -> None:
+    info = parse_ratls_cert(cert)
+    if info.special_usage != "kms:rpc":
+        raise RpcError(f"kms certificate has usage {info.special_usage!r}, not 'kms:rpc'")
+
+
+def _prpc_url(kms_url: str) -> str:
+    return kms_url.rstrip("/").removesuffix("/prpc")
+
+
+async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[AppKeys, bytes]:
+    """the app keys, and the KMS root CA's SPKI DER (the `key-provider` id)."""
+    base = _prpc_url(kms_url)
+    async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
+        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
+    tmp_ca = load_cert_pem(tmp.temp_ca_cert)
+    tmp_key = load_key_pem(tmp.temp_ca_key)
+    key = generate_p256_key()
+    attestation = attest(spki_der(key.public_key()))
+    cert = issue_cert(
+        CertRequest("RA-TLS TEMP Cert", usage_client_auth=True, attestation=attestation),
+        key.public_key(),
+        tmp_key,
+        tmp_ca,
+    )
+    async with PrpcClient(
+        base,
+        prefix="/prpc",
+        client_cert_pem=cert_pem(cert),
+        client_key_pem=key_pem(key),
+        verify_server=check_kms_rpc_cert,
+    ) as mtls:
+        resp = await mtls.call(
+            "GetAppKey", pb.GetAppKeyRequest(api_version=1, vm_config=vm_config), pb.AppKeyResponse
+        )
+    ca = load_cert_pem(resp.ca_cert)
+    ca_spki = ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    keys = AppKeys(
+        disk_crypt_key=resp.disk_crypt_key,
+        env_crypt_key=resp.env_crypt_key,
+        k256_key=resp.k256_key,
+        k256_signature=resp.k256_signature,
+        gateway_app_id=resp.gateway_app_id,
+        ca_cert=resp.ca_cert,
+        key_provider=KeyProvider(
+            "Kms",
+            {
+                "url": kms_url,
+                "pubkey": ca_spki.hex(),
+                "tmp_ca_key": tmp.temp_ca_key,
+                "tmp_ca_cert": tmp.temp_ca_cert,
+            },
+        ),
+    )
+    return keys, ca_spki

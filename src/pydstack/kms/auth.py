@@ -1,0 +1,195 @@
+"""authorization backends: who may get keys.
+
+* `dev`: allows everything, and says so loudly at start and on every grant;
+* `webhook`: upstream's auth API (`POST {url}/bootAuth/app|kms` with the BootInfo, reply
+  `{isAllowed, gatewayAppId, reason}`; `GET {url}` for chain info);
+* `simple`: a JSON allowlist (upstream auth-simple's format), re-read when the file changes.
+
+Every denial carries a reason the caller sees; an error inside a backend is a denial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from .bootinfo import BootInfo
+
+log = logging.getLogger(__name__)
+MAX_ALLOWLIST = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    is_allowed: bool
+    gateway_app_id: str = ""
+    reason: str = ""
+
+
+class AuthBackend(Protocol):
+    name: str
+    is_dev: bool
+
+    async def is_app_allowed(self, boot: BootInfo) -> AuthDecision: ...
+
+    async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision: ...
+
+    async def info(self) -> dict[str, Any]: ...
+
+
+class DevAuth:
+    name = "dev"
+    is_dev = True
+
+    def __init__(self, gateway_app_id: str = "any") -> None:
+        self.gateway_app_id = gateway_app_id
+        log.warning(
+            "kms auth is DEV: every attested app and kms gets keys; never use in production"
+        )
+
+    async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        log.warning("dev auth: granting keys to app %s without any policy", boot.app_id.hex())
+        return AuthDecision(True, self.gateway_app_id, "")
+
+    async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        log.warning("dev auth: allowing kms %s without any policy", boot.mr_aggregated.hex())
+        return AuthDecision(True, self.gateway_app_id, "")
+
+    async def info(self) -> dict[str, Any]:
+        return {"gatewayAppId": self.gateway_app_id}
+
+
+class WebhookAuth:
+    name = "webhook"
+    is_dev = False
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def _post(self, path: str, boot: BootInfo) -> AuthDecision:
+        url = self.url.rstrip("/") + "/" + path
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=self.timeout) as s,
+                s.post(url, json=boot.to_json_obj(), headers={"User-Agent": "pydstack-kms"}) as r,
+            ):
+                if r.status // 100 != 2:
+                    return AuthDecision(False, "", f"auth api answered http {r.status}")
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            return AuthDecision(False, "", f"auth api unavailable: {e}")
+        if not isinstance(body, dict) or not isinstance(body.get("isAllowed"), bool):
+            return AuthDecision(False, "", "auth api returned an invalid response")
+        return AuthDecision(
+            body["isAllowed"], str(body.get("gatewayAppId", "")), str(body.get("reason", ""))
+        )
+
+    async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        return await self._post("bootAuth/app", boot)
+
+    async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        return await self._post("bootAuth/kms", boot)
+
+    async def info(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession(timeout=self.timeout) as s, s.get(self.url) as r:
+            if r.status // 100 != 2:
+                raise RuntimeError(f"auth api info answered http {r.status}")
+            body = await r.json(content_type=None)
+        return body if isinstance(body, dict) else {}
+
+
+def _hex_set(values: Any) -> set[str]:
+    if not isinstance(values, list):
+        return set()
+    return {"0x" + str(v).lower().removeprefix("0x") for v in values}
+
+
+def _h(b: bytes) -> str:
+    return "0x" + b.hex()
+
+
+@dataclass
+class SimpleAuth:
+    """upstream auth-simple's allowlist, read from a JSON file whenever it changes."""
+
+    path: Path
+    name: str = "simple"
+    is_dev: bool = False
+    _mtime: float = -1.0
+    _config: dict[str, Any] = field(default_factory=dict)
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            st = self.path.stat()
+            if st.st_mtime != self._mtime:
+                if st.st_size > MAX_ALLOWLIST:
+                    raise ValueError("allowlist too large")
+                doc = json.loads(self.path.read_text())
+                self._config = doc if isinstance(doc, dict) else {}
+                self._mtime = st.st_mtime
+                log.info("loaded auth allowlist %s", self.path)
+        except (OSError, ValueError) as e:
+            log.error("auth allowlist %s unusable, denying everything: %s", self.path, e)
+            self._config, self._mtime = {}, -1.0
+        return self._config
+
+    def _common(self, c: dict[str, Any], boot: BootInfo) -> str:
+        statuses = c.get("allowedTcbStatuses", ["UpToDate"])
+        if boot.tcb_status not in statuses:
+            return "TCB status is not allowed"
+        allowed_adv = set(c.get("allowedAdvisoryIds", []))
+        if any(a not in allowed_adv for a in boot.advisory_ids):
+            return "advisory ID is not allowed"
+        if _h(boot.os_image_hash) not in _hex_set(c.get("osImages")):
+            return "OS image is not allowed"
+        return ""
+
+    @staticmethod
+    def _device_ok(rule: dict[str, Any], boot: BootInfo) -> bool:
+        if rule.get("allowAnyDevice"):
+            return True
+        devices = _hex_set(rule.get("devices"))
+        return not devices or _h(boot.device_id) in devices
+
+    async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        c = self._load()
+        gw = str(c.get("gatewayAppId", ""))
+        reason = self._common(c, boot)
+        if not reason:
+            apps = {k.lower().removeprefix("0x"): v for k, v in (c.get("apps") or {}).items()}
+            app = apps.get(boot.app_id.hex())
+            if not isinstance(app, dict):
+                reason = "app not registered"
+            elif _h(boot.compose_hash) not in _hex_set(app.get("composeHashes")):
+                reason = "compose hash not allowed"
+            elif not self._device_ok(app, boot):
+                reason = "app is not allowed to boot on this device"
+        return AuthDecision(not reason, gw, reason)
+
+    async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        c = self._load()
+        gw = str(c.get("gatewayAppId", ""))
+        reason = self._common(c, boot)
+        kms = c.get("kms") or {}
+        if not reason:
+            if _h(boot.mr_aggregated) not in _hex_set(kms.get("mrAggregated")):
+                reason = "aggregated MR not allowed"
+            elif not self._device_ok(kms, boot):
+                reason = "KMS is not allowed to boot on this device"
+        return AuthDecision(not reason, gw, reason)
+
+    async def info(self) -> dict[str, Any]:
+        c = self._load()
+        return {
+            "status": "ok",
+            "kmsContractAddr": c.get("kmsContractAddr", ""),
+            "gatewayAppId": c.get("gatewayAppId", ""),
+            "chainId": c.get("chainId", 0),
+            "appImplementation": c.get("appImplementation", ""),
+        }

@@ -1,0 +1,108 @@
+"""`kms.toml`: upstream's keys, plus `core.auth_api.simple.config` and `core.key_epoch`."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """kms.toml is invalid."""
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    rpc_address: str = "0.0.0.0"
+    rpc_port: int = 8000
+    cert_dir: Path = Path("/etc/kms/certs")
+    site_name: str = ""
+    enforce_self_authorization: bool = True
+    attest_rpc_cert: bool = True
+    key_epoch: int = 0
+    guest_agent: str = "/var/run/dstack.sock"
+    pccs_url: str = "https://pccs.phala.network"
+    root_ca_tdx: Path | None = None
+    insecure_allow_external_trust_anchors: bool = False
+    collateral_cache_dir: Path | None = None
+    image_verify: bool = True
+    auth_type: str = "webhook"
+    webhook_url: str = "http://auth-api:8000"
+    dev_gateway_app_id: str = "any"
+    simple_config: Path | None = None
+    auto_bootstrap_domain: str = ""
+    metrics_enabled: bool = True
+
+    @classmethod
+    def load(cls, path: Path) -> KmsConfig:
+        try:
+            return cls.from_toml(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+
+    @classmethod
+    def from_toml(cls, text: str) -> KmsConfig:
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"invalid kms config: {e}") from e
+
+        def tbl(obj: Any, *keys: str) -> dict[str, Any]:
+            for k in keys:
+                obj = obj.get(k, {}) if isinstance(obj, dict) else {}
+            if not isinstance(obj, dict):
+                raise ConfigError(f"[{'.'.join(keys)}] must be a table")
+            return obj
+
+        rpc, core = tbl(doc, "rpc"), tbl(doc, "core")
+        att, auth = tbl(core, "attestation"), tbl(core, "auth_api")
+        root_tdx = tbl(att, "root_ca").get("tdx")
+        base = cls()
+        cfg = cls(
+            rpc_address=str(rpc.get("address", base.rpc_address)),
+            rpc_port=int(rpc.get("port", base.rpc_port)),
+            cert_dir=Path(core.get("cert_dir", base.cert_dir)),
+            site_name=str(core.get("site_name", "")),
+            enforce_self_authorization=bool(core.get("enforce_self_authorization", True)),
+            attest_rpc_cert=bool(core.get("attest_rpc_cert", True)),
+            key_epoch=int(core.get("key_epoch", 0)),
+            guest_agent=str(core.get("guest_agent", base.guest_agent)),
+            pccs_url=str(tbl(att, "urls").get("pccs", base.pccs_url)),
+            root_ca_tdx=Path(root_tdx) if root_tdx else None,
+            insecure_allow_external_trust_anchors=bool(
+                att.get("insecure_allow_external_trust_anchors", False)
+            ),
+            collateral_cache_dir=Path(att["cache_dir"]) if att.get("cache_dir") else None,
+            image_verify=bool(tbl(core, "image").get("verify", True)),
+            auth_type=str(auth.get("type", "webhook")),
+            webhook_url=str(tbl(auth, "webhook").get("url", base.webhook_url)),
+            dev_gateway_app_id=str(tbl(auth, "dev").get("gateway_app_id", "any")),
+            simple_config=Path(tbl(auth, "simple")["config"])
+            if tbl(auth, "simple").get("config")
+            else None,
+            auto_bootstrap_domain=str(tbl(core, "onboard").get("auto_bootstrap_domain", "")),
+            metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.auth_type not in ("dev", "webhook", "simple"):
+            raise ConfigError(
+                f"core.auth_api.type {self.auth_type!r} is not supported (dev, webhook, simple)"
+            )
+        if self.auth_type == "simple" and self.simple_config is None:
+            raise ConfigError("core.auth_api.simple.config must name the allowlist file")
+        if self.root_ca_tdx is not None and not self.insecure_allow_external_trust_anchors:
+            raise ConfigError(
+                "core.attestation.root_ca.tdx needs "
+                "core.attestation.insecure_allow_external_trust_anchors = true"
+            )
+        if self.image_verify:
+            raise ConfigError(
+                "core.image.verify = true is not supported yet (os image measurement is not "
+                "implemented); set it to false and pin os images in the auth backend"
+            )
+        if self.key_epoch < 0 or self.key_epoch >= 2**32:
+            raise ConfigError("core.key_epoch must be a 32-bit unsigned integer")

@@ -1,0 +1,126 @@
+"""`dstack-kms -c kms.toml`: the key management service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from pydstack.attest.verify import CollateralCache
+from pydstack.crypto.certs import cert_pem, key_pem
+from pydstack.rpc.server import PrpcServer
+
+from .attestation import AttestationChecker
+from .auth import AuthBackend, DevAuth, SimpleAuth, WebhookAuth
+from .config import ConfigError, KmsConfig
+from .keys import KeyStore
+from .service import KmsState, kms_service
+
+log = logging.getLogger("dstack-kms")
+
+
+def make_auth(cfg: KmsConfig) -> AuthBackend:
+    if cfg.auth_type == "dev":
+        return DevAuth(cfg.dev_gateway_app_id)
+    if cfg.auth_type == "simple":
+        assert cfg.simple_config is not None
+        return SimpleAuth(cfg.simple_config)
+    return WebhookAuth(cfg.webhook_url)
+
+
+def make_state(cfg: KmsConfig) -> KmsState:
+    store = KeyStore(cfg.cert_dir)
+    if not store.exists():
+        if not cfg.auto_bootstrap_domain:
+            raise ConfigError(
+                f"kms keys missing in {cfg.cert_dir}: set core.onboard.auto_bootstrap_domain to "
+                "bootstrap (the interactive onboard web page is not implemented yet)"
+            )
+        log.info("bootstrapping new root keys for %s", cfg.auto_bootstrap_domain)
+        store.generate(cfg.auto_bootstrap_domain)
+    keys = store.load()
+    root = cfg.root_ca_tdx.read_bytes() if cfg.root_ca_tdx else None
+    if root is not None:
+        log.warning("accepting quotes under the external trust anchor %s", cfg.root_ca_tdx)
+    checker = AttestationChecker(CollateralCache(cfg.pccs_url, cfg.collateral_cache_dir), root)
+    return KmsState(
+        keys=keys,
+        auth=make_auth(cfg),
+        checker=checker,
+        cert_dir=cfg.cert_dir,
+        key_epoch=cfg.key_epoch,
+        enforce_self_authorization=cfg.enforce_self_authorization,
+        guest_agent=cfg.guest_agent,
+    )
+
+
+async def start(cfg: KmsConfig, state: KmsState) -> tuple[PrpcServer, int]:
+    server = PrpcServer(response_headers={"X-App-Version": "pydstack-kms"})
+    server.mount(kms_service(state))
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="OK")
+
+    async def metrics(_: web.Request) -> web.Response:
+        if not cfg.metrics_enabled:
+            return web.Response(status=404)
+        c = state.counters
+        return web.Response(
+            text=(
+                "# TYPE dstack_kms_attestation_requests_total counter\n"
+                f"dstack_kms_attestation_requests_total {c.attestation_requests}\n"
+                "# TYPE dstack_kms_attestation_failures_total counter\n"
+                f"dstack_kms_attestation_failures_total {c.attestation_failures}\n"
+            )
+        )
+
+    server.app.router.add_get("/health", health)
+    server.app.router.add_get("/metrics", metrics)
+    k = state.keys
+    port = await server.listen_tls(
+        cfg.rpc_address,
+        cfg.rpc_port,
+        cert_pem=cert_pem(k.rpc_cert) + cert_pem(k.root_ca_cert),
+        key_pem=key_pem(k.rpc_key),
+        client_ca_pem=cert_pem(k.tmp_ca_cert),
+        require_client_cert=False,
+    )
+    return server, port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dstack-kms", description="the dstack key management service"
+    )
+    parser.add_argument("-c", "--config", type=Path, required=True, help="kms.toml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = KmsConfig.load(args.config)
+        state = make_state(cfg)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        from pydstack.guest.simulator import stop_signal
+
+        server, port = await start(cfg, state)
+        print(f"dstack-kms listening on https://{cfg.rpc_address}:{port}", flush=True)
+        try:
+            await stop_signal().wait()
+        finally:
+            await server.close()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

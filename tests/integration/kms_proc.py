@@ -1,0 +1,138 @@
+"""start dstack-kms (and the mock pccs it fetches collateral from) as real processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydstack.tee.simulated import SimulatedTdx
+
+SEED = bytes.fromhex("a1" * 32)
+OS_IMAGE = "pydstack-sim"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(proc: subprocess.Popen[str], marker: str) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if marker in line:
+            return line
+    raise RuntimeError(f"process exited before printing {marker!r}")
+
+
+@dataclass
+class KmsProc:
+    proc: subprocess.Popen[str]
+    url: str
+    dir: Path
+    config: Path
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class Pccs:
+    def __init__(self, root_out: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pydstack.tee.collateral_server",
+                "--seed",
+                SEED.hex(),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--root-out",
+                str(root_out),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        _wait(self.proc, "serving")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def write_config(
+    directory: Path, pccs_url: str, root: Path, allowlist: Path, extra: str = ""
+) -> Path:
+    port = free_port()
+    cfg = directory / "kms.toml"
+    cfg.write_text(f"""
+[rpc]
+address = "127.0.0.1"
+port = {port}
+
+[core]
+cert_dir = "{directory / "certs"}"
+enforce_self_authorization = false
+attest_rpc_cert = false
+{extra}
+
+[core.image]
+verify = false
+
+[core.onboard]
+auto_bootstrap_domain = "kms.local"
+
+[core.attestation]
+insecure_allow_external_trust_anchors = true
+cache_dir = "{directory / "collateral"}"
+
+[core.attestation.urls]
+pccs = "{pccs_url}"
+
+[core.attestation.root_ca]
+tdx = "{root}"
+
+[core.auth_api]
+type = "simple"
+
+[core.auth_api.simple]
+config = "{allowlist}"
+""")
+    return cfg
+
+
+def start_kms(config: Path) -> KmsProc:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.kms.main", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = _wait(proc, "listening on")
+    return KmsProc(proc, line.split()[-1], config.parent, config)
+
+
+def allowlist(path: Path, *, apps: dict, os_images: list[str], **kw: object) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "gatewayAppId": "gw-test",
+                "osImages": os_images,
+                "allowedTcbStatuses": ["UpToDate"],
+                "kms": {"mrAggregated": [], "allowAnyDevice": True},
+                "apps": apps,
+                **kw,
+            }
+        )
+    )
+
+
+def sim_td() -> SimulatedTdx:
+    return SimulatedTdx(SEED, os_image=OS_IMAGE)

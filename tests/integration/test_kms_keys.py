@@ -1,0 +1,246 @@
+"""dstack-kms: only attested, authorized code gets an app's keys (real processes, RA-TLS)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+from google.protobuf.empty_pb2 import Empty
+
+from pydstack.attest.attestation import Attestation, stripped, to_versioned_bytes
+from pydstack.attest.report_data import ratls_report_data
+from pydstack.crypto.certs import (
+    CertRequest,
+    cert_pem,
+    generate_p256_key,
+    issue_cert,
+    key_pem,
+    load_cert_pem,
+    load_key_pem,
+    spki_der,
+)
+from pydstack.crypto.k256 import compressed_pubkey, keccak256, recover_pubkey
+from pydstack.guest.instance import InstanceInfo
+from pydstack.guest.kms_client import get_app_keys
+from pydstack.guest.measure import measure_stage1
+from pydstack.kms.derive import derive_app_keys
+from pydstack.kms.keys import KeyStore
+from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.proto import kms_rpc_pb2 as pb
+from pydstack.rpc.server import RpcError
+from pydstack.sdk import verify_env_encrypt_public_key
+from pydstack.tee.simulated import SimulatedTdx
+
+from .kms_proc import OS_IMAGE, SEED, Pccs, allowlist, start_kms, write_config
+
+COMPOSE = b'{"manifest_version":2,"name":"kms-test","runner":"docker-compose"}'
+VM_CONFIG = json.dumps({"os_image_hash": hashlib.sha256(OS_IMAGE.encode()).hexdigest()})
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("kms")
+    pccs = Pccs(d / "root.der")
+    allow = d / "allow.json"
+    compose_hash = hashlib.sha256(COMPOSE).hexdigest()
+    allowlist(
+        allow,
+        os_images=[VM_CONFIG and json.loads(VM_CONFIG)["os_image_hash"]],
+        apps={compose_hash[:40]: {"composeHashes": [compose_hash], "allowAnyDevice": True}},
+    )
+    cfg = write_config(d, pccs.url, d / "root.der", allow)
+    kms = start_kms(cfg)
+    yield {"dir": d, "kms": kms, "allow": allow, "pccs": pccs, "compose_hash": compose_hash}
+    kms.stop()
+    pccs.stop()
+
+
+class App:
+    """a simulated cvm that measured an app and attests keys for ra-tls."""
+
+    def __init__(
+        self, compose: bytes = COMPOSE, seed: bytes = SEED, info: InstanceInfo | None = None
+    ):
+        self.tdx = SimulatedTdx(seed, os_image=OS_IMAGE)
+        self.identity = measure_stage1(self.tdx, compose, info or InstanceInfo(b"\x01" * 20))
+        self.tamper = False
+
+    def attest(self, spki: bytes) -> bytes:
+        rd = ratls_report_data(spki)
+        att = Attestation(
+            self.tdx.get_quote(rd),
+            tuple(self.tdx.event_log()),
+            tuple(self.tdx.runtime_events()),
+            rd,
+            VM_CONFIG,
+        )
+        if self.tamper:
+            att = dataclasses.replace(att, runtime_events=att.runtime_events[:-1])
+        return to_versioned_bytes(stripped(att))
+
+
+def _root(env):
+    return KeyStore(env["dir"] / "certs").load()
+
+
+async def test_allowed_app_gets_the_derived_keys(env):
+    app = App()
+    keys, ca_spki = await get_app_keys(env["kms"].url, app.attest, VM_CONFIG)
+    root = _root(env)
+    expected = derive_app_keys(
+        root.root_ca_key, root.root_k256, app.identity.app_id, app.identity.instance_id
+    )
+    assert keys.k256_key == expected.k256_key
+    assert keys.disk_crypt_key == expected.disk_crypt_key
+    assert keys.env_crypt_key == expected.env_crypt_key
+    assert keys.gateway_app_id == "gw-test"
+    assert ca_spki == spki_der(root.root_ca_cert.public_key())
+    signer = recover_pubkey(
+        keccak256(b"dstack-kms-issued:" + app.identity.app_id + compressed_pubkey(keys.k256_key)),
+        keys.k256_signature,
+    )
+    assert signer == root.k256_pubkey
+    assert (env["dir"] / "certs/root-k256.key").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("unregistered", "Boot denied: app not registered"),
+        ("compose_removed", "Boot denied: compose hash not allowed"),
+        ("os_image", "Boot denied: OS image is not allowed"),
+        ("untrusted_root", "attestation refused: quote verification failed"),
+        ("rtmr3", "attestation refused: rtmr3 replay mismatch"),
+    ],
+)
+async def test_denials_with_reasons(env, case, reason):
+    app = App()
+    vm_config = VM_CONFIG
+    original = env["allow"].read_text()
+    try:
+        if case == "unregistered":
+            app = App(compose=COMPOSE + b" ")
+        elif case == "compose_removed":
+            doc = json.loads(original)
+            doc["apps"][env["compose_hash"][:40]]["composeHashes"] = []
+            env["allow"].write_text(json.dumps(doc))
+        elif case == "os_image":
+            vm_config = json.dumps({"os_image_hash": "ab" * 32})
+        elif case == "untrusted_root":
+            app = App(seed=bytes(32))
+        elif case == "rtmr3":
+            app.tamper = True
+        with pytest.raises(RpcError) as err:
+            await get_app_keys(env["kms"].url, app.attest, vm_config)
+        assert str(err.value).startswith(reason), str(err.value)
+    finally:
+        env["allow"].write_text(original)
+
+
+async def test_certificate_binding_and_missing_attestation(env):
+    app = App()
+    url = env["kms"].url
+    async with PrpcClient(url, prefix="/prpc", verify_server=lambda c: None) as plain:
+        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
+        with pytest.raises(RpcError, match="No attestation provided"):
+            await plain.call("GetAppKey", pb.GetAppKeyRequest(api_version=1), pb.AppKeyResponse)
+        with pytest.raises(RpcError, match="app_id must be 20 bytes"):
+            await plain.call(
+                "GetAppEnvEncryptPubKey", pb.AppId(app_id=b"abc"), pb.PublicKeyResponse
+            )
+        with pytest.raises(RpcError, match="unsupported api version"):
+            await plain.call("GetAppKey", pb.GetAppKeyRequest(api_version=7), pb.AppKeyResponse)
+    key, other = generate_p256_key(), generate_p256_key()
+    cert = issue_cert(
+        CertRequest("RA-TLS TEMP Cert", attestation=app.attest(spki_der(other.public_key()))),
+        key.public_key(),
+        load_key_pem(tmp.temp_ca_key),
+        load_cert_pem(tmp.temp_ca_cert),
+    )
+    async with PrpcClient(
+        url,
+        prefix="/prpc",
+        client_cert_pem=cert_pem(cert),
+        client_key_pem=key_pem(key),
+        verify_server=lambda c: None,
+    ) as mtls:
+        with pytest.raises(RpcError, match="not bound to its quote"):
+            await mtls.call(
+                "GetAppKey",
+                pb.GetAppKeyRequest(api_version=1, vm_config=VM_CONFIG),
+                pb.AppKeyResponse,
+            )
+
+
+async def test_env_pubkey_and_meta(env):
+    app_id = bytes.fromhex(env["compose_hash"][:40])
+    async with PrpcClient(env["kms"].url, prefix="/prpc", verify_server=lambda c: None) as c:
+        r = await c.call("GetAppEnvEncryptPubKey", pb.AppId(app_id=app_id), pb.PublicKeyResponse)
+        meta = await c.call("GetMeta", Empty(), pb.GetMetaResponse)
+    root = _root(env)
+    assert meta.k256_pubkey == root.k256_pubkey and not meta.is_dev
+    assert meta.gateway_app_id == "gw-test"
+    signer = verify_env_encrypt_public_key(r.public_key, r.signature_v1, app_id, r.timestamp)
+    assert signer == "0x" + root.k256_pubkey.hex()
+    expected = derive_app_keys(root.root_ca_key, root.root_k256, app_id, b"")
+    from pydstack.crypto.envcrypt import x25519_public
+
+    assert r.public_key == x25519_public(expected.env_crypt_key)
+
+
+async def test_same_keys_after_restart(env):
+    app = App()
+    first, _ = await get_app_keys(env["kms"].url, app.attest, VM_CONFIG)
+    env["kms"].stop()
+    from .kms_proc import start_kms as restart
+
+    env["kms"] = restart(env["kms"].config)
+    second, _ = await get_app_keys(env["kms"].url, App().attest, VM_CONFIG)
+    assert (first.k256_key, first.disk_crypt_key, first.env_crypt_key) == (
+        second.k256_key,
+        second.disk_crypt_key,
+        second.env_crypt_key,
+    )
+
+
+async def test_official_sdk_env_encryption_and_signature(env, tmp_path):
+    """the official sdk verifies the kms's env-key signature and its ciphertext decrypts."""
+    import subprocess
+
+    from pydstack.crypto.envcrypt import decrypt_env
+
+    from .official_sdk import python_sdk
+
+    app_id = bytes.fromhex(env["compose_hash"][:40])
+    async with PrpcClient(env["kms"].url, prefix="/prpc", verify_server=lambda c: None) as c:
+        r = await c.call("GetAppEnvEncryptPubKey", pb.AppId(app_id=app_id), pb.PublicKeyResponse)
+    py, _ = python_sdk()
+    script = (
+        "import sys\n"
+        "from dstack_sdk import verify_env_encrypt_public_key, encrypt_env_vars_sync, EnvVar\n"
+        "pub, sig, app, ts = sys.argv[1:5]\n"
+        "raw = bytes.fromhex(pub)\n"
+        "print(verify_env_encrypt_public_key(raw, bytes.fromhex(sig), app, int(ts)))\n"
+        "print(encrypt_env_vars_sync([EnvVar(key='SECRET', value='s3cr3t')], pub))\n"
+    )
+    out = subprocess.run(
+        [
+            str(py),
+            "-c",
+            script,
+            r.public_key.hex(),
+            r.signature_v1.hex(),
+            app_id.hex(),
+            str(r.timestamp),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    root = _root(env)
+    assert out[0].removeprefix("0x") == root.k256_pubkey.hex()
+    env_key = derive_app_keys(root.root_ca_key, root.root_k256, app_id, b"").env_crypt_key
+    assert decrypt_env(env_key, bytes.fromhex(out[1])) == [("SECRET", "s3cr3t")]
