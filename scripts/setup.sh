@@ -31,3 +31,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
     touch "$stamp"
 fi
+
+# node toolchain for the contracts: solc, OpenZeppelin and anvil from the npm registry
+if command -v npm >/dev/null 2>&1; then
+    if [ ! -d contracts/node_modules/solc ] || [ contracts/package-lock.json -nt contracts/node_modules/.package-lock.json ]; then
+        echo "setup: installing the contracts toolchain (npm ci in contracts/)"
+        (cd contracts && npm ci --no-audit --no-fund --silent)
+    fi
+else
+    echo "setup: npm not found; contract tests need node and npm" >&2
+fi

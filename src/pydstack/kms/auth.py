@@ -193,3 +193,46 @@ class SimpleAuth:
             "chainId": c.get("chainId", 0),
             "appImplementation": c.get("appImplementation", ""),
         }
+
+
+class EthAuth:
+    """the DstackKms contract on an Ethereum node (chain id pinned at start)."""
+
+    name = "eth"
+    is_dev = False
+
+    def __init__(self, rpc_url: str, kms_contract: str, chain_id: int) -> None:
+        from .chain import Chain, KmsContract
+
+        self.rpc_url = rpc_url
+        self.chain_id = chain_id
+        self.kms = KmsContract(Chain.connect(rpc_url, chain_id), kms_contract)
+
+    async def _ask(self, method: str, boot: BootInfo) -> AuthDecision:
+        import asyncio
+
+        try:
+            ok, reason = await asyncio.to_thread(getattr(self.kms, method), boot)
+            gateway = await asyncio.to_thread(self.kms.gateway_app_id)
+        except Exception as e:
+            log.error("on-chain authorization failed: %s", e)
+            return AuthDecision(False, "", "authorization backend unavailable")
+        return AuthDecision(ok, gateway, reason)
+
+    async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        return await self._ask("is_app_allowed", boot)
+
+    async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        return await self._ask("is_kms_allowed", boot)
+
+    async def info(self) -> dict[str, Any]:
+        import asyncio
+
+        impl = await asyncio.to_thread(lambda: self.kms.c.functions.appImplementation().call())
+        return {
+            "status": "ok",
+            "kmsContractAddr": self.kms.address,
+            "gatewayAppId": await asyncio.to_thread(self.kms.gateway_app_id),
+            "chainId": self.chain_id,
+            "appImplementation": str(impl),
+        }

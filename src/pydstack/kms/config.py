@@ -31,6 +31,9 @@ class KmsConfig:
     webhook_url: str = "http://auth-api:8000"
     dev_gateway_app_id: str = "any"
     simple_config: Path | None = None
+    eth_rpc_url: str = ""
+    eth_kms_contract: str = ""
+    eth_chain_id: int = 0
     auto_bootstrap_domain: str = ""
     metrics_enabled: bool = True
 
@@ -81,6 +84,9 @@ class KmsConfig:
             simple_config=Path(tbl(auth, "simple")["config"])
             if tbl(auth, "simple").get("config")
             else None,
+            eth_rpc_url=str(tbl(auth, "eth").get("rpc_url", "")),
+            eth_kms_contract=str(tbl(auth, "eth").get("kms_contract", "")),
+            eth_chain_id=int(tbl(auth, "eth").get("chain_id", 0)),
             auto_bootstrap_domain=str(tbl(core, "onboard").get("auto_bootstrap_domain", "")),
             metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
         )
@@ -88,10 +94,15 @@ class KmsConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.auth_type not in ("dev", "webhook", "simple"):
+        if self.auth_type not in ("dev", "webhook", "simple", "eth"):
             raise ConfigError(
-                f"core.auth_api.type {self.auth_type!r} is not supported (dev, webhook, simple)"
+                f"core.auth_api.type {self.auth_type!r} is not supported "
+                "(dev, webhook, simple, eth)"
             )
+        if self.auth_type == "eth" and not (
+            self.eth_rpc_url and self.eth_kms_contract and self.eth_chain_id
+        ):
+            raise ConfigError("core.auth_api.eth needs rpc_url, kms_contract and chain_id")
         if self.auth_type == "simple" and self.simple_config is None:
             raise ConfigError("core.auth_api.simple.config must name the allowlist file")
         if self.root_ca_tdx is not None and not self.insecure_allow_external_trust_anchors:

@@ -26,6 +26,10 @@ log = logging.getLogger("dstack-kms")
 def make_auth(cfg: KmsConfig) -> AuthBackend:
     if cfg.auth_type == "dev":
         return DevAuth(cfg.dev_gateway_app_id)
+    if cfg.auth_type == "eth":
+        from .auth import EthAuth
+
+        return EthAuth(cfg.eth_rpc_url, cfg.eth_kms_contract, cfg.eth_chain_id)
     if cfg.auth_type == "simple":
         assert cfg.simple_config is not None
         return SimpleAuth(cfg.simple_config)
