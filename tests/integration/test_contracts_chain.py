@@ -232,3 +232,70 @@ async def test_kms_with_eth_auth(chain, kms, tmp_path):
     finally:
         proc.stop()
         pccs.stop()
+
+
+def test_operator_cli(chain, tmp_path):
+    import os
+    import sys
+
+    node, _ = chain
+    key = tmp_path / "key"
+    key.write_text(DEV_PRIVATE_KEY)
+    key.chmod(0o644)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pydstack.kms.chain_cli",
+                "--rpc-url",
+                node.url,
+                "--chain-id",
+                str(node.chain_id),
+                "--private-key-file",
+                str(key),
+                "--json",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ},
+        )
+
+    bad = cli("deploy")
+    assert bad.returncode != 0 and "chmod 600" in bad.stderr
+    key.chmod(0o600)
+    kms = json.loads(cli("deploy").stdout)["kms"]
+    app = json.loads(cli("--kms", kms, "create-app").stdout)["app_id"]
+    assert cli("--kms", kms, "add-os-image", OS_IMAGE.hex()).returncode == 0
+    boot_file = tmp_path / "boot.json"
+    boot_file.write_text(json.dumps(boot("0x" + app[2:].lower()).to_json_obj()))
+    denied = cli("--kms", kms, "check-app", str(boot_file))
+    assert (
+        denied.returncode == 1 and json.loads(denied.stdout)["reason"] == "Compose hash not allowed"
+    )
+    assert cli("--kms", kms, "add-compose-hash", "--app", app, COMPOSE.hex()).returncode == 0
+    allowed = cli("--kms", kms, "check-app", str(boot_file))
+    assert allowed.returncode == 0 and json.loads(allowed.stdout) == {"allowed": True, "reason": ""}
+    shown = json.loads(cli("--kms", kms, "show", "--app", app).stdout)
+    assert shown["registered"] is True and shown["allow_any_device"] is True
+    wrong = cli("--kms", kms, "show")
+    assert wrong.returncode == 0
+    chain_mismatch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pydstack.kms.chain_cli",
+            "--rpc-url",
+            node.url,
+            "--chain-id",
+            "5",
+            "deploy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert chain_mismatch.returncode == 2 and "chain id mismatch" in chain_mismatch.stderr
