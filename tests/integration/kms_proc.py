@@ -26,7 +26,8 @@ def _wait(proc: subprocess.Popen[str], marker: str) -> str:
     for line in proc.stdout:
         if marker in line:
             return line
-    raise RuntimeError(f"process exited before printing {marker!r}")
+    err = proc.stderr.read() if proc.stderr else ""
+    raise RuntimeError(f"process exited before printing {marker!r}: {err[-2000:]}")
 
 
 @dataclass
@@ -68,9 +69,19 @@ class Pccs:
 
 
 def write_config(
-    directory: Path, pccs_url: str, root: Path, allowlist: Path, extra: str = ""
+    directory: Path,
+    pccs_url: str,
+    root: Path,
+    allowlist: Path,
+    *,
+    agent: Path | None = None,
+    source_url: str = "",
 ) -> Path:
+    """a kms.toml; with `agent` the kms attests itself (self-authorization, attested rpc cert)."""
     port = free_port()
+    attested = "true" if agent else "false"
+    extra = f'guest_agent = "{agent}"' if agent else ""
+    onboard = f'source_url = "{source_url}"' if source_url else ""
     cfg = directory / "kms.toml"
     cfg.write_text(f"""
 [rpc]
@@ -79,8 +90,8 @@ port = {port}
 
 [core]
 cert_dir = "{directory / "certs"}"
-enforce_self_authorization = false
-attest_rpc_cert = false
+enforce_self_authorization = {attested}
+attest_rpc_cert = {attested}
 {extra}
 
 [core.image]
@@ -88,6 +99,7 @@ verify = false
 
 [core.onboard]
 auto_bootstrap_domain = "kms.local"
+{onboard}
 
 [core.attestation]
 insecure_allow_external_trust_anchors = true

@@ -35,6 +35,7 @@ class KmsConfig:
     eth_kms_contract: str = ""
     eth_chain_id: int = 0
     auto_bootstrap_domain: str = ""
+    onboard_source_url: str = ""
     metrics_enabled: bool = True
 
     @classmethod
@@ -88,6 +89,7 @@ class KmsConfig:
             eth_kms_contract=str(tbl(auth, "eth").get("kms_contract", "")),
             eth_chain_id=int(tbl(auth, "eth").get("chain_id", 0)),
             auto_bootstrap_domain=str(tbl(core, "onboard").get("auto_bootstrap_domain", "")),
+            onboard_source_url=str(tbl(core, "onboard").get("source_url", "")),
             metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
         )
         cfg.validate()

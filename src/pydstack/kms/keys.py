@@ -9,6 +9,7 @@ domain, usage `kms:rpc`). Keys are written 0600.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pydstack.crypto.certs import (
     key_pem,
     load_cert_pem,
     load_key_pem,
+    spki_der,
 )
 from pydstack.crypto.k256 import compressed_pubkey
 
@@ -114,12 +116,13 @@ class KeyStore:
         root_k256: bytes,
         tmp_ca_key: ec.EllipticCurvePrivateKey,
         domain: str,
-        attestation: bytes | None = None,
+        attest: Callable[[bytes], bytes] | None = None,
     ) -> KmsKeys:
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
         root_cert, tmp_cert = ca_certs(root_ca_key, tmp_ca_key)
         rpc_key = generate_p256_key()
+        attestation = attest(spki_der(rpc_key.public_key())) if attest is not None else None
         rpc = rpc_cert(domain, rpc_key, root_ca_key, root_cert, attestation)
         write_secret(self.dir / "root-ca.key", key_pem(root_ca_key).encode())
         (self.dir / "root-ca.crt").write_text(cert_pem(root_cert))
@@ -131,10 +134,10 @@ class KeyStore:
         (self.dir / "rpc-domain").write_text(domain)
         return self.load()
 
-    def generate(self, domain: str) -> KmsKeys:
+    def generate(self, domain: str, attest: Callable[[bytes], bytes] | None = None) -> KmsKeys:
         if self.any_root():
             raise ValueError("KMS has already been bootstrapped")
-        return self.store(generate_p256_key(), os.urandom(32), generate_p256_key(), domain)
+        return self.store(generate_p256_key(), os.urandom(32), generate_p256_key(), domain, attest)
 
     def load(self) -> KmsKeys:
         missing = [f for f in FILES if not (self.dir / f).exists()]

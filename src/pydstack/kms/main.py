@@ -10,14 +10,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from pydstack.attest.errors import AttestError
 from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
-from pydstack.rpc.server import PrpcServer
+from pydstack.rpc.server import PrpcServer, RpcError
 
 from .attestation import AttestationChecker
 from .auth import AuthBackend, DevAuth, SimpleAuth, WebhookAuth
 from .config import ConfigError, KmsConfig
 from .keys import KeyStore
+from .onboard import onboard, ratls_attestation
 from .service import KmsState, kms_service
 
 log = logging.getLogger("dstack-kms")
@@ -36,30 +38,51 @@ def make_auth(cfg: KmsConfig) -> AuthBackend:
     return WebhookAuth(cfg.webhook_url)
 
 
-def make_state(cfg: KmsConfig) -> KmsState:
+async def make_state(cfg: KmsConfig) -> KmsState:
     store = KeyStore(cfg.cert_dir)
-    if not store.exists():
-        if not cfg.auto_bootstrap_domain:
-            raise ConfigError(
-                f"kms keys missing in {cfg.cert_dir}: set core.onboard.auto_bootstrap_domain to "
-                "bootstrap (the interactive onboard web page is not implemented yet)"
-            )
-        log.info("bootstrapping new root keys for %s", cfg.auto_bootstrap_domain)
-        store.generate(cfg.auto_bootstrap_domain)
-    keys = store.load()
     root = cfg.root_ca_tdx.read_bytes() if cfg.root_ca_tdx else None
     if root is not None:
         log.warning("accepting quotes under the external trust anchor %s", cfg.root_ca_tdx)
     checker = AttestationChecker(CollateralCache(cfg.pccs_url, cfg.collateral_cache_dir), root)
-    return KmsState(
-        keys=keys,
-        auth=make_auth(cfg),
+    auth = make_auth(cfg)
+    if not store.exists():
+        attest = (
+            (lambda spki: ratls_attestation(cfg.guest_agent, spki)) if cfg.attest_rpc_cert else None
+        )
+        if cfg.onboard_source_url:
+            if not cfg.auto_bootstrap_domain:
+                raise ConfigError(
+                    "onboarding needs core.onboard.auto_bootstrap_domain (this kms's domain)"
+                )
+            log.info("onboarding from %s", cfg.onboard_source_url)
+            await onboard(
+                cfg.onboard_source_url,
+                store,
+                cfg.auto_bootstrap_domain,
+                agent=cfg.guest_agent,
+                checker=checker,
+                auth=auth,
+                attest_rpc_cert=cfg.attest_rpc_cert,
+            )
+        elif cfg.auto_bootstrap_domain:
+            log.info("bootstrapping new root keys for %s", cfg.auto_bootstrap_domain)
+            store.generate(cfg.auto_bootstrap_domain, attest)
+        else:
+            raise ConfigError(
+                f"kms keys missing in {cfg.cert_dir}: set core.onboard.auto_bootstrap_domain to "
+                "bootstrap, plus core.onboard.source_url to replicate an existing kms"
+            )
+    state = KmsState(
+        keys=store.load(),
+        auth=auth,
         checker=checker,
         cert_dir=cfg.cert_dir,
         key_epoch=cfg.key_epoch,
         enforce_self_authorization=cfg.enforce_self_authorization,
         guest_agent=cfg.guest_agent,
     )
+    await state.ensure_self_allowed()
+    return state
 
 
 async def start(cfg: KmsConfig, state: KmsState) -> tuple[PrpcServer, int]:
@@ -107,23 +130,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = KmsConfig.load(args.config)
-        state = make_state(cfg)
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    async def run() -> None:
+    async def run() -> int:
         from pydstack.guest.simulator import stop_signal
 
+        try:
+            state = await make_state(cfg)
+        except (ConfigError, OSError, ValueError, RpcError, AttestError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         server, port = await start(cfg, state)
         print(f"dstack-kms listening on https://{cfg.rpc_address}:{port}", flush=True)
         try:
             await stop_signal().wait()
         finally:
             await server.close()
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":
