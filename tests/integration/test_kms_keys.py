@@ -244,3 +244,67 @@ async def test_official_sdk_env_encryption_and_signature(env, tmp_path):
     assert out[0].removeprefix("0x") == root.k256_pubkey.hex()
     env_key = derive_app_keys(root.root_ca_key, root.root_k256, app_id, b"").env_crypt_key
     assert decrypt_env(env_key, bytes.fromhex(out[1])) == [("SECRET", "s3cr3t")]
+
+
+async def test_sign_cert(env):
+    from cryptography import x509
+
+    from pydstack.attest.ratls import parse_ratls_cert
+    from pydstack.crypto.csr import CONFIRM, CertConfigV2, CertSigningRequestV2
+
+    app = App()
+    key = generate_p256_key()
+    spki = spki_der(key.public_key())
+    csr = CertSigningRequestV2(
+        CONFIRM,
+        spki,
+        CertConfigV2(None, "app.example", ("app.example",), True, False, ext_quote=True),
+        app.attest(spki),
+    )
+    assert CertSigningRequestV2.decode(csr.encode()) == csr
+    req = pb.SignCertRequest(
+        api_version=2, csr=csr.encode(), signature=csr.sign(key), vm_config=VM_CONFIG
+    )
+    async with PrpcClient(env["kms"].url, prefix="/prpc", verify_server=lambda c: None) as c:
+        resp = await c.call("SignCert", req, pb.SignCertResponse)
+        leaf, app_ca_cert, root = (
+            x509.load_pem_x509_certificate(p.encode()) for p in resp.certificate_chain
+        )
+        info = parse_ratls_cert(leaf)
+        assert info.app_id == app.identity.app_id and info.special_usage == "app:custom"
+        assert info.attestation == csr.attestation
+        assert leaf.issuer == app_ca_cert.subject and app_ca_cert.issuer == root.subject
+        assert parse_ratls_cert(app_ca_cert).special_usage == "app:ca"
+        bad = pb.SignCertRequest(
+            api_version=2, csr=csr.encode(), signature=csr.sign(generate_p256_key())
+        )
+        with pytest.raises(RpcError, match="invalid csr: csr signature is invalid"):
+            await c.call("SignCert", bad, pb.SignCertResponse)
+        with pytest.raises(RpcError, match="only 2"):
+            await c.call("SignCert", pb.SignCertRequest(api_version=1), pb.SignCertResponse)
+
+
+async def test_simulated_quote_refused_without_the_mock_root(env, tmp_path):
+    """the same kms configured without the mock trust anchor (intel's root) refuses the cvm."""
+    from .kms_proc import start_kms as launch
+
+    text = env["kms"].config.read_text()
+    text = text.replace("insecure_allow_external_trust_anchors = true", "")
+    text = (
+        text.split("[core.attestation.root_ca]")[0]
+        + "[core.auth_api]"
+        + text.split("[core.auth_api]")[1]
+    )
+    import re
+
+    from .kms_proc import free_port
+
+    text = re.sub(r"port = \d+", f"port = {free_port()}", text, count=1)
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text(text)
+    kms = launch(cfg)
+    try:
+        with pytest.raises(RpcError, match="attestation refused: quote verification failed"):
+            await get_app_keys(kms.url, App().attest, VM_CONFIG)
+    finally:
+        kms.stop()
