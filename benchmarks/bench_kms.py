@@ -81,7 +81,7 @@ async def steps(
         derive_app_keys(keys.root_ca_key, keys.root_k256, boot.app_id, boot.instance_id)
         rec("kms: key derivation", t)
     total = sum(sum(v) for k, v in timings.items() if "auth (eth)" not in k)
-    print("# step timings (in-process, mean over %d), share of the dev-auth path" % n)
+    print(f"# step timings (in-process, mean over {n}), share of the dev-auth path")
     for name, vals in timings.items():
         mean = sum(vals) / len(vals)
         share = "" if "eth" in name else f"{100 * sum(vals) / total:5.1f}%"
