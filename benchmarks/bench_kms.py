@@ -42,7 +42,8 @@ async def e2e(url: str, seconds: float, label: str) -> None:
         await get_app_keys(url, app.attest, VM_CONFIG)
         lat.append(time.perf_counter() - t)
     print(
-        f"GetAppKey e2e [{label:>4}]  {len(lat) / sum(lat):7.1f}/s   p50 {pct(lat, 50) * 1e3:7.2f} ms"
+        f"GetAppKey e2e [{label:>4}]  {len(lat) / sum(lat):7.1f}/s"
+        f"   p50 {pct(lat, 50) * 1e3:7.2f} ms"
         f"   p99 {pct(lat, 99) * 1e3:7.2f} ms   n={len(lat)}",
         flush=True,
     )
@@ -129,9 +130,7 @@ async def main() -> None:
             )
             kms_eth = start_kms(cfg)
             procs.append(kms_eth)
-            print(
-                f"# dstack-kms GetAppKey, {secs:.0f} s per row, one client, new RA-TLS connection per call"
-            )
+            print(f"# dstack-kms GetAppKey, {secs:.0f} s per row, one client, new tls per call")
             await e2e(kms_dev.url, secs, "dev")
             import tests.integration.test_kms_keys as t
 
