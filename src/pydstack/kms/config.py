@@ -36,6 +36,9 @@ class KmsConfig:
     eth_chain_id: int = 0
     auto_bootstrap_domain: str = ""
     onboard_source_url: str = ""
+    onboard_enabled: bool = True
+    onboard_address: str = "0.0.0.0"
+    onboard_port: int = 8000
     metrics_enabled: bool = True
 
     @classmethod
@@ -90,6 +93,9 @@ class KmsConfig:
             eth_chain_id=int(tbl(auth, "eth").get("chain_id", 0)),
             auto_bootstrap_domain=str(tbl(core, "onboard").get("auto_bootstrap_domain", "")),
             onboard_source_url=str(tbl(core, "onboard").get("source_url", "")),
+            onboard_enabled=bool(tbl(core, "onboard").get("enabled", True)),
+            onboard_address=str(tbl(core, "onboard").get("address", "0.0.0.0")),
+            onboard_port=int(tbl(core, "onboard").get("port", 8000)),
             metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
         )
         cfg.validate()

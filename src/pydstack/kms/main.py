@@ -20,6 +20,7 @@ from .auth import AuthBackend, DevAuth, SimpleAuth, WebhookAuth
 from .config import ConfigError, KmsConfig
 from .keys import KeyStore
 from .onboard import onboard, ratls_attestation
+from .onboard_server import OnboardService, run_onboard
 from .service import KmsState, kms_service
 
 log = logging.getLogger("dstack-kms")
@@ -67,10 +68,25 @@ async def make_state(cfg: KmsConfig) -> KmsState:
         elif cfg.auto_bootstrap_domain:
             log.info("bootstrapping new root keys for %s", cfg.auto_bootstrap_domain)
             store.generate(cfg.auto_bootstrap_domain, attest)
+        elif cfg.onboard_enabled:
+            done = asyncio.Event()
+            service = OnboardService(
+                store,
+                agent=cfg.guest_agent,
+                checker=checker,
+                auth=auth,
+                attest_rpc_cert=cfg.attest_rpc_cert,
+                site_name=cfg.site_name,
+                done=done,
+            )
+            await run_onboard(
+                cfg.onboard_address, cfg.onboard_port, service, cfg.site_name or "dstack KMS Setup"
+            )
+            if not store.exists():
+                raise ConfigError("failed to onboard: no keys after onboard mode finished")
         else:
             raise ConfigError(
-                f"kms keys missing in {cfg.cert_dir}: set core.onboard.auto_bootstrap_domain to "
-                "bootstrap, plus core.onboard.source_url to replicate an existing kms"
+                f"kms keys missing in {cfg.cert_dir} and core.onboard.enabled is false"
             )
     state = KmsState(
         keys=store.load(),
