@@ -113,6 +113,8 @@ async def test_allowed_app_gets_the_derived_keys(env):
         ("os_image", "Boot denied: OS image is not allowed"),
         ("untrusted_root", "attestation refused: quote verification failed"),
         ("rtmr3", "attestation refused: rtmr3 replay mismatch"),
+        ("device", "Boot denied: app is not allowed to boot on this device"),
+        ("tcb", "Boot denied: TCB status is not allowed"),
     ],
 )
 async def test_denials_with_reasons(env, case, reason):
@@ -132,6 +134,14 @@ async def test_denials_with_reasons(env, case, reason):
             app = App(seed=bytes(32))
         elif case == "rtmr3":
             app.tamper = True
+        elif case in ("device", "tcb"):
+            doc = json.loads(original)
+            if case == "device":
+                rule = doc["apps"][env["compose_hash"][:40]]
+                rule["allowAnyDevice"], rule["devices"] = False, ["0x" + "00" * 32]
+            else:
+                doc["allowedTcbStatuses"] = ["OutOfDate"]
+            env["allow"].write_text(json.dumps(doc))
         with pytest.raises(RpcError) as err:
             await get_app_keys(env["kms"].url, app.attest, vm_config)
         assert str(err.value).startswith(reason), str(err.value)

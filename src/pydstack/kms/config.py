@@ -40,6 +40,12 @@ class KmsConfig:
     onboard_address: str = "0.0.0.0"
     onboard_port: int = 8000
     metrics_enabled: bool = True
+    image_cache_dir: Path = Path("/usr/share/dstack/images")
+    admin_enabled: bool = False
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 8001
+    admin_auth_token: str = ""
+    admin_insecure_no_auth: bool = False
 
     @classmethod
     def load(cls, path: Path) -> KmsConfig:
@@ -97,6 +103,12 @@ class KmsConfig:
             onboard_address=str(tbl(core, "onboard").get("address", "0.0.0.0")),
             onboard_port=int(tbl(core, "onboard").get("port", 8000)),
             metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
+            image_cache_dir=Path(tbl(core, "image").get("cache_dir", base.image_cache_dir)),
+            admin_enabled=bool(tbl(core, "admin").get("enabled", False)),
+            admin_address=str(tbl(core, "admin").get("address", "127.0.0.1")),
+            admin_port=int(tbl(core, "admin").get("port", 8001)),
+            admin_auth_token=str(tbl(core, "admin").get("auth_token", "")),
+            admin_insecure_no_auth=bool(tbl(core, "admin").get("insecure_no_auth", False)),
         )
         cfg.validate()
         return cfg

@@ -15,6 +15,7 @@ from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
 from pydstack.rpc.server import PrpcServer, RpcError
 
+from .admin import admin_server, admin_token
 from .attestation import AttestationChecker
 from .auth import AuthBackend, DevAuth, SimpleAuth, WebhookAuth
 from .config import ConfigError, KmsConfig
@@ -158,12 +159,27 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, OSError, ValueError, RpcError, AttestError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        admin = None
+        if cfg.admin_enabled:
+            try:
+                admin = admin_server(
+                    admin_token(cfg.admin_auth_token),
+                    cfg.image_cache_dir,
+                    insecure_no_auth=cfg.admin_insecure_no_auth,
+                )
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            aport = await admin.listen_tcp(cfg.admin_address, cfg.admin_port)
+            print(f"dstack-kms admin on http://{cfg.admin_address}:{aport}", flush=True)
         server, port = await start(cfg, state)
         print(f"dstack-kms listening on https://{cfg.rpc_address}:{port}", flush=True)
         try:
             await stop_signal().wait()
         finally:
             await server.close()
+            if admin is not None:
+                await admin.close()
         return 0
 
     return asyncio.run(run())
