@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -176,3 +177,23 @@ def load_key_pem(pem: str | bytes) -> ec.EllipticCurvePrivateKey:
 
 def load_cert_pem(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+
+
+def ra_tls_client_cert(
+    temp_ca_cert_pem: str, temp_ca_key_pem: str, attest: Callable[[bytes], bytes]
+) -> tuple[str, str]:
+    """an "RA-TLS TEMP Cert" for a fresh key, signed by a KMS temp CA: (cert PEM, key PEM).
+
+    `attest(spki_der)` returns the versioned attestation bound to that key."""
+    key = generate_p256_key()
+    cert = issue_cert(
+        CertRequest(
+            "RA-TLS TEMP Cert",
+            usage_client_auth=True,
+            attestation=attest(spki_der(key.public_key())),
+        ),
+        key.public_key(),
+        load_key_pem(temp_ca_key_pem),
+        load_cert_pem(temp_ca_cert_pem),
+    )
+    return cert_pem(cert), key_pem(key)

@@ -15,16 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack.attest.ratls import parse_ratls_cert
-from pydstack.crypto.certs import (
-    CertRequest,
-    cert_pem,
-    generate_p256_key,
-    issue_cert,
-    key_pem,
-    load_cert_pem,
-    load_key_pem,
-    spki_der,
-)
+from pydstack.crypto.certs import load_cert_pem, ra_tls_client_cert
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import kms_rpc_pb2 as pb
 from pydstack.rpc.server import RpcError
@@ -50,21 +41,12 @@ async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[
     base = _prpc_url(kms_url)
     async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
         tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
-    tmp_ca = load_cert_pem(tmp.temp_ca_cert)
-    tmp_key = load_key_pem(tmp.temp_ca_key)
-    key = generate_p256_key()
-    attestation = attest(spki_der(key.public_key()))
-    cert = issue_cert(
-        CertRequest("RA-TLS TEMP Cert", usage_client_auth=True, attestation=attestation),
-        key.public_key(),
-        tmp_key,
-        tmp_ca,
-    )
+    client_cert, client_key = ra_tls_client_cert(tmp.temp_ca_cert, tmp.temp_ca_key, attest)
     async with PrpcClient(
         base,
         prefix="/prpc",
-        client_cert_pem=cert_pem(cert),
-        client_key_pem=key_pem(key),
+        client_cert_pem=client_cert,
+        client_key_pem=client_key,
         verify_server=check_kms_rpc_cert,
     ) as mtls:
         resp = await mtls.call(

@@ -16,16 +16,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from pydstack.attest.ratls import verify_cert_binding
 from pydstack.attest.report_data import ratls_report_data
-from pydstack.crypto.certs import (
-    CertRequest,
-    cert_pem,
-    generate_p256_key,
-    issue_cert,
-    key_pem,
-    load_cert_pem,
-    load_key_pem,
-    spki_der,
-)
+from pydstack.crypto.certs import load_key_pem, ra_tls_client_cert
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import kms_rpc_pb2 as pb
 from pydstack.rpc.server import RpcError
@@ -89,22 +80,14 @@ async def onboard(
     decision = await auth.is_kms_allowed(source_boot)
     if not decision.is_allowed:
         raise RpcError(f"source KMS is not allowed: {decision.reason}")
-    key = generate_p256_key()
-    cert = issue_cert(
-        CertRequest(
-            "RA-TLS TEMP Cert",
-            usage_client_auth=True,
-            attestation=ratls_attestation(agent, spki_der(key.public_key())),
-        ),
-        key.public_key(),
-        load_key_pem(tmp.temp_ca_key),
-        load_cert_pem(tmp.temp_ca_cert),
+    client_cert, client_key = ra_tls_client_cert(
+        tmp.temp_ca_cert, tmp.temp_ca_key, lambda spki: ratls_attestation(agent, spki)
     )
     async with PrpcClient(
         base,
         prefix="/prpc",
-        client_cert_pem=cert_pem(cert),
-        client_key_pem=key_pem(key),
+        client_cert_pem=client_cert,
+        client_key_pem=client_key,
         verify_server=lambda c: None,
     ) as mtls:
         resp = await mtls.call(
