@@ -39,7 +39,7 @@ class KmsProc:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.communicate(timeout=10)
 
 
 class Pccs:
@@ -65,7 +65,7 @@ class Pccs:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(10)
+        self.proc.communicate(timeout=10)
 
 
 def write_config(

@@ -21,10 +21,10 @@ class Simulator:
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait(5)
+            self.proc.communicate(timeout=5)
 
 
 def start_simulator(directory: Path, seed: str | None = None) -> Simulator:
