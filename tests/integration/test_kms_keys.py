@@ -318,3 +318,14 @@ async def test_simulated_quote_refused_without_the_mock_root(env, tmp_path):
             await get_app_keys(kms.url, App().attest, VM_CONFIG)
     finally:
         kms.stop()
+
+
+def test_health_and_metrics(env):
+    import httpx
+
+    with httpx.Client(base_url=env["kms"].url, verify=False, timeout=30) as c:
+        assert c.get("/health").text == "OK"
+        text = c.get("/metrics").text
+    requests = int(text.split("dstack_kms_attestation_requests_total ")[1].split()[0])
+    failures = int(text.split("dstack_kms_attestation_failures_total ")[1].split()[0])
+    assert requests >= 1 and failures >= 1  # earlier tests were served and refused
