@@ -320,13 +320,27 @@ async def test_simulated_quote_refused_without_the_mock_root(env, tmp_path):
         kms.stop()
 
 
-def test_health_and_metrics(env):
+async def test_health_and_metrics(env):
     import httpx
 
-    with httpx.Client(base_url=env["kms"].url, verify=False, timeout=30) as c:
-        assert c.get("/health").text == "OK"
-        text = c.get("/metrics").text
-    values = dict(line.split() for line in text.splitlines() if not line.startswith("#"))
-    requests = int(values["dstack_kms_attestation_requests_total"])
-    failures = int(values["dstack_kms_attestation_failures_total"])
-    assert requests >= 1 and failures >= 1  # earlier tests were served and refused
+    def metrics() -> dict[str, int]:
+        with httpx.Client(base_url=env["kms"].url, verify=False, timeout=30) as c:
+            assert c.get("/health").text == "OK"
+            text = c.get("/metrics").text
+        pairs = (line.split() for line in text.splitlines() if not line.startswith("#"))
+        return {k: int(v) for k, v in pairs}
+
+    before = metrics()
+    async with PrpcClient(env["kms"].url, prefix="/prpc", verify_server=lambda c: None) as c:
+        with pytest.raises(RpcError):
+            await c.call("GetAppKey", pb.GetAppKeyRequest(api_version=1), pb.AppKeyResponse)
+    await get_app_keys(env["kms"].url, App().attest, VM_CONFIG)
+    after = metrics()
+    assert (
+        after["dstack_kms_attestation_requests_total"]
+        == before["dstack_kms_attestation_requests_total"] + 2
+    )
+    assert (
+        after["dstack_kms_attestation_failures_total"]
+        == before["dstack_kms_attestation_failures_total"] + 1
+    )

@@ -84,9 +84,10 @@ class KmsService:
     async def _caller_boot(
         self, ctx: CallContext, vm_config: str, *, boottime: bool = False
     ) -> BootInfo:
-        if ctx.peer_cert is None:
-            raise RpcError("No attestation provided")
         self.s.counters.attestation_requests += 1
+        if ctx.peer_cert is None:
+            self.s.counters.attestation_failures += 1
+            raise RpcError("No attestation provided")
         try:
             att = verify_cert_binding(ctx.peer_cert)
             return await self.s.checker.boot_info(att, vm_config=vm_config, boottime_mr=boottime)
