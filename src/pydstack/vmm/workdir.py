@@ -1,0 +1,201 @@
+"""a VM's directory on the host: `vm-manifest.json`, `vm-state.json` and the host share.
+
+`<run_path>/<vm-id>/` holds the manifest (what the VM is), the desired state (`{"started":
+bool}`), and `shared/` with the files the guest copies at boot (app-compose.json,
+.sys-config.json, .encrypted-env, .user-config, .instance_info). Writes are atomic (temp file +
+rename) so a crashed VMM never leaves half a file; `.removing` marks an interrupted removal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .compose import PortMapping
+
+MAX_MANIFEST = 1024 * 1024
+
+
+class WorkDirError(ValueError):
+    """a VM directory or manifest is malformed."""
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class VmManifest:
+    id: str
+    name: str
+    app_id: str
+    vcpu: int = 1
+    memory: int = 1024
+    disk_size: int = 20
+    image: str = ""
+    port_map: list[PortMapping] = field(default_factory=list)
+    created_at_ms: int = 0
+    kms_urls: list[str] = field(default_factory=list)
+    gateway_urls: list[str] = field(default_factory=list)
+    no_tee: bool = False
+    simulated_tee: str | None = None
+
+    def to_json(self) -> str:
+        obj = asdict(self)
+        obj["port_map"] = [
+            {"address": p.address, "protocol": p.protocol, "from": p.host_port, "to": p.vm_port}
+            for p in self.port_map
+        ]
+        return json.dumps(obj, indent=2)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> VmManifest:
+        if len(data) > MAX_MANIFEST:
+            raise WorkDirError("vm manifest too large")
+        try:
+            obj = json.loads(data)
+            if not isinstance(obj, dict):
+                raise WorkDirError("vm manifest must be a json object")
+            ports = [
+                PortMapping(
+                    p["protocol"], p.get("address", "127.0.0.1"), int(p["from"]), int(p["to"])
+                )
+                for p in obj.get("port_map", [])
+            ]
+            return cls(
+                id=str(obj["id"]),
+                name=str(obj["name"]),
+                app_id=str(obj["app_id"]),
+                vcpu=int(obj.get("vcpu", 1)),
+                memory=int(obj.get("memory", 1024)),
+                disk_size=int(obj.get("disk_size", 20)),
+                image=str(obj.get("image", "")),
+                port_map=ports,
+                created_at_ms=int(obj.get("created_at_ms", 0)),
+                kms_urls=[str(u) for u in obj.get("kms_urls", [])],
+                gateway_urls=[str(u) for u in obj.get("gateway_urls", [])],
+                no_tee=bool(obj.get("no_tee", False)),
+                simulated_tee=obj.get("simulated_tee"),
+            )
+        except WorkDirError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WorkDirError(f"invalid vm manifest: {e}") from e
+
+
+SHARED_FILES = (
+    "app-compose.json",
+    ".sys-config.json",
+    ".encrypted-env",
+    ".user-config",
+    ".instance_info",
+)
+
+
+class VmWorkDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def shared(self) -> Path:
+        return self.path / "shared"
+
+    @classmethod
+    def create(cls, run_path: Path, manifest: VmManifest, files: dict[str, bytes]) -> VmWorkDir:
+        """a new VM directory with its manifest and host share; nothing is left on failure."""
+        unknown = set(files) - set(SHARED_FILES)
+        if unknown:
+            raise WorkDirError(f"unknown host-share files: {', '.join(sorted(unknown))}")
+        final = run_path / manifest.id
+        if final.exists():
+            raise WorkDirError(f"vm {manifest.id} already exists")
+        staging = run_path / f".creating-{manifest.id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (staging / "shared").mkdir(parents=True)
+            wd = cls(staging)
+            manifest.created_at_ms = manifest.created_at_ms or int(time.time() * 1000)
+            wd.save_manifest(manifest)
+            wd.set_started(False)
+            for name, data in files.items():
+                secret = name in (".encrypted-env", ".user-config")
+                atomic_write(wd.shared / name, data, 0o600 if secret else 0o644)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(final)
+
+    def manifest(self) -> VmManifest:
+        return VmManifest.from_json((self.path / "vm-manifest.json").read_bytes())
+
+    def save_manifest(self, m: VmManifest) -> None:
+        atomic_write(self.path / "vm-manifest.json", m.to_json().encode())
+
+    def started(self) -> bool:
+        try:
+            return bool(json.loads((self.path / "vm-state.json").read_text()).get("started"))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def set_started(self, started: bool) -> None:
+        atomic_write(self.path / "vm-state.json", json.dumps({"started": started}).encode())
+
+    def write_shared(self, name: str, data: bytes) -> None:
+        if name not in SHARED_FILES:
+            raise WorkDirError(f"unknown host-share file {name}")
+        secret = name in (".encrypted-env", ".user-config")
+        atomic_write(self.shared / name, data, 0o600 if secret else 0o644)
+
+    def read_shared(self, name: str) -> bytes | None:
+        try:
+            return (self.shared / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self) -> None:
+        marker = self.path / ".removing"
+        marker.touch()
+        shutil.rmtree(self.path)
+
+    @staticmethod
+    def scan(run_path: Path) -> list[VmWorkDir]:
+        """the VM directories under run_path; finishes interrupted removals and creations."""
+        out: list[VmWorkDir] = []
+        if not run_path.is_dir():
+            return out
+        for entry in sorted(run_path.iterdir()):
+            if entry.name.startswith(".creating-") or (entry / ".removing").exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif (entry / "vm-manifest.json").is_file():
+                out.append(VmWorkDir(entry))
+        return out
+
+
+def new_vm_id() -> str:
+    return str(uuid.uuid4())
+
+
+def manifest_obj(m: VmManifest) -> dict[str, Any]:
+    obj: dict[str, Any] = json.loads(m.to_json())
+    return obj
