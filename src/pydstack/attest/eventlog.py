@@ -20,6 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydstack import jsonlimits
+
 from .errors import ParseError
 
 RUNTIME_EVENT_TYPE = 0x08000001
@@ -140,7 +142,7 @@ class RuntimeEvent:
     @classmethod
     def from_log_line(cls, line: str) -> RuntimeEvent:
         try:
-            obj = json.loads(line)
+            obj = jsonlimits.loads(line)
         except ValueError as e:
             raise ParseError(f"runtime event line is not json: {e}") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
@@ -335,7 +337,7 @@ def event_log_from_json(text: str | bytes) -> list[TdxEvent]:
     if len(text) > MAX_EVENT_LOG_JSON:
         raise ParseError("event log json too large")
     try:
-        obj = json.loads(text)
+        obj = jsonlimits.loads(text)
     except (ValueError, RecursionError) as e:
         raise ParseError(f"event log is not valid json: {e}") from e
     if not isinstance(obj, list):

@@ -20,6 +20,8 @@ from typing import Any
 import msgpack
 from Crypto.Hash import keccak
 
+from pydstack import jsonlimits
+
 from .attestation import Attestation
 from .errors import ParseError
 from .eventlog import RuntimeEvent, replay_runtime_events
@@ -118,13 +120,13 @@ def key_provider_info_json(name: str, provider_id: bytes) -> bytes:
 def os_image_hash_from_config(config: str) -> bytes:
     """os_image_hash of a vm_config (or of a whole sys-config carrying a nested vm_config)."""
     try:
-        obj = json.loads(config) if config else {}
+        obj = jsonlimits.loads(config) if config else {}
     except ValueError:
         return b""
     if isinstance(obj, dict) and "os_image_hash" not in obj and "vm_config" in obj:
         nested = obj["vm_config"]
         try:
-            obj = json.loads(nested) if isinstance(nested, str) else nested
+            obj = jsonlimits.loads(nested) if isinstance(nested, str) else nested
         except ValueError:
             return b""
     value = obj.get("os_image_hash", "") if isinstance(obj, dict) else ""

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from .attestation import Attestation, decode_versioned, from_quote_and_event_log
@@ -45,6 +47,9 @@ def wrap_extension_value(raw: bytes) -> bytes:
 
 
 def unwrap_extension_value(value: bytes) -> bytes:
+    """the content of a DER OCTET STRING that fills `value` exactly (strict DER lengths)."""
+    if len(value) > MAX_EXTENSION_SIZE + 8:
+        raise ParseError("ra-tls extension too large")
     if len(value) < 2 or value[0] != 0x04:
         raise ParseError("ra-tls extension is not an octet string")
     first = value[1]
@@ -55,16 +60,21 @@ def unwrap_extension_value(value: bytes) -> bytes:
         if n == 0 or n > 4 or len(value) < 2 + n:
             raise ParseError("ra-tls extension has an invalid length")
         length, start = int.from_bytes(value[2 : 2 + n], "big"), 2 + n
+        if length < 0x80 or value[2] == 0:
+            raise ParseError("ra-tls extension length is not minimally encoded")
     if start + length != len(value):
         raise ParseError("ra-tls extension length does not match its content")
     return value[start:]
 
 
 def get_extension_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes | None:
+    """the unwrapped content of a custom extension, None when absent."""
     try:
         ext = cert.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
         return None
+    except ValueError as e:  # duplicate or malformed standard extensions
+        raise ParseError(f"certificate extensions are malformed: {e}") from e
     value = ext.value
     raw = value.value if isinstance(value, x509.UnrecognizedExtension) else None
     if raw is None:
@@ -74,14 +84,21 @@ def get_extension_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> b
     return unwrap_extension_value(raw)
 
 
+def compress_ext_value(data: bytes) -> bytes:
+    """`ELGZv1` + gzip, the legacy compressed extension form."""
+    return GZIP_MAGIC + gzip.compress(data, compresslevel=9)
+
+
 def decompress_ext_value(data: bytes) -> bytes:
     """undo the legacy `ELGZv1` + gzip compression (16 KiB cap); other values pass through."""
     if not data.startswith(GZIP_MAGIC):
         return data
+    if len(data) == len(GZIP_MAGIC):
+        raise ParseError("compressed extension is corrupt: no gzip data")
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data[len(GZIP_MAGIC) :])) as f:
             out = f.read(MAX_DECOMPRESSED + 1)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise ParseError(f"compressed extension is corrupt: {e}") from e
     if len(out) > MAX_DECOMPRESSED:
         raise ParseError("compressed extension exceeds 16 KiB")
@@ -138,9 +155,12 @@ def verify_cert_binding(cert: x509.Certificate) -> Attestation:
     att = cert_attestation(cert)
     if att is None:
         raise VerifyError("certificate carries no attestation")
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    try:
+        spki = cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ParseError(f"certificate public key is unusable: {e}") from e
     expected = ratls_report_data(spki)
     if att.report_data != expected:
         raise VerifyError(

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pydstack.attest.errors import ParseError
+from pydstack.attest.errors import ParseError, VerifyError
 from pydstack.attest.scale import Reader, Writer
 
 CONFIRM = "please sign cert:"
+#: upstream caps the attestation at 10 MiB; the rest of a request is small
+MAX_CSR_SIZE = 10 * 1024 * 1024 + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,14 @@ class CertSigningRequestV2:
     attestation: bytes
 
     def encode(self) -> bytes:
+        """the SCALE bytes (what is signed and sent as `SignCertRequest.csr`)."""
+        c = self.config
+        for t in (c.not_before, c.not_after):
+            if t is not None and not 0 <= t < 1 << 64:
+                raise ValueError("csr validity times are u64 unix seconds")
         w = Writer()
         w.write_str(self.confirm)
         w.write_bytes(self.pubkey)
-        c = self.config
         w.write_option(c.org_name, w.write_str)
         w.write_str(c.subject)
         w.write_compact(len(c.subject_alt_names))
@@ -61,7 +67,7 @@ class CertSigningRequestV2:
 
     @classmethod
     def decode(cls, data: bytes) -> CertSigningRequestV2:
-        if len(data) > 16 * 1024 * 1024:
+        if len(data) > MAX_CSR_SIZE:
             raise ParseError("csr too large")
         r = Reader(data)
         confirm = r.read_str()
@@ -80,19 +86,25 @@ class CertSigningRequestV2:
         return cls(confirm, pubkey, config, r.take(r.remaining))
 
     def sign(self, key: ec.EllipticCurvePrivateKey) -> bytes:
+        """ECDSA P-256 SHA-256 (DER) over the SCALE bytes, as the CSR key signs them."""
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("csr keys are p-256")
         return key.sign(self.encode(), ec.ECDSA(hashes.SHA256()))
 
     def verify(self, signature: bytes) -> None:
-        """raise ValueError unless `signature` by `pubkey` covers this request."""
+        """raise unless `signature` by `pubkey` covers this request and its confirm word is
+        upstream's (ParseError for an unusable key, VerifyError for a bad signature)."""
         try:
             pub = serialization.load_der_public_key(self.pubkey)
-        except ValueError as e:
-            raise ValueError(f"csr public key is invalid: {e}") from e
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
-            raise ValueError("csr public key must be an ec key")
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise ParseError(f"csr public key is invalid: {e}") from e
+        if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(
+            pub.curve, ec.SECP256R1
+        ):
+            raise ParseError("csr public key must be a p-256 key")
         try:
             pub.verify(signature, self.encode(), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature as e:
-            raise ValueError("csr signature is invalid") from e
+            raise VerifyError("csr signature is invalid") from e
         if self.confirm != CONFIRM:
-            raise ValueError("csr confirm string is wrong")
+            raise VerifyError("csr confirm word is wrong")

@@ -7,6 +7,7 @@ import hashlib
 
 from coincurve import PrivateKey, PublicKey
 from Crypto.Hash import keccak
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import ed25519
 from .kdf import derive_key
@@ -15,6 +16,7 @@ SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD036
 
 
 def keccak256(data: bytes) -> bytes:
+    """the original Keccak-256 (Ethereum's), not SHA3-256."""
     return bytes(keccak.new(digest_bits=256, data=data).digest())
 
 
@@ -96,25 +98,21 @@ def verify_ecdsa(
         raise ValueError("invalid signature")
     if s > SECP256K1_ORDER // 2:
         return False
-    return bool(pub.verify(_der_from_rs(r, s), digest, hasher=None))
-
-
-def _der_from_rs(r: int, s: int) -> bytes:
-    def integer(v: int) -> bytes:
-        raw = v.to_bytes((v.bit_length() + 8) // 8, "big")
-        return b"\x02" + bytes([len(raw)]) + raw
-
-    body = integer(r) + integer(s)
-    return b"\x30" + bytes([len(body)]) + body
+    return bool(pub.verify(encode_dss_signature(r, s), digest, hasher=None))
 
 
 def get_key_chain(
-    app_k256_key: bytes, path: str, purpose: str, algorithm: str, k256_signature: bytes
+    app_k256_key: bytes,
+    path: str,
+    purpose: str,
+    algorithm: str,
+    k256_signature: bytes,
 ) -> tuple[bytes, list[bytes]]:
     """GetKey: the derived key and [app signature, KMS signature].
 
     key = HKDF(app key, path); the app key signs keccak256(purpose ":" hex(derived public key))
-    where the public key is compressed secp256k1 or raw ed25519.
+    where the public key is compressed secp256k1 or raw ed25519 (`algorithm` "secp256k1" or
+    "ed25519"; callers map upstream's aliases first).
     """
     key = derive_key(app_k256_key, [path.encode()], 32)
     if algorithm == "ed25519":
@@ -122,6 +120,6 @@ def get_key_chain(
     elif algorithm == "secp256k1":
         pub = compressed_pubkey(key)
     else:
-        raise ValueError("Unsupported algorithm")
+        raise ValueError(f"unsupported algorithm {algorithm[:32]!r}")
     app_sig = sign_recoverable(app_k256_key, keccak256(f"{purpose}:{pub.hex()}".encode()))
     return key, [app_sig, k256_signature]

@@ -2,8 +2,9 @@
 
 * derive_key(ikm, context, n): HKDF-SHA256(salt=b"RATLS", ikm, info=concat(context), L=n)
 * derive_p256_key(parent, context): the HKDF output (32 bytes) used as a P-256 scalar
-* derive_dh_secret(parent, context): sha256 of the derived key's 135-byte PKCS#8 DER
-  (ECPrivateKey with the public key and no parameters field) — a compatibility contract.
+* derive_dh_secret(parent, context): sha256 of the derived key's PKCS#8 DER (138 bytes: a
+  135-byte SEQUENCE whose ECPrivateKey has the public key and no [0] parameters field), the
+  p256 crate's form — a compatibility contract (deployed disk and env keys depend on it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ _PKCS8_PUBKEY_TAG = bytes.fromhex("a144034200")
 
 
 def derive_key(ikm: bytes, context: Sequence[bytes], length: int = 32) -> bytes:
+    """HKDF-SHA256(salt "RATLS", ikm, info = the context parts concatenated), `length` bytes."""
+    if not 1 <= length <= 255 * 32:
+        raise ValueError("hkdf-sha256 output length must be within 1..8160")
     hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=SALT, info=b"".join(context))
     return hkdf.derive(ikm)
 
@@ -50,7 +54,10 @@ def derive_p256_key(
 
 
 def p256_pkcs8_der(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """the 135-byte PKCS#8 form upstream hashes (no ECPrivateKey parameters field)."""
+    """the 138-byte PKCS#8 DER upstream hashes (ECPrivateKey without its parameters field).
+
+    Built here byte by byte so the bytes never depend on how the linked OpenSSL chooses to
+    write PKCS#8 (whether the inner ECPrivateKey repeats the curve parameters)."""
     point = key.public_key().public_numbers()
     pub = b"\x04" + point.x.to_bytes(32, "big") + point.y.to_bytes(32, "big")
     return _PKCS8_PREFIX + p256_scalar(key) + _PKCS8_PUBKEY_TAG + pub

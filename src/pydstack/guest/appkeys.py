@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydstack import jsonlimits
+
 MAX_APPKEYS_SIZE = 256 * 1024
 KEY_PROVIDER_KINDS = ("None", "Local", "Tpm", "Kms")
 
@@ -57,7 +59,7 @@ class AppKeys:
         if len(data) > MAX_APPKEYS_SIZE:
             raise AppKeysError(f"appkeys document too large ({len(data)} bytes)")
         try:
-            obj = json.loads(data)
+            obj = jsonlimits.loads(data)
         except ValueError as e:
             raise AppKeysError(f"appkeys is not valid json: {e}") from e
         if not isinstance(obj, dict):

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydstack import jsonlimits
 from pydstack.attest.attestation import Attestation, stripped, to_versioned_bytes
 from pydstack.attest.report_data import ratls_report_data
 from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, spki_der
@@ -183,7 +184,7 @@ class Booter:
         copy_host_share(self.host_shared, self.shared)
         compose_raw = (self.shared / "app-compose.json").read_bytes()
         try:
-            compose = json.loads(compose_raw)
+            compose = jsonlimits.loads(compose_raw)
         except ValueError as e:
             raise BootError(f"app-compose.json is not valid json: {e}") from e
         if not isinstance(compose, dict):

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydstack import jsonlimits
+
 MAX_INSTANCE_INFO_SIZE = 64 * 1024
 
 
@@ -32,7 +34,7 @@ class InstanceInfo:
         if not data or not str(data).strip():
             return cls()
         try:
-            obj = json.loads(data)
+            obj = jsonlimits.loads(data)
         except ValueError as e:
             raise InstanceInfoError(f"instance info is not valid json: {e}") from e
         if not isinstance(obj, dict):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydstack import jsonlimits
+
 MAX_SYS_CONFIG_SIZE = 1024 * 1024
 
 
@@ -29,7 +31,7 @@ class SysConfig:
         if len(data) > MAX_SYS_CONFIG_SIZE:
             raise SysConfigError(f"sys-config too large ({len(data)} bytes)")
         try:
-            obj = json.loads(data)
+            obj = jsonlimits.loads(data)
         except ValueError as e:
             raise SysConfigError(f"sys-config is not valid json: {e}") from e
         if not isinstance(obj, dict):
@@ -74,7 +76,7 @@ class SysConfig:
     def vm_config_obj(self) -> dict[str, Any]:
         """vm_config parsed (empty when absent or not an object)."""
         try:
-            obj = json.loads(self.vm_config) if self.vm_config else {}
+            obj = jsonlimits.loads(self.vm_config) if self.vm_config else {}
         except ValueError:
             return {}
         return obj if isinstance(obj, dict) else {}

@@ -8,9 +8,9 @@ it goes to the authorization backend, which decides.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from pydstack import jsonlimits
 from pydstack.attest.attestation import Attestation
 from pydstack.attest.errors import AttestError, VerifyError
 from pydstack.attest.eventlog import replay_runtime_events
@@ -68,7 +68,7 @@ class AttestationChecker:
             os_image = app.os_image_hash
         if vm_config:
             try:
-                json.loads(vm_config)
+                jsonlimits.loads(vm_config)
             except ValueError as e:
                 raise VerifyError(f"vm_config is not valid json: {e}") from e
         return BootInfo(

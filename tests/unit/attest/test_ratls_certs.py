@@ -41,7 +41,7 @@ def _attestation(tdx: SimulatedTdx, report_data: bytes) -> bytes:
     return to_versioned_bytes(att)
 
 
-def test_roundtrip_and_binding(tdx):
+def test_roundtrip_and_binding(tdx: SimulatedTdx) -> None:
     ca_key = generate_p256_key()
     ca = issue_cert(
         CertRequest("Test CA", org_name="Dstack", ca_level=0), ca_key.public_key(), ca_key
@@ -75,7 +75,7 @@ def test_roundtrip_and_binding(tdx):
     assert cert.issuer == ca.subject
 
 
-def test_unbound_certificate_refused(tdx):
+def test_unbound_certificate_refused(tdx: SimulatedTdx) -> None:
     key, other = generate_p256_key(), generate_p256_key()
     wrong = ratls_report_data(spki_der(other.public_key()))
     cert = issue_cert(CertRequest("x", attestation=_attestation(tdx, wrong)), key.public_key(), key)
@@ -94,7 +94,7 @@ def test_unbound_certificate_refused(tdx):
         verify_cert_binding(plain)
 
 
-def test_extension_wrapping_bounds():
+def test_extension_wrapping_bounds() -> None:
     assert unwrap_extension_value(wrap_extension_value(b"x" * 300)) == b"x" * 300
     for bad in (b"", b"\x05\x01a", b"\x04\x05ab", b"\x04\x85\x00\x00\x00\x00\x01a"):
         with pytest.raises(ParseError):
