@@ -34,6 +34,7 @@ from .sysconfig import SysConfig
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str, str], Awaitable[None]]
+Storage = Callable[[bytes], Awaitable[None]]
 
 #: host-share files and their size caps (upstream's)
 SHARED_FILES = {
@@ -169,9 +170,10 @@ class Booter:
         )
         return to_versioned_bytes(stripped(att))
 
-    async def run(self, *, storage_fs: str = "none") -> BootResult:
+    async def run(self, *, storage_fs: str = "none", storage: Storage | None = None) -> BootResult:
+        """boot; `storage(disk_crypt_key)` sets up the data disk after the keys are measured."""
         try:
-            return await self._run(storage_fs)
+            return await self._run(storage_fs, storage)
         except Exception as e:
             message = str(e) or type(e).__name__
             log.error("boot failed: %s", message)
@@ -180,7 +182,7 @@ class Booter:
                 raise
             raise BootError(message) from e
 
-    async def _run(self, storage_fs: str) -> BootResult:
+    async def _run(self, storage_fs: str, storage: Storage | None) -> BootResult:
         copy_host_share(self.host_shared, self.shared)
         compose_raw = (self.shared / "app-compose.json").read_bytes()
         try:
@@ -239,6 +241,8 @@ class Booter:
             storage_fs=storage_fs,
             os_image_hash=os_image,
         )
+        if storage is not None:
+            await storage(keys.disk_crypt_key)
         await self.notify("instance.info", identity.instance_info.to_json())
         await self.notify("boot.progress", "data disk ready")
         result = BootResult(keys, identity)

@@ -1,0 +1,489 @@
+"""the CVM "operating system" of the sandbox backend: PID 1 of a sandboxed CVM.
+
+Started by the VMM's launcher inside fresh network, mount and PID namespaces
+(`python -m pydstack.guest.sandbox --workdir WD`), it plays the part of the guest image:
+
+1. makes the CVM's private filesystem view: tmpfs on /run and /tmp, the host share bind-mounted
+   read-only at /run/dstack/host-shared, the host-API and guest-API socket directories;
+2. brings up a simulated TD from `.tee-simulator.json` (mock Intel PKI seed, MRCONFIGID v1 over
+   the compose hash) and runs the common boot flow (:mod:`pydstack.guest.boot`): RTMR3
+   measurement, keys from the KMS over RA-TLS, env decryption filtered by allowed_envs;
+3. opens the persistent storage: a gocryptfs volume keyed by the KMS disk key (FUSE, since the
+   host has no dm-crypt), created on first boot and reopened afterwards;
+4. serves the guest agent on /var/run/dstack.sock and /var/run/tappd.sock and the guest API
+   for the VMM, then runs the docker-compose app with podman;
+5. reports every step to the VMM over the host API; on failure reports boot.error and exits.
+
+SIGTERM or the guest API's Shutdown stop the containers and end the CVM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.empty_pb2 import Empty
+
+from pydstack import __version__, jsonlimits
+from pydstack.attest.identity import mr_config_id_v1
+from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.proto import guest_api_pb2 as gpb
+from pydstack.rpc.proto import host_api_pb2 as hpb
+from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.tee.simulated import SimulatedTdx
+
+from .boot import Booter, BootError, BootResult, key_provider_of
+from .compose_runner import ComposeError, ComposeProject, PodmanCompose
+from .core import GuestCore
+from .service import guest_service, tappd_service
+from .signer import LocalCertSigner
+from .sysconfig import SysConfig
+
+log = logging.getLogger("dstack-guest")
+
+RUN = Path("/run")
+DSTACK = RUN / "dstack"
+HOST_SHARED = DSTACK / "host-shared"
+HOST_API = DSTACK / "host-api"
+GUEST_API = DSTACK / "guest-api"
+WORK = DSTACK / "work"
+PERSISTENT = DSTACK / "persistent"
+VM = DSTACK / "vm"
+MAX_SIM_CONFIG = 64 * 1024
+
+
+def sh(*args: str, stdin: bytes | None = None) -> None:
+    """run a command; its output goes to a file, so a daemon it leaves behind cannot block us."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.run(args, input=stdin, stdout=out, stderr=out, check=False)
+        if proc.returncode != 0:
+            out.seek(0)
+            err = out.read(1 << 20).decode(errors="replace").strip()
+            raise BootError(f"{args[0]} failed: {err[-1000:]}")
+
+
+def setup_mounts(wd: Path) -> Path:
+    """the CVM's own /run and /tmp, with the host share read-only (private mount namespace).
+
+    Returns where the VM directory is visible afterwards (it may live under /run or /tmp, so it
+    is held open across the tmpfs mounts and bind-mounted back at /run/dstack/vm).
+    """
+    fd = os.open(wd, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sh("mount", "--make-rprivate", "/")
+        sh("mount", "-t", "tmpfs", "-o", "mode=755,nosuid,nodev", "tmpfs", str(RUN))
+        VM.mkdir(parents=True)
+        sh("mount", "--bind", f"/proc/{os.getpid()}/fd/{fd}", str(VM))
+    finally:
+        os.close(fd)
+    sh("mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/tmp")
+    for d in (HOST_SHARED, HOST_API, GUEST_API, WORK, PERSISTENT):
+        d.mkdir(parents=True, exist_ok=True)
+    sh("mount", "--bind", str(VM / "shared"), str(HOST_SHARED))
+    sh("mount", "-o", "remount,bind,ro", str(HOST_SHARED))
+    sh("mount", "--bind", str(VM / "host-api"), str(HOST_API))
+    sh("mount", "--bind", str(VM / "guest-api"), str(GUEST_API))
+    sh("ip", "link", "set", "lo", "up")
+    return VM
+
+
+class HostApi:
+    """the VMM's host API over the socket the VMM serves for this CVM; failures are logged."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.client = PrpcClient(str(socket_path), prefix="/api", timeout=30)
+
+    async def notify(self, event: str, payload: str) -> None:
+        print(f"[{event}] {payload}", flush=True)
+        try:
+            await self.client.call("Notify", hpb.Notification(event=event, payload=payload), Empty)
+        except Exception as e:
+            log.warning("cannot notify the host (%s): %s", event, e)
+
+
+def simulated_td(shared: Path, compose_raw: bytes) -> SimulatedTdx:
+    path = shared / ".tee-simulator.json"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SIM_CONFIG + 1)
+        if len(raw) > MAX_SIM_CONFIG:
+            raise BootError(".tee-simulator.json is too large")
+        conf = jsonlimits.loads(raw)
+        seed = bytes.fromhex(str(conf["mock_attestation_seed"]))
+        os_image = str(conf.get("os_image", "pydstack-sandbox"))
+    except FileNotFoundError:
+        raise BootError("no TEE: the host share has no .tee-simulator.json") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise BootError(f"invalid .tee-simulator.json: {e}") from e
+    if len(seed) != 32:
+        raise BootError("the mock attestation seed must be 32 bytes")
+    compose_hash = hashlib.sha256(compose_raw).digest()
+    return SimulatedTdx(seed, os_image=os_image, mr_config_id=mr_config_id_v1(compose_hash))
+
+
+class Storage:
+    """gocryptfs over `<wd>/data`, mounted at /run/dstack/persistent, keyed by the disk key."""
+
+    def __init__(self, wd: Path, notify: HostApi, scrypt_n: int, ephemeral: bool) -> None:
+        self.cipher = wd / "data"
+        self.notify = notify
+        self.scrypt_n = scrypt_n
+        self.ephemeral = ephemeral  # key provider none: new keys every boot, so a new disk
+
+    async def __call__(self, disk_key: bytes) -> None:
+        if not disk_key:
+            raise BootError("the key provider gave no disk key")
+        password = disk_key.hex().encode()
+        self.cipher.mkdir(mode=0o700, exist_ok=True)
+        if self.ephemeral or not (self.cipher / "gocryptfs.conf").exists():
+            await self.notify.notify("boot.progress", "initializing data disk")
+            for leftover in self.cipher.iterdir():  # a half-initialized disk from a crash
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
+            await asyncio.to_thread(
+                sh,
+                "gocryptfs",
+                "-init",
+                "-q",
+                "-nosyslog",
+                "-scryptn",
+                str(self.scrypt_n),
+                "-passfile",
+                "/dev/stdin",
+                str(self.cipher),
+                stdin=password,
+            )
+        else:
+            await self.notify.notify("boot.progress", "mounting data disk")
+        try:
+            await asyncio.to_thread(
+                sh,
+                "gocryptfs",
+                "-q",
+                "-nosyslog",
+                "-passfile",
+                "/dev/stdin",
+                str(self.cipher),
+                str(PERSISTENT),
+                stdin=password,
+            )
+        except BootError as e:
+            if "Password incorrect" in str(e):
+                raise BootError(
+                    "cannot open the data disk: the disk key does not match (another app or kms?)"
+                ) from None
+            raise
+
+
+def _mem_info() -> dict[str, int]:
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+class GuestApi:
+    """what the VMM may ask the CVM (upstream guest_api: Info, SysInfo, NetworkInfo, ...)."""
+
+    def __init__(self, core: GuestCore, compose: PodmanCompose | None, stop: asyncio.Event) -> None:
+        self.core = core
+        self.compose = compose
+        self.stop = stop
+        self.shutdown_requested = False
+        self.started = time.time()
+
+    async def Info(self, _: Empty, ctx: CallContext) -> gpb.GuestInfo:
+        info = await asyncio.to_thread(self.core.info, external=True)
+        return gpb.GuestInfo(
+            version=__version__,
+            app_id=info.app_id,
+            instance_id=info.instance_id,
+            app_cert=info.app_cert,
+            tcb_info=info.tcb_info,
+            device_id=info.device_id,
+        )
+
+    async def SysInfo(self, _: Empty, ctx: CallContext) -> gpb.SystemInfo:
+        mem = _mem_info()
+        load = os.getloadavg()
+        disks = []
+        for name, mount in (("rootfs", "/"), ("data", str(PERSISTENT))):
+            with contextlib.suppress(OSError):
+                st = os.statvfs(mount)
+                disks.append(
+                    gpb.DiskInfo(
+                        name=name,
+                        mount_point=mount,
+                        total_size=st.f_blocks * st.f_frsize,
+                        free_size=st.f_bavail * st.f_frsize,
+                    )
+                )
+        total, avail = mem.get("MemTotal", 0), mem.get("MemAvailable", 0)
+        return gpb.SystemInfo(
+            os_name="pydstack-sandbox",
+            os_version=__version__,
+            kernel_version=platform.release(),
+            cpu_model=platform.processor() or platform.machine(),
+            num_cpus=os.cpu_count() or 1,
+            total_memory=total,
+            available_memory=avail,
+            used_memory=total - avail,
+            free_memory=mem.get("MemFree", 0),
+            total_swap=mem.get("SwapTotal", 0),
+            free_swap=mem.get("SwapFree", 0),
+            used_swap=mem.get("SwapTotal", 0) - mem.get("SwapFree", 0),
+            uptime=int(time.time() - self.started),
+            loadavg_one=int(load[0] * 100),
+            loadavg_five=int(load[1] * 100),
+            loadavg_fifteen=int(load[2] * 100),
+            disks=disks,
+        )
+
+    async def NetworkInfo(self, req: Empty, ctx: CallContext) -> gpb.NetworkInformation:
+        out = gpb.NetworkInformation()
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "-j", "addr", stdout=asyncio.subprocess.PIPE
+        )
+        text, _err = await proc.communicate()
+        with contextlib.suppress(ValueError):
+            for link in json.loads(text or b"[]"):
+                iface = gpb.Interface(name=str(link.get("ifname", "")))
+                for a in link.get("addr_info", []):
+                    iface.addresses.append(
+                        gpb.IpAddress(address=str(a.get("local")), prefix=int(a.get("prefixlen")))
+                    )
+                stats = Path(f"/sys/class/net/{iface.name}/statistics")
+                for f in ("rx_bytes", "tx_bytes", "rx_errors", "tx_errors"):
+                    with contextlib.suppress(OSError, ValueError):
+                        setattr(iface, f, int((stats / f).read_text()))
+                out.interfaces.append(iface)
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "-j", "route", "show", "default", stdout=asyncio.subprocess.PIPE
+        )
+        text, _err = await proc.communicate()
+        with contextlib.suppress(ValueError):
+            for r in json.loads(text or b"[]"):
+                if r.get("gateway"):
+                    out.gateways.append(gpb.Gateway(address=str(r["gateway"])))
+        return out
+
+    async def ListContainers(self, _: Empty, ctx: CallContext) -> gpb.ListContainersResponse:
+        out = gpb.ListContainersResponse()
+        if self.compose is None:
+            return out
+        for c in await self.compose.ps():
+            out.containers.append(
+                gpb.Container(
+                    id=str(c.get("Id", "")),
+                    names=[str(n) for n in c.get("Names", [])],
+                    image=str(c.get("Image", "")),
+                    image_id=str(c.get("ImageID", "")),
+                    created=int(c.get("Created", 0) or 0),
+                    state=str(c.get("State", "")),
+                    status=str(c.get("Status", "")),
+                )
+            )
+        return out
+
+    async def Shutdown(self, _: Empty, ctx: CallContext) -> Empty:
+        self.shutdown_requested = True
+        self.stop.set()
+        return Empty()
+
+
+GUEST_API_SERVICE = gpb.DESCRIPTOR.services_by_name["GuestApi"]
+
+
+def storage_conf(wd: Path) -> Path:
+    """podman storage private to this CVM (wiped each boot), host images read-only."""
+    graph = wd / "containers"
+    if graph.exists():
+        subprocess.run(["umount", "-R", "-l", str(graph)], capture_output=True, check=False)
+        shutil.rmtree(graph, ignore_errors=True)
+    graph.mkdir(mode=0o700)
+    conf = DSTACK / "storage.conf"
+    host_store = os.environ.get("DSTACK_HOST_IMAGE_STORE", "/var/lib/containers/storage")
+    conf.write_text(
+        "[storage]\n"
+        'driver = "overlay"\n'
+        f'graphroot = "{graph}"\n'
+        f'runroot = "{RUN / "containers"}"\n'
+        "[storage.options]\n"
+        f'additionalimagestores = ["{host_store}"]\n'
+    )
+    return conf
+
+
+async def boot_and_run(wd: Path, scrypt_n: int) -> int:
+    try:
+        wd = setup_mounts(wd)
+    except (BootError, OSError) as e:
+        log.error("cannot set up the cvm's filesystem: %s", e)
+        return 1
+    host = HostApi(HOST_API / "api.sock")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    servers: list[PrpcServer] = []
+    compose: PodmanCompose | None = None
+    api: GuestApi | None = None
+    reported = False
+    try:
+        try:
+            compose_raw = (HOST_SHARED / "app-compose.json").read_bytes()
+        except OSError as e:
+            raise BootError(f"cannot read app-compose.json: {e.strerror}") from e
+        tdx = simulated_td(HOST_SHARED, compose_raw)
+        booter = Booter(tdx, HOST_SHARED, WORK, host.notify)
+        try:
+            result: BootResult = await booter.run(
+                storage_fs="gocryptfs",
+                storage=Storage(
+                    wd, host, scrypt_n, key_provider_of(_json_obj(compose_raw)) == "none"
+                ),
+            )
+        except BootError:
+            reported = True  # the boot flow reported it already
+            raise
+        compose_raw = (WORK / ".host-shared" / "app-compose.json").read_bytes()
+        sys_config = SysConfig.load(WORK / ".host-shared" / ".sys-config.json")
+        core = GuestCore(tdx, result.keys, compose_raw, sys_config, LocalCertSigner(result.keys))
+        info = core.info(external=False)
+        print(
+            json.dumps(
+                {
+                    "app_id": info.app_id.hex(),
+                    "instance_id": info.instance_id.hex(),
+                    "compose_hash": info.compose_hash.hex(),
+                    "device_id": info.device_id.hex(),
+                }
+            ),
+            flush=True,
+        )
+        headers = {"X-App-Version": __version__}
+        for svc, sock in (
+            (guest_service(core), "dstack.sock"),
+            (tappd_service(core), "tappd.sock"),
+        ):
+            server = PrpcServer(response_headers=headers)
+            server.mount(svc)
+            await server.listen_unix(RUN / sock)
+            servers.append(server)
+        app = json.loads(compose_raw)
+        await host.notify("boot.progress", "setting up docker")
+        envs = dict(result.envs)
+        project = ComposeProject.parse(
+            str(app.get("docker_compose_file", "")), _project_name(app), envs
+        )
+        (PERSISTENT / "volumes").mkdir(exist_ok=True)
+        compose = PodmanCompose(
+            project, storage_conf=storage_conf(wd), volumes_dir=PERSISTENT / "volumes"
+        )
+        api = GuestApi(core, compose, stop)
+        gserver = PrpcServer(response_headers=headers)
+        gserver.mount(PrpcService(GUEST_API_SERVICE, api, prefix="/api"))
+        await gserver.listen_unix(GUEST_API / "api.sock", mode=0o600)
+        servers.append(gserver)
+        await host.notify("boot.progress", "starting containers")
+        os.chdir(WORK)
+        try:
+            await compose.up()
+        except ComposeError as e:
+            raise BootError(f"failed to start containers: {e}") from e
+        await host.notify("boot.progress", "done")
+        await stop.wait()
+        if api.shutdown_requested:
+            await host.notify("shutdown.progress", "stopping containers")
+        await compose.down()
+        if api.shutdown_requested:
+            await host.notify("shutdown.progress", "powering off")
+        return 0
+    except (BootError, ComposeError, RpcError) as e:
+        if not reported:
+            await host.notify("boot.error", str(e))
+        log.error("boot failed: %s", e)
+        if compose is not None:
+            await compose.down(timeout=2)
+        return 1
+    finally:
+        for s in servers:
+            await s.close()
+        await host.client.close()
+        subprocess.run(["fusermount3", "-u", "-z", str(PERSISTENT)], capture_output=True)
+
+
+def _json_obj(raw: bytes) -> dict[str, object]:
+    try:
+        obj = jsonlimits.loads(raw)
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _project_name(app: dict[str, Any]) -> str:
+    raw = str(app.get("name") or "app").lower()
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in raw).strip("-_")
+    return name[:40] or "app"
+
+
+def init(argv: list[str]) -> int:
+    """PID 1 of the CVM: run the guest as PID 2, reap orphans, pass SIGTERM/SIGINT on."""
+    child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.sandbox", *argv, "--child"])
+
+    def forward(sig: int, _: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        except InterruptedError:
+            continue
+        if pid == child.pid:
+            return os.waitstatus_to_exitcode(status) & 0xFF
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="pydstack-sandbox-guest")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--scrypt-n", type=int, default=10)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if os.getpid() == 1 and not args.child:
+        return init(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    log.info("pydstack sandbox guest %s on %s booting", __version__, socket.gethostname())
+    return asyncio.run(boot_and_run(args.workdir.resolve(), args.scrypt_n))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

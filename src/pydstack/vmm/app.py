@@ -1,0 +1,863 @@
+"""the VMM's state and CVM lifecycle (create, start, stop, shutdown, update, remove, reload).
+
+There is no database: each VM is its directory under `run_path` (manifest, desired state, host
+share). A running CVM is a sandbox launcher process in its own session, found again after a VMM
+restart through `launcher.pid` and its command line. VMs whose desired state is started but whose
+process is gone are restarted with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf.empty_pb2 import Empty
+
+from pydstack import __version__, jsonlimits
+from pydstack.guest.compose_runner import ComposeError, ComposeProject
+from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.proto import host_api_pb2 as hpb
+from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+
+from . import sandbox
+from .compose import PortMapping
+from .config import VmmConfig
+from .runtime import VmRuntime
+from .workdir import VmManifest, VmWorkDir, WorkDirError, atomic_write, new_vm_id
+
+log = logging.getLogger("dstack-vmm")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9\-_. @~!$^()]{1,64}$")
+SANDBOX_IMAGE = "pydstack-sandbox"
+HOST_API_URL = "unix:/run/dstack/host-api/api.sock"
+MAX_COMPOSE = 50 * 1024 * 1024
+MAX_ENV = 256 * 1024
+MAX_USER_CONFIG = 1024 * 1024
+HOST_API = hpb.DESCRIPTOR.services_by_name["HostApi"]
+
+
+class _AnyEnv(Mapping[str, str]):
+    """every variable set, so a compose file can be checked before its env is known."""
+
+    def __getitem__(self, key: str) -> str:
+        return "0"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def humantime(seconds: float) -> str:
+    s = int(max(0, seconds))
+    parts = []
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            parts.append(f"{s // n}{unit}")
+            s %= n
+    if s or not parts:
+        parts.append(f"{s}s")
+    return " ".join(parts)
+
+
+def validate_app_compose(text: str) -> dict[str, Any]:
+    """the app-compose must be a json object whose docker-compose file can be run."""
+    if len(text.encode()) > MAX_COMPOSE:
+        raise RpcError("compose file too large")
+    try:
+        doc = jsonlimits.loads(text)
+    except ValueError as e:
+        raise RpcError(f"invalid app compose: not valid json: {e}") from None
+    if not isinstance(doc, dict):
+        raise RpcError("invalid app compose: must be a json object")
+    if not isinstance(doc.get("name", ""), str):
+        raise RpcError("invalid app compose: name must be a string")
+    runner = doc.get("runner", "docker-compose")
+    if runner != "docker-compose":
+        raise RpcError(f"invalid app compose: runner {runner!r} is not supported by the sandbox")
+    dc = doc.get("docker_compose_file")
+    if not isinstance(dc, str):
+        raise RpcError("invalid app compose: docker_compose_file must be a string")
+    try:
+        ComposeProject.parse(dc, "check", _AnyEnv())
+    except (ComposeError, yaml.YAMLError) as e:
+        raise RpcError(f"invalid docker compose: {e}") from None
+    return doc
+
+
+@dataclass
+class Image:
+    name: str
+    path: Path
+    metadata: dict[str, Any]
+    digest: str
+
+    @property
+    def version(self) -> str:
+        return str(self.metadata.get("version", ""))
+
+
+def ensure_sandbox_image(image_path: Path) -> None:
+    """the built-in guest image of the sandbox backend (the guest OS is pydstack itself)."""
+    d = image_path / SANDBOX_IMAGE
+    meta = {"version": __version__, "is_dev": True, "kind": "sandbox", "shared_ro": True}
+    digest = hashlib.sha256(f"pydstack-sandbox {__version__}".encode()).hexdigest()
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
+        atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())
+        atomic_write(d / "digest.txt", digest.encode())
+
+
+def load_images(image_path: Path) -> dict[str, Image]:
+    out: dict[str, Image] = {}
+    if not image_path.is_dir():
+        return out
+    for d in sorted(image_path.iterdir()):
+        try:
+            meta = json.loads((d / "metadata.json").read_text())
+            digest = (d / "digest.txt").read_text().strip()
+            if not isinstance(meta, dict) or meta.get("kind") != "sandbox":
+                continue  # a QEMU guest image: this backend cannot boot it
+            out[d.name] = Image(d.name, d, meta, digest)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@dataclass
+class Vm:
+    workdir: VmWorkDir
+    manifest: VmManifest
+    runtime: VmRuntime
+    ip_index: int
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int = 0
+    started_at: float = 0.0
+    exited_at: float = 0.0
+    removing: bool = False
+    restart_attempts: int = 0
+    next_restart: float = 0.0
+    host_api: PrpcServer | None = None
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    @property
+    def spec_path(self) -> Path:
+        return self.workdir.path / "launch.json"
+
+    def is_running(self) -> bool:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                return True
+            self.proc = None
+            self.exited_at = self.exited_at or time.time()
+            return False
+        if self.pid and _pid_is_launcher(self.pid, self.spec_path):
+            return True
+        if self.pid:
+            self.pid = 0
+            self.exited_at = self.exited_at or time.time()
+        return False
+
+
+def _pid_is_launcher(pid: int, spec: Path) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return str(spec).encode() in cmd and b"pydstack.vmm.sandbox" in cmd
+
+
+class HostApiImpl:
+    """the host API one CVM sees (its socket identifies it, as the vsock CID does upstream)."""
+
+    def __init__(self, app: VmmApp, vm: Vm) -> None:
+        self.app = app
+        self.vm = vm
+
+    async def Info(self, _: Empty, ctx: CallContext) -> hpb.HostInfo:
+        return hpb.HostInfo(name="dstack VMM", version=__version__)
+
+    async def Notify(self, req: hpb.Notification, ctx: CallContext) -> Empty:
+        self.vm.runtime.notify(req.event, req.payload)
+        self.app.save_runtime(self.vm)
+        return Empty()
+
+    async def GetSealingKey(
+        self, req: hpb.GetSealingKeyRequest, ctx: CallContext
+    ) -> hpb.GetSealingKeyResponse:
+        raise RpcError("no local key provider on this host (use the kms key provider)")
+
+
+class VmmApp:
+    def __init__(self, config: VmmConfig) -> None:
+        self.config = config
+        self.vms: dict[str, Vm] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._restart_task: asyncio.Task[None] | None = None
+        self.seed = b""
+
+    # ------------------------------------------------------------------ startup
+    async def start(self) -> None:
+        c = self.config
+        c.run_path.mkdir(parents=True, exist_ok=True)
+        ensure_sandbox_image(c.image_path)
+        self.seed = c.mock_attestation_seed or self._stored_seed()
+        await asyncio.to_thread(sandbox.ensure_bridge, c.sandbox_bridge, c.sandbox_subnet)
+        await self.reload()
+        if c.auto_restart_enabled:
+            self._restart_task = asyncio.create_task(self._restart_loop())
+
+    def _stored_seed(self) -> bytes:
+        path = self.config.run_path.parent / "mock-attestation-seed"
+        if path.exists():
+            return bytes.fromhex(path.read_text().strip())
+        seed = os.urandom(32)
+        atomic_write(path, seed.hex().encode(), 0o600)
+        log.warning(
+            "no [cvm.tee_simulator] mock_attestation_seed configured; generated one in %s", path
+        )
+        return seed
+
+    async def close(self) -> None:
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for vm in self.vms.values():
+            if vm.host_api is not None:
+                await vm.host_api.close()
+
+    def images(self) -> dict[str, Image]:
+        return load_images(self.config.image_path)
+
+    # ------------------------------------------------------------------ loading
+    def _free_ip_index(self) -> int:
+        used = {vm.ip_index for vm in self.vms.values()}
+        net = ipaddress.ip_network(self.config.sandbox_subnet)
+        for i in range(2, net.num_addresses - 1):
+            if i not in used:
+                return i
+        raise RpcError("no free address left in the sandbox subnet")
+
+    async def _load(self, wd: VmWorkDir) -> Vm:
+        manifest = wd.manifest()
+        net_file = wd.path / "sandbox-net.json"
+        index = 0
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            index = int(json.loads(net_file.read_text())["ip_index"])
+        if not index or any(v.ip_index == index for v in self.vms.values()):
+            index = self._free_ip_index()
+            atomic_write(net_file, json.dumps({"ip_index": index}).encode())
+        runtime = VmRuntime(wd)
+        runtime.events = type(runtime.events)(maxlen=self.config.event_buffer_size)
+        vm = Vm(wd, manifest, runtime, index)
+        with contextlib.suppress(OSError, ValueError):
+            vm.pid = int((wd.path / "launcher.pid").read_text())
+        if vm.is_running():
+            vm.started_at = (wd.path / "launcher.pid").stat().st_mtime
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                saved = json.loads((wd.path / ".vmm-runtime.json").read_text())
+                runtime.boot_progress = str(saved.get("boot_progress", ""))
+                runtime.boot_error = str(saved.get("boot_error", ""))
+                runtime.shutdown_progress = str(saved.get("shutdown_progress", ""))
+        self.vms[manifest.id] = vm
+        await self._serve_host_api(vm)
+        return vm
+
+    async def _serve_host_api(self, vm: Vm) -> None:
+        d = vm.workdir.path / "host-api"
+        d.mkdir(exist_ok=True)
+        server = PrpcServer(max_body=64 * 1024)
+        server.mount(PrpcService(HOST_API, HostApiImpl(self, vm), prefix="/api"))
+        await server.listen_unix(d / "api.sock", mode=0o600)
+        vm.host_api = server
+
+    def save_runtime(self, vm: Vm) -> None:
+        r = vm.runtime
+        data = {
+            "boot_progress": r.boot_progress,
+            "boot_error": r.boot_error,
+            "shutdown_progress": r.shutdown_progress,
+        }
+        with contextlib.suppress(OSError):
+            atomic_write(vm.workdir.path / ".vmm-runtime.json", json.dumps(data).encode())
+
+    async def reload(self) -> tuple[int, int, int]:
+        """scan run_path: load new VMs, drop vanished ones, start those marked started."""
+        loaded = updated = removed = 0
+        async with self._lock:
+            dirs = {wd.id: wd for wd in VmWorkDir.scan(self.config.run_path)}
+            for vm_id in list(self.vms):
+                if vm_id not in dirs:
+                    vm = self.vms.pop(vm_id)
+                    await self._kill(vm)
+                    if vm.host_api is not None:
+                        await vm.host_api.close()
+                    removed += 1
+            for vm_id, wd in dirs.items():
+                try:
+                    if vm_id in self.vms:
+                        self.vms[vm_id].manifest = wd.manifest()
+                        updated += 1
+                    else:
+                        await self._load(wd)
+                        loaded += 1
+                except (WorkDirError, OSError) as e:
+                    log.error("skipping vm directory %s: %s", wd.path, e)
+        for vm in list(self.vms.values()):
+            if vm.workdir.started() and not vm.is_running():
+                try:
+                    await self.start_vm(vm.id)
+                except (RpcError, sandbox.SandboxError, OSError) as e:
+                    log.error("cannot start vm %s: %s", vm.id, e)
+        return loaded, updated, removed
+
+    # ------------------------------------------------------------------ lookup
+    def get(self, vm_id: str) -> Vm:
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise RpcError(f"vm not found: {vm_id}")
+        return vm
+
+    def status_of(self, vm: Vm) -> str:
+        if vm.removing:
+            return "removing"
+        started, running = vm.workdir.started(), vm.is_running()
+        if started:
+            return "running" if running else "exited"
+        return "stopping" if running else "stopped"
+
+    # ------------------------------------------------------------------ validation
+    def _check_ports(
+        self, ports: list[PortMapping], *, exclude: str | None = None, create: bool = True
+    ) -> None:
+        c = self.config
+        if ports and create and not c.port_mapping_enabled:
+            raise RpcError("port mapping is disabled on this host")
+        seen: set[tuple[str, int]] = set()
+        for p in ports:
+            if p.protocol not in ("tcp", "udp"):
+                raise RpcError(f"invalid protocol {p.protocol!r}: tcp or udp")
+            if not (0 < p.host_port < 65536 and 0 < p.vm_port < 65536):
+                raise RpcError(f"port out of range: {p.host_port}:{p.vm_port}")
+            try:
+                ipaddress.ip_address(p.address)
+            except ValueError:
+                raise RpcError(f"invalid host address {p.address!r}") from None
+            if create and not any(
+                r.protocol == p.protocol and r.start <= p.host_port <= r.end for r in c.port_ranges
+            ):
+                raise RpcError(
+                    f"host port {p.protocol}/{p.host_port} is outside the allowed ranges"
+                )
+            key = (p.protocol, p.host_port)
+            if key in seen:
+                raise RpcError(f"port {p.protocol}/{p.host_port} is mapped twice")
+            seen.add(key)
+            for other in self.vms.values():
+                if other.id == exclude:
+                    continue
+                for q in other.manifest.port_map:
+                    if (q.protocol, q.host_port) == key:
+                        raise RpcError(
+                            f"port {p.protocol}/{p.host_port} is already used by vm "
+                            f"{other.manifest.name}"
+                        )
+            if not _port_free(p):
+                raise RpcError(f"port {p.protocol}/{p.address}:{p.host_port} is in use on the host")
+
+    def _check_name(self, name: str, exclude: str | None = None) -> None:
+        if not NAME_RE.match(name):
+            raise RpcError(
+                "invalid vm name: 1-64 characters of letters, digits, space and - _ . @ ~ ! $ ^ ( )"
+            )
+        for vm in self.vms.values():
+            if vm.manifest.name == name and vm.id != exclude and not vm.removing:
+                raise RpcError(f"a vm named {name!r} already exists")
+
+    # ------------------------------------------------------------------ create
+    async def create_vm(self, req: pb.VmConfiguration) -> str:
+        async with self._lock:
+            self._check_name(req.name)
+            images = self.images()
+            if req.image not in images:
+                known = ", ".join(sorted(images)) or "none"
+                raise RpcError(f"image {req.image!r} not found (available: {known})")
+            validate_app_compose(req.compose_file)
+            if len(req.encrypted_env) > MAX_ENV:
+                raise RpcError("encrypted env too large")
+            if len(req.user_config) > MAX_USER_CONFIG:
+                raise RpcError("user config too large")
+            if req.gpus.gpus or req.gpus.attach_mode == "all":
+                raise RpcError("gpus are not available on the sandbox backend")
+            if req.simulated_tee and req.simulated_tee != "dstack-tdx":
+                raise RpcError(f"simulated tee {req.simulated_tee!r} is not supported")
+            for n in req.networks:
+                if n.mode not in ("", "bridge"):
+                    raise RpcError(f"networking mode {n.mode!r} is not supported by the sandbox")
+            if req.vcpu > self.config.max_allocable_vcpu:
+                raise RpcError(f"too many vcpus (max {self.config.max_allocable_vcpu})")
+            if len(self.vms) >= self.config.max_cvm_number:
+                raise RpcError(f"too many vms (max {self.config.max_cvm_number})")
+            ports = [
+                PortMapping(
+                    p.protocol or "tcp",
+                    p.host_address or self.config.port_mapping_address,
+                    p.host_port,
+                    p.vm_port,
+                )
+                for p in req.ports
+            ]
+            self._check_ports(ports)
+            raw = req.compose_file.encode()
+            app_id = (
+                req.app_id.removeprefix("0x").lower()
+                if req.HasField("app_id") and req.app_id
+                else hashlib.sha256(raw).hexdigest()[:40]
+            )
+            try:
+                if len(bytes.fromhex(app_id)) != 20:
+                    raise ValueError
+            except ValueError:
+                raise RpcError("app_id must be 20 bytes of hex") from None
+            manifest = VmManifest(
+                id=new_vm_id(),
+                name=req.name,
+                app_id=app_id,
+                vcpu=req.vcpu or 1,
+                memory=req.memory or 1024,
+                disk_size=req.disk_size or 20,
+                image=req.image,
+                port_map=ports,
+                kms_urls=list(req.kms_urls),
+                gateway_urls=list(req.gateway_urls),
+                no_tee=True,
+                simulated_tee="dstack-tdx",
+            )
+            files = {
+                "app-compose.json": raw,
+                ".instance_info": json.dumps({"app_id": app_id}).encode(),
+            }
+            if req.encrypted_env:
+                files[".encrypted-env"] = req.encrypted_env
+            if req.user_config:
+                files[".user-config"] = req.user_config.encode()
+            wd = VmWorkDir.create(self.config.run_path, manifest, files)
+            try:
+                wd.set_started(not req.stopped)
+                vm = await self._load(wd)
+            except BaseException:
+                shutil.rmtree(wd.path, ignore_errors=True)
+                self.vms.pop(manifest.id, None)
+                raise
+        log.info("created vm %s (%s, app %s)", manifest.id, manifest.name, app_id)
+        if not req.stopped:
+            try:
+                await self.start_vm(vm.id)
+            except (RpcError, sandbox.SandboxError, OSError) as e:
+                await self.remove_vm(vm.id, wait=True)
+                raise RpcError(f"cannot start the vm: {e}") from e
+        return manifest.id
+
+    # ------------------------------------------------------------------ start/stop
+    def _sys_config(self, vm: Vm, image: Image) -> dict[str, Any]:
+        c = self.config
+        m = vm.manifest
+        vm_config = {
+            "spec_version": 1,
+            "os_image_hash": image.digest,
+            "cpu_count": m.vcpu,
+            "memory_size": m.memory * 1024 * 1024,
+            "image": m.image,
+        }
+        return {
+            "kms_urls": m.kms_urls or list(c.kms_urls),
+            "gateway_urls": m.gateway_urls or list(c.gateway_urls),
+            "pccs_url": c.pccs_url,
+            "collateral_urls": {"pccs": c.pccs_url},
+            "docker_registry": c.docker_registry,
+            "host_api_url": HOST_API_URL,
+            "vm_config": json.dumps(vm_config, separators=(",", ":")),
+        }
+
+    async def start_vm(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        if vm.removing:
+            raise RpcError("the vm is being removed")
+        image = self.images().get(vm.manifest.image)
+        if image is None:
+            raise RpcError(f"image {vm.manifest.image!r} of this vm no longer exists")
+        wd = vm.workdir
+        wd.write_shared(".sys-config.json", json.dumps(self._sys_config(vm, image)).encode())
+        sim = {
+            "platform": "dstack-tdx",
+            "mock_attestation_seed": self.seed.hex(),
+            "os_image": image.digest,
+        }
+        atomic_write(wd.shared / ".tee-simulator.json", json.dumps(sim).encode(), 0o600)
+        wd.set_started(True)
+        vm.runtime.boot_progress = "booting"
+        vm.runtime.boot_error = ""
+        vm.runtime.shutdown_progress = ""
+        self.save_runtime(vm)
+        if vm.is_running():
+            return
+        netns, veth = sandbox.names_for(vm.id)
+        net = ipaddress.ip_network(self.config.sandbox_subnet)
+        spec = sandbox.LaunchSpec(
+            vm_id=vm.id,
+            workdir=str(wd.path),
+            netns=netns,
+            veth=veth,
+            address=f"{net.network_address + vm.ip_index}/{net.prefixlen}",
+            gateway=self.config.host_ip,
+            bridge=self.config.sandbox_bridge,
+            ports=[
+                sandbox.PortForward(p.protocol, p.address, p.host_port, p.vm_port)
+                for p in vm.manifest.port_map
+            ],
+            scrypt_n=self.config.sandbox_scrypt_n,
+        )
+        atomic_write(vm.spec_path, spec.to_json().encode())
+        for name in ("serial.log", "stdout.log"):
+            self._rotate(wd.path / name)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(wd.path / "serial.log", "ab") as f:
+            f.write(f"===== boot @ {stamp} =====\n".encode())
+        out = open(wd.path / "stdout.log", "ab")  # noqa: SIM115
+        try:
+            vm.proc = subprocess.Popen(
+                [sys.executable, "-m", "pydstack.vmm.sandbox", "--spec", str(vm.spec_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=wd.path,
+            )
+        finally:
+            out.close()
+        vm.pid = vm.proc.pid
+        atomic_write(wd.path / "launcher.pid", str(vm.pid).encode())
+        vm.started_at = time.time()
+        vm.exited_at = 0.0
+        log.info("started vm %s (launcher pid %d)", vm.id, vm.pid)
+
+    def _rotate(self, path: Path) -> None:
+        """keep `max_backups` previous logs: every start archives the last boot."""
+        if not path.exists() or path.stat().st_size == 0:
+            return
+        n = self.config.log_max_backups
+        for i in range(n - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+        if n > 0:
+            os.replace(path, path.with_name(f"{path.name}.1"))
+
+    async def _kill(self, vm: Vm, grace: float = 0.0) -> None:
+        """stop the CVM's processes (SIGTERM with a grace period, then SIGKILL)."""
+        pid = vm.proc.pid if vm.proc is not None else vm.pid
+        if pid and vm.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM if grace else signal.SIGKILL)
+            deadline = time.monotonic() + grace
+            while vm.is_running() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if vm.is_running():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not vm.is_running():
+                    break
+                await asyncio.sleep(0.05)
+        netns, veth = sandbox.names_for(vm.id)
+        await asyncio.to_thread(sandbox.teardown_network, netns, veth)
+        vm.exited_at = vm.exited_at or time.time()
+
+    async def stop_vm(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        vm.workdir.set_started(False)
+        await self._kill(vm, grace=3.0)
+        log.info("stopped vm %s", vm.id)
+
+    async def shutdown_vm(self, vm_id: str) -> None:
+        vm = self.get(vm_id)
+        if not vm.is_running():
+            raise RpcError("the vm is not running")
+        try:
+            await self.guest_call(vm_id, "Shutdown", Empty(), Empty, timeout=5)
+        except RpcError:
+            # no guest api (still booting): ask the launcher for a graceful stop instead
+            vm.workdir.set_started(False)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm.pid, signal.SIGTERM)
+
+    async def remove_vm(self, vm_id: str, *, wait: bool = False) -> None:
+        vm = self.get(vm_id)
+        if vm.removing:
+            return
+        vm.removing = True
+        (vm.workdir.path / ".removing").touch()
+        vm.workdir.set_started(False)
+
+        async def finish() -> None:
+            await self._kill(vm)
+            if vm.host_api is not None:
+                await vm.host_api.close()
+            await asyncio.to_thread(_rmtree_mounts, vm.workdir.path)
+            self.vms.pop(vm.id, None)
+            log.info("removed vm %s", vm.id)
+
+        if wait:
+            await finish()
+        else:
+            self._spawn(finish())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ update
+    async def update_vm(self, req: pb.UpdateVmRequest) -> str:
+        vm = self.get(req.id)
+        wd = vm.workdir
+        m = vm.manifest
+        result = ""
+        if req.compose_file:
+            validate_app_compose(req.compose_file)
+            wd.write_shared("app-compose.json", req.compose_file.encode())
+            result = hashlib.sha256(req.compose_file.encode()).hexdigest()[:40]
+        if req.encrypted_env:
+            if len(req.encrypted_env) > MAX_ENV:
+                raise RpcError("encrypted env too large")
+            wd.write_shared(".encrypted-env", req.encrypted_env)
+        if req.user_config:
+            wd.write_shared(".user-config", req.user_config.encode())
+        resize = pb.ResizeVmRequest(id=req.id)
+        for f in ("vcpu", "memory", "disk_size", "image"):
+            if req.HasField(f):
+                setattr(resize, f, getattr(req, f))
+        if any(resize.HasField(f) for f in ("vcpu", "memory", "disk_size", "image")):
+            await self.resize_vm(resize)
+            m = vm.manifest
+        if req.update_ports:
+            ports = [
+                PortMapping(p.protocol or "tcp", p.host_address, p.host_port, p.vm_port)
+                for p in req.ports
+            ]
+            own = {(p.protocol, p.host_port) for p in m.port_map}
+            self._check_ports(
+                [p for p in ports if (p.protocol, p.host_port) not in own],
+                exclude=vm.id,
+                create=False,
+            )
+            m.port_map = ports
+        if req.update_kms_urls:
+            m.kms_urls = list(req.kms_urls)
+        if req.update_gateway_urls:
+            m.gateway_urls = list(req.gateway_urls)
+        wd.save_manifest(m)
+        vm.manifest = m
+        return result
+
+    async def resize_vm(self, req: pb.ResizeVmRequest) -> None:
+        vm = self.get(req.id)
+        fields = [f for f in ("vcpu", "memory", "disk_size", "image") if req.HasField(f)]
+        if not fields:
+            raise RpcError("nothing to resize: give vcpu, memory, disk_size or image")
+        if self.status_of(vm) not in ("stopped", "exited"):
+            raise RpcError("the vm must be stopped to be resized")
+        m = vm.manifest
+        if req.HasField("vcpu"):
+            if not 0 < req.vcpu <= self.config.max_allocable_vcpu:
+                raise RpcError("invalid vcpu count")
+            m.vcpu = req.vcpu
+        if req.HasField("memory"):
+            if req.memory == 0:
+                raise RpcError("memory must be positive")
+            m.memory = req.memory
+        if req.HasField("disk_size"):
+            if req.disk_size < m.disk_size:
+                raise RpcError("the disk can only grow")
+            m.disk_size = req.disk_size
+        if req.HasField("image"):
+            if req.image not in self.images():
+                raise RpcError(f"image {req.image!r} not found")
+            m.image = req.image
+        vm.workdir.save_manifest(m)
+
+    # ------------------------------------------------------------------ info
+    def vm_info(self, vm: Vm, brief: bool = False) -> pb.VmInfo:
+        m = vm.manifest
+        status = self.status_of(vm)
+        info = pb.VmInfo(
+            id=m.id,
+            name=m.name,
+            status=status,
+            uptime=humantime(time.time() - vm.started_at)
+            if status in ("running", "stopping") and vm.started_at
+            else "never",
+            app_id=m.app_id,
+            boot_progress=vm.runtime.boot_progress,
+            boot_error=vm.runtime.boot_error,
+            shutdown_progress=vm.runtime.shutdown_progress,
+            image_version=str(self.images().get(m.image, Image("", Path(), {}, "")).version),
+            exited_at=humantime(time.time() - vm.exited_at) if vm.exited_at else "never",
+        )
+        raw_info = vm.workdir.read_shared(".instance_info")
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            iid = json.loads(raw_info or b"{}").get("instance_id", "")
+            if iid:
+                info.instance_id = iid
+        for e in vm.runtime.events:
+            info.events.append(
+                pb.GuestEvent(event=e.event, body=e.payload, timestamp=e.timestamp_ms)
+            )
+        _, veth = sandbox.names_for(vm.id)
+        net = ipaddress.ip_network(self.config.sandbox_subnet)
+        info.interfaces.append(
+            pb.NetworkInterfaceStatus(
+                mode="bridge",
+                backend="veth",
+                mac=str(net.network_address + vm.ip_index),
+                bridge_name=self.config.sandbox_bridge,
+                netdev_id=veth,
+            )
+        )
+        if not brief:
+            cfg = info.configuration
+            cfg.name, cfg.image = m.name, m.image
+            cfg.compose_file = (vm.workdir.read_shared("app-compose.json") or b"").decode()
+            cfg.encrypted_env = vm.workdir.read_shared(".encrypted-env") or b""
+            cfg.user_config = (vm.workdir.read_shared(".user-config") or b"").decode()
+            cfg.vcpu, cfg.memory, cfg.disk_size = m.vcpu, m.memory, m.disk_size
+            cfg.app_id = m.app_id
+            cfg.kms_urls.extend(m.kms_urls)
+            cfg.gateway_urls.extend(m.gateway_urls)
+            cfg.stopped = not vm.workdir.started()
+            cfg.no_tee = m.no_tee
+            if m.simulated_tee:
+                cfg.simulated_tee = m.simulated_tee
+            for p in m.port_map:
+                cfg.ports.append(
+                    pb.PortMapping(
+                        protocol=p.protocol,
+                        host_port=p.host_port,
+                        vm_port=p.vm_port,
+                        host_address=p.address,
+                    )
+                )
+        return info
+
+    def guest_address(self, vm: Vm) -> str:
+        net = ipaddress.ip_network(self.config.sandbox_subnet)
+        return str(net.network_address + vm.ip_index)
+
+    async def guest_call(
+        self, vm_id: str, method: str, req: Any, resp_type: Any, timeout: float = 30
+    ) -> Any:
+        vm = self.get(vm_id)
+        sock = vm.workdir.path / "guest-api" / "api.sock"
+        if not vm.is_running() or not sock.exists():
+            raise RpcError("the vm's guest api is not available (is it running and booted?)")
+        async with PrpcClient(str(sock), prefix="/api", timeout=timeout) as client:
+            try:
+                return await client.call(method, req, resp_type)
+            except (TimeoutError, OSError) as e:
+                raise RpcError(f"guest api unreachable: {e}") from e
+
+    # ------------------------------------------------------------------ auto restart
+    async def _restart_loop(self) -> None:
+        c = self.config
+        while True:
+            await asyncio.sleep(min(c.auto_restart_interval, 1.0))
+            now = time.time()
+            for vm in list(self.vms.values()):
+                if vm.removing or not vm.workdir.started():
+                    vm.restart_attempts = 0
+                    continue
+                if vm.is_running():
+                    if vm.restart_attempts and now - vm.started_at > c.auto_restart_reset_window:
+                        vm.restart_attempts = 0
+                    continue
+                if vm.next_restart == 0.0:
+                    if vm.restart_attempts >= c.auto_restart_max_retries:
+                        continue
+                    delay = min(
+                        c.auto_restart_initial_backoff * (2**vm.restart_attempts),
+                        c.auto_restart_max_backoff,
+                    )
+                    vm.next_restart = now + delay
+                    log.info("vm %s exited; restarting in %.0f s", vm.id, delay)
+                    continue
+                if now < vm.next_restart:
+                    continue
+                vm.next_restart = 0.0
+                vm.restart_attempts += 1
+                if vm.restart_attempts > c.auto_restart_max_retries:
+                    continue
+                try:
+                    error = vm.runtime.boot_error
+                    await self.start_vm(vm.id)
+                    vm.runtime.notify(
+                        "vmm.auto_restart", f"attempt {vm.restart_attempts}: {error}"[:1024]
+                    )
+                    if vm.restart_attempts == c.auto_restart_max_retries:
+                        vm.runtime.notify("vmm.auto_restart.exhausted", error[:1024])
+                except (RpcError, sandbox.SandboxError, OSError) as e:
+                    log.error("auto-restart of vm %s failed: %s", vm.id, e)
+
+
+def _port_free(p: PortMapping) -> bool:
+    kind = socket.SOCK_DGRAM if p.protocol == "udp" else socket.SOCK_STREAM
+    family = socket.AF_INET6 if ":" in p.address else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((p.address, p.host_port))
+        except OSError:
+            return False
+    return True
+
+
+def _rmtree_mounts(path: Path) -> None:
+    """remove a VM directory (nothing of a dead CVM stays mounted: its namespace is gone)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        subprocess.run(["umount", "-R", "-l", str(path)], capture_output=True, check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def vm_status_counts(app: VmmApp) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for vm in app.vms.values():
+        s = app.status_of(vm)
+        out[s] = out.get(s, 0) + 1
+    return out

@@ -1,0 +1,191 @@
+"""`vmm.toml`: upstream dstack-vmm's keys, plus `[cvm.sandbox]` for the namespace backend.
+
+Unknown keys are ignored (upstream configs load unchanged); missing keys take upstream's
+defaults. Relative paths resolve against the config file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """vmm.toml is invalid."""
+
+
+@dataclass(frozen=True)
+class PortRange:
+    protocol: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class VmmConfig:
+    address: str = "unix:./vmm.sock"
+    port: int = 0
+    kms_url: str = "http://127.0.0.1:8081"
+    event_buffer_size: int = 20
+    node_name: str = ""
+    run_path: Path = Path("~/.dstack-vmm/vm")
+    image_path: Path = Path("~/.dstack-vmm/image")
+    # [cvm]
+    kms_urls: tuple[str, ...] = ("http://127.0.0.1:8081",)
+    gateway_urls: tuple[str, ...] = ("http://127.0.0.1:8082",)
+    pccs_url: str = ""
+    docker_registry: str = ""
+    max_cvm_number: int = 1000
+    max_allocable_vcpu: int = 20
+    max_allocable_memory_in_mb: int = 100000
+    backend: str = "sandbox"
+    port_mapping_enabled: bool = False
+    port_mapping_address: str = "127.0.0.1"
+    port_ranges: tuple[PortRange, ...] = (PortRange("tcp", 1, 20000),)
+    auto_restart_enabled: bool = True
+    auto_restart_interval: float = 20.0
+    auto_restart_max_retries: int = 5
+    auto_restart_initial_backoff: float = 5.0
+    auto_restart_max_backoff: float = 300.0
+    auto_restart_reset_window: float = 300.0
+    log_max_bytes: int = 4 * 1024 * 1024
+    log_max_backups: int = 3
+    # [cvm.tee_simulator]
+    mock_attestation_seed: bytes = b""
+    # [cvm.sandbox]
+    sandbox_bridge: str = "dstack0"
+    sandbox_subnet: str = "10.213.0.0/16"
+    sandbox_scrypt_n: int = 10
+    # [gateway]
+    gateway_base_domain: str = "localhost"
+    gateway_port: int = 8082
+    gateway_agent_port: int = 8090
+    # [auth]
+    auth_enabled: bool = False
+    auth_tokens: tuple[str, ...] = ()
+    config_path: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host_ip(self) -> str:
+        """the host's address on the sandbox bridge, as CVMs see it (10.0.2.2 under QEMU)."""
+        net = ipaddress.ip_network(self.sandbox_subnet)
+        return str(net.network_address + 1)
+
+    @classmethod
+    def load(cls, path: Path | None) -> VmmConfig:
+        if path is None:
+            return cls()
+        try:
+            raw = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid toml: {e}") from e
+        return cls.from_dict(raw, path.resolve().parent, path)
+
+    @classmethod
+    def from_dict(
+        cls, raw: dict[str, Any], base: Path | None = None, path: Path | None = None
+    ) -> VmmConfig:
+        base = base or Path.cwd()
+
+        def p(value: object, default: Path) -> Path:
+            if value is None:
+                return Path(os.path.expanduser(str(default)))
+            out = Path(os.path.expanduser(str(value)))
+            return out if out.is_absolute() else (base / out)
+
+        def section(obj: dict[str, Any], name: str) -> dict[str, Any]:
+            value = obj.get(name, {})
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{name}] must be a table")
+            return value
+
+        try:
+            cvm = section(raw, "cvm")
+            pm = section(cvm, "port_mapping")
+            ar = section(cvm, "auto_restart")
+            logc = section(cvm, "log")
+            sim = section(cvm, "tee_simulator")
+            sb = section(cvm, "sandbox")
+            gw = section(raw, "gateway")
+            auth = section(raw, "auth")
+            image = section(raw, "image")
+            d = cls()
+            seed_hex = str(sim.get("mock_attestation_seed", "")).removeprefix("0x")
+            seed = bytes.fromhex(seed_hex) if seed_hex else b""
+            if seed and len(seed) != 32:
+                raise ConfigError("cvm.tee_simulator.mock_attestation_seed must be 32 bytes")
+            ranges = tuple(
+                PortRange(str(r.get("protocol", "tcp")), int(r["from"]), int(r["to"]))
+                for r in pm.get("range", [{"protocol": "tcp", "from": 1, "to": 20000}])
+            )
+            for r in ranges:
+                if r.protocol not in ("tcp", "udp") or not 0 < r.start <= r.end <= 65535:
+                    raise ConfigError(f"invalid port range {r}")
+            backend = str(cvm.get("backend", "sandbox"))
+            if backend != "sandbox":
+                raise ConfigError(
+                    f"cvm.backend {backend!r} is not available: this build runs CVMs in the "
+                    "sandbox backend (Linux namespaces + simulated TDX)"
+                )
+            net = ipaddress.ip_network(str(sb.get("subnet", d.sandbox_subnet)))
+            if net.version != 4 or net.prefixlen > 24:
+                raise ConfigError("cvm.sandbox.subnet must be an IPv4 network of /24 or larger")
+            bridge = str(sb.get("bridge", d.sandbox_bridge))
+            if not 0 < len(bridge) <= 15:
+                raise ConfigError("cvm.sandbox.bridge must be a 1-15 character interface name")
+            return cls(
+                address=str(raw.get("address", d.address)),
+                port=int(raw.get("port", 0)),
+                kms_url=str(raw.get("kms_url", d.kms_url)),
+                event_buffer_size=int(raw.get("event_buffer_size", 20)),
+                node_name=str(raw.get("node_name", "")),
+                run_path=p(raw.get("run_path"), d.run_path),
+                image_path=p(image.get("path", raw.get("image_path")), d.image_path),
+                kms_urls=tuple(str(u) for u in cvm.get("kms_urls", d.kms_urls)),
+                gateway_urls=tuple(str(u) for u in cvm.get("gateway_urls", d.gateway_urls)),
+                pccs_url=str(cvm.get("pccs_url", "")),
+                docker_registry=str(cvm.get("docker_registry", "")),
+                max_cvm_number=int(cvm.get("cid_pool_size", 1000)),
+                max_allocable_vcpu=int(cvm.get("max_allocable_vcpu", 20)),
+                max_allocable_memory_in_mb=int(cvm.get("max_allocable_memory_in_mb", 100000)),
+                backend=backend,
+                port_mapping_enabled=bool(pm.get("enabled", False)),
+                port_mapping_address=str(pm.get("address", "127.0.0.1")),
+                port_ranges=ranges,
+                auto_restart_enabled=bool(ar.get("enabled", True)),
+                auto_restart_interval=float(ar.get("interval", 20)),
+                auto_restart_max_retries=int(ar.get("max_retries", 5)),
+                auto_restart_initial_backoff=float(ar.get("initial_backoff", 5)),
+                auto_restart_max_backoff=float(ar.get("max_backoff", 300)),
+                auto_restart_reset_window=float(ar.get("reset_window", 300)),
+                log_max_bytes=_size(logc.get("max_bytes", "4M")),
+                log_max_backups=int(logc.get("max_backups", 3)),
+                mock_attestation_seed=seed,
+                sandbox_bridge=bridge,
+                sandbox_subnet=str(net),
+                sandbox_scrypt_n=int(sb.get("scrypt_n", 10)),
+                gateway_base_domain=str(gw.get("base_domain", "localhost")),
+                gateway_port=int(gw.get("port", 8082)),
+                gateway_agent_port=int(gw.get("agent_port", 8090)),
+                auth_enabled=bool(auth.get("enabled", False)),
+                auth_tokens=tuple(str(t) for t in auth.get("tokens", [])),
+                config_path=path,
+            )
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"invalid vmm config: {e}") from e
+
+
+def _size(value: object) -> int:
+    text = str(value).strip().upper().removesuffix("B")
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in "KMG" else text
+    return int(number) * mult

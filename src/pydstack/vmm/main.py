@@ -1,0 +1,119 @@
+"""`dstack-vmm`: manage CVMs on this host.
+
+    dstack-vmm [-c vmm.toml] [serve]        run the management API, web UI and host API
+    dstack-vmm [-c vmm.toml] check-config   validate the configuration and exit
+
+CVMs keep running when the VMM stops; a restarted VMM finds them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from pydstack import __version__
+from pydstack.guest.simulator import stop_signal
+
+from .app import VmmApp
+from .config import ConfigError, VmmConfig
+from .service import build_server
+
+log = logging.getLogger("dstack-vmm")
+REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "podman", "gocryptfs", "fusermount3")
+
+
+def parse_address(address: str, port: int, base: Path) -> tuple[str, str, int]:
+    """`unix:PATH`, `tcp:HOST:PORT` or a bare host with `port` -> (kind, host/path, port)."""
+    if address.startswith("unix:"):
+        path = Path(address[5:])
+        return "unix", str(path if path.is_absolute() else base / path), 0
+    if address.startswith("tcp:"):
+        host, _, port_s = address[4:].rpartition(":")
+        return "tcp", host.strip("[]"), int(port_s)
+    return "tcp", address, port
+
+
+def check(config: VmmConfig) -> list[str]:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("the sandbox backend needs root (network namespaces, mounts)")
+    for tool in REQUIRED_TOOLS:
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} is not installed")
+    if not Path("/dev/fuse").exists():
+        problems.append("/dev/fuse is missing (gocryptfs needs FUSE)")
+    return problems
+
+
+async def serve(config: VmmConfig) -> None:
+    app = VmmApp(config)
+    await app.start()
+    server = build_server(app)
+    base = config.config_path.parent if config.config_path else Path.cwd()
+    kind, host, port = parse_address(config.address, config.port, base)
+    if kind == "unix":
+        await server.listen_unix(host, mode=0o660)
+        where = f"unix:{host}"
+    else:
+        bound = await server.listen_tcp(host, port)
+        where = f"http://{host}:{bound}"
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not loopback and not config.auth_enabled:
+            log.warning(
+                "listening on %s without [auth]: anyone who reaches it controls the VMs", host
+            )
+    log.info(
+        "dstack-vmm %s: %d vm(s), run path %s, bridge %s (%s)",
+        __version__,
+        len(app.vms),
+        config.run_path,
+        config.sandbox_bridge,
+        config.sandbox_subnet,
+    )
+    print(f"dstack-vmm listening on {where}", flush=True)
+    await stop_signal().wait()
+    log.info("shutting down (CVMs keep running)")
+    await server.close()
+    await app.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dstack-vmm", description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", type=Path, help="vmm.toml")
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "check-config"))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = VmmConfig.load(args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problems = check(config)
+    if args.command == "check-config":
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
+        print("configuration is valid")
+        return 0
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
