@@ -76,6 +76,7 @@ def write_config(
     *,
     agent: Path | None = None,
     source_url: str = "",
+    address: str = "127.0.0.1",
 ) -> Path:
     """a kms.toml; with `agent` the kms attests itself (self-authorization, attested rpc cert)."""
     port = free_port()
@@ -85,7 +86,7 @@ def write_config(
     cfg = directory / "kms.toml"
     cfg.write_text(f"""
 [rpc]
-address = "127.0.0.1"
+address = "{address}"
 port = {port}
 
 [core]

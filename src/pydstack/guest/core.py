@@ -69,8 +69,8 @@ class QuotePlatform(Protocol):
 class CertSigner(Protocol):
     """signs a certificate for a fresh key: locally with the app CA, or through the KMS."""
 
-    def sign(self, req: CertRequest, public_key: ec.EllipticCurvePublicKey) -> list[str]:
-        """the chain as PEM strings, leaf first."""
+    def sign(self, req: CertRequest, key: ec.EllipticCurvePrivateKey) -> list[str]:
+        """the chain as PEM strings, leaf first (`key` signs the KMS's CSR)."""
         ...
 
 
@@ -179,7 +179,7 @@ class GuestCore:
             attestation=self.certificate_attestation(key.public_key()) if usage_ra_tls else None,
             app_info=self.app_info(boottime_mr=False).to_msgpack() if with_app_info else None,
         )
-        return key_pem(key), self.signer.sign(req, key.public_key())
+        return key_pem(key), self.signer.sign(req, key)
 
     def derive_tappd_key(
         self,
@@ -203,7 +203,7 @@ class GuestCore:
             usage_client_auth=usage_client_auth,
             attestation=self.certificate_attestation(key.public_key()) if usage_ra_tls else None,
         )
-        return key_pem(key), self.signer.sign(req, key.public_key())
+        return key_pem(key), self.signer.sign(req, key)
 
     # ------------------------------------------------------------------ quotes
     def attestation(self, report_data: bytes) -> Attestation:
@@ -224,6 +224,12 @@ class GuestCore:
         spki = public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        return self.spki_attestation(spki)
+
+    def spki_attestation(self, spki: bytes) -> bytes:
+        """the stripped, versioned attestation bound to a key given as SPKI DER."""
+        from pydstack.attest.attestation import stripped
+
         att = self.attestation(hashlib.sha512(b"ratls-cert:" + spki).digest())
         return to_versioned_bytes(stripped(att))
 

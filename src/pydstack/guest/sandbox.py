@@ -51,7 +51,7 @@ from .boot import Booter, BootError, BootResult, key_provider_of
 from .compose_runner import ComposeError, ComposeProject, PodmanCompose
 from .core import GuestCore
 from .service import guest_service, tappd_service
-from .signer import LocalCertSigner
+from .signer import KmsCertSigner, LocalCertSigner
 from .sysconfig import SysConfig
 
 log = logging.getLogger("dstack-guest")
@@ -367,7 +367,14 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
             raise
         compose_raw = (WORK / ".host-shared" / "app-compose.json").read_bytes()
         sys_config = SysConfig.load(WORK / ".host-shared" / ".sys-config.json")
-        core = GuestCore(tdx, result.keys, compose_raw, sys_config, LocalCertSigner(result.keys))
+        signer: LocalCertSigner | KmsCertSigner
+        if result.keys.key_provider.kind == "Kms":
+            signer = KmsCertSigner(result.keys, sys_config.vm_config, lambda spki: b"")
+        else:
+            signer = LocalCertSigner(result.keys)
+        core = GuestCore(tdx, result.keys, compose_raw, sys_config, signer)
+        if isinstance(signer, KmsCertSigner):
+            signer.attest = core.spki_attestation
         info = core.info(external=False)
         print(
             json.dumps(
@@ -422,6 +429,13 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
         if not reported:
             await host.notify("boot.error", str(e))
         log.error("boot failed: %s", e)
+        if compose is not None:
+            await compose.down(timeout=2)
+        return 1
+    except Exception as e:  # a bug: still tell the host instead of dying silently
+        log.exception("boot failed unexpectedly")
+        if not reported:
+            await host.notify("boot.error", f"internal error: {type(e).__name__}: {e}")
         if compose is not None:
             await compose.down(timeout=2)
         return 1

@@ -116,11 +116,16 @@ class Image:
         return str(self.metadata.get("version", ""))
 
 
+def sandbox_image_digest() -> str:
+    """the os image hash of the built-in sandbox guest image (what a KMS allowlists)."""
+    return hashlib.sha256(f"pydstack-sandbox {__version__}".encode()).hexdigest()
+
+
 def ensure_sandbox_image(image_path: Path) -> None:
     """the built-in guest image of the sandbox backend (the guest OS is pydstack itself)."""
     d = image_path / SANDBOX_IMAGE
     meta = {"version": __version__, "is_dev": True, "kind": "sandbox", "shared_ro": True}
-    digest = hashlib.sha256(f"pydstack-sandbox {__version__}".encode()).hexdigest()
+    digest = sandbox_image_digest()
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
         atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())

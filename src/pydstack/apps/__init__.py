@@ -1,0 +1,1 @@
+"""sample apps and a local image builder (no registry here: images are built from host files)."""

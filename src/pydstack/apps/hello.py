@@ -1,0 +1,92 @@
+"""the sample app: a small HTTP service that asks its CVM's dstack.sock for keys and quotes.
+
+Runs inside a container with nothing but the Python standard library (the image is built by
+`pydstack.apps.image`). Routes (GET): `/` Info, `/key?path=&purpose=` GetKey,
+`/quote?report_data=<hex>` GetQuote, `/env?name=` one environment variable, `/health`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+SOCKET = os.environ.get("DSTACK_SOCKET", "/var/run/dstack.sock")
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(self.path)
+
+
+def dstack(method: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    conn = _UnixConnection(SOCKET)
+    try:
+        data = json.dumps(body or {}).encode()
+        conn.request("POST", f"/{method}", data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"{method}: http {resp.status}: {out[:200]!r}")
+        value = json.loads(out)
+        if not isinstance(value, dict):
+            raise RuntimeError(f"{method}: unexpected response")
+        return value
+    finally:
+        conn.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        try:
+            if url.path == "/health":
+                return self._send(200, {"ok": True})
+            if url.path == "/":
+                return self._send(200, dstack("Info"))
+            if url.path == "/key":
+                req: dict[str, object] = {"path": q.get("path", ""), "purpose": q.get("purpose", "")}
+                return self._send(200, dstack("GetKey", req))
+            if url.path == "/quote":
+                return self._send(200, dstack("GetQuote", {"report_data": q.get("report_data", "")}))
+            if url.path == "/env":
+                name = q.get("name", "")
+                if name in os.environ:
+                    return self._send(200, {"name": name, "value": os.environ[name]})
+                return self._send(404, {"error": f"{name} is not set"})
+            return self._send(404, {"error": "not found"})
+        except Exception as e:  # report, keep serving
+            return self._send(502, {"error": str(e)})
+
+    def _send(self, status: int, value: object) -> None:
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        sys.stdout.write("%s %s\n" % (self.address_string(), fmt % args))
+        sys.stdout.flush()
+
+
+def main() -> None:
+    port = int(os.environ.get("PORT", "8080"))
+    print(f"hello: listening on :{port}, dstack socket {SOCKET}", flush=True)
+    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
