@@ -2,7 +2,9 @@
 
 Runs inside a container with nothing but the Python standard library (the image is built by
 `pydstack.apps.image`). Routes (GET): `/` Info, `/key?path=&purpose=` GetKey,
-`/quote?report_data=<hex>` GetQuote, `/env?name=` one environment variable, `/health`.
+`/quote?report_data=<hex>` GetQuote, `/env?name=` one environment variable, `/health`,
+`/data?name=` a file from `DATA_DIR` (default /data, the persistent volume); POST `/data?name=`
+writes the request body there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 SOCKET = os.environ.get("DSTACK_SOCKET", "/var/run/dstack.sock")
+DATA_DIR = os.environ.get("DATA_DIR", "/data")
+MAX_BODY = 1024 * 1024
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -56,10 +60,21 @@ class Handler(BaseHTTPRequestHandler):
             if url.path == "/":
                 return self._send(200, dstack("Info"))
             if url.path == "/key":
-                req: dict[str, object] = {"path": q.get("path", ""), "purpose": q.get("purpose", "")}
+                req: dict[str, object] = {
+                    "path": q.get("path", ""),
+                    "purpose": q.get("purpose", ""),
+                }
                 return self._send(200, dstack("GetKey", req))
             if url.path == "/quote":
-                return self._send(200, dstack("GetQuote", {"report_data": q.get("report_data", "")}))
+                return self._send(
+                    200, dstack("GetQuote", {"report_data": q.get("report_data", "")})
+                )
+            if url.path == "/data":
+                path = self._data_path(q.get("name", ""))
+                if path is None or not os.path.isfile(path):
+                    return self._send(404, {"error": "no such file"})
+                with open(path) as f:
+                    return self._send(200, {"name": q["name"], "value": f.read()})
             if url.path == "/env":
                 name = q.get("name", "")
                 if name in os.environ:
@@ -68,6 +83,26 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(404, {"error": "not found"})
         except Exception as e:  # report, keep serving
             return self._send(502, {"error": str(e)})
+
+    def do_POST(self) -> None:
+        url = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        size = int(self.headers.get("Content-Length") or 0)
+        if url.path != "/data":
+            return self._send(404, {"error": "not found"})
+        path = self._data_path(q.get("name", ""))
+        if path is None or not 0 <= size <= MAX_BODY:
+            return self._send(400, {"error": "bad name or body too large"})
+        data = self.rfile.read(size)
+        with open(path, "wb") as f:
+            f.write(data)
+        return self._send(200, {"name": q["name"], "size": len(data)})
+
+    @staticmethod
+    def _data_path(name: str) -> str | None:
+        if not name or "/" in name or name.startswith("."):
+            return None
+        return os.path.join(DATA_DIR, name)
 
     def _send(self, status: int, value: object) -> None:
         body = json.dumps(value).encode()
@@ -78,7 +113,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, fmt: str, *args: object) -> None:
-        sys.stdout.write("%s %s\n" % (self.address_string(), fmt % args))
+        sys.stdout.write(f"{self.address_string()} {fmt % args}\n")
         sys.stdout.flush()
 
 

@@ -55,7 +55,9 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
         link = root / "bin" / a
         if not link.exists():
             link.symlink_to("busybox")
-    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"
+    )
     (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     if python:
         exe = Path(sys.executable).resolve()
@@ -64,8 +66,17 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
         _copy(exe, root)
         (root / "bin/python3").unlink(missing_ok=True)
         (root / "bin/python3").symlink_to(str(exe))
-        skip = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages",
-                "dist-packages", "lib2to3", "pydoc_data"}
+        skip = {
+            "test",
+            "idlelib",
+            "tkinter",
+            "turtledemo",
+            "ensurepip",
+            "site-packages",
+            "dist-packages",
+            "lib2to3",
+            "pydoc_data",
+        }
         shutil.copytree(
             stdlib,
             root / stdlib.relative_to("/"),
@@ -120,12 +131,17 @@ def build_image(
         build_rootfs(root, files, python=python)
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         changes = [
-            "--change", f"CMD {__import__('json').dumps(cmd)}",
-            "--change", f"WORKDIR {workdir}",
-            "--change", "ENV PATH=/bin:/usr/bin",
+            "--change",
+            f"CMD {__import__('json').dumps(cmd)}",
+            "--change",
+            f"WORKDIR {workdir}",
+            "--change",
+            "ENV PATH=/bin:/usr/bin",
         ]
         out = subprocess.run(
-            ["podman", "import", *changes, "-", tag], stdin=tar.stdout, capture_output=True,
+            ["podman", "import", *changes, "-", tag],
+            stdin=tar.stdout,
+            capture_output=True,
             text=True,
         )
         tar.wait()

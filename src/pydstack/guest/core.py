@@ -219,7 +219,6 @@ class GuestCore:
 
     def certificate_attestation(self, public_key: ec.EllipticCurvePublicKey) -> bytes:
         """the stripped, versioned attestation bound to a certificate key (RA-TLS)."""
-        from pydstack.attest.attestation import stripped
 
         spki = public_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

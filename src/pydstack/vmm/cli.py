@@ -97,9 +97,7 @@ class VmmClient:
     def logs(self, vm_id: str, lines: int, follow: bool) -> None:
         params = {"id": vm_id, "follow": str(follow).lower(), "ansi": "false", "lines": str(lines)}
         try:
-            with self.http.stream(
-                "GET", f"{self.base}/logs", params=params, timeout=None
-            ) as r:
+            with self.http.stream("GET", f"{self.base}/logs", params=params, timeout=None) as r:
                 if r.status_code != 200:
                     r.read()
                     raise CliError(f"logs failed: {r.text.strip()}")
@@ -178,12 +176,12 @@ def fetch_env_pubkey(kms_url: str, app_id: str, *, assume_yes: bool = False) -> 
         return public_key
     trusted = trusted_signers()
     print(f"env public key signed by kms key {signer.hex()}", file=sys.stderr)
-    if trusted and signer.hex() not in trusted:
-        if not _confirm(f"signer {signer.hex()} is not in {whitelist_path()}; continue?", False):
-            raise CliError(
-                f"the env public key is signed by {signer.hex()}, which is not a trusted kms "
-                f"signer (add it with `dstack kms add {signer.hex()}`)"
-            )
+    question = f"signer {signer.hex()} is not in {whitelist_path()}; continue?"
+    if trusted and signer.hex() not in trusted and not _confirm(question, False):
+        raise CliError(
+            f"the env public key is signed by {signer.hex()}, which is not a trusted kms "
+            f"signer (add it with `dstack kms add {signer.hex()}`)"
+        )
     return public_key
 
 
@@ -353,8 +351,12 @@ def cmd_lsgpu(c: VmmClient, a: argparse.Namespace) -> None:
         print(json.dumps(gpus, indent=2))
         return
     rows = [
-        [g.get("slot", ""), g.get("product_id", ""), g.get("description", ""),
-         str(g.get("is_free", False))]
+        [
+            g.get("slot", ""),
+            g.get("product_id", ""),
+            g.get("description", ""),
+            str(g.get("is_free", False)),
+        ]
         for g in gpus
     ]
     print(table(["Slot", "Product ID", "Description", "Available"], rows))
@@ -466,7 +468,11 @@ def _current(c: VmmClient, vm_id: str) -> dict[str, Any]:
 
 
 def _env_update(
-    c: VmmClient, vm_id: str, env_file: str, kms_urls: list[str] | None, assume_yes: bool,
+    c: VmmClient,
+    vm_id: str,
+    env_file: str,
+    kms_urls: list[str] | None,
+    assume_yes: bool,
     compose_text: str | None = None,
 ) -> dict[str, Any]:
     """`encrypted_env` plus the compose with `allowed_envs` rewritten to the new keys."""
@@ -793,12 +799,14 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "local", False):
             cfg = _load_json(config_dir() / "config.json", {})
             token = args.token or os.environ.get("DSTACK_VMM_TOKEN") or cfg.get("auth_token", "")
-            user = args.auth_user or os.environ.get("DSTACK_VMM_AUTH_USER") or cfg.get(
-                "auth_user", ""
+            user = (
+                args.auth_user or os.environ.get("DSTACK_VMM_AUTH_USER") or cfg.get("auth_user", "")
             )
-            password = args.auth_password or os.environ.get(
-                "DSTACK_VMM_AUTH_PASSWORD"
-            ) or cfg.get("auth_password", "")
+            password = (
+                args.auth_password
+                or os.environ.get("DSTACK_VMM_AUTH_PASSWORD")
+                or cfg.get("auth_password", "")
+            )
             if bool(user) != bool(password) and not token:
                 raise CliError("basic auth needs both --auth-user and --auth-password")
             client = VmmClient(resolve_url(args.url), str(token), str(user), str(password))

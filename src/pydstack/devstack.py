@@ -1,0 +1,321 @@
+"""a local dstack on one machine: mock PCCS, KMS and dstack-vmm as real processes.
+
+Used by the main job (`pydstack.demo`), the VMM benchmarks and the end-to-end tests. Everything
+lives under one directory: `kms.toml`, `allow.json` (the KMS's auth-simple allowlist),
+`vmm.toml`, the run path, the images and each process's log. The KMS listens on all addresses so
+sandbox CVMs reach it through the bridge at the host's address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from pydstack.vmm.app import sandbox_image_digest
+from pydstack.vmm.config import VmmConfig
+
+#: the mock attestation seed shared by the VMM's simulated TDX and the mock PCCS
+DEFAULT_SEED = bytes.fromhex("a1" * 32)
+
+
+class StackError(RuntimeError):
+    """a component of the local stack failed to start."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _wait_line(proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            if marker in line:
+                return line
+        if proc.poll() is not None:
+            raise StackError(f"{log.stem} exited: {text[-2000:]}")
+        time.sleep(0.1)
+    raise StackError(f"{log.stem} did not print {marker!r} within {timeout:.0f} s")
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes] | None
+    log: Path
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def write_allowlist(path: Path, apps: dict[str, list[str]], os_images: list[str]) -> None:
+    """auth-simple's allowlist: these app ids may boot with these compose hashes (hex)."""
+    doc = {
+        "gatewayAppId": "",
+        "osImages": os_images,
+        "allowedTcbStatuses": ["UpToDate"],
+        "kms": {"mrAggregated": [], "allowAnyDevice": True},
+        "apps": {a: {"composeHashes": h, "allowAnyDevice": True} for a, h in apps.items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
+def kms_toml(d: Path, port: int, pccs_url: str, root: Path, allow: Path) -> str:
+    return f"""# local kms for the dev stack
+[rpc]
+address = "0.0.0.0"
+port = {port}
+
+[core]
+cert_dir = "{d / "kms-certs"}"
+
+[core.image]
+verify = false
+
+[core.onboard]
+auto_bootstrap_domain = "kms.local"
+
+[core.attestation]
+insecure_allow_external_trust_anchors = true
+cache_dir = "{d / "kms-collateral"}"
+
+[core.attestation.urls]
+pccs = "{pccs_url}"
+
+[core.attestation.root_ca]
+tdx = "{root}"
+
+[core.auth_api]
+type = "simple"
+
+[core.auth_api.simple]
+config = "{allow}"
+"""
+
+
+def vmm_toml(
+    d: Path,
+    port: int,
+    kms_url: str,
+    cvm_kms_url: str,
+    seed: bytes,
+    *,
+    auth_token: str = "",
+    auto_restart: bool = False,
+    bridge: str = "dstack0",
+    subnet: str = "10.213.0.0/16",
+) -> str:
+    auth = f'\n[auth]\nenabled = true\ntokens = ["{auth_token}"]\n' if auth_token else ""
+    return f"""# local dstack-vmm for the dev stack
+address = "tcp:127.0.0.1:{port}"
+kms_url = "{kms_url}"
+run_path = "{d / "run" / "vm"}"
+
+[image]
+path = "{d / "images"}"
+
+[cvm]
+kms_urls = ["{cvm_kms_url}"]
+gateway_urls = []
+
+[cvm.port_mapping]
+enabled = true
+address = "127.0.0.1"
+range = [
+    {{ protocol = "tcp", from = 1024, to = 65535 }},
+    {{ protocol = "udp", from = 1024, to = 65535 }},
+]
+
+[cvm.auto_restart]
+enabled = {str(auto_restart).lower()}
+
+[cvm.tee_simulator]
+mock_attestation_seed = "{seed.hex()}"
+
+[cvm.sandbox]
+bridge = "{bridge}"
+subnet = "{subnet}"
+scrypt_n = 10
+{auth}"""
+
+
+@dataclass
+class DevStack:
+    dir: Path
+    seed: bytes = DEFAULT_SEED
+    auth_token: str = ""
+    auto_restart: bool = False
+    procs: dict[str, Proc] = field(default_factory=dict)
+    kms_url: str = ""
+    vmm_url: str = ""
+    pccs_url: str = ""
+
+    @property
+    def allowlist(self) -> Path:
+        return self.dir / "allow.json"
+
+    @property
+    def root_ca(self) -> Path:
+        return self.dir / "mock-root-ca.der"
+
+    @property
+    def vmm_config(self) -> Path:
+        return self.dir / "vmm.toml"
+
+    def start(self, progress: IO[str] | None = None) -> DevStack:
+        d = self.dir
+        d.mkdir(parents=True, exist_ok=True)
+
+        def say(msg: str) -> None:
+            if progress is not None:
+                print(msg, file=progress, flush=True)
+
+        py = sys.executable
+        pccs_port = free_port()
+        self.procs["pccs"] = Proc(
+            "pccs",
+            _spawn(
+                [
+                    py, "-m", "pydstack.tee.collateral_server", "--seed", self.seed.hex(),
+                    "--listen", f"127.0.0.1:{pccs_port}", "--root-out", str(self.root_ca),
+                ],
+                d / "pccs.log",
+            ),
+            d / "pccs.log",
+        )  # fmt: skip
+        _wait_line(self.procs["pccs"].proc, d / "pccs.log", "serving", 30)  # type: ignore[arg-type]
+        self.pccs_url = f"http://127.0.0.1:{pccs_port}"
+        say(f"mock pccs on {self.pccs_url}")
+
+        if not self.allowlist.exists():
+            write_allowlist(self.allowlist, {}, [sandbox_image_digest()])
+        kms_port = free_port()
+        (d / "kms.toml").write_text(
+            kms_toml(d, kms_port, self.pccs_url, self.root_ca, self.allowlist)
+        )
+        self.start_kms()
+        say(f"kms on {self.kms_url}")
+
+        config = VmmConfig()
+        host_ip = config.host_ip
+        vmm_port = free_port()
+        self.vmm_config.write_text(
+            vmm_toml(
+                d,
+                vmm_port,
+                self.kms_url,
+                self.kms_url.replace("127.0.0.1", host_ip),
+                self.seed,
+                auth_token=self.auth_token,
+                auto_restart=self.auto_restart,
+            )
+        )
+        self.vmm_url = f"http://127.0.0.1:{vmm_port}"
+        self.start_vmm()
+        say(f"dstack-vmm on {self.vmm_url}")
+        return self
+
+    def start_kms(self) -> None:
+        log = self.dir / "kms.log"
+        proc = _spawn(
+            [sys.executable, "-m", "pydstack.kms.main", "-c", str(self.dir / "kms.toml")], log
+        )
+        self.procs["kms"] = Proc("kms", proc, log)
+        line = _wait_line(proc, log, "dstack-kms listening on", 60)
+        self.kms_url = line.split()[-1].replace("0.0.0.0", "127.0.0.1")
+
+    def start_vmm(self) -> None:
+        log = self.dir / "vmm.log"
+        proc = _spawn([sys.executable, "-m", "pydstack.vmm.main", "-c", str(self.vmm_config)], log)
+        self.procs["vmm"] = Proc("vmm", proc, log)
+        _wait_line(proc, log, "dstack-vmm listening on", 60)
+
+    def allow(self, apps: dict[str, list[str]]) -> None:
+        write_allowlist(self.allowlist, apps, [sandbox_image_digest()])
+
+    def rpc(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        r = httpx.post(
+            f"{self.vmm_url}/prpc/{method}?json", json=body or {}, headers=headers, timeout=60
+        )
+        if r.status_code != 200:
+            raise StackError(f"{method}: http {r.status_code}: {r.text[:500]}")
+        out = r.json()
+        return out if isinstance(out, dict) else {}
+
+    def info(self, vm_id: str) -> dict[str, Any]:
+        info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info", {})
+        return info
+
+    def wait_vm(self, vm_id: str, until: str = "done", timeout: float = 120) -> dict[str, Any]:
+        """wait for boot progress `until` (or a boot error, raised); returns the vm info."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            info = self.info(vm_id)
+            if info.get("boot_error"):
+                raise StackError(f"vm {vm_id} failed to boot: {info['boot_error']}")
+            if info.get("boot_progress") == until and info.get("status") == "running":
+                return info
+            time.sleep(0.2)
+        raise StackError(f"vm {vm_id} did not reach {until!r} in {timeout:.0f} s: {info}")
+
+    def logs(self, vm_id: str, lines: int = 100) -> str:
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        r = httpx.get(
+            f"{self.vmm_url}/logs",
+            params={"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)},
+            headers=headers,
+            timeout=30,
+        )
+        return r.text
+
+    def remove_all(self) -> None:
+        for vm in self.rpc("Status", {"brief": True}).get("vms", []):
+            self.rpc("RemoveVm", {"id": vm["id"]})
+        deadline = time.monotonic() + 60
+        while self.rpc("Status", {"brief": True}).get("vms") and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self, remove_vms: bool = True) -> None:
+        vmm = self.procs.get("vmm")
+        if remove_vms and vmm is not None and vmm.proc is not None:
+            with contextlib.suppress(StackError, httpx.HTTPError):
+                self.remove_all()
+        for name in ("vmm", "kms", "pccs"):
+            if name in self.procs:
+                self.procs[name].stop()
