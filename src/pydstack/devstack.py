@@ -43,10 +43,15 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _wait_line(proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: float) -> str:
+def _wait_line(
+    proc: subprocess.Popen[bytes], log: Path, marker: str, timeout: float, offset: int = 0
+) -> str:
+    """the first line containing `marker` written to `log` past `offset`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
         for line in text.splitlines():
             if marker in line:
                 return line
@@ -102,6 +107,9 @@ port = {port}
 
 [core]
 cert_dir = "{d / "kms-certs"}"
+# this kms runs on the host, not in a CVM: it cannot attest itself
+enforce_self_authorization = false
+attest_rpc_cert = false
 
 [core.image]
 verify = false
@@ -179,6 +187,9 @@ class DevStack:
     seed: bytes = DEFAULT_SEED
     auth_token: str = ""
     auto_restart: bool = False
+    #: a separate bridge and subnet per stack keep concurrent stacks apart
+    bridge: str = "dstack0"
+    subnet: str = "10.213.0.0/16"
     procs: dict[str, Proc] = field(default_factory=dict)
     kms_url: str = ""
     vmm_url: str = ""
@@ -230,8 +241,7 @@ class DevStack:
         self.start_kms()
         say(f"kms on {self.kms_url}")
 
-        config = VmmConfig()
-        host_ip = config.host_ip
+        host_ip = VmmConfig(sandbox_subnet=self.subnet).host_ip
         vmm_port = free_port()
         self.vmm_config.write_text(
             vmm_toml(
@@ -242,6 +252,8 @@ class DevStack:
                 self.seed,
                 auth_token=self.auth_token,
                 auto_restart=self.auto_restart,
+                bridge=self.bridge,
+                subnet=self.subnet,
             )
         )
         self.vmm_url = f"http://127.0.0.1:{vmm_port}"
@@ -251,18 +263,20 @@ class DevStack:
 
     def start_kms(self) -> None:
         log = self.dir / "kms.log"
+        offset = log.stat().st_size if log.exists() else 0
         proc = _spawn(
             [sys.executable, "-m", "pydstack.kms.main", "-c", str(self.dir / "kms.toml")], log
         )
         self.procs["kms"] = Proc("kms", proc, log)
-        line = _wait_line(proc, log, "dstack-kms listening on", 60)
+        line = _wait_line(proc, log, "dstack-kms listening on", 60, offset)
         self.kms_url = line.split()[-1].replace("0.0.0.0", "127.0.0.1")
 
     def start_vmm(self) -> None:
         log = self.dir / "vmm.log"
+        offset = log.stat().st_size if log.exists() else 0
         proc = _spawn([sys.executable, "-m", "pydstack.vmm.main", "-c", str(self.vmm_config)], log)
         self.procs["vmm"] = Proc("vmm", proc, log)
-        _wait_line(proc, log, "dstack-vmm listening on", 60)
+        _wait_line(proc, log, "dstack-vmm listening on", 60, offset)
 
     def allow(self, apps: dict[str, list[str]]) -> None:
         write_allowlist(self.allowlist, apps, [sandbox_image_digest()])

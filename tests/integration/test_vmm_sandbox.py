@@ -1,0 +1,354 @@
+"""end to end: a compose app deployed through the `dstack` CLI into a sandbox CVM.
+
+Real processes throughout: mock PCCS, dstack-kms, dstack-vmm, the sandbox launcher and guest
+(network/mount/pid namespaces, gocryptfs storage) and podman running the app's container, which
+talks to its CVM's dstack.sock. Needs root, podman and gocryptfs (scripts/setup.sh installs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pydstack.apps.image import hello_image
+from pydstack.attest.errors import VerifyError
+from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
+from pydstack.attest.verify import CollateralCache, verify_quote
+from pydstack.crypto import k256
+from pydstack.devstack import DevStack, free_port
+from pydstack.kms.derive import derive_app_keys
+from pydstack.kms.keys import KeyStore
+from pydstack.vmm.sandbox import names_for
+
+pytestmark = pytest.mark.integration
+
+BRIDGE, SUBNET = "dstacktest0", "10.219.0.0/16"
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    return hello_image()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = DevStack(tmp_path_factory.mktemp("stack"), bridge=BRIDGE, subnet=SUBNET)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def dstack(stack: DevStack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "pydstack.vmm.cli", "--url", stack.vmm_url, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(stack.dir / "home")},
+        timeout=120,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"dstack {' '.join(args)} failed:\n{out.stdout}{out.stderr}")
+    return out
+
+
+def write_app(d: Path, image: str, *, kms: bool = True, env: str = "SECRET=s3cr3t\n") -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "docker-compose.yml").write_text(f"""
+services:
+  hello:
+    image: {image}
+    environment:
+      PORT: "8080"
+      SECRET: ${{SECRET:-none}}
+      FORBIDDEN: ${{FORBIDDEN:-unset}}
+    volumes:
+      - /var/run/dstack.sock:/var/run/dstack.sock
+      - data:/data
+volumes:
+  data:
+""")
+    (d / "env").write_text(env)
+    return d
+
+
+def compose(stack: DevStack, d: Path, name: str, *, kms: bool = True) -> tuple[str, str]:
+    """`dstack compose`; returns (app id, compose hash)."""
+    args = ["compose", "--name", name, "--docker-compose", str(d / "docker-compose.yml")]
+    args += ["--kms", "--env-file", str(d / "env")] if kms else ["--key-provider", "none"]
+    out = dstack(stack, *args, "--output", str(d / "app-compose.json")).stdout
+    h = out.split("Compose hash:")[1].split()[0]
+    assert h == hashlib.sha256((d / "app-compose.json").read_bytes()).hexdigest()
+    return h[:40], h
+
+
+def deploy(stack: DevStack, d: Path, name: str, *extra: str, check: bool = True):
+    return dstack(
+        stack,
+        "deploy",
+        "--name",
+        name,
+        "--image",
+        "pydstack-sandbox",
+        "--compose",
+        str(d / "app-compose.json"),
+        *extra,
+        check=check,
+    )
+
+
+def vm_id_of(out: str) -> str:
+    return out.split("Created VM with ID:")[1].split()[0]
+
+
+def get(port: int, route: str, **params: str) -> dict:
+    r = httpx.get(f"http://127.0.0.1:{port}{route}", params=params, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(pred, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def netns_exists(vm_id: str) -> bool:
+    return Path(f"/run/netns/{names_for(vm_id)[0]}").exists()
+
+
+def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str, tmp_path):
+    d = write_app(tmp_path / "app", image)
+    app_id, chash = compose(stack, d, "hello")
+    stack.allow({app_id: [chash]})
+    # FORBIDDEN is encrypted along but is not in allowed_envs (compose took the keys of `env`)
+    (d / "env-all").write_text("SECRET=s3cr3t\nFORBIDDEN=leaked\n")
+    port = free_port()
+    out = deploy(
+        stack,
+        d,
+        "hello",
+        "--env-file",
+        str(d / "env-all"),
+        "--kms-encrypt-url",
+        stack.kms_url,
+        "--port",
+        f"tcp:127.0.0.1:{port}:8080",
+    ).stdout
+    assert f"App ID: {app_id}" in out
+    vm = vm_id_of(out)
+    info = stack.wait_vm(vm)
+    assert info["app_id"] == app_id
+    instance_id = info["instance_id"]
+    assert len(instance_id) == 40
+    lsvm = dstack(stack, "lsvm").stdout
+    assert vm in lsvm and "running" in lsvm
+
+    # GetKey from inside the container equals the KMS derivation
+    root = KeyStore(stack.dir / "kms-certs").load()
+    expected = derive_app_keys(
+        root.root_ca_key, root.root_k256, bytes.fromhex(app_id), bytes.fromhex(instance_id)
+    )
+    want_key, want_chain = k256.get_key_chain(
+        expected.k256_key, "wallet/eth", "signing", "secp256k1", expected.k256_signature
+    )
+    got = get(port, "/key", path="wallet/eth", purpose="signing")
+    assert got["key"] == want_key.hex()
+    assert got["signature_chain"] == [s.hex() for s in want_chain]
+
+    # GetQuote verifies under the mock root, and the event log replays to RTMR3
+    nonce = os.urandom(32)
+    q = get(port, "/quote", report_data=nonce.hex())
+    raw = bytes.fromhex(q["quote"])
+    collateral = asyncio_run(CollateralCache(stack.pccs_url).get(raw))
+    verified = verify_quote(raw, collateral, root_ca_der=stack.root_ca.read_bytes())
+    report = verified.quote.td_report
+    assert report is not None and report.report_data[:32] == nonce
+    events = event_log_from_json(q["event_log"])
+    assert replay_rtmrs(events) == report.rtmrs
+    measured = {e.event: e.event_payload for e in events if e.imr == 3}
+    assert measured["compose-hash"].hex() == chash
+    assert measured["app-id"].hex() == app_id
+    assert measured["instance-id"].hex() == instance_id
+    assert measured["storage-fs"] == b"gocryptfs"
+    order = [e.event for e in events if e.imr == 3 and e.event]
+    assert order[: order.index("system-ready") + 1][-9:] == [
+        "system-preparing",
+        "app-id",
+        "compose-hash",
+        "instance-id",
+        "boot-mr-done",
+        "os-image-hash",  # the kms reports it with the keys
+        "key-provider",
+        "storage-fs",
+        "system-ready",
+    ]
+    with pytest.raises(VerifyError):  # without the mock root (i.e. Intel's) it is refused
+        verify_quote(raw, collateral)
+
+    # encrypted env: the allowed variable arrives, the other is dropped
+    assert get(port, "/env", name="SECRET")["value"] == "s3cr3t"
+    assert get(port, "/env", name="FORBIDDEN")["value"] == "unset"
+    assert "FORBIDDEN is not in allowed_envs" in stack.logs(vm, 200)
+    assert "leaked" not in stack.logs(vm, 500)
+
+    # persistent storage is encrypted on the host and survives stop/start
+    r = httpx.post(f"http://127.0.0.1:{port}/data", params={"name": "note"}, content=b"persist me")
+    assert r.status_code == 200, r.text
+    wd = stack.dir / "run" / "vm" / vm
+    blobs = [p.read_bytes() for p in (wd / "data").rglob("*") if p.is_file()]
+    assert blobs and not any(b"persist me" in b for b in blobs)
+    assert "shutting down" in dstack(stack, "stop", vm).stdout
+    wait_for(lambda: stack.info(vm)["status"] == "stopped", "graceful shutdown")
+    assert not port_open(port) and not netns_exists(vm)
+    dstack(stack, "start", vm)
+    info = stack.wait_vm(vm)
+    assert info["instance_id"] == instance_id
+    assert get(port, "/key", path="wallet/eth", purpose="signing")["key"] == want_key.hex()
+    assert get(port, "/data", name="note")["value"] == "persist me"
+
+    # the VMM dies and comes back: the CVM kept running and is still manageable
+    stack.procs["vmm"].kill()
+    assert get(port, "/health") == {"ok": True}
+    stack.start_vmm()
+    info = stack.info(vm)
+    assert info["status"] == "running" and info["boot_progress"] == "done"
+    assert dstack(stack, "info", vm).stdout.count(instance_id) == 1
+    dstack(stack, "stop", "-f", vm)
+    wait_for(lambda: stack.info(vm)["status"] == "stopped", "forced stop")
+    assert not port_open(port)
+
+    # remove deletes everything
+    dstack(stack, "remove", vm)
+    wait_for(lambda: not wd.exists(), "work dir removal")
+    assert not netns_exists(vm)
+    assert vm not in dstack(stack, "lsvm").stdout
+
+
+def asyncio_run(coro):
+    return asyncio.run(coro)
+
+
+def test_compose_hash_the_kms_denies_stops_the_boot(stack: DevStack, image: str, tmp_path):
+    d = write_app(tmp_path / "denied", image)
+    app_id, _ = compose(stack, d, "denied")
+    stack.allow({app_id: ["00" * 32]})  # registered, but another compose hash
+    out = deploy(stack, d, "denied").stdout
+    vm = vm_id_of(out)
+    # the cvm reports the kms's reason and halts
+    wait_for(lambda: stack.info(vm).get("status") == "exited", "the failed cvm to halt", 90)
+    info = stack.info(vm)
+    assert "compose hash not allowed" in info["boot_error"]
+    lsvm = dstack(stack, "lsvm").stdout
+    assert "boot error" in lsvm and "compose hash not allowed" in lsvm
+    assert "compose hash not allowed" in dstack(stack, "logs", vm, "-n", "50").stdout
+    # the app never started: nothing measured past the key request reached the host
+    assert "setting up docker" not in stack.logs(vm, 200)
+    dstack(stack, "remove", vm)
+
+
+def _snapshot(stack: DevStack) -> tuple[list[str], list[str]]:
+    run = stack.dir / "run" / "vm"
+    vms = [v["id"] for v in stack.rpc("Status", {}).get("vms", [])]
+    return sorted(p.name for p in run.iterdir()) if run.exists() else [], sorted(vms)
+
+
+def test_bad_input_gets_a_clear_error_and_changes_nothing(stack: DevStack, image: str, tmp_path):
+    d = write_app(tmp_path / "bad", image)
+    compose(stack, d, "keeper", kms=False)
+    keeper = vm_id_of(deploy(stack, d, "keeper", "--stopped").stdout)
+    before = _snapshot(stack)
+
+    def refused(out: subprocess.CompletedProcess[str], message: str) -> None:
+        assert out.returncode != 0, out.stdout
+        assert out.stderr.startswith("error: "), out.stderr
+        assert message in out.stderr, out.stderr
+        assert _snapshot(stack) == before
+
+    refused(deploy(stack, d, "keeper", check=False), "already")
+    # unknown image
+    out = dstack(
+        stack, "deploy", "--name", "x1", "--image", "no-such-image", "--compose",
+        str(d / "app-compose.json"), check=False,
+    )  # fmt: skip
+    refused(out, "no-such-image")
+    # port already in use on the host
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        used = busy.getsockname()[1]
+        out = deploy(stack, d, "x2", "--port", f"tcp:127.0.0.1:{used}:80", check=False)
+        refused(out, "in use")
+    # malformed port spec (client side)
+    refused(deploy(stack, d, "x3", "--port", "tcp:80", check=False), "port spec")
+    # malformed docker compose inside a valid app compose
+    bad = tmp_path / "bad-yaml"
+    bad.mkdir()
+    doc = json.loads((d / "app-compose.json").read_text())
+    doc["docker_compose_file"] = "services: [unclosed"
+    (bad / "app-compose.json").write_text(json.dumps(doc))
+    refused(deploy(stack, bad, "x4", check=False), "docker compose")
+    # an app compose that is not json at all
+    (bad / "app-compose.json").write_text("{not json")
+    refused(deploy(stack, bad, "x5", check=False), "json")
+    # the same through the api directly (the cli checks json first)
+    r = httpx.post(
+        f"{stack.vmm_url}/prpc/CreateVm?json",
+        json={"name": "x6", "image": "pydstack-sandbox", "compose_file": "{not json"},
+    )
+    assert r.status_code == 400 and "compose" in r.json()["error"]
+    # a service with a build section cannot run here (no registry, no builder)
+    doc["docker_compose_file"] = "services:\n  a:\n    build: .\n"
+    (bad / "app-compose.json").write_text(json.dumps(doc))
+    refused(deploy(stack, bad, "x7", check=False), "build")
+    # the server kept serving
+    assert dstack(stack, "lsvm").stdout.count(keeper) == 1
+    dstack(stack, "remove", keeper)
+
+
+def test_env_key_signed_by_an_untrusted_kms_is_refused(stack: DevStack, image: str, tmp_path):
+    d = write_app(tmp_path / "signer", image)
+    compose(stack, d, "signer")
+    other = k256.compressed_pubkey(os.urandom(31) + b"\x01").hex()
+    dstack(stack, "kms", "add", other)
+    try:
+        assert other in dstack(stack, "kms", "list").stdout
+        before = _snapshot(stack)
+        out = deploy(
+            stack, d, "signer", "--env-file", str(d / "env"), "--kms-encrypt-url", stack.kms_url,
+            check=False,
+        )  # fmt: skip
+        assert out.returncode != 0 and "not a trusted kms signer" in out.stderr, out.stderr
+        assert _snapshot(stack) == before
+        # trusting the real kms key lets the same deploy through
+        root = KeyStore(stack.dir / "kms-certs").load()
+        dstack(stack, "kms", "add", root.k256_pubkey.hex())
+        out = deploy(
+            stack, d, "signer", "--env-file", str(d / "env"), "--kms-encrypt-url", stack.kms_url,
+            "--stopped",
+        )  # fmt: skip
+        dstack(stack, "remove", vm_id_of(out.stdout))
+        dstack(stack, "kms", "remove", root.k256_pubkey.hex())
+    finally:
+        dstack(stack, "kms", "remove", other)
+    assert other not in dstack(stack, "kms", "list").stdout
