@@ -144,6 +144,7 @@ def vmm_toml(
     *,
     auth_token: str = "",
     auto_restart: bool = False,
+    restart_backoff: float = 5.0,
     bridge: str = "dstack0",
     subnet: str = "10.213.0.0/16",
 ) -> str:
@@ -170,6 +171,7 @@ range = [
 
 [cvm.auto_restart]
 enabled = {str(auto_restart).lower()}
+initial_backoff = {restart_backoff}
 
 [cvm.tee_simulator]
 mock_attestation_seed = "{seed.hex()}"
@@ -187,6 +189,7 @@ class DevStack:
     seed: bytes = DEFAULT_SEED
     auth_token: str = ""
     auto_restart: bool = False
+    restart_backoff: float = 5.0
     #: a separate bridge and subnet per stack keep concurrent stacks apart
     bridge: str = "dstack0"
     subnet: str = "10.213.0.0/16"
@@ -252,6 +255,7 @@ class DevStack:
                 self.seed,
                 auth_token=self.auth_token,
                 auto_restart=self.auto_restart,
+                restart_backoff=self.restart_backoff,
                 bridge=self.bridge,
                 subnet=self.subnet,
             )
@@ -325,7 +329,7 @@ class DevStack:
         while self.rpc("Status", {"brief": True}).get("vms") and time.monotonic() < deadline:
             time.sleep(0.2)
 
-    def stop(self, remove_vms: bool = True) -> None:
+    def stop(self, remove_vms: bool = True, remove_bridge: bool = False) -> None:
         vmm = self.procs.get("vmm")
         if remove_vms and vmm is not None and vmm.proc is not None:
             with contextlib.suppress(StackError, httpx.HTTPError):
@@ -333,3 +337,5 @@ class DevStack:
         for name in ("vmm", "kms", "pccs"):
             if name in self.procs:
                 self.procs[name].stop()
+        if remove_bridge:
+            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

@@ -47,7 +47,7 @@ def stack(tmp_path_factory):
         s.start()
         yield s
     finally:
-        s.stop()
+        s.stop(remove_bridge=True)
 
 
 def dstack(stack: DevStack, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -352,3 +352,67 @@ def test_env_key_signed_by_an_untrusted_kms_is_refused(stack: DevStack, image: s
     finally:
         dstack(stack, "kms", "remove", other)
     assert other not in dstack(stack, "kms", "list").stdout
+
+
+def test_crashed_cvm_restarts_with_backoff(image: str, tmp_path):
+    s = DevStack(
+        tmp_path / "stack", bridge="dstacktest1", subnet="10.218.0.0/16", auto_restart=True,
+        restart_backoff=1.0,
+    )  # fmt: skip
+    try:
+        s.start()
+        d = write_app(tmp_path / "crash", image)
+        compose(s, d, "crash", kms=False)
+        vm = vm_id_of(deploy(s, d, "crash").stdout)
+        first = s.wait_vm(vm)
+        pid = int((s.dir / "run" / "vm" / vm / "launcher.pid").read_text())
+        os.kill(pid, 9)  # the cvm dies without being asked to
+        wait_for(
+            lambda: any(e["event"] == "vmm.auto_restart" for e in s.info(vm).get("events", [])),
+            "the restart",
+        )
+        again = s.wait_vm(vm)
+        assert again["app_id"] == first["app_id"]
+        assert int((s.dir / "run" / "vm" / vm / "launcher.pid").read_text()) != pid
+        # a requested shutdown is not a crash: the vm stays down
+        dstack(s, "stop", vm)
+        wait_for(lambda: s.info(vm)["status"] == "stopped", "shutdown")
+        time.sleep(3)  # several restart-loop rounds
+        assert s.info(vm)["status"] == "stopped"
+    finally:
+        s.stop(remove_bridge=True)
+
+
+def test_token_auth_guards_the_api_logs_and_ui(tmp_path):
+    token = "s3cret-token"
+    s = DevStack(tmp_path / "auth", bridge="dstacktest2", subnet="10.217.0.0/16", auth_token=token)
+    try:
+        s.start()
+        url = s.vmm_url
+        for path in ("/prpc/Status?json", "/logs?id=x", "/", "/guest/Info?json"):
+            r = httpx.get(url + path)
+            assert r.status_code == 401, path
+            assert "realm" in r.headers.get("WWW-Authenticate", "")  # browsers prompt
+        assert (
+            httpx.get(
+                url + "/prpc/Version?json", headers={"Authorization": "Bearer no"}
+            ).status_code
+            == 401
+        )
+        assert s.rpc("Version")["version"]  # s.rpc sends the bearer token
+        assert httpx.get(url + "/prpc/Version?json", headers={"X-Admin-Token": token}).is_success
+        assert httpx.get(url + "/prpc/Version", params={"json": "", "token": token}).is_success
+        assert httpx.get(url + "/prpc/Version?json", auth=("admin", token)).is_success
+        denied = subprocess.run(
+            [sys.executable, "-m", "pydstack.vmm.cli", "--url", url, "lsvm"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert denied.returncode != 0 and "unauthorized" in denied.stderr
+        ok = subprocess.run(
+            [sys.executable, "-m", "pydstack.vmm.cli", "--url", url, "--token", token, "lsvm"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert ok.returncode == 0 and "VM ID" in ok.stdout
+        assert token not in (s.dir / "vmm.log").read_text()
+    finally:
+        s.stop(remove_bridge=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -119,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     port = int(os.environ.get("PORT", "8080"))
+    # as a container's pid 1 nothing stops us on SIGTERM unless we handle it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"hello: listening on :{port}, dstack socket {SOCKET}", flush=True)
     ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
 

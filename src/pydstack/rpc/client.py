@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 from .json_codec import CodecError, json_to_message, message_to_json
 from .proto import prpc_pb2
 from .server import RpcError
+from .unixpath import SocketPath
 
 M = TypeVar("M", bound=Message)
 
@@ -46,7 +47,8 @@ class PrpcClient:
                 _PeerCertConnector(self._on_peer_cert, ssl=self._ssl)
             )
         else:
-            path = base
+            self._sock = SocketPath(base)  # held open: connections are made lazily
+            path = self._sock.address
             self.url = "http://localhost/" + prefix.strip("/")
             self._connector_factory = lambda: aiohttp.UnixConnector(path=path)
         self.url = self.url.rstrip("/")

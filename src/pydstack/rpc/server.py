@@ -31,6 +31,7 @@ from google.protobuf.message_factory import GetMessageClass
 
 from .json_codec import CodecError, json_to_message, message_to_json, query_to_message
 from .proto import prpc_pb2
+from .unixpath import SocketPath
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +210,9 @@ class PrpcServer:
             path.unlink()
         path.parent.mkdir(parents=True, exist_ok=True)
         runner = await self._runner_ready()
-        site = web.UnixSite(runner, str(path))
-        await site.start()
+        with SocketPath(path) as addr:
+            site = web.UnixSite(runner, addr.address)
+            await site.start()
         os.chmod(path, mode)
         self._sites.append(site)
 

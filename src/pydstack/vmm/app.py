@@ -615,11 +615,11 @@ class VmmApp:
         vm = self.get(vm_id)
         if not vm.is_running():
             raise RpcError("the vm is not running")
+        vm.workdir.set_started(False)  # a requested power-off is not a crash to restart
         try:
             await self.guest_call(vm_id, "Shutdown", Empty(), Empty, timeout=5)
         except RpcError:
             # no guest api (still booting): ask the launcher for a graceful stop instead
-            vm.workdir.set_started(False)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(vm.pid, signal.SIGTERM)
 
