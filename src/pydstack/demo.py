@@ -1,81 +1,180 @@
-"""the main job, until the VMM lands: a simulated CVM serving the guest API, checked end to end.
+"""the main job: a local dstack (mock PCCS, KMS, dstack-vmm) deploying a sample app end to end.
 
-    python -m pydstack.demo [--dir ./run/demo] [--serve]
+    python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve]
 
-1. `dstack-simulator` state in DIR: a simulated TD boots, measures the app into RTMR3 and serves
-   dstack.sock / tappd.sock / HTTP;
-2. a mock PCCS serves the simulated platform's collateral on loopback;
-3. an app (pydstack.sdk) asks for a key and a quote;
-4. a verifier fetches collateral from the PCCS, verifies the quote against the mock root under the
-   default policy, replays the event log to RTMR3 and checks the compose hash it measured.
-With `--serve` the agent keeps running afterwards (Ctrl-C stops it).
+1. a mock PCCS, a KMS and dstack-vmm start as real processes under DIR;
+2. the sample app's image is built locally (podman) and its docker-compose file becomes an
+   app-compose with the KMS as key provider and one encrypted secret;
+3. the KMS's allowlist admits that compose hash; `dstack deploy` encrypts the secret to the app's
+   env key (after checking the KMS's signature on it) and creates the CVM with a port mapping;
+4. the CVM boots (progress shown): RTMR3 measurement, keys from the KMS over RA-TLS, encrypted
+   storage, the app's container;
+5. as a remote verifier would, we ask the app for a key and a quote through the forwarded port,
+   verify the quote against the mock root and replay its event log to the compose hash.
+With `--serve` everything keeps running (web UI on the VMM's address) until Ctrl-C; either way
+the CVM is removed and the processes stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import io
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
+import httpx
+
+from pydstack.apps.image import ImageError, hello_image
 from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
 from pydstack.attest.verify import CollateralCache, verify_quote
-from pydstack.guest.simulator import boot, prepare, serve, stop_signal
-from pydstack.sdk import AsyncDstackClient
-from pydstack.tee.collateral_server import start_server
+from pydstack.devstack import DevStack, StackError
+from pydstack.vmm import cli
+
+COMPOSE = """services:
+  hello:
+    image: {image}
+    restart: always
+    environment:
+      PORT: "8080"
+      GREETING: ${{GREETING:-hi}}
+    volumes:
+      - /var/run/dstack.sock:/var/run/dstack.sock
+      - data:/data
+volumes:
+  data:
+"""
 
 
 def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-async def run(directory: Path, keep_serving: bool) -> int:
-    _step(f"booting a simulated cvm in {directory}")
-    state = prepare(directory)
-    tdx, core = boot(state)
-    group, endpoints = await serve(core, state.dir, ("127.0.0.1", 0))
-    pccs, pccs_url = await start_server(tdx.collateral(), tdx.pki.platform.fmspc.hex())
+def _cli(*args: str) -> str:
+    """run a `dstack` command in-process, returning what it printed."""
+    out = io.StringIO()
     try:
-        _step(f"guest agent on {endpoints['dstack']} and {endpoints['http']}")
-        _step(f"mock pccs serving collateral on {pccs_url}")
-        async with AsyncDstackClient(endpoints["dstack"]) as app:
-            info = await app.info()
-            key = await app.get_key("demo/wallet", "signing")
-            nonce = hashlib.sha256(b"demo nonce").digest()
-            quote = await app.get_quote(nonce)
-        print(f"    app {info.app_id}  instance {info.instance_id}")
-        print(f"    derived key path demo/wallet: public chain of {len(key.signature_chain)} sigs")
+        with contextlib.redirect_stdout(out):
+            code = cli.main(list(args))
+    except SystemExit as e:  # the cli exits on errors it has already printed
+        code = int(e.code or 1)
+    if code:
+        raise StackError(f"dstack {args[0]} failed")
+    return out.getvalue()
+
+
+def _wait_boot(stack: DevStack, vm_id: str, timeout: float = 180) -> dict[str, object]:
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = stack.info(vm_id)
+        progress = str(info.get("boot_progress") or "")
+        if progress and progress != seen:
+            print(f"    boot: {progress}", flush=True)
+            seen = progress
+        if info.get("boot_error"):
+            raise StackError(f"the cvm failed to boot: {info['boot_error']}")
+        if progress == "done" and info.get("status") == "running":
+            return info
+        time.sleep(0.2)
+    raise StackError("the cvm did not finish booting in time")
+
+
+def run(directory: Path, port: int, keep_serving: bool) -> int:
+    stack = DevStack(directory)
+    try:
+        _step(f"starting a local pccs, kms and dstack-vmm in {directory}")
+        stack.start(progress=sys.stdout)
+        os.environ["DSTACK_VMM_URL"] = stack.vmm_url
+        _step("building the sample app's image locally with podman")
+        image = hello_image()
+        print(f"    {image}")
+
+        app_dir = directory / "app"
+        app_dir.mkdir(parents=True, exist_ok=True)
+        (app_dir / "docker-compose.yml").write_text(COMPOSE.format(image=image))
+        env = app_dir / "secrets.env"
+        env.write_text("GREETING=hello from an encrypted env\n")
+        os.chmod(env, 0o600)
+        _step("writing the app-compose (kms key provider, GREETING allowed)")
+        out = _cli(
+            "compose", "--name", "hello", "--docker-compose", str(app_dir / "docker-compose.yml"),
+            "--kms", "--env-file", str(env), "--output", str(app_dir / "app-compose.json"),
+        )  # fmt: skip
+        compose_hash = out.split("Compose hash:")[1].split()[0]
+        app_id = compose_hash[:40]
+        print(f"    compose hash {compose_hash}")
+        _step(f"allowing app {app_id} with that compose hash in the kms")
+        stack.allow({app_id: [compose_hash]})
+
+        _step(f"deploying through `dstack deploy` (port 127.0.0.1:{port} -> 8080)")
+        out = _cli(
+            "deploy", "--name", "hello", "--image", "pydstack-sandbox",
+            "--compose", str(app_dir / "app-compose.json"), "--env-file", str(env),
+            "--kms-encrypt-url", stack.kms_url, "--port", f"tcp:127.0.0.1:{port}:8080",
+        )  # fmt: skip
+        vm_id = out.split("Created VM with ID:")[1].split()[0]
+        print(f"    vm {vm_id}")
+        t0 = time.monotonic()
+        info = _wait_boot(stack, vm_id)
+        print(f"    booted in {time.monotonic() - t0:.1f} s; instance {info.get('instance_id')}")
+        print(_cli("lsvm"), end="")
+
+        _step("asking the app (inside the cvm) for a key and a quote")
+        base = f"http://127.0.0.1:{port}"
+        stack.wait_http(f"{base}/health").raise_for_status()
+        key = httpx.get(f"{base}/key", params={"path": "demo/wallet", "purpose": "signing"})
+        key.raise_for_status()
+        nonce = hashlib.sha256(b"demo nonce").digest()
+        quote = httpx.get(f"{base}/quote", params={"report_data": nonce.hex()}, timeout=30)
+        quote.raise_for_status()
+        greeting = httpx.get(f"{base}/env", params={"name": "GREETING"}).json().get("value")
+        print(f"    key for demo/wallet: {key.json()['key'][:16]}... (derived by the kms)")
+
         _step("verifying the quote as a remote verifier would")
-        raw = quote.decode_quote()
-        collateral = await CollateralCache(pccs_url).get(raw)
-        verified = verify_quote(raw, collateral, root_ca_der=tdx.root_ca_der)
+        q = quote.json()
+        raw = bytes.fromhex(q["quote"])
+        collateral = asyncio.run(CollateralCache(stack.pccs_url).get(raw))
+        verified = verify_quote(raw, collateral, root_ca_der=stack.root_ca.read_bytes())
         report = verified.quote.td_report
         assert report is not None
-        events = event_log_from_json(quote.event_log)
-        replayed = replay_rtmrs(events)
-        compose_hash = hashlib.sha256(state.compose_raw).digest()
-        measured = next(e.event_payload for e in events if e.event == "compose-hash")
+        events = event_log_from_json(q["event_log"])
+        measured = {e.event: e.event_payload for e in events if e.imr == 3}
+        want = hashlib.sha256((app_dir / "app-compose.json").read_bytes()).digest()
         checks = {
             f"dcap signature chain and tcb ({verified.status})": True,
             "report_data carries our nonce": report.report_data[:32] == nonce,
-            "event log replays to RTMR0-3": replayed == report.rtmrs,
-            "RTMR3 measured this app-compose.json": measured == compose_hash,
+            "event log replays to RTMR0-3": replay_rtmrs(events) == report.rtmrs,
+            "RTMR3 measured this app-compose.json": measured.get("compose-hash") == want,
+            "the encrypted secret reached the container": greeting == "hello from an encrypted env",
         }
         for name, good in checks.items():
             print(f"    [{'ok' if good else 'FAILED'}] {name}")
-        print(f"    mrtd  {report.mr_td.hex()[:32]}...  rtmr3 {report.rtmr3.hex()[:32]}...")
-        print(f"    mock root ca: {state.dir / 'mock-root-ca.der'}")
         if not all(checks.values()):
             return 1
         if keep_serving:
-            print(f"export DSTACK_SIMULATOR_ENDPOINT={endpoints['http']}", flush=True)
-            await stop_signal().wait()
+            print(f"web ui:  {stack.vmm_url}/", flush=True)
+            print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
+            print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
+            print("press ctrl-c to stop", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
         _step("done")
         return 0
+    except (StackError, ImageError, httpx.HTTPError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        vmm_log = directory / "vmm.log"
+        if vmm_log.exists():
+            print(vmm_log.read_text()[-2000:], file=sys.stderr)
+        return 1
     finally:
-        await pccs.cleanup()
-        await group.close()
+        _step("removing the cvm and stopping the stack")
+        stack.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,9 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pydstack.demo", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--dir", type=Path, default=Path("run/demo"))
-    parser.add_argument("--serve", action="store_true", help="keep the agent running afterwards")
+    parser.add_argument("--port", type=int, default=18080, help="host port for the app")
+    parser.add_argument("--serve", action="store_true", help="keep everything running")
     args = parser.parse_args(argv)
-    return asyncio.run(run(args.dir.resolve(), args.serve))
+    if os.geteuid() != 0:
+        print("error: the sandbox backend needs root (network namespaces, mounts)", file=sys.stderr)
+        return 2
+    if args.serve:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    return run(args.dir.resolve(), args.port, args.serve)
 
 
 if __name__ == "__main__":

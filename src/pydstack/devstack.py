@@ -312,6 +312,19 @@ class DevStack:
             time.sleep(0.2)
         raise StackError(f"vm {vm_id} did not reach {until!r} in {timeout:.0f} s: {info}")
 
+    @staticmethod
+    def wait_http(url: str, timeout: float = 60) -> httpx.Response:
+        """GET `url` until the app behind it answers (boot "done" means its containers started,
+        not that they listen yet)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return httpx.get(url, timeout=10)
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def logs(self, vm_id: str, lines: int = 100) -> str:
         headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
         r = httpx.get(

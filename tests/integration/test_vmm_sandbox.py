@@ -113,7 +113,9 @@ def vm_id_of(out: str) -> str:
 
 
 def get(port: int, route: str, **params: str) -> dict:
-    r = httpx.get(f"http://127.0.0.1:{port}{route}", params=params, timeout=30)
+    """GET from the app in the cvm (waiting for it to listen after boot)."""
+    url = httpx.URL(f"http://127.0.0.1:{port}{route}", params=params)
+    r = DevStack.wait_http(str(url))
     assert r.status_code == 200, r.text
     return r.json()
 
