@@ -576,7 +576,6 @@ async def test_ui_token_auth(tmp_path, chromium: Chromium):
             page.prompt_answers = ["wrong-token", token]
             await page.click("#token-btn")
             await page.wait("document.getElementById('vm-count').textContent === '0 VMs'", "list")
-            print("DEBUG", page.dialogs, await page.eval("localStorage.getItem('dstack-vmm-token')"))
             await page.wait(f"localStorage.getItem('dstack-vmm-token') === '{token}'", "token")
             assert len(page.dialogs) == 2 and "401" in page.dialogs[1], page.dialogs
             assert await page.error_text() is None

@@ -486,9 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pydstack-sandbox-guest")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--scrypt-n", type=int, default=10)
+    parser.add_argument("--hostname", default="", help="set in the cvm's own uts namespace")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if os.getpid() == 1 and not args.child:
+        if args.hostname:
+            socket.sethostname(args.hostname)
         return init(argv)
     logging.basicConfig(
         level=logging.INFO,

@@ -548,6 +548,7 @@ class VmmApp:
                 for p in vm.manifest.port_map
             ],
             scrypt_n=self.config.sandbox_scrypt_n,
+            hostname=_hostname(vm.manifest.name),
         )
         atomic_write(vm.spec_path, spec.to_json().encode())
         for name in ("serial.log", "stdout.log"):
@@ -838,6 +839,12 @@ class VmmApp:
                         vm.runtime.notify("vmm.auto_restart.exhausted", error[:1024])
                 except (RpcError, sandbox.SandboxError, OSError) as e:
                     log.error("auto-restart of vm %s failed: %s", vm.id, e)
+
+
+def _hostname(name: str) -> str:
+    """the vm name as a hostname label (what a QEMU guest would be called)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "dstack-cvm"
 
 
 def _port_free(p: PortMapping) -> bool:

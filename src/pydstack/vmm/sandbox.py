@@ -79,6 +79,7 @@ class LaunchSpec:
     ports: list[PortForward] = field(default_factory=list)
     scrypt_n: int = 10
     python: str = sys.executable
+    hostname: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -230,6 +231,7 @@ async def launch(spec: LaunchSpec) -> int:
             "unshare",
             "--mount",
             "--pid",
+            "--uts",
             "--fork",
             "--kill-child",
             "--mount-proc",
@@ -241,6 +243,8 @@ async def launch(spec: LaunchSpec) -> int:
             str(wd),
             "--scrypt-n",
             str(spec.scrypt_n),
+            "--hostname",
+            spec.hostname or f"dstack-{spec.vm_id[:8]}",
             stdin=subprocess.DEVNULL,
             stdout=serial,
             stderr=subprocess.STDOUT,
