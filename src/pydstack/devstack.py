@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -342,11 +343,30 @@ class DevStack:
         while self.rpc("Status", {"brief": True}).get("vms") and time.monotonic() < deadline:
             time.sleep(0.2)
 
+    def _kill_leftover_cvms(self) -> None:
+        """cvms outlive their vmm by design; a dev stack that ends takes its own down too."""
+        pids = []
+        for pid_file in (self.dir / "run" / "vm").glob("*/launcher.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"pydstack.vmm.sandbox" in cmdline and str(pid_file.parent).encode() in cmdline:
+                    os.kill(pid, signal.SIGTERM)  # the launcher stops its guest, frees the netns
+                    pids.append(pid)
+        deadline = time.monotonic() + 20
+        for pid in pids:
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
     def stop(self, remove_vms: bool = True, remove_bridge: bool = False) -> None:
         vmm = self.procs.get("vmm")
         if remove_vms and vmm is not None and vmm.proc is not None:
             with contextlib.suppress(StackError, httpx.HTTPError):
                 self.remove_all()
+        if remove_vms:
+            self._kill_leftover_cvms()
         for name in ("vmm", "kms", "pccs"):
             if name in self.procs:
                 self.procs[name].stop()

@@ -99,7 +99,23 @@ def setup_mounts(wd: Path) -> Path:
     sh("mount", "--bind", str(VM / "host-api"), str(HOST_API))
     sh("mount", "--bind", str(VM / "guest-api"), str(GUEST_API))
     sh("ip", "link", "set", "lo", "up")
+    _own_hosts_file()
     return VM
+
+
+def _own_hosts_file() -> None:
+    """/etc/hosts and /etc/hostname naming this CVM (its own uts namespace has its own name):
+    a name that does not resolve locally costs programs a DNS timeout at start."""
+    name = socket.gethostname()
+    etc = RUN / "etc"
+    etc.mkdir(exist_ok=True)
+    (etc / "hosts").write_text(
+        f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    )
+    (etc / "hostname").write_text(name + "\n")
+    for f in ("hosts", "hostname"):
+        if Path("/etc", f).exists():
+            sh("mount", "--bind", str(etc / f), f"/etc/{f}")
 
 
 class HostApi:

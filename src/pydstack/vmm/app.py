@@ -747,12 +747,11 @@ class VmmApp:
                 pb.GuestEvent(event=e.event, body=e.payload, timestamp=e.timestamp_ms)
             )
         _, veth = sandbox.names_for(vm.id)
-        net = ipaddress.ip_network(self.config.sandbox_subnet)
         info.interfaces.append(
             pb.NetworkInterfaceStatus(
                 mode="bridge",
                 backend="veth",
-                mac=str(net.network_address + vm.ip_index),
+                mac=sandbox.mac_for(vm.id),
                 bridge_name=self.config.sandbox_bridge,
                 netdev_id=veth,
             )

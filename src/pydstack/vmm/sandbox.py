@@ -22,10 +22,12 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +59,24 @@ def ensure_bridge(name: str, subnet: str) -> None:
     if host.split("/")[0] not in addrs:
         ip("addr", "add", host, "dev", name)
     ip("link", "set", name, "up")
+    _nat(name, str(net))
+
+
+def _nat(bridge: str, subnet: str) -> None:
+    """outbound traffic from CVMs leaves through the host, masqueraded (as QEMU's user
+    networking would); without iptables, CVMs reach only the host."""
+    if shutil.which("iptables") is None:
+        log.warning("iptables is missing: cvms on %s reach only the host", bridge)
+        return
+    rule = ["POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE"]
+    present = subprocess.run(["iptables", "-t", "nat", "-C", *rule], capture_output=True)
+    if present.returncode != 0:
+        subprocess.run(["iptables", "-t", "nat", "-A", *rule], capture_output=True)
+    forward = Path("/proc/sys/net/ipv4/ip_forward")
+    with contextlib.suppress(OSError):
+        if forward.read_text().strip() != "1":
+            log.info("enabling ipv4 forwarding for cvm traffic")
+            forward.write_text("1\n")
 
 
 @dataclass
@@ -95,6 +115,12 @@ class LaunchSpec:
         return self.address.split("/")[0]
 
 
+def mac_for(vm_id: str) -> str:
+    """the CVM's eth0 address: locally administered, stable across restarts."""
+    digest = hashlib.sha256(vm_id.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (b"\x02" + digest[:5]))
+
+
 def names_for(vm_id: str) -> tuple[str, str]:
     short = vm_id.replace("-", "")[:10]
     return f"dstack-{short}", f"ds{short}"
@@ -115,6 +141,7 @@ def setup_network(spec: LaunchSpec) -> None:
         ip("link", "set", spec.veth, "master", spec.bridge)
         ip("link", "set", spec.veth, "up")
         ip("-n", spec.netns, "link", "set", peer, "name", "eth0")
+        ip("-n", spec.netns, "link", "set", "eth0", "address", mac_for(spec.vm_id))
         ip("-n", spec.netns, "addr", "add", spec.address, "dev", "eth0")
         ip("-n", spec.netns, "link", "set", "eth0", "up")
         ip("-n", spec.netns, "link", "set", "lo", "up")

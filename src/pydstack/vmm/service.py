@@ -15,6 +15,7 @@ import importlib.resources
 import re
 import time
 from collections.abc import Awaitable, Callable
+from html import escape
 from pathlib import Path
 
 from aiohttp import web
@@ -328,7 +329,8 @@ def add_routes(server: PrpcServer, app: VmmApp) -> None:
     async def index(_: web.Request) -> web.Response:
         html = importlib.resources.files("pydstack.vmm").joinpath("ui.html").read_text()
         title = f"{app.config.node_name} | dstack-vmm" if app.config.node_name else "dstack-vmm"
-        return web.Response(text=html.replace("{{TITLE}}", title), content_type="text/html")
+        page = html.replace("{{TITLE}}", escape(title))
+        return web.Response(text=page, content_type="text/html")
 
     server.app.router.add_get("/logs", logs)
     for path in ("/", "/v1", "/beta"):
