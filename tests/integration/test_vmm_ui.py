@@ -269,12 +269,14 @@ def app_image() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
-    s = DevStack(tmp_path_factory.mktemp("ui") / "stack")
+    s = DevStack(
+        tmp_path_factory.mktemp("ui") / "stack", bridge="dstacktest3", subnet="10.215.0.0/16"
+    )
     try:
         s.start()
         yield s
     finally:
-        s.stop()
+        s.stop(remove_bridge=True)
 
 
 @pytest.fixture(scope="module")
@@ -566,7 +568,7 @@ async def test_ui_encrypted_env(stack: DevStack, chromium: Chromium, app_image: 
 async def test_ui_token_auth(tmp_path, chromium: Chromium):
     """with `[auth]` on, the UI sends its token as a bearer and asks for one on a 401."""
     token = "ui-test-token"
-    s = DevStack(tmp_path / "stack", auth_token=token)
+    s = DevStack(tmp_path / "stack", auth_token=token, bridge="dstacktest4", subnet="10.214.0.0/16")
     try:
         await asyncio.to_thread(s.start)
         version = (await asyncio.to_thread(s.rpc, "Version", {}))["version"]
@@ -598,4 +600,4 @@ async def test_ui_token_auth(tmp_path, chromium: Chromium):
             await page.eval("vmmUi.refresh()")
             assert len(page.dialogs) == asked
     finally:
-        await asyncio.to_thread(s.stop)
+        await asyncio.to_thread(s.stop, True, True)
