@@ -418,3 +418,34 @@ def test_token_auth_guards_the_api_logs_and_ui(tmp_path):
         assert token not in (s.dir / "vmm.log").read_text()
     finally:
         s.stop(remove_bridge=True)
+
+
+def test_update_env_ports_and_resize_of_a_stopped_vm(stack: DevStack, image: str, tmp_path):
+    d = write_app(tmp_path / "upd", image, env="SECRET=one\n")
+    app_id, chash = compose(stack, d, "upd")
+    stack.allow({app_id: [chash]})
+    enc = ("--env-file", str(d / "env"), "--kms-encrypt-url", stack.kms_url)
+    vm = vm_id_of(deploy(stack, d, "upd", *enc, "--stopped").stdout)
+    assert stack.info(vm)["status"] == "stopped"
+    # same keys, new value: the compose (and its hash) stays, the env blob changes
+    (d / "env2").write_text("SECRET=two\n")
+    dstack(stack, "update-env", vm, "--env-file", str(d / "env2"), "--kms-url", stack.kms_url)
+    port = free_port()
+    dstack(stack, "update-ports", vm, "--port", f"tcp:127.0.0.1:{port}:8080")
+    dstack(stack, "resize", vm, "--vcpu", "2", "--memory", "2G")
+    # a refused update changes nothing
+    before = stack.info(vm)
+    out = dstack(stack, "resize", vm, "--vcpu", "2", "--disk", "1", check=False)
+    assert out.returncode != 0 and "only grow" in out.stderr
+    after = stack.info(vm)
+    assert after["configuration"] == before["configuration"]
+    cfg = after["configuration"]
+    assert (cfg["vcpu"], cfg["memory"]) == (2, 2048)
+    assert [p["host_port"] for p in cfg["ports"]] == [port]
+    dstack(stack, "start", vm)
+    stack.wait_vm(vm)
+    assert get(port, "/env", name="SECRET")["value"] == "two"
+    # a running vm cannot be resized
+    out = dstack(stack, "resize", vm, "--vcpu", "1", check=False)
+    assert out.returncode != 0 and "must be stopped" in out.stderr
+    dstack(stack, "remove", vm)

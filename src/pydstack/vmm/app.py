@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import ipaddress
 import json
@@ -652,38 +653,42 @@ class VmmApp:
 
     # ------------------------------------------------------------------ update
     async def update_vm(self, req: pb.UpdateVmRequest) -> str:
+        """UpgradeApp/UpdateVm: everything is checked before anything is written, so a refused
+        update leaves the vm as it was."""
         vm = self.get(req.id)
         wd = vm.workdir
-        m = vm.manifest
         result = ""
         if req.compose_file:
             validate_app_compose(req.compose_file)
-            wd.write_shared("app-compose.json", req.compose_file.encode())
             result = hashlib.sha256(req.compose_file.encode()).hexdigest()[:40]
-        if req.encrypted_env:
-            if len(req.encrypted_env) > MAX_ENV:
-                raise RpcError("encrypted env too large")
-            wd.write_shared(".encrypted-env", req.encrypted_env)
-        if req.user_config:
-            wd.write_shared(".user-config", req.user_config.encode())
-        resize = pb.ResizeVmRequest(id=req.id)
-        for f in ("vcpu", "memory", "disk_size", "image"):
-            if req.HasField(f):
-                setattr(resize, f, getattr(req, f))
-        if any(resize.HasField(f) for f in ("vcpu", "memory", "disk_size", "image")):
-            await self.resize_vm(resize)
-            m = vm.manifest
+        if len(req.encrypted_env) > MAX_ENV:
+            raise RpcError("encrypted env too large")
+        ports: list[PortMapping] | None = None
         if req.update_ports:
             ports = [
                 PortMapping(p.protocol or "tcp", p.host_address, p.host_port, p.vm_port)
                 for p in req.ports
             ]
-            own = {(p.protocol, p.host_port) for p in m.port_map}
+            own = {(p.protocol, p.host_port) for p in vm.manifest.port_map}
             self._check_ports(
                 [p for p in ports if (p.protocol, p.host_port) not in own],
                 exclude=vm.id,
                 create=False,
             )
+        resize = pb.ResizeVmRequest(id=req.id)
+        for f in ("vcpu", "memory", "disk_size", "image"):
+            if req.HasField(f):
+                setattr(resize, f, getattr(req, f))
+        if any(resize.HasField(f) for f in ("vcpu", "memory", "disk_size", "image")):
+            await self.resize_vm(resize)  # checks its own preconditions before changing
+        if req.compose_file:
+            wd.write_shared("app-compose.json", req.compose_file.encode())
+        if req.encrypted_env:
+            wd.write_shared(".encrypted-env", req.encrypted_env)
+        if req.user_config:
+            wd.write_shared(".user-config", req.user_config.encode())
+        m = vm.manifest
+        if ports is not None:
             m.port_map = ports
         if req.update_kms_urls:
             m.kms_urls = list(req.kms_urls)
@@ -700,7 +705,7 @@ class VmmApp:
             raise RpcError("nothing to resize: give vcpu, memory, disk_size or image")
         if self.status_of(vm) not in ("stopped", "exited"):
             raise RpcError("the vm must be stopped to be resized")
-        m = vm.manifest
+        m = copy.deepcopy(vm.manifest)  # the vm keeps its manifest if a field is refused
         if req.HasField("vcpu"):
             if not 0 < req.vcpu <= self.config.max_allocable_vcpu:
                 raise RpcError("invalid vcpu count")
@@ -718,6 +723,7 @@ class VmmApp:
                 raise RpcError(f"image {req.image!r} not found")
             m.image = req.image
         vm.workdir.save_manifest(m)
+        vm.manifest = m
 
     # ------------------------------------------------------------------ info
     def vm_info(self, vm: Vm, brief: bool = False) -> pb.VmInfo:
