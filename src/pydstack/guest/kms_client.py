@@ -36,19 +36,24 @@ def _prpc_url(kms_url: str) -> str:
     return kms_url.rstrip("/").removesuffix("/prpc")
 
 
-async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[AppKeys, bytes]:
-    """the app keys, and the KMS root CA's SPKI DER (the `key-provider` id)."""
-    base = _prpc_url(kms_url)
-    async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
-        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
-    client_cert, client_key = ra_tls_client_cert(tmp.temp_ca_cert, tmp.temp_ca_key, attest)
-    async with PrpcClient(
+def ra_tls_client(base: str, temp_ca_cert: str, temp_ca_key: str, attest: AttestFn) -> PrpcClient:
+    """a prpc client to the KMS over mutual TLS with a fresh attested "RA-TLS TEMP Cert"."""
+    client_cert, client_key = ra_tls_client_cert(temp_ca_cert, temp_ca_key, attest)
+    return PrpcClient(
         base,
         prefix="/prpc",
         client_cert_pem=client_cert,
         client_key_pem=client_key,
         verify_server=check_kms_rpc_cert,
-    ) as mtls:
+    )
+
+
+async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[AppKeys, bytes]:
+    """the app keys, and the KMS root CA's SPKI DER (the `key-provider` id)."""
+    base = _prpc_url(kms_url)
+    async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
+        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
+    async with ra_tls_client(base, tmp.temp_ca_cert, tmp.temp_ca_key, attest) as mtls:
         resp = await mtls.call(
             "GetAppKey", pb.GetAppKeyRequest(api_version=1, vm_config=vm_config), pb.AppKeyResponse
         )

@@ -15,15 +15,13 @@ from pydstack.crypto.certs import (
     issue_cert,
     load_cert_pem,
     load_key_pem,
-    ra_tls_client_cert,
     spki_der,
 )
 from pydstack.crypto.csr import CONFIRM, CertConfigV2, CertSigningRequestV2
-from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import kms_rpc_pb2 as kpb
 
 from .appkeys import AppKeys
-from .kms_client import _prpc_url, check_kms_rpc_cert
+from .kms_client import _prpc_url, ra_tls_client
 
 #: the versioned attestation for a key's SPKI (report_data = sha512("ratls-cert:" || spki))
 CertAttest = Callable[[bytes], bytes]
@@ -85,14 +83,7 @@ class KmsCertSigner:
             return pool.submit(asyncio.run, self._call(csr.encode(), signature)).result()
 
     async def _call(self, csr: bytes, signature: bytes) -> list[str]:
-        cert, key = ra_tls_client_cert(self.tmp_ca_cert, self.tmp_ca_key, self.attest)
-        async with PrpcClient(
-            self.url,
-            prefix="/prpc",
-            client_cert_pem=cert,
-            client_key_pem=key,
-            verify_server=check_kms_rpc_cert,
-        ) as kms:
+        async with ra_tls_client(self.url, self.tmp_ca_cert, self.tmp_ca_key, self.attest) as kms:
             resp = await kms.call(
                 "SignCert",
                 kpb.SignCertRequest(
