@@ -24,6 +24,7 @@ import httpx
 
 from pydstack.vmm.app import sandbox_image_digest
 from pydstack.vmm.config import VmmConfig
+from pydstack.vmm.sandbox import names_for, teardown_network
 
 #: the mock attestation seed shared by the VMM's simulated TDX and the mock PCCS
 DEFAULT_SEED = bytes.fromhex("a1" * 32)
@@ -346,6 +347,7 @@ class DevStack:
     def _kill_leftover_cvms(self) -> None:
         """cvms outlive their vmm by design; a dev stack that ends takes its own down too."""
         pids = []
+        vm_dirs = [p.parent for p in (self.dir / "run" / "vm").glob("*/launch.json")]
         for pid_file in (self.dir / "run" / "vm").glob("*/launcher.pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pid_file.read_text())
@@ -353,12 +355,14 @@ class DevStack:
                 if b"pydstack.vmm.sandbox" in cmdline and str(pid_file.parent).encode() in cmdline:
                     os.kill(pid, signal.SIGTERM)  # the launcher stops its guest, frees the netns
                     pids.append(pid)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 20 + 0.2 * len(pids)
         for pid in pids:
             while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        for vm_dir in vm_dirs:  # a launcher killed before its cleanup leaves its netns behind
+            teardown_network(*names_for(vm_dir.name))
 
     def stop(self, remove_vms: bool = True, remove_bridge: bool = False) -> None:
         vmm = self.procs.get("vmm")

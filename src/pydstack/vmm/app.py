@@ -512,6 +512,17 @@ class VmmApp:
             "vm_config": json.dumps(vm_config, separators=(",", ":")),
         }
 
+    def _check_host_memory(self) -> None:
+        """sandbox cvms share the host's memory (about 100 MiB each idle); starting one into
+        an exhausted host thrashes it until the kernel's OOM killer picks a victim."""
+        need = self.config.sandbox_min_free_memory_mb
+        avail = _mem_available_mb()
+        if need and avail is not None and avail < need:
+            raise RpcError(
+                f"not enough free host memory to start a cvm: {avail} MiB available, "
+                f"{need} MiB required ([cvm.sandbox] min_free_memory_mb)"
+            )
+
     async def start_vm(self, vm_id: str) -> None:
         vm = self.get(vm_id)
         if vm.removing:
@@ -519,6 +530,8 @@ class VmmApp:
         image = self.images().get(vm.manifest.image)
         if image is None:
             raise RpcError(f"image {vm.manifest.image!r} of this vm no longer exists")
+        if not vm.is_running():
+            self._check_host_memory()
         wd = vm.workdir
         wd.write_shared(".sys-config.json", json.dumps(self._sys_config(vm, image)).encode())
         sim = {
@@ -844,6 +857,16 @@ class VmmApp:
                         vm.runtime.notify("vmm.auto_restart.exhausted", error[:1024])
                 except (RpcError, sandbox.SandboxError, OSError) as e:
                     log.error("auto-restart of vm %s failed: %s", vm.id, e)
+
+
+def _mem_available_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _hostname(name: str) -> str:

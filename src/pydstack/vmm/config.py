@@ -60,6 +60,7 @@ class VmmConfig:
     sandbox_bridge: str = "dstack0"
     sandbox_subnet: str = "10.213.0.0/16"
     sandbox_scrypt_n: int = 10
+    sandbox_min_free_memory_mb: int = 512
     # [gateway]
     gateway_base_domain: str = "localhost"
     gateway_port: int = 8082
@@ -171,6 +172,7 @@ class VmmConfig:
                 sandbox_bridge=bridge,
                 sandbox_subnet=str(net),
                 sandbox_scrypt_n=int(sb.get("scrypt_n", 10)),
+                sandbox_min_free_memory_mb=int(sb.get("min_free_memory_mb", 512)),
                 gateway_base_domain=str(gw.get("base_domain", "localhost")),
                 gateway_port=int(gw.get("port", 8082)),
                 gateway_agent_port=int(gw.get("agent_port", 8090)),

@@ -1,0 +1,71 @@
+"""vmm.toml loading and the host-memory guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pydstack.rpc.server import RpcError
+from pydstack.vmm.app import VmmApp
+from pydstack.vmm.config import ConfigError, PortRange, VmmConfig
+
+
+def load(tmp_path: Path, text: str) -> VmmConfig:
+    (tmp_path / "vmm.toml").write_text(text)
+    return VmmConfig.load(tmp_path / "vmm.toml")
+
+
+def test_upstream_keys_and_sandbox_section(tmp_path):
+    c = load(
+        tmp_path,
+        """
+address = "unix:./vmm.sock"
+run_path = "run/vm"
+unknown_upstream_key = 1
+[image]
+path = "/srv/images"
+[cvm]
+kms_urls = ["https://10.0.2.2:8000"]
+[cvm.port_mapping]
+enabled = true
+range = [{ protocol = "udp", from = 2000, to = 3000 }]
+[cvm.tee_simulator]
+mock_attestation_seed = "0x"""
+        + "ab" * 32
+        + """"
+[cvm.sandbox]
+subnet = "10.50.0.0/16"
+min_free_memory_mb = 1024
+""",
+    )
+    assert c.run_path == tmp_path / "run/vm"
+    assert c.image_path == Path("/srv/images")
+    assert c.kms_urls == ("https://10.0.2.2:8000",)
+    assert c.port_ranges == (PortRange("udp", 2000, 3000),)
+    assert c.mock_attestation_seed == bytes.fromhex("ab" * 32)
+    assert c.host_ip == "10.50.0.1"
+    assert c.sandbox_min_free_memory_mb == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[cvm]\nbackend = 'qemu'\n", "not available"),
+        ("[cvm.tee_simulator]\nmock_attestation_seed = 'abcd'\n", "32 bytes"),
+        ("[cvm.sandbox]\nsubnet = '10.0.0.0/30'\n", "/24 or larger"),
+        ("[cvm.port_mapping]\nrange = [{ protocol = 'sctp', from = 1, to = 2 }]\n", "port range"),
+        ("cvm = 3\n", "must be a table"),
+        ("address = [\n", "not valid toml"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text)
+
+
+def test_starting_into_an_exhausted_host_is_refused():
+    app = VmmApp(VmmConfig(sandbox_min_free_memory_mb=10**9))
+    with pytest.raises(RpcError, match="not enough free host memory"):
+        app._check_host_memory()
+    VmmApp(VmmConfig(sandbox_min_free_memory_mb=0))._check_host_memory()
