@@ -77,6 +77,28 @@ def sh(*args: str, stdin: bytes | None = None) -> None:
             raise BootError(f"{args[0]} failed: {err[-1000:]}")
 
 
+def _code_dirs() -> list[str]:
+    """directories holding this interpreter and its modules that the CVM's fresh /run and
+    /tmp would hide (outermost first, nested ones dropped)."""
+    import pydstack
+
+    candidates = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    candidates.add(str(Path(pydstack.__file__).resolve().parents[1]))
+    candidates.update(p for p in sys.path if p)
+    hidden = sorted(
+        {
+            os.path.realpath(c)
+            for c in candidates
+            if os.path.isdir(c) and os.path.realpath(c).startswith(("/tmp/", "/run/"))
+        }
+    )
+    out: list[str] = []
+    for d in hidden:
+        if not any(d == o or d.startswith(o + "/") for o in out):
+            out.append(d)
+    return out
+
+
 def setup_mounts(wd: Path) -> Path:
     """the CVM's own /run and /tmp, with the host share read-only (private mount namespace).
 
@@ -84,14 +106,23 @@ def setup_mounts(wd: Path) -> Path:
     is held open across the tmpfs mounts and bind-mounted back at /run/dstack/vm).
     """
     fd = os.open(wd, os.O_PATH | os.O_DIRECTORY)
+    # the interpreter and pydstack itself may live under /run or /tmp too (a checkout in /tmp):
+    # keep them visible at their paths, or later imports fail inside the CVM
+    kept = _code_dirs()
+    kept_fds = {k: os.open(k, os.O_PATH | os.O_DIRECTORY) for k in kept}
     try:
         sh("mount", "--make-rprivate", "/")
         sh("mount", "-t", "tmpfs", "-o", "mode=755,nosuid,nodev", "tmpfs", str(RUN))
         VM.mkdir(parents=True)
         sh("mount", "--bind", f"/proc/{os.getpid()}/fd/{fd}", str(VM))
+        sh("mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/tmp")
+        for code_dir, dfd in kept_fds.items():
+            Path(code_dir).mkdir(parents=True, exist_ok=True)
+            sh("mount", "--bind", f"/proc/{os.getpid()}/fd/{dfd}", code_dir)
     finally:
         os.close(fd)
-    sh("mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/tmp")
+        for dfd in kept_fds.values():
+            os.close(dfd)
     for d in (HOST_SHARED, HOST_API, GUEST_API, WORK, PERSISTENT):
         d.mkdir(parents=True, exist_ok=True)
     sh("mount", "--bind", str(VM / "shared"), str(HOST_SHARED))
