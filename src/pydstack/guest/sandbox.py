@@ -114,11 +114,11 @@ def setup_mounts(wd: Path) -> Path:
         sh("mount", "--make-rprivate", "/")
         sh("mount", "-t", "tmpfs", "-o", "mode=755,nosuid,nodev", "tmpfs", str(RUN))
         VM.mkdir(parents=True)
-        sh("mount", "--bind", f"/proc/{os.getpid()}/fd/{fd}", str(VM))
+        sh("mount", "--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{fd}", str(VM))
         sh("mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", "/tmp")
         for code_dir, dfd in kept_fds.items():
             Path(code_dir).mkdir(parents=True, exist_ok=True)
-            sh("mount", "--bind", f"/proc/{os.getpid()}/fd/{dfd}", code_dir)
+            sh("mount", "--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{dfd}", code_dir)
     finally:
         os.close(fd)
         for dfd in kept_fds.values():
