@@ -166,6 +166,19 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     lsvm = dstack(stack, "lsvm").stdout
     assert vm in lsvm and "running" in lsvm
 
+    # the guest api through the vmm's /guest proxy
+    g = httpx.post(f"{stack.vmm_url}/guest/Info?json", json={"id": vm}).json()
+    assert (g["app_id"], g["instance_id"]) == (app_id, instance_id)
+    net = httpx.post(f"{stack.vmm_url}/guest/NetworkInfo?json", json={"id": vm}).json()
+    eth0 = next(i for i in net["interfaces"] if i["name"] == "eth0")
+    assert eth0["addresses"][0]["address"].startswith("10.219.")
+    assert net["gateways"][0]["address"] == "10.219.0.1"
+    ps = httpx.post(f"{stack.vmm_url}/guest/ListContainers?json", json={"id": vm}).json()
+    assert [c["names"] for c in ps["containers"]] == [["hello-hello-1"]]
+    assert ps["containers"][0]["state"] == "running"
+    sysinfo = httpx.post(f"{stack.vmm_url}/guest/SysInfo?json", json={"id": vm}).json()
+    assert sysinfo["os_name"] == "pydstack-sandbox" and int(sysinfo["total_memory"]) > 0
+
     # GetKey from inside the container equals the KMS derivation
     root = KeyStore(stack.dir / "kms-certs").load()
     expected = derive_app_keys(
