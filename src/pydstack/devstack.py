@@ -22,8 +22,8 @@ from typing import IO, Any
 
 import httpx
 
-from pydstack.vmm.app import sandbox_image_digest
 from pydstack.vmm.config import VmmConfig
+from pydstack.vmm.images import sandbox_image_digest
 from pydstack.vmm.sandbox import names_for, teardown_network
 
 #: the mock attestation seed shared by the VMM's simulated TDX and the mock PCCS

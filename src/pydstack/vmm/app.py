@@ -23,16 +23,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf.empty_pb2 import Empty
 
-from pydstack import __version__, jsonlimits
-from pydstack.guest.compose_runner import ComposeError, ComposeProject
+from pydstack import __version__
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
@@ -41,112 +38,18 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 from . import sandbox
 from .compose import PortMapping
 from .config import VmmConfig
+from .images import Image, ensure_sandbox_image, load_images
 from .runtime import VmRuntime
+from .validate import humantime, validate_app_compose
 from .workdir import VmManifest, VmWorkDir, WorkDirError, atomic_write, new_vm_id
 
 log = logging.getLogger("dstack-vmm")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9\-_. @~!$^()]{1,64}$")
-SANDBOX_IMAGE = "pydstack-sandbox"
 HOST_API_URL = "unix:/run/dstack/host-api/api.sock"
-MAX_COMPOSE = 50 * 1024 * 1024
 MAX_ENV = 256 * 1024
 MAX_USER_CONFIG = 1024 * 1024
 HOST_API = hpb.DESCRIPTOR.services_by_name["HostApi"]
-
-
-class _AnyEnv(Mapping[str, str]):
-    """every variable set, so a compose file can be checked before its env is known."""
-
-    def __getitem__(self, key: str) -> str:
-        return "0"
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(())
-
-    def __len__(self) -> int:
-        return 0
-
-
-def humantime(seconds: float) -> str:
-    s = int(max(0, seconds))
-    parts = []
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= n:
-            parts.append(f"{s // n}{unit}")
-            s %= n
-    if s or not parts:
-        parts.append(f"{s}s")
-    return " ".join(parts)
-
-
-def validate_app_compose(text: str) -> dict[str, Any]:
-    """the app-compose must be a json object whose docker-compose file can be run."""
-    if len(text.encode()) > MAX_COMPOSE:
-        raise RpcError("compose file too large")
-    try:
-        doc = jsonlimits.loads(text)
-    except ValueError as e:
-        raise RpcError(f"invalid app compose: not valid json: {e}") from None
-    if not isinstance(doc, dict):
-        raise RpcError("invalid app compose: must be a json object")
-    if not isinstance(doc.get("name", ""), str):
-        raise RpcError("invalid app compose: name must be a string")
-    runner = doc.get("runner", "docker-compose")
-    if runner != "docker-compose":
-        raise RpcError(f"invalid app compose: runner {runner!r} is not supported by the sandbox")
-    dc = doc.get("docker_compose_file")
-    if not isinstance(dc, str):
-        raise RpcError("invalid app compose: docker_compose_file must be a string")
-    try:
-        ComposeProject.parse(dc, "check", _AnyEnv())
-    except (ComposeError, yaml.YAMLError) as e:
-        raise RpcError(f"invalid docker compose: {e}") from None
-    return doc
-
-
-@dataclass
-class Image:
-    name: str
-    path: Path
-    metadata: dict[str, Any]
-    digest: str
-
-    @property
-    def version(self) -> str:
-        return str(self.metadata.get("version", ""))
-
-
-def sandbox_image_digest() -> str:
-    """the os image hash of the built-in sandbox guest image (what a KMS allowlists)."""
-    return hashlib.sha256(f"pydstack-sandbox {__version__}".encode()).hexdigest()
-
-
-def ensure_sandbox_image(image_path: Path) -> None:
-    """the built-in guest image of the sandbox backend (the guest OS is pydstack itself)."""
-    d = image_path / SANDBOX_IMAGE
-    meta = {"version": __version__, "is_dev": True, "kind": "sandbox", "shared_ro": True}
-    digest = sandbox_image_digest()
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
-        atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())
-        atomic_write(d / "digest.txt", digest.encode())
-
-
-def load_images(image_path: Path) -> dict[str, Image]:
-    out: dict[str, Image] = {}
-    if not image_path.is_dir():
-        return out
-    for d in sorted(image_path.iterdir()):
-        try:
-            meta = json.loads((d / "metadata.json").read_text())
-            digest = (d / "digest.txt").read_text().strip()
-            if not isinstance(meta, dict) or meta.get("kind") != "sandbox":
-                continue  # a QEMU guest image: this backend cannot boot it
-            out[d.name] = Image(d.name, d, meta, digest)
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 @dataclass

@@ -27,7 +27,8 @@ from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 
-from .app import VmmApp, validate_app_compose
+from .app import VmmApp
+from .validate import validate_app_compose
 
 VMM = pb.DESCRIPTOR.services_by_name["Vmm"]
 PROXIED_GUEST = gpb.DESCRIPTOR.services_by_name["ProxiedGuestApi"]

@@ -1,0 +1,64 @@
+"""checks on what clients hand the VMM (app-compose files) and small formatting helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from pydstack import jsonlimits
+from pydstack.guest.compose_runner import ComposeError, ComposeProject
+from pydstack.rpc.server import RpcError
+
+MAX_COMPOSE = 50 * 1024 * 1024
+
+
+class _AnyEnv(Mapping[str, str]):
+    """every variable set, so a compose file can be checked before its env is known."""
+
+    def __getitem__(self, key: str) -> str:
+        return "0"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def humantime(seconds: float) -> str:
+    s = int(max(0, seconds))
+    parts = []
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            parts.append(f"{s // n}{unit}")
+            s %= n
+    if s or not parts:
+        parts.append(f"{s}s")
+    return " ".join(parts)
+
+
+def validate_app_compose(text: str) -> dict[str, Any]:
+    """the app-compose must be a json object whose docker-compose file can be run."""
+    if len(text.encode()) > MAX_COMPOSE:
+        raise RpcError("compose file too large")
+    try:
+        doc = jsonlimits.loads(text)
+    except ValueError as e:
+        raise RpcError(f"invalid app compose: not valid json: {e}") from None
+    if not isinstance(doc, dict):
+        raise RpcError("invalid app compose: must be a json object")
+    if not isinstance(doc.get("name", ""), str):
+        raise RpcError("invalid app compose: name must be a string")
+    runner = doc.get("runner", "docker-compose")
+    if runner != "docker-compose":
+        raise RpcError(f"invalid app compose: runner {runner!r} is not supported by the sandbox")
+    dc = doc.get("docker_compose_file")
+    if not isinstance(dc, str):
+        raise RpcError("invalid app compose: docker_compose_file must be a string")
+    try:
+        ComposeProject.parse(dc, "check", _AnyEnv())
+    except (ComposeError, yaml.YAMLError) as e:
+        raise RpcError(f"invalid docker compose: {e}") from None
+    return doc
