@@ -507,27 +507,6 @@ def _project_name(app: dict[str, Any]) -> str:
     return name[:40] or "app"
 
 
-def init(argv: list[str]) -> int:
-    """PID 1 of the CVM: run the guest as PID 2, reap orphans, pass SIGTERM/SIGINT on."""
-    child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.sandbox", *argv, "--child"])
-
-    def forward(sig: int, _: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            return 1
-        except InterruptedError:
-            continue
-        if pid == child.pid:
-            return os.waitstatus_to_exitcode(status) & 0xFF
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="pydstack-sandbox-guest")
@@ -537,9 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if os.getpid() == 1 and not args.child:
-        if args.hostname:
-            socket.sethostname(args.hostname)
-        return init(argv)
+        from . import sandbox_init
+
+        return sandbox_init.main(argv)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -7,8 +7,9 @@ restart, it
 * gives the CVM a network namespace joined to the host bridge by a veth pair, with its own
   address (the host is the bridge's first address, as 10.0.2.2 is under QEMU);
 * forwards the VM's port mappings from host ports into the CVM (TCP and UDP);
-* starts the guest (:mod:`pydstack.guest.sandbox`) as PID 1 of new mount and PID namespaces
-  inside that network namespace, its output going to `serial.log`;
+* starts the guest as PID 1 of new mount, PID and UTS namespaces inside that network namespace
+  (:mod:`pydstack.guest.sandbox_init`, which runs :mod:`pydstack.guest.sandbox`), its output
+  going to `serial.log`;
 * on SIGTERM asks the guest to stop (10 s grace, then kill); when the guest ends, removes the
   network namespace and exits with the guest's status.
 
@@ -265,7 +266,7 @@ async def launch(spec: LaunchSpec) -> int:
             "--",
             spec.python,
             "-m",
-            "pydstack.guest.sandbox",
+            "pydstack.guest.sandbox_init",
             "--workdir",
             str(wd),
             "--scrypt-n",
