@@ -225,6 +225,8 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     assert get(port, "/env", name="SECRET")["value"] == "s3cr3t"
     assert get(port, "/env", name="FORBIDDEN")["value"] == "unset"
     assert "FORBIDDEN is not in allowed_envs" in stack.logs(vm, 200)
+    # the container's own output reaches the cvm's console, prefixed with its service
+    assert "hello | hello: listening on :8080" in stack.logs(vm, 200)
     assert "leaked" not in stack.logs(vm, 500)
 
     # persistent storage is encrypted on the host and survives stop/start

@@ -96,3 +96,25 @@ def test_podman_run_arguments(tmp_path: Path):
     assert args[args.index("--restart") + 1] == "unless-stopped"
     assert args[-4:] == ["localhost/web:1", "serve", "--port", "8080"]
     assert pc.env["CONTAINERS_STORAGE_CONF"] == str(tmp_path / "storage.conf")
+
+
+async def test_service_output_is_followed_from_the_k8s_file_log(tmp_path: Path, capsys):
+    import asyncio
+
+    p = ComposeProject.parse(COMPOSE, "app", {"TOKEN": "t"})
+    pc = PodmanCompose(p, storage_conf=tmp_path / "s.conf", volumes_dir=tmp_path / "vols")
+    web = p.services[1]
+    assert pc.log_path(web).parent == tmp_path / "container-logs"
+    pc.log_path(web).parent.mkdir(parents=True)
+    ts = "2026-12-02T17:00:00.000000000+00:00"
+    pc.log_path(web).write_text(f"{ts} stdout P hel\n{ts} stdout F lo\n{ts} stderr F oops\n")
+    task = asyncio.create_task(pc._follow(web))
+    await asyncio.sleep(0.5)
+    with pc.log_path(web).open("a") as f:  # appended later, and a half-written last line
+        f.write(f"{ts} stdout F more\n{ts} stdout F unfinis")
+    await asyncio.sleep(0.5)
+    pc.log_path(web).write_text(f"{ts} stdout F after rotation\n")  # shorter: rotated
+    await asyncio.sleep(0.5)
+    task.cancel()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["web | hello", "web | oops", "web | more", "web | after rotation"]
