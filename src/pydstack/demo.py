@@ -163,7 +163,8 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
             print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
             print("press ctrl-c to stop", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                while True:
+                    time.sleep(3600)
         _step("done")
         return 0
     except (StackError, ImageError, httpx.HTTPError, ValueError, KeyError) as e:
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("error: the sandbox backend needs root (network namespaces, mounts)", file=sys.stderr)
         return 2
-    if args.serve:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    # SIGTERM ends --serve like ctrl-c does (a blocked signal mask would be inherited by the
+    # stack's processes and the cvms, which then could not be stopped)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return run(args.dir.resolve(), args.port, args.serve)
 
 

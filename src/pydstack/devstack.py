@@ -42,7 +42,9 @@ def free_port() -> int:
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        # own session: a ctrl-c meant for the caller must not kill the stack under it, the
+        # caller tears it down in order (cvms first)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_line(
