@@ -198,7 +198,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--boots", type=int, default=5)
     ap.add_argument("--idle", type=int, default=3, help="cvms to measure idle memory over")
-    ap.add_argument("--max-cvms", type=int, default=40)
+    ap.add_argument("--max-cvms", type=int, default=40, help="0 skips the concurrency run")
     ap.add_argument("--keep", action="store_true", help="keep the stack directory")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -244,8 +244,9 @@ def main() -> int:
         )
         stack.remove_all()
 
-        print(f"\nconcurrent cvms (up to {args.max_cvms}), each with a port mapping")
-        bench_many(stack, image, args.max_cvms)
+        if args.max_cvms:
+            print(f"\nconcurrent cvms (up to {args.max_cvms}), each with a port mapping")
+            bench_many(stack, image, args.max_cvms)
         print(json.dumps({"dir": str(d)}) if args.keep else "")
         return 0
     finally:
