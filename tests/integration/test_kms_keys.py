@@ -52,8 +52,9 @@ def env(tmp_path_factory):
     )
     cfg = write_config(d, pccs.url, d / "root.der", allow)
     kms = start_kms(cfg)
-    yield {"dir": d, "kms": kms, "allow": allow, "pccs": pccs, "compose_hash": compose_hash}
-    kms.stop()
+    state = {"dir": d, "kms": kms, "allow": allow, "pccs": pccs, "compose_hash": compose_hash}
+    yield state
+    state["kms"].stop()  # a test restarts it: stop the one running now
     pccs.stop()
 
 
