@@ -251,6 +251,15 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     info = stack.info(vm)
     assert info["status"] == "running" and info["boot_progress"] == "done"
     assert dstack(stack, "info", vm).stdout.count(instance_id) == 1
+    # a cvm that died while no vmm watched it (a host reboot) is started again on reload
+    stack.procs["vmm"].kill()
+    launcher = int((wd / "launcher.pid").read_text())
+    os.killpg(launcher, 9)
+    wait_for(lambda: not Path(f"/proc/{launcher}").exists(), "the launcher to die")
+    stack.start_vmm()
+    assert stack.wait_vm(vm)["instance_id"] == instance_id
+    assert int((wd / "launcher.pid").read_text()) != launcher
+    assert get(port, "/data", name="note")["value"] == "persist me"
     dstack(stack, "stop", "-f", vm)
     wait_for(lambda: stack.info(vm)["status"] == "stopped", "forced stop")
     assert not port_open(port)
