@@ -349,6 +349,10 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(stack: DevStack, image
     refused(deploy(stack, bad, "x7", check=False), "build")
     # the server kept serving
     assert dstack(stack, "lsvm").stdout.count(keeper) == 1
+    # the running vmm announced itself for `dstack vmm ls`
+    listed = json.loads(dstack(stack, "vmm", "ls", "--json").stdout)
+    port = stack.vmm_url.rsplit(":", 1)[1]
+    assert f"127.0.0.1:{port}" in [i["address"] for i in listed]
     dstack(stack, "remove", keeper)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydstack import __version__
 from pydstack.guest.simulator import stop_signal
 
+from . import discovery
 from .app import VmmApp
 from .config import ConfigError, VmmConfig
 from .service import build_server
@@ -60,9 +61,11 @@ async def serve(config: VmmConfig) -> None:
     if kind == "unix":
         await server.listen_unix(host, mode=0o660)
         where = f"unix:{host}"
+        announced = where
     else:
         bound = await server.listen_tcp(host, port)
         where = f"http://{host}:{bound}"
+        announced = f"{host}:{bound}"
         try:
             loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
@@ -79,11 +82,22 @@ async def serve(config: VmmConfig) -> None:
         config.sandbox_bridge,
         config.sandbox_subnet,
     )
+    registration = discovery.register(
+        announced,
+        config.config_path,
+        config.image_path,
+        config.run_path,
+        config.node_name,
+        __version__,
+    )
     print(f"dstack-vmm listening on {where}", flush=True)
-    await stop_signal().wait()
-    log.info("shutting down (CVMs keep running)")
-    await server.close()
-    await app.close()
+    try:
+        await stop_signal().wait()
+        log.info("shutting down (CVMs keep running)")
+    finally:
+        discovery.unregister(registration)
+        await server.close()
+        await app.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
-from pydstack.vmm import cli
+from pydstack.vmm import cli, discovery
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("DSTACK_VMM_URL", raising=False)
+    # discovery only sees this test's instances
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setattr(discovery, "SCAN_GLOB", str(tmp_path / "none" / "*"))
     return tmp_path
 
 
@@ -96,3 +100,46 @@ def test_table_output():
     lines = text.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert "| wider cell |" in text and "| Long header |" in text
+
+
+def _announce(home, pid: int, address: str, started: int) -> str:
+    d = home / "xdg" / "dstack-vmm"
+    d.mkdir(parents=True, exist_ok=True)
+    vid = f"{started:08x}-0000-4000-8000-000000000000"
+    info = {
+        "id": vid, "pid": pid, "address": address, "working_dir": "/srv/vmm",
+        "config_file": None, "image_path": "/i", "run_path": "/r", "node_name": f"n{started}",
+        "version": "0.1.0", "started_at": started,
+    }  # fmt: skip
+    (d / f"{vid}.json").write_text(json.dumps(info))
+    return vid
+
+
+def test_discovered_vmms_list_switch_and_resolve(capsys, home):
+    import os
+
+    dead = _announce(home, 2**22 + 12345, "0.0.0.0:9080", 1)  # no such process
+    assert run(capsys, "vmm", "ls")[1].startswith("no running dstack-vmm")
+    assert not (home / "xdg/dstack-vmm" / f"{dead}.json").exists()  # stale file cleaned
+    first = _announce(home, os.getpid(), "0.0.0.0:9080", 2)
+    assert cli.resolve_url(None) == "http://127.0.0.1:9080"  # the only one
+    second = _announce(home, os.getpid(), "unix:./vmm.sock", 3)
+    assert cli.resolve_url(None) == cli.DEFAULT_URL  # ambiguous without a choice
+    out = run(capsys, "vmm", "ls")[1]
+    assert first[:8] in out and "unix:/srv/vmm/vmm.sock" in out
+    assert run(capsys, "vmm", "switch", second[:8])[0] == 0
+    assert cli.resolve_url(None) == "unix:/srv/vmm/vmm.sock"
+    assert "*" in run(capsys, "vmm", "ls")[1]
+    code, _, err = run(capsys, "vmm", "switch", "ffff")
+    assert code == 1 and "no running dstack-vmm matches" in err
+    listed = json.loads(run(capsys, "vmm", "ls", "--json")[1])
+    assert [i["id"] for i in listed] == [first, second]
+
+
+def test_register_and_unregister(home):
+    path = discovery.register("127.0.0.1:1", None, Path("/i"), Path("/r"), "node", "0.1.0")
+    assert path is not None and path.parent == home / "xdg" / "dstack-vmm"
+    [inst] = discovery.instances()
+    assert inst.url == "http://127.0.0.1:1" and inst.node_name == "node"
+    discovery.unregister(path)
+    assert discovery.instances() == []
