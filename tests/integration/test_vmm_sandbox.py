@@ -477,3 +477,50 @@ def test_update_env_ports_and_resize_of_a_stopped_vm(stack: DevStack, image: str
     out = dstack(stack, "resize", vm, "--vcpu", "1", check=False)
     assert out.returncode != 0 and "must be stopped" in out.stderr
     dstack(stack, "remove", vm)
+
+
+def test_vcpu_and_memory_are_enforced(stack: DevStack, image: str, tmp_path):
+    d = tmp_path / "limits"
+    d.mkdir()
+    (d / "docker-compose.yml").write_text(f"""
+services:
+  web:
+    image: {image}
+    environment:
+      PORT: "8080"
+  hog:
+    image: {image}
+    command: ["python3", "-c", "b = b'x' * (700 << 20); print('allocated', flush=True)"]
+""")
+    compose(stack, d, "limits", kms=False)
+    port = free_port()
+    out = deploy(stack, d, "limits", "--vcpu", "1", "--memory", "384", "--port", f"tcp:{port}:8080")
+    vm = vm_id_of(out.stdout)
+    stack.wait_vm(vm)
+    guest_pid = int((stack.dir / "run" / "vm" / vm / "guest.pid").read_text())
+    cg = next(
+        line.split(":", 2)[2]
+        for line in Path(f"/proc/{guest_pid}/cgroup").read_text().splitlines()
+        if "memory" in line.split(":")[1].split(",")
+    )
+    assert cg.endswith(f"/dstack/{vm}")
+    mem = Path("/sys/fs/cgroup/memory" + cg)
+    assert int((mem / "memory.limit_in_bytes").read_text()) == 384 << 20
+    assert int(Path("/sys/fs/cgroup/cpu" + cg, "cpu.cfs_quota_us").read_text()) == 100_000
+    # the app's containers nest inside the cvm's cgroup, so the hog meets the cvm's limit
+    assert any(p.name.startswith("libpod") for p in mem.iterdir() if p.is_dir())
+
+    def hog() -> dict:
+        ps = httpx.post(f"{stack.vmm_url}/guest/ListContainers?json", json={"id": vm}).json()
+        return next(c for c in ps["containers"] if c["names"] == ["limits-hog-1"])
+
+    wait_for(lambda: hog()["state"] == "exited", "the hog to be killed")
+    assert "(137)" in hog()["status"]  # SIGKILL from the cgroup's oom killer
+    assert "hog | allocated" not in stack.logs(vm, 200)
+    # the cvm's usage went up to its limit and no further (the host was never at risk)
+    assert int((mem / "memory.max_usage_in_bytes").read_text()) <= 384 << 20
+    # the rest of the cvm lives on
+    assert get(port, "/health") == {"ok": True}
+    assert stack.info(vm)["status"] == "running"
+    dstack(stack, "remove", vm)
+    wait_for(lambda: not mem.exists(), "the cvm's cgroup to go")

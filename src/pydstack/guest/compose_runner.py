@@ -234,12 +234,14 @@ class PodmanCompose:
         storage_conf: Path,
         volumes_dir: Path,
         logs_dir: Path | None = None,
+        cgroup_parent: str | None = None,
         podman: str = "podman",
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.project = project
         self.volumes_dir = volumes_dir
         self.logs_dir = logs_dir or volumes_dir.parent / "container-logs"
+        self.cgroup_parent = cgroup_parent
         self.podman = podman
         self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage_conf), **(env or {})}
         self._log_tasks: list[asyncio.Task[None]] = []
@@ -271,6 +273,8 @@ class PodmanCompose:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         args += ["--log-driver", "k8s-file", "--log-opt", f"path={self.log_path(svc)}"]
         args += ["--log-opt", "max-size=10mb"]
+        if self.cgroup_parent:  # the app counts against the cvm's vcpu and memory
+            args += ["--cgroup-parent", self.cgroup_parent]
         for k, v in svc.environment.items():
             args += ["-e", f"{k}={v}"]
         for kind, src, dst, ro in svc.volumes:

@@ -77,6 +77,22 @@ def sh(*args: str, stdin: bytes | None = None) -> None:
             raise BootError(f"{args[0]} failed: {err[-1000:]}")
 
 
+def own_cvm_cgroup() -> str | None:
+    """the cgroup the host put this CVM in (for `--cgroup-parent`, so the app's containers
+    count against the CVM's vcpu and memory), or None when it runs unconstrained."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    for line in lines:
+        hid, ctrls, path = line.split(":", 2)
+        mine = (hid == "0" and not ctrls) if v2 else "memory" in ctrls.split(",")
+        if mine and "/dstack/" in path:
+            return path
+    return None
+
+
 def _code_dirs() -> list[str]:
     """directories holding this interpreter and its modules that the CVM's fresh /run and
     /tmp would hide (outermost first, nested ones dropped)."""
@@ -451,7 +467,10 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
         )
         (PERSISTENT / "volumes").mkdir(exist_ok=True)
         compose = PodmanCompose(
-            project, storage_conf=storage_conf(wd), volumes_dir=PERSISTENT / "volumes"
+            project,
+            storage_conf=storage_conf(wd),
+            volumes_dir=PERSISTENT / "volumes",
+            cgroup_parent=own_cvm_cgroup(),
         )
         api = GuestApi(core, compose, stop)
         gserver = PrpcServer(response_headers=headers)

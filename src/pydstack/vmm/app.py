@@ -466,6 +466,8 @@ class VmmApp:
             ],
             scrypt_n=self.config.sandbox_scrypt_n,
             hostname=_hostname(vm.manifest.name),
+            vcpu=vm.manifest.vcpu,
+            memory_mb=vm.manifest.memory,
         )
         atomic_write(vm.spec_path, spec.to_json().encode())
         for name in ("serial.log", "stdout.log"):
@@ -521,6 +523,7 @@ class VmmApp:
                 await asyncio.sleep(0.05)
         netns, veth = sandbox.names_for(vm.id)
         await asyncio.to_thread(sandbox.teardown_network, netns, veth)
+        await sandbox.remove_cgroup(vm.workdir.path)
         vm.exited_at = vm.exited_at or time.time()
 
     async def stop_vm(self, vm_id: str) -> None:

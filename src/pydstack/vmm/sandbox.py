@@ -35,6 +35,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import cgroups
+
 log = logging.getLogger("dstack-sandbox")
 PR_SET_PDEATHSIG = 1
 
@@ -101,6 +103,8 @@ class LaunchSpec:
     scrypt_n: int = 10
     python: str = sys.executable
     hostname: str = ""
+    vcpu: int = 0  # 0: no limit
+    memory_mb: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -229,6 +233,35 @@ def _pdeathsig() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+CGROUP_FILE = "cgroup.json"
+
+
+async def remove_cgroup(workdir: Path) -> None:
+    """remove a stopped CVM's cgroup (its processes may take a moment to be reaped)."""
+    cg = cgroups.CvmCgroup.load(workdir / CGROUP_FILE)
+    if cg is None:
+        return
+    for _ in range(30):
+        cg.remove()
+        if not any(d.exists() for d in cg.dirs):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("cgroup %s is still busy; left in place", cg.path)
+
+
+def _cvm_cgroup(spec: LaunchSpec) -> cgroups.CvmCgroup | None:
+    if not (spec.vcpu and spec.memory_mb):
+        return None
+    try:
+        cg = cgroups.create(spec.vm_id, spec.vcpu, spec.memory_mb)
+    except cgroups.CgroupError as e:
+        log.warning("%s; the cvm runs without vcpu and memory limits", e)
+        return None
+    log.info("cvm limited to %d vcpu and %d MiB (cgroup %s)", spec.vcpu, spec.memory_mb, cg.path)
+    cg.save(Path(spec.workdir) / CGROUP_FILE)
+    return cg
+
+
 async def launch(spec: LaunchSpec) -> int:
     wd = Path(spec.workdir)
     for d in ("host-api", "guest-api"):
@@ -237,6 +270,7 @@ async def launch(spec: LaunchSpec) -> int:
     servers: list[asyncio.Server] = []
     transports: list[asyncio.DatagramTransport] = []
     guest: asyncio.subprocess.Process | None = None
+    cg: cgroups.CvmCgroup | None = None
     try:
         for pf in spec.ports:
             if pf.protocol == "udp":
@@ -251,6 +285,13 @@ async def launch(spec: LaunchSpec) -> int:
                 spec.guest_ip,
                 pf.vm_port,
             )
+        cg = _cvm_cgroup(spec)
+
+        def child_setup() -> None:
+            _pdeathsig()
+            if cg is not None:
+                cg.join()  # before exec: the guest and everything it starts is inside
+
         serial = open(wd / "serial.log", "ab")  # noqa: SIM115 - owned by the guest process
         guest = await asyncio.create_subprocess_exec(
             "nsenter",
@@ -276,7 +317,7 @@ async def launch(spec: LaunchSpec) -> int:
             stdin=subprocess.DEVNULL,
             stdout=serial,
             stderr=subprocess.STDOUT,
-            preexec_fn=_pdeathsig,
+            preexec_fn=child_setup,
         )
         serial.close()
         (wd / "guest.pid").write_text(str(guest.pid))
@@ -309,6 +350,8 @@ async def launch(spec: LaunchSpec) -> int:
         if guest is not None and guest.returncode is None:
             guest.kill()
         teardown_network(spec.netns, spec.veth)
+        if cg is not None:
+            await remove_cgroup(wd)
 
 
 def _signal_guest_init(unshare_pid: int, sig: int) -> None:
