@@ -68,23 +68,6 @@ def _cli(*args: str) -> str:
     return out.getvalue()
 
 
-def _wait_boot(stack: DevStack, vm_id: str, timeout: float = 180) -> dict[str, object]:
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = stack.info(vm_id)
-        progress = str(info.get("boot_progress") or "")
-        if progress and progress != seen:
-            print(f"    boot: {progress}", flush=True)
-            seen = progress
-        if info.get("boot_error"):
-            raise StackError(f"the cvm failed to boot: {info['boot_error']}")
-        if progress == "done" and info.get("status") == "running":
-            return info
-        time.sleep(0.2)
-    raise StackError("the cvm did not finish booting in time")
-
-
 def run(directory: Path, port: int, keep_serving: bool) -> int:
     stack = DevStack(directory)
     try:
@@ -121,7 +104,9 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         vm_id = out.split("Created VM with ID:")[1].split()[0]
         print(f"    vm {vm_id}")
         t0 = time.monotonic()
-        info = _wait_boot(stack, vm_id)
+        info = stack.wait_vm(
+            vm_id, timeout=180, on_progress=lambda p: print(f"    boot: {p}", flush=True)
+        )
         print(f"    booted in {time.monotonic() - t0:.1f} s; instance {info.get('instance_id')}")
         print(_cli("lsvm"), end="")
 

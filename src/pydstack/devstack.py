@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -24,7 +25,7 @@ import httpx
 
 from pydstack.vmm.config import VmmConfig
 from pydstack.vmm.images import sandbox_image_digest
-from pydstack.vmm.sandbox import names_for, teardown_network
+from pydstack.vmm.sandbox import is_launcher, names_for, teardown_network
 
 #: the mock attestation seed shared by the VMM's simulated TDX and the mock PCCS
 DEFAULT_SEED = bytes.fromhex("a1" * 32)
@@ -303,12 +304,24 @@ class DevStack:
         info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info", {})
         return info
 
-    def wait_vm(self, vm_id: str, until: str = "done", timeout: float = 120) -> dict[str, Any]:
-        """wait for boot progress `until` (or a boot error, raised); returns the vm info."""
+    def wait_vm(
+        self,
+        vm_id: str,
+        until: str = "done",
+        timeout: float = 120,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> dict[str, Any]:
+        """wait for boot progress `until` (or a boot error, raised); returns the vm info.
+        `on_progress` sees each new boot progress text."""
         deadline = time.monotonic() + timeout
         info: dict[str, Any] = {}
+        seen = ""
         while time.monotonic() < deadline:
             info = self.info(vm_id)
+            progress = str(info.get("boot_progress") or "")
+            if on_progress is not None and progress and progress != seen:
+                on_progress(progress)
+                seen = progress
             if info.get("boot_error"):
                 raise StackError(f"vm {vm_id} failed to boot: {info['boot_error']}")
             if info.get("boot_progress") == until and info.get("status") == "running":
@@ -353,8 +366,7 @@ class DevStack:
         for pid_file in (self.dir / "run" / "vm").glob("*/launcher.pid"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pid_file.read_text())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"pydstack.vmm.sandbox" in cmdline and str(pid_file.parent).encode() in cmdline:
+                if is_launcher(pid, pid_file.parent / "launch.json"):
                     os.kill(pid, signal.SIGTERM)  # the launcher stops its guest, frees the netns
                     pids.append(pid)
         deadline = time.monotonic() + 20 + 0.2 * len(pids)

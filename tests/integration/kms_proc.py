@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydstack.devstack import free_port
 from pydstack.tee.simulated import SimulatedTdx
 
 SEED = bytes.fromhex("a1" * 32)
 OS_IMAGE = "pydstack-sim"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(proc: subprocess.Popen[str], marker: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -88,11 +89,7 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
         for so in dynload.glob("*.so"):
             libs |= _libs(so)
         for lib in libs:
-            _copy(lib, root)
-            if lib.resolve() != lib:  # keep the soname path too
-                dst = root / lib.relative_to("/")
-                if not dst.exists():
-                    shutil.copy2(lib.resolve(), dst)
+            _copy(lib, root)  # at the name the loader asks for, with the target's bytes
     for rel, data in files.items():
         dst = root / rel.lstrip("/")
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +129,7 @@ def build_image(
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
         changes = [
             "--change",
-            f"CMD {__import__('json').dumps(cmd)}",
+            f"CMD {json.dumps(cmd)}",
             "--change",
             f"WORKDIR {workdir}",
             "--change",

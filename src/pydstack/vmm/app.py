@@ -82,23 +82,12 @@ class Vm:
             self.proc = None
             self.exited_at = self.exited_at or time.time()
             return False
-        if self.pid and _pid_is_launcher(self.pid, self.spec_path):
+        if self.pid and sandbox.is_launcher(self.pid, self.spec_path):
             return True
         if self.pid:
             self.pid = 0
             self.exited_at = self.exited_at or time.time()
         return False
-
-
-def _pid_is_launcher(pid: int, spec: Path) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return False
-    return str(spec).encode() in cmd and b"pydstack.vmm.sandbox" in cmd
 
 
 class HostApiImpl:
@@ -416,7 +405,7 @@ class VmmApp:
         }
 
     def _check_host_memory(self) -> None:
-        """sandbox cvms share the host's memory (about 100 MiB each idle); starting one into
+        """sandbox cvms share the host's memory (about 70 MiB each idle); starting one into
         an exhausted host thrashes it until the kernel's OOM killer picks a victim."""
         need = self.config.sandbox_min_free_memory_mb
         avail = _mem_available_mb()
@@ -457,7 +446,7 @@ class VmmApp:
             workdir=str(wd.path),
             netns=netns,
             veth=veth,
-            address=f"{net.network_address + vm.ip_index}/{net.prefixlen}",
+            address=f"{self.guest_address(vm)}/{net.prefixlen}",
             gateway=self.config.host_ip,
             bridge=self.config.sandbox_bridge,
             ports=[
@@ -799,11 +788,3 @@ def _rmtree_mounts(path: Path) -> None:
     if path.exists():
         subprocess.run(["umount", "-R", "-l", str(path)], capture_output=True, check=False)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def vm_status_counts(app: VmmApp) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for vm in app.vms.values():
-        s = app.status_of(vm)
-        out[s] = out.get(s, 0) + 1
-    return out

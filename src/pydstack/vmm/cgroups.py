@@ -93,11 +93,10 @@ def create(vm_id: str, vcpu: int, memory_mb: int) -> CvmCgroup:
             rel = f"{base.rstrip('/')}/dstack/{vm_id}"
             d = ROOT / rel.lstrip("/")
             d.mkdir(parents=True, exist_ok=True)
-            # limits apply only where the parent delegates the controllers
-            parent = d.parent
-            for p in (parent, d) if parent != ROOT else (d,):
+            # limits apply only where each ancestor delegates the controllers
+            for ancestor in (d.parent.parent, d.parent):
                 with contextlib.suppress(OSError):
-                    (p.parent / "cgroup.subtree_control").write_text("+memory +cpu +pids")
+                    (ancestor / "cgroup.subtree_control").write_text("+memory +cpu +pids")
             (d / "memory.max").write_text(str(memory_mb * 1024 * 1024))
             (d / "cpu.max").write_text(f"{vcpu * CFS_PERIOD_US} {CFS_PERIOD_US}")
             return CvmCgroup(rel, (d,))
@@ -117,19 +116,3 @@ def create(vm_id: str, vcpu: int, memory_mb: int) -> CvmCgroup:
         return CvmCgroup(rel, tuple(dirs))
     except OSError as e:
         raise CgroupError(f"cannot set up the cvm's cgroup: {e}") from e
-
-
-def limits(cg: CvmCgroup) -> dict[str, int]:
-    """the memory limit (bytes) and cpu quota (microseconds per period) in force."""
-    if is_v2():
-        d = cg.dirs[0]
-        quota = (d / "cpu.max").read_text().split()[0]
-        return {
-            "memory": int((d / "memory.max").read_text()),
-            "cpu_quota_us": -1 if quota == "max" else int(quota),
-        }
-    rel = cg.path.lstrip("/")
-    return {
-        "memory": int((ROOT / "memory" / rel / "memory.limit_in_bytes").read_text()),
-        "cpu_quota_us": int((ROOT / "cpu" / rel / "cpu.cfs_quota_us").read_text()),
-    }

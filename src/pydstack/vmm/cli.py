@@ -190,11 +190,12 @@ def fetch_env_pubkey(kms_url: str, app_id: str, *, assume_yes: bool = False) -> 
 
 def encrypt_env_file(
     path: str, kms_url: str, app_id: str, assume_yes: bool
-) -> tuple[str, list[str]]:
+) -> tuple[str, list[tuple[str, str]]]:
+    """the hex `encrypted_env` of an env file, and the pairs it held."""
     envs = _env_file(path)
     public_key = fetch_env_pubkey(kms_url, app_id, assume_yes=assume_yes)
     try:
-        return encrypt_env(envs, public_key).hex(), [k for k, _ in envs]
+        return encrypt_env(envs, public_key).hex(), envs
     except EnvError as e:
         raise CliError(str(e)) from e
 
@@ -483,7 +484,8 @@ def _env_update(
     if not kms_urls:
         raise CliError("--env-file needs --kms-url to fetch the env public key from")
     app_id = str(info.get("app_id", ""))
-    encrypted, keys = encrypt_env_file(env_file, kms_urls[0], app_id, assume_yes)
+    encrypted, pairs = encrypt_env_file(env_file, kms_urls[0], app_id, assume_yes)
+    keys = [k for k, _ in pairs]
     cfg = info.get("configuration") or {}
     compose = json.loads(compose_text or cfg.get("compose_file") or "{}")
     out: dict[str, Any] = {"encrypted_env": encrypted}
@@ -491,7 +493,7 @@ def _env_update(
     if compose.get("allowed_envs") != keys:
         compose["allowed_envs"] = keys
         changed = True
-    envs = dict(_env_file(env_file))
+    envs = dict(pairs)
     if "APP_LAUNCH_TOKEN" in envs:
         token_hash = hashlib.sha256(envs["APP_LAUNCH_TOKEN"].encode()).hexdigest()
         if compose.get("launch_token_hash") != token_hash:

@@ -126,6 +126,18 @@ def mac_for(vm_id: str) -> str:
     return ":".join(f"{b:02x}" for b in (b"\x02" + digest[:5]))
 
 
+def is_launcher(pid: int, spec: Path) -> bool:
+    """whether `pid` is (still) the launcher of the CVM described by `spec` (pids get reused)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return str(spec).encode() in cmd and b"pydstack.vmm.sandbox" in cmd
+
+
 def names_for(vm_id: str) -> tuple[str, str]:
     short = vm_id.replace("-", "")[:10]
     return f"dstack-{short}", f"ds{short}"

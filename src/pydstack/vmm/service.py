@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import importlib.resources
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -101,8 +102,6 @@ class VmmService:
         )
 
     async def ListImages(self, _: Empty, ctx: CallContext) -> pb.ImageListResponse:
-        import json
-
         return pb.ImageListResponse(
             images=[
                 pb.ImageInfo(
