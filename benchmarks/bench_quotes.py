@@ -22,7 +22,7 @@ from pydstack.attest.quote import parse_quote
 from pydstack.attest.verify import verify_quote
 from pydstack.tee.simulated import SimulatedTdx
 
-VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", Path(__file__).parents[2] / "shared/vectors"))
+VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", Path(__file__).parents[1] / "tests" / "vectors"))
 
 
 def main() -> None:

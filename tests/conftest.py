@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", REPO.parent / "shared" / "vectors"))
+#: the repository carries its vectors (tests/vectors); PYDSTACK_VECTORS points elsewhere
+VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", REPO / "tests" / "vectors"))
 
 
 @pytest.fixture(scope="session")
