@@ -2,8 +2,12 @@
 
 Used by the main job (`pydstack.demo`), the VMM benchmarks and the end-to-end tests. Everything
 lives under one directory: `kms.toml`, `allow.json` (the KMS's auth-simple allowlist),
-`vmm.toml`, the run path, the images and each process's log. The KMS listens on all addresses so
-sandbox CVMs reach it through the bridge at the host's address.
+`vmm.toml`, the run path, the images and each process's log.
+
+The stack keeps to this host: its mock attestation seed is random per stack (`seed`, 0600,
+kept across restarts of the same directory; only the VMM and the mock PCCS read it), the
+configuration files are 0600, the PCCS and the VMM listen on loopback and the KMS on the CVM
+bridge's host address only (CVMs reach it there, and so does the host; nothing else does).
 """
 
 from __future__ import annotations
@@ -25,10 +29,15 @@ import httpx
 
 from pydstack.vmm.config import VmmConfig
 from pydstack.vmm.images import sandbox_image_digest
-from pydstack.vmm.sandbox import is_launcher, names_for, teardown_network
+from pydstack.vmm.sandbox import (
+    ensure_bridge,
+    is_launcher,
+    names_for,
+    teardown_bridge,
+    teardown_network,
+)
 
-#: the mock attestation seed shared by the VMM's simulated TDX and the mock PCCS
-DEFAULT_SEED = bytes.fromhex("a1" * 32)
+SEED_FILE = "seed"
 
 
 class StackError(RuntimeError):
@@ -104,10 +113,27 @@ def write_allowlist(path: Path, apps: dict[str, list[str]], os_images: list[str]
     os.replace(tmp, path)
 
 
-def kms_toml(d: Path, port: int, pccs_url: str, root: Path, allow: Path) -> str:
+def write_private(path: Path, text: str) -> None:
+    """write a file only its owner may read (configs naming keys and seeds)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an existing file keeps its old mode through O_CREAT
+
+
+def stack_seed(d: Path) -> Path:
+    """the stack's mock attestation seed file: random, 0600, made once per stack directory."""
+    path = d / SEED_FILE
+    if not path.exists():
+        write_private(path, os.urandom(32).hex())
+    os.chmod(path, 0o600)
+    return path
+
+
+def kms_toml(d: Path, address: str, port: int, pccs_url: str, root: Path, allow: Path) -> str:
     return f"""# local kms for the dev stack
 [rpc]
-address = "0.0.0.0"
+address = "{address}"
 port = {port}
 
 [core]
@@ -145,7 +171,7 @@ def vmm_toml(
     port: int,
     kms_url: str,
     cvm_kms_url: str,
-    seed: bytes,
+    seed_file: Path,
     *,
     auth_token: str = "",
     auto_restart: bool = False,
@@ -179,7 +205,7 @@ enabled = {str(auto_restart).lower()}
 initial_backoff = {restart_backoff}
 
 [cvm.tee_simulator]
-mock_attestation_seed = "{seed.hex()}"
+mock_attestation_seed_file = "{seed_file}"
 
 [cvm.sandbox]
 bridge = "{bridge}"
@@ -191,7 +217,6 @@ scrypt_n = 10
 @dataclass
 class DevStack:
     dir: Path
-    seed: bytes = DEFAULT_SEED
     auth_token: str = ""
     auto_restart: bool = False
     restart_backoff: float = 5.0
@@ -215,6 +240,15 @@ class DevStack:
     def vmm_config(self) -> Path:
         return self.dir / "vmm.toml"
 
+    @property
+    def seed_file(self) -> Path:
+        return self.dir / SEED_FILE
+
+    @property
+    def host_ip(self) -> str:
+        """the host's address on this stack's cvm bridge."""
+        return VmmConfig(sandbox_subnet=self.subnet).host_ip
+
     def start(self, progress: IO[str] | None = None) -> DevStack:
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
@@ -224,12 +258,15 @@ class DevStack:
                 print(msg, file=progress, flush=True)
 
         py = sys.executable
+        seed_file = stack_seed(d)
+        # the kms listens on the bridge only: create it before the vmm does
+        ensure_bridge(self.bridge, self.subnet)
         pccs_port = free_port()
         self.procs["pccs"] = Proc(
             "pccs",
             _spawn(
                 [
-                    py, "-m", "pydstack.tee.collateral_server", "--seed", self.seed.hex(),
+                    py, "-m", "pydstack.tee.collateral_server", "--seed-file", str(seed_file),
                     "--listen", f"127.0.0.1:{pccs_port}", "--root-out", str(self.root_ca),
                 ],
                 d / "pccs.log",
@@ -243,27 +280,28 @@ class DevStack:
         if not self.allowlist.exists():
             write_allowlist(self.allowlist, {}, [sandbox_image_digest()])
         kms_port = free_port()
-        (d / "kms.toml").write_text(
-            kms_toml(d, kms_port, self.pccs_url, self.root_ca, self.allowlist)
+        write_private(
+            d / "kms.toml",
+            kms_toml(d, self.host_ip, kms_port, self.pccs_url, self.root_ca, self.allowlist),
         )
         self.start_kms()
         say(f"kms on {self.kms_url}")
 
-        host_ip = VmmConfig(sandbox_subnet=self.subnet).host_ip
         vmm_port = free_port()
-        self.vmm_config.write_text(
+        write_private(
+            self.vmm_config,
             vmm_toml(
                 d,
                 vmm_port,
                 self.kms_url,
-                self.kms_url.replace("127.0.0.1", host_ip),
-                self.seed,
+                self.kms_url,
+                seed_file,
                 auth_token=self.auth_token,
                 auto_restart=self.auto_restart,
                 restart_backoff=self.restart_backoff,
                 bridge=self.bridge,
                 subnet=self.subnet,
-            )
+            ),
         )
         self.vmm_url = f"http://127.0.0.1:{vmm_port}"
         self.start_vmm()
@@ -278,7 +316,7 @@ class DevStack:
         )
         self.procs["kms"] = Proc("kms", proc, log)
         line = _wait_line(proc, log, "dstack-kms listening on", 60, offset)
-        self.kms_url = line.split()[-1].replace("0.0.0.0", "127.0.0.1")
+        self.kms_url = line.split()[-1]
 
     def start_vmm(self) -> None:
         log = self.dir / "vmm.log"
@@ -389,4 +427,4 @@ class DevStack:
             if name in self.procs:
                 self.procs[name].stop()
         if remove_bridge:
-            subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+            teardown_bridge(self.bridge, self.subnet)

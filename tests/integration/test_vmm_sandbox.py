@@ -23,6 +23,7 @@ import pytest
 from pydstack.apps.image import hello_image
 from pydstack.attest.errors import VerifyError
 from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
+from pydstack.attest.quote import parse_quote
 from pydstack.attest.verify import CollateralCache, verify_quote
 from pydstack.crypto import k256
 from pydstack.devstack import DevStack, free_port
@@ -251,6 +252,11 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     info = stack.info(vm)
     assert info["status"] == "running" and info["boot_progress"] == "done"
     assert dstack(stack, "info", vm).stdout.count(instance_id) == 1
+    # the restarted vmm took the cvm's td back: quotes go on, with the same measurements
+    q2 = get(port, "/quote", report_data=nonce.hex())
+    again = parse_quote(bytes.fromhex(q2["quote"])).td_report
+    assert again is not None and again.rtmrs == replay_rtmrs(event_log_from_json(q2["event_log"]))
+    assert again.rtmrs == report.rtmrs  # same image, same app, same instance: same boot
     # a cvm that died while no vmm watched it (a host reboot) is started again on reload
     stack.procs["vmm"].kill()
     launcher = int((wd / "launcher.pid").read_text())

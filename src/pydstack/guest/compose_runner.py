@@ -237,8 +237,11 @@ class PodmanCompose:
         cgroup_parent: str | None = None,
         podman: str = "podman",
         env: Mapping[str, str] | None = None,
+        userns: tuple[int, int] | None = None,
     ) -> None:
         self.project = project
+        #: (first host id, count): container root is that unprivileged host uid, not host root
+        self.userns = userns
         self.volumes_dir = volumes_dir
         self.logs_dir = logs_dir or volumes_dir.parent / "container-logs"
         self.cgroup_parent = cgroup_parent
@@ -275,12 +278,17 @@ class PodmanCompose:
         args += ["--log-opt", "max-size=10mb"]
         if self.cgroup_parent:  # the app counts against the cvm's vcpu and memory
             args += ["--cgroup-parent", self.cgroup_parent]
+        if self.userns is not None:
+            base, size = self.userns
+            args += ["--uidmap", f"0:{base}:{size}", "--gidmap", f"0:{base}:{size}"]
         for k, v in svc.environment.items():
             args += ["-e", f"{k}={v}"]
         for kind, src, dst, ro in svc.volumes:
             if kind == "volume":
                 path = self.volumes_dir / f"{self.project.name}_{src}"
                 path.mkdir(parents=True, exist_ok=True)
+                if self.userns is not None:  # writable by container root
+                    os.chown(path, self.userns[0], self.userns[0])
                 src = str(path)
             args += ["-v", f"{src}:{dst}{':ro' if ro else ''}"]
         if svc.working_dir:

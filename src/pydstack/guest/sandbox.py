@@ -5,9 +5,10 @@ Started by the VMM's launcher inside fresh network, mount and PID namespaces
 
 1. makes the CVM's private filesystem view: tmpfs on /run and /tmp, the host share bind-mounted
    read-only at /run/dstack/host-shared, the host-API and guest-API socket directories;
-2. brings up a simulated TD from `.tee-simulator.json` (mock Intel PKI seed, MRCONFIGID v1 over
-   the compose hash) and runs the common boot flow (:mod:`pydstack.guest.boot`): RTMR3
-   measurement, keys from the KMS over RA-TLS, env decryption filtered by allowed_envs;
+2. uses the TD its VMM keeps for it (:mod:`pydstack.tee.hosttd`: extend RTMR3, quotes over
+   report data; the measurements and the signing key stay in the VMM) and runs the common boot
+   flow (:mod:`pydstack.guest.boot`): RTMR3 measurement, keys from the KMS over RA-TLS, env
+   decryption filtered by allowed_envs;
 3. opens the persistent storage: a gocryptfs volume keyed by the KMS disk key (FUSE, since the
    host has no dm-crypt), created on first boot and reopened afterwards;
 4. serves the guest agent on /var/run/dstack.sock and /var/run/tappd.sock and the guest API
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -40,12 +40,11 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack import __version__, jsonlimits
-from pydstack.attest.identity import mr_config_id_v1
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
-from pydstack.tee.simulated import SimulatedTdx
+from pydstack.tee.hosttd import HostTdx
 
 from .boot import Booter, BootError, BootResult, key_provider_of
 from .compose_runner import ComposeError, ComposeProject, PodmanCompose
@@ -64,7 +63,8 @@ GUEST_API = DSTACK / "guest-api"
 WORK = DSTACK / "work"
 PERSISTENT = DSTACK / "persistent"
 VM = DSTACK / "vm"
-MAX_SIM_CONFIG = 64 * 1024
+#: ids in the app containers' user namespace (the vmm gives each cvm its own range)
+USERNS_SIZE = 65536
 
 
 def sh(*args: str, stdin: bytes | None = None) -> None:
@@ -179,33 +179,17 @@ class HostApi:
             log.warning("cannot notify the host (%s): %s", event, e)
 
 
-def simulated_td(shared: Path, compose_raw: bytes) -> SimulatedTdx:
-    path = shared / ".tee-simulator.json"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SIM_CONFIG + 1)
-        if len(raw) > MAX_SIM_CONFIG:
-            raise BootError(".tee-simulator.json is too large")
-        conf = jsonlimits.loads(raw)
-        seed = bytes.fromhex(str(conf["mock_attestation_seed"]))
-        os_image = str(conf.get("os_image", "pydstack-sandbox"))
-    except FileNotFoundError:
-        raise BootError("no TEE: the host share has no .tee-simulator.json") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise BootError(f"invalid .tee-simulator.json: {e}") from e
-    if len(seed) != 32:
-        raise BootError("the mock attestation seed must be 32 bytes")
-    compose_hash = hashlib.sha256(compose_raw).digest()
-    return SimulatedTdx(seed, os_image=os_image, mr_config_id=mr_config_id_v1(compose_hash))
-
-
 class Storage:
     """gocryptfs over `<wd>/data`, mounted at /run/dstack/persistent, keyed by the disk key."""
 
-    def __init__(self, wd: Path, notify: HostApi, scrypt_n: int, ephemeral: bool) -> None:
+    def __init__(
+        self, wd: Path, notify: HostApi, scrypt_n: int, ephemeral: bool, shared: bool = False
+    ) -> None:
         self.cipher = wd / "data"
         self.notify = notify
         self.scrypt_n = scrypt_n
+        #: let the app's user-namespaced containers (other uids) use the mount
+        self.shared = shared
         self.ephemeral = ephemeral  # key provider none: new keys every boot, so a new disk
 
     async def __call__(self, disk_key: bytes) -> None:
@@ -241,6 +225,7 @@ class Storage:
                 "gocryptfs",
                 "-q",
                 "-nosyslog",
+                *(["-allow_other"] if self.shared else []),
                 "-passfile",
                 "/dev/stdin",
                 str(self.cipher),
@@ -396,7 +381,24 @@ def storage_conf(wd: Path) -> Path:
     return conf
 
 
-async def boot_and_run(wd: Path, scrypt_n: int) -> int:
+def app_owned_dir(path: Path, uid_base: int) -> Path:
+    """a directory the app's containers may write: owned by container root (host `uid_base`)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if uid_base:
+        os.chown(path, uid_base, uid_base)
+    return path
+
+
+def share_socket(path: Path, uid_base: int) -> None:
+    """the agent socket, usable by the app's container root (its group is container root's
+    host gid) and by nothing else unprivileged: 0660. A container process running as another
+    user gets access with `group_add: ["0"]`."""
+    if uid_base:
+        os.chown(path, 0, uid_base)
+    os.chmod(path, 0o660)
+
+
+async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     try:
         wd = setup_mounts(wd)
     except (BootError, OSError) as e:
@@ -416,13 +418,17 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
             compose_raw = (HOST_SHARED / "app-compose.json").read_bytes()
         except OSError as e:
             raise BootError(f"cannot read app-compose.json: {e.strerror}") from e
-        tdx = simulated_td(HOST_SHARED, compose_raw)
+        tdx = HostTdx(HOST_API / "api.sock")  # the td lives in the vmm, out of our reach
         booter = Booter(tdx, HOST_SHARED, WORK, host.notify)
         try:
             result: BootResult = await booter.run(
                 storage_fs="gocryptfs",
                 storage=Storage(
-                    wd, host, scrypt_n, key_provider_of(_json_obj(compose_raw)) == "none"
+                    wd,
+                    host,
+                    scrypt_n,
+                    key_provider_of(_json_obj(compose_raw)) == "none",
+                    shared=bool(uid_base),
                 ),
             )
         except BootError:
@@ -458,6 +464,7 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
             server = PrpcServer(response_headers=headers)
             server.mount(svc)
             await server.listen_unix(RUN / sock)
+            share_socket(RUN / sock, uid_base)
             servers.append(server)
         app = json.loads(compose_raw)
         await host.notify("boot.progress", "setting up docker")
@@ -465,12 +472,12 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
         project = ComposeProject.parse(
             str(app.get("docker_compose_file", "")), _project_name(app), envs
         )
-        (PERSISTENT / "volumes").mkdir(exist_ok=True)
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf(wd),
-            volumes_dir=PERSISTENT / "volumes",
+            volumes_dir=app_owned_dir(PERSISTENT / "volumes", uid_base),
             cgroup_parent=own_cvm_cgroup(),
+            userns=(uid_base, USERNS_SIZE) if uid_base else None,
         )
         api = GuestApi(core, compose, stop)
         gserver = PrpcServer(response_headers=headers)
@@ -532,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--scrypt-n", type=int, default=10)
     parser.add_argument("--hostname", default="", help="set in the cvm's own uts namespace")
+    parser.add_argument(
+        "--uid-base", type=int, default=0, help="host uid of the app containers' root"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if os.getpid() == 1 and not args.child:
@@ -544,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stdout,
     )
     log.info("pydstack sandbox guest %s on %s booting", __version__, socket.gethostname())
-    return asyncio.run(boot_and_run(args.workdir.resolve(), args.scrypt_n))
+    return asyncio.run(boot_and_run(args.workdir.resolve(), args.scrypt_n, args.uid_base))
 
 
 if __name__ == "__main__":

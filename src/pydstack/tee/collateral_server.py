@@ -96,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="dstack-collateral-server",
         description="serve the simulated TDX's DCAP collateral on PCCS-compatible paths",
     )
-    parser.add_argument("--seed", required=True, help="the 32-byte mock attestation seed (hex)")
+    seeds = parser.add_mutually_exclusive_group(required=True)
+    seeds.add_argument(
+        "--seed", help="the 32-byte mock attestation seed (hex; visible to other local users)"
+    )
+    seeds.add_argument(
+        "--seed-file", type=Path, help="a file holding the seed as hex (keep it 0600)"
+    )
     parser.add_argument(
         "--listen", default="127.0.0.1:8088", help="host:port (default %(default)s)"
     )
@@ -104,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        seed = bytes.fromhex(args.seed.removeprefix("0x"))
+        text = args.seed_file.read_text().strip() if args.seed_file else args.seed
+        seed = bytes.fromhex(text.removeprefix("0x"))
+        if len(seed) != 32:
+            raise ValueError("the seed must be 32 bytes (64 hex digits)")
         pki = MockPki(seed)
+    except OSError as e:
+        print(f"error: cannot read the seed file: {e.strerror}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: invalid seed: {e}", file=sys.stderr)
         return 2

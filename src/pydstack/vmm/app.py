@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 
 from . import sandbox
 from .compose import PortMapping
-from .config import VmmConfig
+from .config import ConfigError, VmmConfig
 from .images import Image, ensure_sandbox_image, load_images
 from .runtime import VmRuntime
+from .td import STATE_FILE as TD_STATE_FILE
+from .td import TDX_HOST, TdIdentity, TdxHostImpl, VmTd
 from .validate import humantime, validate_app_compose
 from .workdir import VmManifest, VmWorkDir, WorkDirError, atomic_write, new_vm_id
 
@@ -50,6 +53,10 @@ HOST_API_URL = "unix:/run/dstack/host-api/api.sock"
 MAX_ENV = 256 * 1024
 MAX_USER_CONFIG = 1024 * 1024
 HOST_API = hpb.DESCRIPTOR.services_by_name["HostApi"]
+#: each cvm's containers run in a user namespace of this many ids, at ip_index * USERNS_SIZE on
+#: the host: container root is an unprivileged host uid of its own (indices stay below 65535,
+#: so the last range ends under 2**32 - 1)
+USERNS_SIZE = 65536
 
 
 @dataclass
@@ -66,6 +73,8 @@ class Vm:
     restart_attempts: int = 0
     next_restart: float = 0.0
     host_api: PrpcServer | None = None
+    #: the simulated TD of this boot, held here as the TDX module would hold it
+    td: VmTd | None = None
 
     @property
     def id(self) -> str:
@@ -127,18 +136,38 @@ class VmmApp:
         ensure_sandbox_image(c.image_path)
         self.seed = c.mock_attestation_seed or self._stored_seed()
         await asyncio.to_thread(sandbox.ensure_bridge, c.sandbox_bridge, c.sandbox_subnet)
+        await asyncio.to_thread(
+            sandbox.apply_bridge_policy,
+            c.sandbox_bridge,
+            c.sandbox_subnet,
+            self.cvm_host_ports(),
+            outbound=c.sandbox_outbound,
+        )
         await self.reload()
         if c.auto_restart_enabled:
             self._restart_task = asyncio.create_task(self._restart_loop())
 
+    def cvm_host_ports(self) -> set[int]:
+        """the host ports cvms need: their kms, gateway, pccs and registry, and any the
+        operator lists in `[cvm.sandbox] host_ports`."""
+        c = self.config
+        urls = [*c.kms_urls, *c.gateway_urls, c.pccs_url, c.docker_registry]
+        return sandbox.ports_of_urls(urls) | set(c.sandbox_host_ports)
+
     def _stored_seed(self) -> bytes:
+        """the seed of the simulated TDX's mock PKI: from `mock_attestation_seed_file`, else a
+        random one kept next to the run path (0600); never inside a CVM's reach."""
+        path = self.config.mock_attestation_seed_file
+        if path is not None:
+            return read_seed_file(path)
         path = self.config.run_path.parent / "mock-attestation-seed"
         if path.exists():
-            return bytes.fromhex(path.read_text().strip())
+            return read_seed_file(path)
         seed = os.urandom(32)
         atomic_write(path, seed.hex().encode(), 0o600)
         log.warning(
-            "no [cvm.tee_simulator] mock_attestation_seed configured; generated one in %s", path
+            "no [cvm.tee_simulator] mock_attestation_seed_file configured; generated one in %s",
+            path,
         )
         return seed
 
@@ -158,7 +187,7 @@ class VmmApp:
     def _free_ip_index(self) -> int:
         used = {vm.ip_index for vm in self.vms.values()}
         net = ipaddress.ip_network(self.config.sandbox_subnet)
-        for i in range(2, net.num_addresses - 1):
+        for i in range(2, min(net.num_addresses - 1, 65535)):  # 65535: see USERNS_SIZE
             if i not in used:
                 return i
         raise RpcError("no free address left in the sandbox subnet")
@@ -179,6 +208,10 @@ class VmmApp:
             vm.pid = int((wd.path / "launcher.pid").read_text())
         if vm.is_running():
             vm.started_at = (wd.path / "launcher.pid").stat().st_mtime
+            try:
+                vm.td = VmTd.resume(self.seed, wd.path / TD_STATE_FILE)
+            except (OSError, ValueError, KeyError) as e:
+                log.error("cannot resume the td of running vm %s: %s", manifest.id, e)
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 saved = json.loads((wd.path / ".vmm-runtime.json").read_text())
                 runtime.boot_progress = str(saved.get("boot_progress", ""))
@@ -193,6 +226,7 @@ class VmmApp:
         d.mkdir(exist_ok=True)
         server = PrpcServer(max_body=64 * 1024)
         server.mount(PrpcService(HOST_API, HostApiImpl(self, vm), prefix="/api"))
+        server.mount(PrpcService(TDX_HOST, TdxHostImpl(lambda: vm.td), prefix="/tdx"))
         await server.listen_unix(d / "api.sock", mode=0o600)
         vm.host_api = server
 
@@ -252,12 +286,26 @@ class VmmApp:
         return "stopping" if running else "stopped"
 
     # ------------------------------------------------------------------ validation
-    def _check_ports(
-        self, ports: list[PortMapping], *, exclude: str | None = None, create: bool = True
-    ) -> None:
+    def _port_mappings(self, ports: Iterable[pb.PortMapping]) -> list[PortMapping]:
+        """requested mappings with their defaults (tcp, the configured host address)."""
+        return [
+            PortMapping(
+                p.protocol or "tcp",
+                p.host_address or self.config.port_mapping_address,
+                p.host_port,
+                p.vm_port,
+            )
+            for p in ports
+        ]
+
+    def _check_ports(self, ports: list[PortMapping], *, vm: Vm | None = None) -> None:
+        """the one validation of port mappings, for CreateVm and UpdateVm alike: mapping
+        enabled, tcp/udp, an ip address, a host port in a configured range, no duplicate, not
+        used by another vm, free on the host (a port `vm` already holds counts as free)."""
         c = self.config
-        if ports and create and not c.port_mapping_enabled:
+        if ports and not c.port_mapping_enabled:
             raise RpcError("port mapping is disabled on this host")
+        held = {(q.protocol, q.address, q.host_port) for q in vm.manifest.port_map} if vm else set()
         seen: set[tuple[str, int]] = set()
         for p in ports:
             if p.protocol not in ("tcp", "udp"):
@@ -268,18 +316,19 @@ class VmmApp:
                 ipaddress.ip_address(p.address)
             except ValueError:
                 raise RpcError(f"invalid host address {p.address!r}") from None
-            if create and not any(
+            if not any(
                 r.protocol == p.protocol and r.start <= p.host_port <= r.end for r in c.port_ranges
             ):
                 raise RpcError(
-                    f"host port {p.protocol}/{p.host_port} is outside the allowed ranges"
+                    f"host port {p.protocol}/{p.host_port} is outside the allowed ranges "
+                    "([cvm.port_mapping] range)"
                 )
             key = (p.protocol, p.host_port)
             if key in seen:
                 raise RpcError(f"port {p.protocol}/{p.host_port} is mapped twice")
             seen.add(key)
             for other in self.vms.values():
-                if other.id == exclude:
+                if vm is not None and other.id == vm.id:
                     continue
                 for q in other.manifest.port_map:
                     if (q.protocol, q.host_port) == key:
@@ -287,6 +336,8 @@ class VmmApp:
                             f"port {p.protocol}/{p.host_port} is already used by vm "
                             f"{other.manifest.name}"
                         )
+            if (p.protocol, p.address, p.host_port) in held:
+                continue
             if not _port_free(p):
                 raise RpcError(f"port {p.protocol}/{p.address}:{p.host_port} is in use on the host")
 
@@ -323,15 +374,7 @@ class VmmApp:
                 raise RpcError(f"too many vcpus (max {self.config.max_allocable_vcpu})")
             if len(self.vms) >= self.config.max_cvm_number:
                 raise RpcError(f"too many vms (max {self.config.max_cvm_number})")
-            ports = [
-                PortMapping(
-                    p.protocol or "tcp",
-                    p.host_address or self.config.port_mapping_address,
-                    p.host_port,
-                    p.vm_port,
-                )
-                for p in req.ports
-            ]
+            ports = self._port_mappings(req.ports)
             self._check_ports(ports)
             raw = req.compose_file.encode()
             app_id = (
@@ -426,12 +469,9 @@ class VmmApp:
             self._check_host_memory()
         wd = vm.workdir
         wd.write_shared(".sys-config.json", json.dumps(self._sys_config(vm, image)).encode())
-        sim = {
-            "platform": "dstack-tdx",
-            "mock_attestation_seed": self.seed.hex(),
-            "os_image": image.digest,
-        }
-        atomic_write(wd.shared / ".tee-simulator.json", json.dumps(sim).encode(), 0o600)
+        stale = wd.shared / ".tee-simulator.json"  # earlier versions put the seed here
+        if stale.exists():
+            stale.unlink()
         wd.set_started(True)
         vm.runtime.boot_progress = "booting"
         vm.runtime.boot_error = ""
@@ -439,6 +479,12 @@ class VmmApp:
         self.save_runtime(vm)
         if vm.is_running():
             return
+        compose = wd.read_shared("app-compose.json") or b""
+        vm.td = VmTd.fresh(
+            self.seed,
+            TdIdentity(image.digest, hashlib.sha256(compose).digest()),
+            wd.path / TD_STATE_FILE,
+        )
         netns, veth = sandbox.names_for(vm.id)
         net = ipaddress.ip_network(self.config.sandbox_subnet)
         spec = sandbox.LaunchSpec(
@@ -455,6 +501,7 @@ class VmmApp:
             ],
             scrypt_n=self.config.sandbox_scrypt_n,
             hostname=_hostname(vm.manifest.name),
+            uid_base=USERNS_SIZE * vm.ip_index,
             vcpu=vm.manifest.vcpu,
             memory_mb=vm.manifest.memory,
         )
@@ -573,16 +620,8 @@ class VmmApp:
             raise RpcError("encrypted env too large")
         ports: list[PortMapping] | None = None
         if req.update_ports:
-            ports = [
-                PortMapping(p.protocol or "tcp", p.host_address, p.host_port, p.vm_port)
-                for p in req.ports
-            ]
-            own = {(p.protocol, p.host_port) for p in vm.manifest.port_map}
-            self._check_ports(
-                [p for p in ports if (p.protocol, p.host_port) not in own],
-                exclude=vm.id,
-                create=False,
-            )
+            ports = self._port_mappings(req.ports)
+            self._check_ports(ports, vm=vm)
         resize = pb.ResizeVmRequest(id=req.id)
         for f in ("vcpu", "memory", "disk_size", "image"):
             if req.HasField(f):
@@ -752,6 +791,27 @@ class VmmApp:
                         vm.runtime.notify("vmm.auto_restart.exhausted", error[:1024])
                 except (RpcError, sandbox.SandboxError, OSError) as e:
                     log.error("auto-restart of vm %s failed: %s", vm.id, e)
+
+
+def read_seed_file(path: Path) -> bytes:
+    """a 32-byte seed stored as hex; refuses a file others may read."""
+    try:
+        st = path.stat()
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the mock attestation seed {path}: {e.strerror}") from e
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"the mock attestation seed {path} is readable by others "
+            f"(mode {st.st_mode & 0o777:o}); chmod 600 it"
+        )
+    try:
+        seed = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise ConfigError(f"the mock attestation seed {path} must hold 32 bytes of hex")
+    return seed
 
 
 def _mem_available_mb() -> int | None:

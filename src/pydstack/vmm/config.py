@@ -56,11 +56,16 @@ class VmmConfig:
     log_max_backups: int = 3
     # [cvm.tee_simulator]
     mock_attestation_seed: bytes = b""
+    mock_attestation_seed_file: Path | None = None
     # [cvm.sandbox]
     sandbox_bridge: str = "dstack0"
     sandbox_subnet: str = "10.213.0.0/16"
     sandbox_scrypt_n: int = 10
     sandbox_min_free_memory_mb: int = 512
+    #: cvms may open connections to the outside world (masqueraded through the host)
+    sandbox_outbound: bool = True
+    #: host ports on the bridge address cvms may reach besides those of kms/gateway/pccs urls
+    sandbox_host_ports: tuple[int, ...] = ()
     # [gateway]
     gateway_base_domain: str = "localhost"
     gateway_port: int = 8082
@@ -122,6 +127,10 @@ class VmmConfig:
             seed = bytes.fromhex(seed_hex) if seed_hex else b""
             if seed and len(seed) != 32:
                 raise ConfigError("cvm.tee_simulator.mock_attestation_seed must be 32 bytes")
+            seed_file = sim.get("mock_attestation_seed_file")
+            host_ports = tuple(int(x) for x in sb.get("host_ports", []))
+            if any(not 0 < x < 65536 for x in host_ports):
+                raise ConfigError("cvm.sandbox.host_ports must be ports (1-65535)")
             ranges = tuple(
                 PortRange(str(r.get("protocol", "tcp")), int(r["from"]), int(r["to"]))
                 for r in pm.get("range", [{"protocol": "tcp", "from": 1, "to": 20000}])
@@ -169,10 +178,13 @@ class VmmConfig:
                 log_max_bytes=_size(logc.get("max_bytes", "4M")),
                 log_max_backups=int(logc.get("max_backups", 3)),
                 mock_attestation_seed=seed,
+                mock_attestation_seed_file=p(seed_file, Path()) if seed_file else None,
                 sandbox_bridge=bridge,
                 sandbox_subnet=str(net),
                 sandbox_scrypt_n=int(sb.get("scrypt_n", 10)),
                 sandbox_min_free_memory_mb=int(sb.get("min_free_memory_mb", 512)),
+                sandbox_outbound=bool(sb.get("outbound", True)),
+                sandbox_host_ports=host_ports,
                 gateway_base_domain=str(gw.get("base_domain", "localhost")),
                 gateway_port=int(gw.get("port", 8082)),
                 gateway_agent_port=int(gw.get("agent_port", 8090)),

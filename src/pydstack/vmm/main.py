@@ -125,7 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return 2
-    asyncio.run(serve(config))
+    if config.mock_attestation_seed and config.config_path is not None:
+        mode = config.config_path.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning(
+                "%s holds the mock attestation seed and is readable by others (mode %o): "
+                "anyone who reads it can forge this host's simulated quotes; chmod 600 it or "
+                "use mock_attestation_seed_file",
+                config.config_path,
+                mode,
+            )
+    try:
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -32,6 +32,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.parse
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,24 +64,107 @@ def ensure_bridge(name: str, subnet: str) -> None:
     if host.split("/")[0] not in addrs:
         ip("addr", "add", host, "dev", name)
     ip("link", "set", name, "up")
-    _nat(name, str(net))
 
 
-def _nat(bridge: str, subnet: str) -> None:
-    """outbound traffic from CVMs leaves through the host, masqueraded (as QEMU's user
-    networking would); without iptables, CVMs reach only the host."""
+def _iptables(*args: str, table: str = "filter", check: bool = True) -> bool:
+    proc = subprocess.run(
+        ["iptables", "-w", "-t", table, *args], capture_output=True, text=True, check=False
+    )
+    if check and proc.returncode != 0:
+        raise SandboxError(f"iptables {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.returncode == 0
+
+
+def _chains(bridge: str) -> tuple[str, str]:
+    return f"DS-IN-{bridge}", f"DS-FWD-{bridge}"
+
+
+def apply_bridge_policy(
+    bridge: str, subnet: str, host_ports: Iterable[int], *, outbound: bool = True
+) -> None:
+    """what CVMs on `bridge` may reach: on the host only `host_ports` (tcp and udp) at the
+    bridge address, never each other (ports are isolated on the bridge and routed traffic
+    between them is dropped), nothing may open a connection into them through the host, and
+    the outside world (masqueraded) only when `outbound`. Rebuilt from scratch each call.
+
+    Without iptables the host cannot enforce this, and a CVM could reach every host listener:
+    that is refused rather than run open.
+    """
     if shutil.which("iptables") is None:
-        log.warning("iptables is missing: cvms on %s reach only the host", bridge)
-        return
-    rule = ["POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE"]
-    present = subprocess.run(["iptables", "-t", "nat", "-C", *rule], capture_output=True)
-    if present.returncode != 0:
-        subprocess.run(["iptables", "-t", "nat", "-A", *rule], capture_output=True)
-    forward = Path("/proc/sys/net/ipv4/ip_forward")
-    with contextlib.suppress(OSError):
-        if forward.read_text().strip() != "1":
-            log.info("enabling ipv4 forwarding for cvm traffic")
-            forward.write_text("1\n")
+        raise SandboxError("iptables is missing: cannot keep cvms away from host services")
+    net = ipaddress.ip_network(subnet)
+    host_ip = str(net.network_address + 1)
+    chain_in, chain_fwd = _chains(bridge)
+    for chain in (chain_in, chain_fwd):
+        if not _iptables("-N", chain, check=False):
+            _iptables("-F", chain)
+    for parent, direction in (("INPUT", "-i"), ("FORWARD", "-i"), ("FORWARD", "-o")):
+        target = chain_in if parent == "INPUT" else chain_fwd
+        rule = [parent, direction, bridge, "-j", target]
+        if not _iptables("-C", *rule, check=False):
+            _iptables("-I", *rule)
+    established = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+    _iptables("-A", chain_in, *established)
+    for port in sorted(set(host_ports)):
+        for proto in ("tcp", "udp"):
+            _iptables(
+                "-A", chain_in, "-d", host_ip, "-p", proto, "--dport", str(port), "-j", "ACCEPT"
+            )
+    _iptables("-A", chain_in, "-p", "icmp", "--icmp-type", "echo-request", "-j", "ACCEPT")
+    _iptables("-A", chain_in, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset")
+    _iptables("-A", chain_in, "-j", "REJECT")
+    _iptables("-A", chain_fwd, "-i", bridge, "-o", bridge, "-j", "DROP")
+    _iptables("-A", chain_fwd, "-o", bridge, *established)
+    _iptables("-A", chain_fwd, "-o", bridge, "-j", "DROP")
+    _iptables("-A", chain_fwd, "-i", bridge, "-j", "ACCEPT" if outbound else "DROP")
+    nat = ["POSTROUTING", "-s", str(net), "!", "-o", bridge, "-j", "MASQUERADE"]
+    present = _iptables("-C", *nat, table="nat", check=False)
+    if outbound and not present:
+        _iptables("-A", *nat, table="nat")
+    elif not outbound and present:
+        _iptables("-D", *nat, table="nat")
+    if outbound:
+        forward = Path("/proc/sys/net/ipv4/ip_forward")
+        with contextlib.suppress(OSError):
+            if forward.read_text().strip() != "1":
+                log.info("enabling ipv4 forwarding for cvm traffic")
+                forward.write_text("1\n")
+
+
+def teardown_bridge(bridge: str, subnet: str) -> None:
+    """remove the bridge, its filter chains and its NAT rule (what ensure_bridge and
+    apply_bridge_policy made)."""
+    if shutil.which("iptables") is not None:
+        chain_in, chain_fwd = _chains(bridge)
+        for parent, direction, target in (
+            ("INPUT", "-i", chain_in),
+            ("FORWARD", "-i", chain_fwd),
+            ("FORWARD", "-o", chain_fwd),
+        ):
+            while _iptables("-D", parent, direction, bridge, "-j", target, check=False):
+                pass
+        for chain in (chain_in, chain_fwd):
+            _iptables("-F", chain, check=False)
+            _iptables("-X", chain, check=False)
+        nat = ["POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE"]
+        while _iptables("-D", *nat, table="nat", check=False):
+            pass
+    ip("link", "del", bridge, check=False)
+
+
+def ports_of_urls(urls: Iterable[str]) -> set[int]:
+    """the ports named by service urls (default 443 for https, 80 for http)."""
+    out: set[int] = set()
+    for url in urls:
+        if not url:
+            continue
+        parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        try:
+            port = parsed.port
+        except ValueError:
+            continue
+        out.add(port or (443 if parsed.scheme == "https" else 80))
+    return out
 
 
 @dataclass
@@ -103,6 +188,8 @@ class LaunchSpec:
     scrypt_n: int = 10
     python: str = sys.executable
     hostname: str = ""
+    #: host uid/gid that container root maps to (65536 ids from here); 0: no user namespace
+    uid_base: int = 0
     vcpu: int = 0  # 0: no limit
     memory_mb: int = 0
 
@@ -156,6 +243,8 @@ def setup_network(spec: LaunchSpec) -> None:
         ip("link", "add", spec.veth, "type", "veth", "peer", "name", peer)
         ip("link", "set", peer, "netns", spec.netns)
         ip("link", "set", spec.veth, "master", spec.bridge)
+        # an isolated bridge port talks to the host, never to another cvm's port
+        ip("link", "set", "dev", spec.veth, "type", "bridge_slave", "isolated", "on")
         ip("link", "set", spec.veth, "up")
         ip("-n", spec.netns, "link", "set", peer, "name", "eth0")
         ip("-n", spec.netns, "link", "set", "eth0", "address", mac_for(spec.vm_id))
@@ -326,6 +415,8 @@ async def launch(spec: LaunchSpec) -> int:
             str(spec.scrypt_n),
             "--hostname",
             spec.hostname or f"dstack-{spec.vm_id[:8]}",
+            "--uid-base",
+            str(spec.uid_base),
             stdin=subprocess.DEVNULL,
             stdout=serial,
             stderr=subprocess.STDOUT,

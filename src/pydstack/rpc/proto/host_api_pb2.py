@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pydstack/rpc/proto/host_api.proto\x12\x08host_api\x1a\x1bgoogle/protobuf/empty.proto\")\n\x08HostInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\".\n\x0cNotification\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\"%\n\x14GetSealingKeyRequest\x12\r\n\x05quote\x18\x01 \x01(\x0c\"F\n\x15GetSealingKeyResponse\x12\x15\n\rencrypted_key\x18\x01 \x01(\x0c\x12\x16\n\x0eprovider_quote\x18\x02 \x01(\x0c\x32\xc9\x01\n\x07HostApi\x12\x32\n\x04Info\x12\x16.google.protobuf.Empty\x1a\x12.host_api.HostInfo\x12\x38\n\x06Notify\x12\x16.host_api.Notification\x1a\x16.google.protobuf.Empty\x12P\n\rGetSealingKey\x12\x1e.host_api.GetSealingKeyRequest\x1a\x1f.host_api.GetSealingKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pydstack/rpc/proto/host_api.proto\x12\x08host_api\x1a\x1bgoogle/protobuf/empty.proto\")\n\x08HostInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\".\n\x0cNotification\x12\r\n\x05\x65vent\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\t\"%\n\x14GetSealingKeyRequest\x12\r\n\x05quote\x18\x01 \x01(\x0c\"F\n\x15GetSealingKeyResponse\x12\x15\n\rencrypted_key\x18\x01 \x01(\x0c\x12\x16\n\x0eprovider_quote\x18\x02 \x01(\x0c\"P\n\x0fTdExtendRequest\x12\x0c\n\x04rtmr\x18\x01 \x01(\r\x12\r\n\x05\x65vent\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0f\n\x07version\x18\x04 \x01(\r\"%\n\x0eTdQuoteRequest\x12\x13\n\x0breport_data\x18\x01 \x01(\x0c\"3\n\x0fTdQuoteResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x11\n\tevent_log\x18\x02 \x01(\t\"\x1f\n\nTdEventLog\x12\x11\n\tevent_log\x18\x01 \x01(\t2\xc9\x01\n\x07HostApi\x12\x32\n\x04Info\x12\x16.google.protobuf.Empty\x1a\x12.host_api.HostInfo\x12\x38\n\x06Notify\x12\x16.host_api.Notification\x1a\x16.google.protobuf.Empty\x12P\n\rGetSealingKey\x12\x1e.host_api.GetSealingKeyRequest\x1a\x1f.host_api.GetSealingKeyResponse2\xc8\x01\n\x07TdxHost\x12?\n\nExtendRtmr\x12\x19.host_api.TdExtendRequest\x1a\x16.google.protobuf.Empty\x12?\n\x08GetQuote\x12\x18.host_api.TdQuoteRequest\x1a\x19.host_api.TdQuoteResponse\x12;\n\x0bGetEventLog\x12\x16.google.protobuf.Empty\x1a\x14.host_api.TdEventLogb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSEALINGKEYREQUEST']._serialized_end=204
   _globals['_GETSEALINGKEYRESPONSE']._serialized_start=206
   _globals['_GETSEALINGKEYRESPONSE']._serialized_end=276
-  _globals['_HOSTAPI']._serialized_start=279
-  _globals['_HOSTAPI']._serialized_end=480
+  _globals['_TDEXTENDREQUEST']._serialized_start=278
+  _globals['_TDEXTENDREQUEST']._serialized_end=358
+  _globals['_TDQUOTEREQUEST']._serialized_start=360
+  _globals['_TDQUOTEREQUEST']._serialized_end=397
+  _globals['_TDQUOTERESPONSE']._serialized_start=399
+  _globals['_TDQUOTERESPONSE']._serialized_end=450
+  _globals['_TDEVENTLOG']._serialized_start=452
+  _globals['_TDEVENTLOG']._serialized_end=483
+  _globals['_HOSTAPI']._serialized_start=486
+  _globals['_HOSTAPI']._serialized_end=687
+  _globals['_TDXHOST']._serialized_start=690
+  _globals['_TDXHOST']._serialized_end=890
 # @@protoc_insertion_point(module_scope)
