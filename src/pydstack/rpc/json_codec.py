@@ -10,6 +10,7 @@ unknown ones are ignored.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,34 @@ _INT_RANGES = {
 
 class CodecError(ValueError):
     """a JSON request does not fit the message type."""
+
+
+#: a decimal integer as JSON strings and query values carry it: ascii digits, optional sign
+_INT_TEXT = re.compile(r"-?[0-9]{1,20}")
+#: a proto field name (anything else cannot name a field: it is an unknown key)
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _field(fields: Any, key: object) -> Any:
+    """the field `key` names, or None; the lookup never sees text the protobuf runtime cannot
+    take (lone surrogates raise SystemError there, an embedded NUL matches a shorter name)."""
+    if not isinstance(key, str) or not _FIELD_NAME.fullmatch(key):
+        return None
+    return fields.get(key)
+
+
+def _utf8(value: str, name: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CodecError(f"field {name}: string is not valid unicode (lone surrogate)") from None
+    return value
+
+
+def _int_text(value: str, name: str) -> int:
+    if not _INT_TEXT.fullmatch(value):
+        raise CodecError(f"field {name}: expected an integer")
+    return int(value)
 
 
 def _is_repeated(f: Any) -> bool:
@@ -104,14 +133,14 @@ def _scalar_in(f: Any, value: Any, msg_cls: Callable[[], Message] | None) -> Any
     if t == FieldDescriptor.TYPE_STRING:
         if not isinstance(value, str):
             raise CodecError(f"field {name}: expected a string")
-        return value
+        return _utf8(value, name)
     if t == FieldDescriptor.TYPE_BOOL:
         if not isinstance(value, bool):
             raise CodecError(f"field {name}: expected a boolean")
         return value
     if t in _INT_TYPES or t == FieldDescriptor.TYPE_ENUM:
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            value = int(value)
+        if isinstance(value, str):
+            value = _int_text(value, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise CodecError(f"field {name}: expected an integer")
         lo, hi = _INT_RANGES.get(t, (-(2**31), 2**31 - 1))
@@ -133,9 +162,10 @@ def obj_to_message(obj: Any, msg: Message) -> Message:
         raise CodecError(f"expected a json object for {msg.DESCRIPTOR.name}")
     fields = msg.DESCRIPTOR.fields_by_name
     for key, value in obj.items():
-        f = fields.get(key)
+        f = _field(fields, key)
         if f is None or value is None:
             continue
+        key = f.name
         if _is_repeated(f):
             if not isinstance(value, list):
                 raise CodecError(f"field {key}: expected an array")
@@ -167,20 +197,17 @@ def query_to_message(query: str, msg: Message) -> Message:
     obj: dict[str, Any] = {}
     fields = msg.DESCRIPTOR.fields_by_name
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
-        key = key.removesuffix("[]")
-        f = fields.get(key)
+        f = _field(fields, key.removesuffix("[]"))
         if f is None:
             continue
+        key = f.name
         parsed: Any = value
         if f.type == FieldDescriptor.TYPE_BOOL:
             if value not in ("true", "false", "1", "0", ""):
                 raise CodecError(f"field {key}: expected a boolean")
             parsed = value in ("true", "1")
         elif f.type in _INT_TYPES:
-            try:
-                parsed = int(value)
-            except ValueError as e:
-                raise CodecError(f"field {key}: expected an integer") from e
+            parsed = _int_text(value, key)
         if _is_repeated(f):
             obj.setdefault(key, []).append(parsed)
         else:

@@ -1,0 +1,49 @@
+"""the prpc JSON codec answers hostile input with CodecError, never a foreign exception.
+
+Each case below once escaped as SystemError, AttributeError, UnicodeEncodeError or ValueError
+(found by fuzzing), which a server turns into HTTP 500 instead of a clear 400.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pydstack.rpc.json_codec import CodecError, json_to_message, query_to_message
+from pydstack.rpc.proto import agent_rpc_pb2 as apb
+from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+
+
+def test_lone_surrogate_key_is_an_unknown_field():
+    msg = json_to_message(b'{"\\udfff": 1, "name": "ok"}', pb.VmConfiguration())
+    assert msg.name == "ok"
+
+
+def test_lone_surrogate_string_value_is_refused():
+    with pytest.raises(CodecError, match="lone surrogate"):
+        json_to_message(b'{"name": "a\\udfffb"}', pb.VmConfiguration())
+
+
+@pytest.mark.parametrize("text", ["--1", "1-", "\u00b2", "\u0661", "1_000", " 1", "0x10", ""])
+def test_integer_strings_are_ascii_decimal_only(text):
+    body = ('{"memory": "%s"}' % text).encode()
+    with pytest.raises(CodecError, match="expected an integer"):
+        json_to_message(body, pb.VmConfiguration())
+    with pytest.raises(CodecError, match="expected an integer"):
+        query_to_message(f"vcpu={text}", pb.VmConfiguration())
+
+
+def test_integer_strings_still_parse():
+    assert json_to_message(b'{"memory": "-0"}', pb.VmConfiguration()).memory == 0
+    assert json_to_message(b'{"memory": "2048"}', pb.VmConfiguration()).memory == 2048
+    assert query_to_message("vcpu=4", pb.VmConfiguration()).vcpu == 4
+
+
+@pytest.mark.parametrize("name", ["event%00", "event%00x", "ev%C3%A9nt", "1event"])
+def test_query_names_that_only_resemble_a_field_are_unknown(name):
+    msg = query_to_message(f"{name}=x&payload=00", apb.EmitEventArgs())
+    assert msg.event == ""
+
+
+def test_json_keys_that_only_resemble_a_field_are_unknown():
+    msg = json_to_message(b'{"event\\u0000": "x", "payload": "00"}', apb.EmitEventArgs())
+    assert msg.event == "" and msg.payload == b"\0"
