@@ -21,11 +21,14 @@ from typing import Any
 import msgpack
 
 from .errors import ParseError
-from .eventlog import RuntimeEvent, TdxEvent, strip_for_certificate
+from .eventlog import RuntimeEvent, TdxEvent, event_digest, event_name, strip_for_certificate
 from .scale import Reader, Writer
 
 MAX_ATTESTATION_SIZE = 10 * 1024 * 1024
-MAX_ITEMS = 65536
+#: events per log or per runtime list (real boot logs hold a few hundred, rtmr3 a few dozen)
+MAX_ITEMS = 4096
+#: the longest msgpack array: a quote as an array of byte values
+MAX_ARRAY = 64 * 1024
 V0_PLATFORMS = {0: "tdx", 1: "gcp-tdx", 2: "nitro-enclave", 3: "sev-snp", 4: "aws-nitro-tpm"}
 
 
@@ -79,6 +82,12 @@ def encode_v0(att: Attestation) -> bytes:
     return w.getvalue()
 
 
+def _count(n: int, what: str) -> int:
+    if n > MAX_ITEMS:
+        raise ParseError(f"{what} has {n} items, more than {MAX_ITEMS}")
+    return n
+
+
 def _decode_v0(data: bytes) -> Attestation:
     r = Reader(data)
     r.read_u8()
@@ -87,16 +96,19 @@ def _decode_v0(data: bytes) -> Attestation:
         raise ParseError(f"unsupported platform: {V0_PLATFORMS.get(variant, variant)}")
     quote = r.read_bytes()
     events = []
-    for _ in range(r.read_len(min_item_size=11)):
+    for _ in range(_count(r.read_len(min_item_size=11), "event_log")):
         imr = r.read_u32()
         event_type = r.read_u32()
-        digest = r.read_bytes()
-        name = r.read_str()
+        digest = event_digest(r.read_bytes())
+        name = event_name(r.read_str())
         payload = r.read_bytes()
         if imr > 3:
             raise ParseError(f"event imr {imr} out of range")
         events.append(TdxEvent(imr, event_type, digest, name, payload))
-    runtime = [RuntimeEvent(r.read_str(), r.read_bytes()) for _ in range(r.read_len(2))]
+    runtime = [
+        RuntimeEvent(event_name(r.read_str()), r.read_bytes())
+        for _ in range(_count(r.read_len(2), "runtime_events"))
+    ]
     report_data = r.read_fixed(64)
     config = r.read_str()
     r.expect_end()
@@ -198,7 +210,16 @@ def _list(obj: Any, what: str) -> list[Any]:
 
 def _decode_v1(data: bytes) -> Attestation:
     try:
-        doc = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=len(data))
+        doc = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=len(data),
+            max_str_len=len(data),
+            max_array_len=MAX_ARRAY,
+            max_map_len=64,
+            max_ext_len=0,
+        )
     except Exception as exc:  # msgpack raises several exception types on malformed input
         raise ParseError(f"attestation is not valid msgpack: {exc}") from exc
     doc = _map(doc, "attestation")
@@ -221,8 +242,8 @@ def _decode_v1(data: bytes) -> Attestation:
             TdxEvent(
                 imr=_int(e.get("imr"), "event imr", 3),
                 event_type=_int(e.get("event_type"), "event type", 0xFFFFFFFF),
-                digest=_bytes(e.get("digest", b""), "event digest"),
-                event=_str(e.get("event", ""), "event name"),
+                digest=event_digest(_bytes(e.get("digest", b""), "event digest")),
+                event=event_name(_str(e.get("event", ""), "event name")),
                 event_payload=_bytes(e.get("event_payload", b""), "event payload"),
                 version=_version(e),
                 preimage=None if pre is None else _bytes(pre, "event preimage"),
@@ -233,7 +254,7 @@ def _decode_v1(data: bytes) -> Attestation:
         e = _map(item, "runtime event")
         runtime.append(
             RuntimeEvent(
-                _str(e.get("event"), "runtime event name"),
+                event_name(_str(e.get("event"), "runtime event name")),
                 _bytes(e.get("payload", b""), "runtime event payload"),
                 _version(e),
             )

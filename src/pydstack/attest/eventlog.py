@@ -33,6 +33,7 @@ MR_LEN = 48
 MAX_EVENTS = 65536
 MAX_EVENT_SIZE = 16 * 1024 * 1024
 MAX_EVENT_LOG_JSON = 32 * 1024 * 1024
+MAX_EVENT_NAME = 4096
 _ALG_SIZES = {0x4: 20, 0xB: 32, 0xC: 48, 0xD: 64, 0x12: 32}
 _SHA384 = 0xC
 
@@ -73,9 +74,7 @@ class TdxEvent:
             raise ParseError("event log entry has an invalid event_type")
         if not 0 <= event_type <= 0xFFFFFFFF:
             raise ParseError("event log entry has an invalid event_type")
-        event = obj.get("event", "")
-        if not isinstance(event, str):
-            raise ParseError("event log entry has an invalid event name")
+        event = event_name(obj.get("event", ""))
         if "event_payload" not in obj:
             raise ParseError("event log entry has no event_payload")
         version = obj.get("version", 1)
@@ -85,7 +84,7 @@ class TdxEvent:
         return cls(
             imr=imr,
             event_type=event_type,
-            digest=_unhex(obj.get("digest", ""), "digest"),
+            digest=event_digest(_unhex(obj.get("digest", ""), "digest")),
             event=event,
             event_payload=_unhex(obj["event_payload"], "event_payload"),
             version=version,
@@ -147,17 +146,39 @@ class RuntimeEvent:
             raise ParseError(f"runtime event line is not json: {e}") from e
         if not isinstance(obj, dict) or not isinstance(obj.get("event"), str):
             raise ParseError("runtime event line must be an object with an event name")
+        name = event_name(obj["event"])
         payload = obj.get("payload", "")
-        if not isinstance(payload, str):
+        if not isinstance(payload, str) or not payload.isascii():
             raise ParseError("runtime event payload must be base64 text")
         try:
             raw = base64.b64decode(payload, validate=True)
-        except binascii.Error as e:
+        except (binascii.Error, ValueError) as e:
             raise ParseError(f"runtime event payload is not base64: {e}") from e
         version = obj.get("version", 1)
         if version not in (1, 2):
             raise ParseError(f"unsupported runtime event version {version!r}")
-        return cls(obj["event"], raw, version)
+        return cls(name, raw, version)
+
+
+def event_name(value: Any) -> str:
+    """an event name as every decoder must take it: text that encodes as utf-8 (no lone
+    surrogate, which json escapes can carry), at most MAX_EVENT_NAME bytes."""
+    if not isinstance(value, str):
+        raise ParseError("event name must be a string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ParseError("event name is not valid unicode (lone surrogate)") from None
+    if size > MAX_EVENT_NAME:
+        raise ParseError(f"event name longer than {MAX_EVENT_NAME} bytes")
+    return value
+
+
+def event_digest(value: bytes) -> bytes:
+    """a measurement digest: at most 48 bytes (sha384; shorter ones are zero-padded on extend)."""
+    if len(value) > MR_LEN:
+        raise ParseError(f"event digest longer than {MR_LEN} bytes")
+    return value
 
 
 def _unhex(value: Any, what: str) -> bytes:
@@ -336,6 +357,10 @@ def event_log_to_json(events: Iterable[TdxEvent]) -> str:
 def event_log_from_json(text: str | bytes) -> list[TdxEvent]:
     if len(text) > MAX_EVENT_LOG_JSON:
         raise ParseError("event log json too large")
+    # one object per event: refuse a log of too many before building any of them
+    braces = text.count(b"{") if isinstance(text, bytes) else text.count("{")
+    if braces > MAX_EVENTS:
+        raise ParseError("event log has too many events")
     try:
         obj = jsonlimits.loads(text)
     except (ValueError, RecursionError) as e:

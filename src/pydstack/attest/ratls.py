@@ -73,7 +73,9 @@ def get_extension_bytes(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> b
         ext = cert.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
         return None
-    except ValueError as e:  # duplicate or malformed standard extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as e:
+        # reading any extension parses them all: duplicates, malformed standard extensions
+        # and general names cryptography does not support (x400Address) end here
         raise ParseError(f"certificate extensions are malformed: {e}") from e
     value = ext.value
     raw = value.value if isinstance(value, x509.UnrecognizedExtension) else None
