@@ -6,6 +6,8 @@ Each case below once escaped as SystemError, AttributeError, UnicodeEncodeError 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pydstack.rpc.json_codec import CodecError, json_to_message, query_to_message
@@ -25,7 +27,7 @@ def test_lone_surrogate_string_value_is_refused():
 
 @pytest.mark.parametrize("text", ["--1", "1-", "\u00b2", "\u0661", "1_000", " 1", "0x10", ""])
 def test_integer_strings_are_ascii_decimal_only(text):
-    body = ('{"memory": "%s"}' % text).encode()
+    body = json.dumps({"memory": text}).encode()
     with pytest.raises(CodecError, match="expected an integer"):
         json_to_message(body, pb.VmConfiguration())
     with pytest.raises(CodecError, match="expected an integer"):
