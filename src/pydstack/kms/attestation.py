@@ -2,8 +2,9 @@
 
 DCAP verification of the quote (under the configured root: Intel's, or a mock root only when the
 operator configured one), the quote's report_data equal to the attestation's, RTMR3 equal to the
-replay of the runtime events, then the identity measured in RTMR3. TCB status is not gated here:
-it goes to the authorization backend, which decides.
+replay of the runtime events, then the identity measured in RTMR3, whose hashes must have their
+exact lengths (32 bytes). TCB status is not gated here: it goes to the authorization backend,
+which decides.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class AttestationChecker:
                 jsonlimits.loads(vm_config)
             except ValueError as e:
                 raise VerifyError(f"vm_config is not valid json: {e}") from e
-        return BootInfo(
+        boot = BootInfo(
             tee_variant="dstack-tdx",
             mr_aggregated=app.mr_aggregated,
             os_image_hash=os_image,
@@ -84,3 +85,7 @@ class AttestationChecker:
             tcb_status=verified.status,
             advisory_ids=verified.advisory_ids,
         )
+        error = boot.length_error()
+        if error:
+            raise VerifyError(f"invalid identity: {error}")
+        return boot

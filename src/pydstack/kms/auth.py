@@ -5,7 +5,8 @@
   `{isAllowed, gatewayAppId, reason}`; `GET {url}` for chain info);
 * `simple`: a JSON allowlist (upstream auth-simple's format), re-read when the file changes.
 
-Every denial carries a reason the caller sees; an error inside a backend is a denial.
+Every denial carries a reason the caller sees; an error inside a backend is a denial. Every
+backend denies a BootInfo whose hashes do not have their exact length (`BootInfo.length_error`).
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ class DevAuth:
         )
 
     async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         log.warning("dev auth: granting keys to app %s without any policy", boot.app_id.hex())
         return AuthDecision(True, self.gateway_app_id, "")
 
     async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         log.warning("dev auth: allowing kms %s without any policy", boot.mr_aggregated.hex())
         return AuthDecision(True, self.gateway_app_id, "")
 
@@ -73,6 +78,8 @@ class WebhookAuth:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def _post(self, path: str, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         url = self.url.rstrip("/") + "/" + path
         try:
             async with (
@@ -160,7 +167,7 @@ class SimpleAuth:
     async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
         c = self._load()
         gw = str(c.get("gatewayAppId", ""))
-        reason = self._common(c, boot)
+        reason = boot.length_error() or self._common(c, boot)
         if not reason:
             apps = {k.lower().removeprefix("0x"): v for k, v in (c.get("apps") or {}).items()}
             app = apps.get(boot.app_id.hex())
@@ -175,7 +182,7 @@ class SimpleAuth:
     async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
         c = self._load()
         gw = str(c.get("gatewayAppId", ""))
-        reason = self._common(c, boot)
+        reason = boot.length_error() or self._common(c, boot)
         kms = c.get("kms") or {}
         if not reason:
             if _h(boot.mr_aggregated) not in _hex_set(kms.get("mrAggregated")):
@@ -211,6 +218,12 @@ class EthAuth:
     async def _ask(self, method: str, boot: BootInfo) -> AuthDecision:
         import asyncio
 
+        from .chain import BootInfoError, boot_tuple
+
+        try:
+            boot_tuple(boot)  # exact sizes, or a denial saying which field is wrong
+        except BootInfoError as e:
+            return AuthDecision(False, "", str(e))
         try:
             ok, reason = await asyncio.to_thread(getattr(self.kms, method), boot)
             gateway = await asyncio.to_thread(self.kms.gateway_app_id)
