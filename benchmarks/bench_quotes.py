@@ -19,7 +19,7 @@ from common import rate, row
 
 from pydstack.attest.eventlog import parse_ccel, replay_rtmrs
 from pydstack.attest.quote import parse_quote
-from pydstack.attest.verify import verify_quote
+from pydstack.attest.verify import precheck_quote, verify_quote
 from pydstack.tee.simulated import SimulatedTdx
 
 VECTORS = Path(os.environ.get("PYDSTACK_VECTORS", Path(__file__).parents[1] / "tests" / "vectors"))
@@ -44,6 +44,7 @@ def main() -> None:
         ("dcap_qvl.parse_quote (reference)", lambda: dcap_qvl.parse_quote(real)),
         ("parse_ccel + replay (18 events)", lambda: replay_rtmrs(parse_ccel(ccel))),
         ("SimulatedTdx.get_quote", lambda: tdx.get_quote(b"bench")),
+        ("precheck_quote real (signatures, no collateral)", lambda: precheck_quote(real, now=now)),
         ("verify_quote real (ours, policy)", lambda: verify_quote(real, col, now=now)),
         ("dcap_qvl.verify real (reference)", lambda: dcap_qvl.verify(real, col, now)),
         (

@@ -124,8 +124,9 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         _step("verifying the quote as a remote verifier would")
         q = quote.json()
         raw = bytes.fromhex(q["quote"])
-        collateral = asyncio.run(CollateralCache(stack.pccs_url).get(raw))
-        verified = verify_quote(raw, collateral, root_ca_der=stack.root_ca.read_bytes())
+        root = stack.root_ca.read_bytes()
+        collateral = asyncio.run(CollateralCache(stack.pccs_url).get(raw, root_ca_der=root))
+        verified = verify_quote(raw, collateral, root_ca_der=root)
         report = verified.quote.td_report
         assert report is not None
         events = event_log_from_json(q["event_log"])

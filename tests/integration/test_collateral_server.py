@@ -24,8 +24,8 @@ async def test_dcap_qvl_fetches_and_verifies():
         report = dcap_qvl.verify_with_root_ca(quote, col, tdx.root_ca_der, int(time.time()))
         assert report.status == "UpToDate"
         cache = CollateralCache(url)
-        first = await cache.get(quote)
-        await cache.get(quote)
+        first = await cache.get(quote, root_ca_der=tdx.root_ca_der)
+        await cache.get(quote, root_ca_der=tdx.root_ca_der)
         assert cache.fetches == 1
         assert verify_quote(quote, first, root_ca_der=tdx.root_ca_der).status == "UpToDate"
     finally:

@@ -13,7 +13,7 @@ from web3 import Web3
 
 from pydstack.kms.anvil import DEV_PRIVATE_KEY, Anvil
 from pydstack.kms.bootinfo import BootInfo
-from pydstack.kms.chain import Chain, ChainError, KmsContract, artifact, b32
+from pydstack.kms.chain import Chain, ChainError, KmsContract, artifact, bytes32
 
 REPO = Path(__file__).resolve().parents[2]
 OS_IMAGE = b"\x0a" * 32
@@ -152,7 +152,7 @@ def test_only_owner_and_two_step_ownership(chain, kms):
     stranger = Chain.connect(node.url, node.chain_id, other.key.hex())
     with pytest.raises(ChainError, match=r"OwnableUnauthorizedAccount|revert"):
         stranger.send(
-            stranger.contract("DstackKms", kms.address).functions.addOsImageHash(b32("01"))
+            stranger.contract("DstackKms", kms.address).functions.addOsImageHash(bytes32("01" * 32))
         )
     kms.call("transferOwnership", other.address)
     assert kms.c.functions.owner().call() == ch.account.address
@@ -299,3 +299,20 @@ def test_operator_cli(chain, tmp_path):
         timeout=60,
     )
     assert chain_mismatch.returncode == 2 and "chain id mismatch" in chain_mismatch.stderr
+
+
+async def test_eth_auth_denies_a_short_compose_hash(chain, kms):
+    """a 31-byte compose hash whose left-padded form is whitelisted is denied, with the reason,
+    before the contract is asked."""
+    from pydstack.kms.auth import EthAuth
+
+    node, _ = chain
+    short = b"\x0c" * 31
+    padded = short.rjust(32, b"\0")
+    app = kms.deploy_and_register_app(compose_hash=padded)
+    auth = EthAuth(node.url, kms.address, node.chain_id)
+    assert (await auth.is_app_allowed(boot(app, compose_hash=padded))).is_allowed
+    denied = await auth.is_app_allowed(boot(app, compose_hash=short))
+    assert (denied.is_allowed, denied.reason) == (False, "compose hash must be 32 bytes, got 31")
+    denied = await auth.is_kms_allowed(boot(compose_hash=short))
+    assert (denied.is_allowed, denied.reason) == (False, "compose hash must be 32 bytes, got 31")

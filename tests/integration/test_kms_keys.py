@@ -345,3 +345,33 @@ async def test_health_and_metrics(env):
         after["dstack_kms_attestation_failures_total"]
         == before["dstack_kms_attestation_failures_total"] + 1
     )
+
+
+async def test_a_dead_auth_api_is_not_described_to_callers(env, tmp_path):
+    """with the webhook down, callers learn that it failed, not where it lives."""
+    import re
+
+    from .kms_proc import free_port
+    from .kms_proc import start_kms as launch
+
+    dead = free_port()
+    text = env["kms"].config.read_text()
+    text = text.replace('type = "simple"', 'type = "webhook"')
+    text = text.replace(
+        "[core.auth_api.simple]",
+        f'[core.auth_api.webhook]\nurl = "http://127.0.0.1:{dead}"\n\n[core.auth_api.simple]',
+    )
+    text = re.sub(r"port = \d+", f"port = {free_port()}", text, count=1)
+    cfg = tmp_path / "kms.toml"
+    cfg.write_text(text)
+    kms = launch(cfg)
+    try:
+        with pytest.raises(RpcError) as denied:
+            await get_app_keys(kms.url, App().attest, VM_CONFIG)
+        assert str(denied.value) == "Boot denied: auth api unavailable"
+        async with PrpcClient(kms.url, prefix="/prpc", verify_server=lambda c: None) as c:
+            with pytest.raises(RpcError) as meta:
+                await c.call("GetMeta", Empty(), pb.GetMetaResponse)
+        assert str(meta.value) == "auth api info failed"
+    finally:
+        kms.stop()

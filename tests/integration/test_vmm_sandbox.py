@@ -196,8 +196,9 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     nonce = os.urandom(32)
     q = get(port, "/quote", report_data=nonce.hex())
     raw = bytes.fromhex(q["quote"])
-    collateral = asyncio_run(CollateralCache(stack.pccs_url).get(raw))
-    verified = verify_quote(raw, collateral, root_ca_der=stack.root_ca.read_bytes())
+    root = stack.root_ca.read_bytes()
+    collateral = asyncio_run(CollateralCache(stack.pccs_url).get(raw, root_ca_der=root))
+    verified = verify_quote(raw, collateral, root_ca_der=root)
     report = verified.quote.td_report
     assert report is not None and report.report_data[:32] == nonce
     events = event_log_from_json(q["event_log"])

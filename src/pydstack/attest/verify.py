@@ -12,6 +12,12 @@ report, QE hash binding, ISV signature) and matches the platform TCB level. On t
 
 A simulated quote is accepted only when the caller passes the mock root explicitly; there is no
 switch that skips verification.
+
+Before any collateral is looked up, :func:`precheck_quote` verifies what the quote carries by
+itself (PCK chain to the root, QE report signature, QE report binding of the attestation key,
+the quote's own signature), so an unsigned or forged quote never costs a PCCS request; the
+:class:`CollateralCache` does this on every lookup, fetches each FMSPC at most once at a time and
+a bounded number of FMSPCs at once, and answers cached lookups without waiting on any fetch.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import json
 import logging
 import time
@@ -27,8 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import dcap_qvl
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .errors import ParseError, VerifyError
+from .intel_root import INTEL_SGX_ROOT_CA_DER
 from .quote import Quote, parse_quote
 
 log = logging.getLogger(__name__)
@@ -150,15 +164,178 @@ def verify_quote(
     return VerifiedQuote(status, advisories, bytes(report.ppid), quote, fmspc)
 
 
+def _p256_verify(key: ec.EllipticCurvePublicKey, raw_sig: bytes, data: bytes) -> bool:
+    """a raw 64-byte r || s ECDSA-P256-SHA256 signature over `data`."""
+    if len(raw_sig) != 64:
+        return False
+    der = encode_dss_signature(
+        int.from_bytes(raw_sig[:32], "big"), int.from_bytes(raw_sig[32:], "big")
+    )
+    try:
+        key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _p256_key(cert: x509.Certificate, what: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise VerifyError(f"{what} key is unusable: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise VerifyError(f"{what} key is not a P-256 key")
+    return key
+
+
+def _check_validity(cert: x509.Certificate, what: str, now: int) -> None:
+    if not cert.not_valid_before_utc.timestamp() <= now <= cert.not_valid_after_utc.timestamp():
+        raise VerifyError(f"{what} is not valid at this time")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str, by: str) -> None:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as e:
+        raise VerifyError(f"{what} is not signed by the {by}") from e
+
+
+@functools.lru_cache(maxsize=8)
+def _root_cert(root_ca_der: bytes) -> x509.Certificate:
+    """the configured root, parsed once (only well-formed roots are cached)."""
+    try:
+        root = x509.load_der_x509_certificate(root_ca_der)
+    except ValueError as e:
+        raise VerifyError(f"the configured root ca is not a der certificate: {e}") from e
+    _p256_key(root, "root ca")
+    return root
+
+
+@functools.lru_cache(maxsize=32)
+def _pck_ca(ca_der: bytes, root_ca_der: bytes) -> x509.Certificate:
+    """a PCK CA certificate verified against the root; only verified ones are cached, so the
+    cache holds the root's few genuine intermediates and nothing an attacker chose."""
+    root = _root_cert(root_ca_der)
+    ca = x509.load_der_x509_certificate(ca_der)
+    _p256_key(ca, "pck ca certificate")
+    _issued_by(ca, root, "pck ca certificate", "configured root ca")
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except (x509.ExtensionNotFound, ValueError) as e:
+        raise VerifyError("pck ca certificate has no usable basic constraints") from e
+    if not constraints.ca:
+        raise VerifyError("pck ca certificate is not a ca")
+    return ca
+
+
+def _fmspc(leaf: x509.Certificate) -> str:
+    try:
+        ext = dcap_qvl.parse_pck_extension_from_pem(leaf.public_bytes(serialization.Encoding.PEM))
+        fmspc = bytes(ext.fmspc)
+    except (ValueError, TypeError) as e:
+        raise VerifyError(f"pck certificate has no readable sgx extension: {e}") from e
+    if len(fmspc) != 6:
+        raise VerifyError("pck certificate fmspc must be 6 bytes")
+    return fmspc.hex().upper()
+
+
+@dataclass(frozen=True)
+class _PckChain:
+    leaf: x509.Certificate
+    ca: x509.Certificate
+    leaf_key: ec.EllipticCurvePublicKey
+    fmspc: str
+
+
+@functools.lru_cache(maxsize=64)
+def _pck_chain(chain_pem: bytes, root_ca_der: bytes) -> _PckChain:
+    """a quote's PCK chain checked by signature up to the root (validity times excepted); only
+    chains that pass are cached."""
+    root = _root_cert(root_ca_der)
+    try:
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError as e:
+        raise VerifyError(f"pck certificate chain is malformed: {e}") from e
+    if len(chain) != 3:
+        raise VerifyError(f"pck certificate chain must hold 3 certificates, not {len(chain)}")
+    leaf, ca_cert, chain_root = chain
+    if _p256_key(chain_root, "pck chain root") != _p256_key(root, "root ca"):
+        raise VerifyError("pck certificate chain does not end in the configured root ca")
+    ca = _pck_ca(ca_cert.public_bytes(serialization.Encoding.DER), root_ca_der)
+    _issued_by(leaf, ca, "pck certificate", "pck ca")
+    return _PckChain(leaf, ca, _p256_key(leaf, "pck certificate"), _fmspc(leaf))
+
+
+def precheck_quote(
+    quote_bytes: bytes, root_ca_der: bytes | None = None, *, now: int | None = None
+) -> str:
+    """verify what a quote carries by itself; returns its FMSPC (upper-case hex).
+
+    Checks, without any collateral: the PCK chain in the quote is exactly leaf, PCK CA and a
+    root whose key is the configured root's (`root_ca_der`, default Intel's SGX root), each
+    signed by the next and valid at `now`; the QE report is signed by the PCK leaf key; the QE
+    report_data is sha256(attestation key || QE auth data) followed by 32 zero bytes; the
+    quote's signature over its header and body verifies with the attestation key. Raises
+    VerifyError ("quote verification failed: <the first failure>"). CRLs, TCB info and the QE
+    identity are not checked here: `verify_quote` (dcap-qvl) does the full verification with
+    the collateral afterwards.
+    Parsed roots and PCK chains that passed are cached (nothing that failed is), so a known
+    platform's quote costs two ECDSA verifications and a new chain two or three more.
+    """
+    try:
+        return _precheck(quote_bytes, root_ca_der, int(time.time()) if now is None else now)
+    except VerifyError as e:
+        raise VerifyError(f"quote verification failed: {e}") from e
+
+
+def _precheck(quote_bytes: bytes, root_ca_der: bytes | None, now: int) -> str:
+    try:
+        quote = parse_quote(quote_bytes)
+    except ParseError as e:
+        raise VerifyError(f"malformed quote: {e}") from e
+    root_der = INTEL_SGX_ROOT_CA_DER if root_ca_der is None else root_ca_der
+    chain = _pck_chain(quote.pck_cert_chain_pem, root_der)
+    _check_validity(chain.leaf, "pck certificate", now)
+    _check_validity(chain.ca, "pck ca certificate", now)
+    pck_key = chain.leaf_key
+    if not _p256_verify(pck_key, quote.qe_report_signature, quote.qe_report_raw):
+        raise VerifyError("qe report signature does not verify with the pck certificate key")
+    binding = hashlib.sha256(quote.attestation_key + quote.qe_auth_data).digest() + bytes(32)
+    if quote.qe_report.report_data != binding:
+        raise VerifyError("qe report does not bind the attestation key")
+    try:
+        att_key = ec.EllipticCurvePublicKey.from_encoded_point(
+            ec.SECP256R1(), b"\x04" + quote.attestation_key
+        )
+    except ValueError as e:
+        raise VerifyError("quote attestation key is not a p-256 point") from e
+    if not _p256_verify(att_key, quote.ecdsa_signature, quote.signed_bytes):
+        raise VerifyError("quote signature does not verify with its attestation key")
+    return chain.fmspc
+
+
 class CollateralCache:
     """collateral by FMSPC: in memory, optionally on disk, fetched from a PCCS when missing
-    or past its nextUpdate."""
+    or past its nextUpdate.
 
-    def __init__(self, pccs_url: str | None = None, cache_dir: Path | None = None) -> None:
+    `get` prechecks the quote first (:func:`precheck_quote`): a quote that fails never reaches
+    the cache or the PCCS. A fresh cached entry is returned without waiting on anyone; a missing
+    one is fetched once however many callers want it at the same time (they all get its result
+    or its error; a failed fetch is not cached, so the next caller tries again), and at most
+    `max_fetches` FMSPCs are fetched at once.
+    """
+
+    def __init__(
+        self, pccs_url: str | None = None, cache_dir: Path | None = None, max_fetches: int = 4
+    ) -> None:
+        if max_fetches < 1:
+            raise ValueError("max_fetches must be at least 1")
         self.pccs_url = pccs_url
         self.cache_dir = cache_dir
+        self.max_fetches = max_fetches
         self._mem: dict[str, str] = {}
-        self._lock = asyncio.Lock()
+        self._fetch_slots = asyncio.Semaphore(max_fetches)
+        self._flights: dict[str, asyncio.Future[str]] = {}
         self.fetches = 0
 
     @staticmethod
@@ -197,21 +374,41 @@ class CollateralCache:
             return hit
         return None
 
-    async def get(self, quote: bytes, now: int | None = None) -> str:
+    async def get(
+        self, quote: bytes, now: int | None = None, *, root_ca_der: bytes | None = None
+    ) -> str:
+        """collateral JSON for the quote's FMSPC; raises VerifyError when the quote fails the
+        precheck under `root_ca_der` (default Intel's root) or no collateral can be had."""
         now = int(time.time()) if now is None else now
-        fmspc = self._fmspc(quote)
-        async with self._lock:
-            hit = self.cached(fmspc, now)
-            if hit is not None:
-                return hit
-            if not self.pccs_url:
-                raise VerifyError(f"no collateral for fmspc {fmspc} and no pccs url configured")
-            log.info("fetching collateral for fmspc %s from %s", fmspc, self.pccs_url)
+        fmspc = precheck_quote(quote, root_ca_der, now=now)
+        hit = self.cached(fmspc, now)
+        if hit is not None:
+            return hit
+        if not self.pccs_url:
+            raise VerifyError(f"no collateral for fmspc {fmspc} and no pccs url configured")
+        flight = self._flights.get(fmspc)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch(self.pccs_url, fmspc, quote))
+            self._flights[fmspc] = flight
+            flight.add_done_callback(functools.partial(self._landed, fmspc))
+        # shielded: one caller giving up does not cancel the fetch the others wait for
+        return await asyncio.shield(flight)
+
+    def _landed(self, fmspc: str, flight: asyncio.Future[str]) -> None:
+        if self._flights.get(fmspc) is flight:
+            del self._flights[fmspc]
+        if not flight.cancelled():
+            flight.exception()  # retrieved here: waiters may all have gone
+
+    async def _fetch(self, pccs_url: str, fmspc: str, quote: bytes) -> str:
+        async with self._fetch_slots:
+            log.info("fetching collateral for fmspc %s from %s", fmspc, pccs_url)
             try:
-                col = await dcap_qvl.get_collateral(self.pccs_url, quote)
+                col = await dcap_qvl.get_collateral(pccs_url, quote)
             except (ValueError, RuntimeError) as e:
-                raise VerifyError(f"cannot fetch collateral from {self.pccs_url}: {e}") from e
-            self.fetches += 1
-            text = str(col.to_json())
-            self.put(fmspc, text)
-            return text
+                log.warning("collateral fetch for fmspc %s from %s failed: %s", fmspc, pccs_url, e)
+                raise VerifyError(f"cannot fetch collateral for fmspc {fmspc}") from e
+        self.fetches += 1
+        text = str(col.to_json())
+        self.put(fmspc, text)
+        return text

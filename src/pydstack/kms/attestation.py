@@ -2,8 +2,10 @@
 
 DCAP verification of the quote (under the configured root: Intel's, or a mock root only when the
 operator configured one), the quote's report_data equal to the attestation's, RTMR3 equal to the
-replay of the runtime events, then the identity measured in RTMR3. TCB status is not gated here:
-it goes to the authorization backend, which decides.
+replay of the runtime events, then the identity measured in RTMR3, whose hashes must have their
+exact lengths (32 bytes). TCB status is not gated here: it goes to the authorization backend,
+which decides. The quote's own signatures are checked before any collateral is looked up
+(`CollateralCache.get` prechecks), so a forged quote never reaches the PCCS.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 from pydstack import jsonlimits
 from pydstack.attest.attestation import Attestation
-from pydstack.attest.errors import AttestError, VerifyError
+from pydstack.attest.errors import VerifyError
 from pydstack.attest.eventlog import replay_runtime_events
 from pydstack.attest.identity import AppInfo, os_image_hash_from_config
 from pydstack.attest.verify import CollateralCache, VerificationPolicy, verify_quote
@@ -41,10 +43,7 @@ class AttestationChecker:
     ) -> BootInfo:
         if att.platform != "tdx":
             raise VerifyError(f"unsupported platform {att.platform}")
-        try:
-            collateral = await self.collateral.get(att.quote)
-        except AttestError:
-            raise
+        collateral = await self.collateral.get(att.quote, root_ca_der=self.root_ca_der)
         # the kms surfaces the tcb status to the auth backend instead of gating on it
         policy = VerificationPolicy(allowed_tcb_statuses=ALL_STATUSES)
         verified = verify_quote(att.quote, collateral, policy=policy, root_ca_der=self.root_ca_der)
@@ -71,7 +70,7 @@ class AttestationChecker:
                 jsonlimits.loads(vm_config)
             except ValueError as e:
                 raise VerifyError(f"vm_config is not valid json: {e}") from e
-        return BootInfo(
+        boot = BootInfo(
             tee_variant="dstack-tdx",
             mr_aggregated=app.mr_aggregated,
             os_image_hash=os_image,
@@ -84,3 +83,7 @@ class AttestationChecker:
             tcb_status=verified.status,
             advisory_ids=verified.advisory_ids,
         )
+        error = boot.length_error()
+        if error:
+            raise VerifyError(f"invalid identity: {error}")
+        return boot

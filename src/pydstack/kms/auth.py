@@ -5,13 +5,17 @@
   `{isAllowed, gatewayAppId, reason}`; `GET {url}` for chain info);
 * `simple`: a JSON allowlist (upstream auth-simple's format), re-read when the file changes.
 
-Every denial carries a reason the caller sees; an error inside a backend is a denial.
+Every denial carries a reason the caller sees; an error inside a backend is a denial whose reason
+names no backend detail (hosts, ports, exception text: those go to the log). Every backend denies
+a BootInfo whose hashes do not have their exact length (`BootInfo.length_error`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,15 +57,49 @@ class DevAuth:
         )
 
     async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         log.warning("dev auth: granting keys to app %s without any policy", boot.app_id.hex())
         return AuthDecision(True, self.gateway_app_id, "")
 
     async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         log.warning("dev auth: allowing kms %s without any policy", boot.mr_aggregated.hex())
         return AuthDecision(True, self.gateway_app_id, "")
 
     async def info(self) -> dict[str, Any]:
         return {"gatewayAppId": self.gateway_app_id}
+
+
+def is_protected_url(url: str) -> bool:
+    """True for https, and for http to a loopback host (127.0.0.0/8, ::1, localhost): the only
+    webhook transports an on-path attacker cannot answer for."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redacted_url(url: str) -> str:
+    """`url` without credentials or query, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class WebhookAuth:
@@ -71,8 +109,29 @@ class WebhookAuth:
     def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        if not is_protected_url(url):
+            log.warning(
+                "auth webhook %s is neither https nor loopback: anyone on the network path "
+                "can forge its decisions and release keys; use https or a loopback address",
+                redacted_url(url),
+            )
+
+    def _log_failure(self, what: str, e: BaseException) -> None:
+        detail = str(e)
+        password = urllib.parse.urlsplit(self.url).password
+        if password:
+            detail = detail.replace(password, "***")
+        log.warning(
+            "auth api %s at %s failed: %s: %s",
+            what,
+            redacted_url(self.url),
+            type(e).__name__,
+            detail,
+        )
 
     async def _post(self, path: str, boot: BootInfo) -> AuthDecision:
+        if error := boot.length_error():
+            return AuthDecision(False, "", error)
         url = self.url.rstrip("/") + "/" + path
         try:
             async with (
@@ -83,7 +142,8 @@ class WebhookAuth:
                     return AuthDecision(False, "", f"auth api answered http {r.status}")
                 body = await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            return AuthDecision(False, "", f"auth api unavailable: {e}")
+            self._log_failure(path, e)
+            return AuthDecision(False, "", "auth api unavailable")
         if not isinstance(body, dict) or not isinstance(body.get("isAllowed"), bool):
             return AuthDecision(False, "", "auth api returned an invalid response")
         return AuthDecision(
@@ -97,10 +157,16 @@ class WebhookAuth:
         return await self._post("bootAuth/kms", boot)
 
     async def info(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession(timeout=self.timeout) as s, s.get(self.url) as r:
-            if r.status // 100 != 2:
-                raise RuntimeError(f"auth api info answered http {r.status}")
-            body = await r.json(content_type=None)
+        """the auth api's `GET {url}` document; raises RuntimeError("auth api unavailable" or
+        the http status) with the detail logged, never in the message."""
+        try:
+            async with aiohttp.ClientSession(timeout=self.timeout) as s, s.get(self.url) as r:
+                if r.status // 100 != 2:
+                    raise RuntimeError(f"auth api info answered http {r.status}")
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            self._log_failure("info", e)
+            raise RuntimeError("auth api unavailable") from e
         return body if isinstance(body, dict) else {}
 
 
@@ -160,7 +226,7 @@ class SimpleAuth:
     async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
         c = self._load()
         gw = str(c.get("gatewayAppId", ""))
-        reason = self._common(c, boot)
+        reason = boot.length_error() or self._common(c, boot)
         if not reason:
             apps = {k.lower().removeprefix("0x"): v for k, v in (c.get("apps") or {}).items()}
             app = apps.get(boot.app_id.hex())
@@ -175,7 +241,7 @@ class SimpleAuth:
     async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
         c = self._load()
         gw = str(c.get("gatewayAppId", ""))
-        reason = self._common(c, boot)
+        reason = boot.length_error() or self._common(c, boot)
         kms = c.get("kms") or {}
         if not reason:
             if _h(boot.mr_aggregated) not in _hex_set(kms.get("mrAggregated")):
@@ -211,6 +277,12 @@ class EthAuth:
     async def _ask(self, method: str, boot: BootInfo) -> AuthDecision:
         import asyncio
 
+        from .chain import BootInfoError, boot_tuple
+
+        try:
+            boot_tuple(boot)  # exact sizes, or a denial saying which field is wrong
+        except BootInfoError as e:
+            return AuthDecision(False, "", str(e))
         try:
             ok, reason = await asyncio.to_thread(getattr(self.kms, method), boot)
             gateway = await asyncio.to_thread(self.kms.gateway_app_id)

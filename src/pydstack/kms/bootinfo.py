@@ -1,12 +1,18 @@
 """BootInfo: what the KMS tells its authorization backend about a booting CVM.
 
-camelCase JSON with hex bytes (no 0x), as upstream's `PolicyBootInfo`.
+camelCase JSON with hex bytes (no 0x), as upstream's `PolicyBootInfo`. The hash fields are
+32 bytes exactly: `length_error` says which one is not (a 31-byte compose hash must never be
+padded into a whitelisted one).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+HASH_LEN = 32
+#: hash fields that may be empty (unknown); when present they must be HASH_LEN bytes
+OPTIONAL_HASHES = ("device_id", "mr_aggregated", "mr_system", "os_image_hash")
 
 
 @dataclass(frozen=True)
@@ -22,6 +28,18 @@ class BootInfo:
     key_provider_info: bytes
     tcb_status: str
     advisory_ids: tuple[str, ...] = ()
+
+    def length_error(self) -> str:
+        """'' when the hash fields have their length, else a reason naming the first that does
+        not: compose_hash must be 32 bytes, the others 32 bytes when present."""
+        if len(self.compose_hash) != HASH_LEN:
+            return f"compose hash must be {HASH_LEN} bytes, got {len(self.compose_hash)}"
+        for name in OPTIONAL_HASHES:
+            value: bytes = getattr(self, name)
+            if value and len(value) != HASH_LEN:
+                what = name.replace("_", " ")
+                return f"{what} must be {HASH_LEN} bytes, got {len(value)}"
+        return ""
 
     def to_json_obj(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,8 @@
-"""DstackKms / DstackApp through web3.py on any JSON-RPC node (chain id pinned)."""
+"""DstackKms / DstackApp through web3.py on any JSON-RPC node (chain id pinned).
+
+Hash fields go on-chain only at their exact length: `bytes32` never pads, so a 31-byte compose
+hash cannot match a whitelisted hash that begins with 00 (`BootInfoError` says which field).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ class ChainError(RuntimeError):
     """the chain or a contract call failed."""
 
 
+class BootInfoError(ValueError):
+    """a value does not have the exact size of its on-chain type."""
+
+
 def artifact(name: str) -> dict[str, Any]:
     path = ARTIFACTS / f"{name}.json"
     try:
@@ -30,29 +38,50 @@ def artifact(name: str) -> dict[str, Any]:
     return doc
 
 
-def b32(value: bytes | str) -> bytes:
-    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else value
-    if len(raw) > 32:
-        raise ValueError("value longer than 32 bytes")
-    return raw.rjust(32, b"\0")
+def _raw(value: bytes | str, what: str) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError as e:
+        raise BootInfoError(f"{what} is not hex: {e}") from e
 
 
-def addr(value: bytes | str) -> str:
-    raw = bytes.fromhex(value.removeprefix("0x")) if isinstance(value, str) else value
-    if len(raw) > 20:
-        raise ValueError("address longer than 20 bytes")
-    return Web3.to_checksum_address("0x" + raw.rjust(20, b"\0").hex())
+def bytes32(value: bytes | str, what: str = "value") -> bytes:
+    """`value` (bytes or hex) as a bytes32; raises BootInfoError unless it is exactly 32 bytes."""
+    raw = _raw(value, what)
+    if len(raw) != 32:
+        raise BootInfoError(f"{what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+def bytes32_or_zero(value: bytes | str, what: str = "value") -> bytes:
+    """empty means "none" (32 zero bytes); anything else must be exactly 32 bytes."""
+    return bytes32(value, what) if _raw(value, what) else bytes(32)
+
+
+def addr(value: bytes | str, what: str = "address", *, allow_empty: bool = False) -> str:
+    """a checksummed address from exactly 20 bytes (or hex); empty gives the zero address only
+    with `allow_empty`; raises BootInfoError otherwise."""
+    raw = _raw(value, what)
+    if not raw and allow_empty:
+        raw = bytes(20)
+    if len(raw) != 20:
+        raise BootInfoError(f"{what} must be 20 bytes, got {len(raw)}")
+    return Web3.to_checksum_address("0x" + raw.hex())
 
 
 def boot_tuple(boot: BootInfo) -> tuple[Any, ...]:
+    """the contract's BootInfo tuple; raises BootInfoError when a field has the wrong size (an
+    empty instance id is the zero address: apps without instance ids)."""
     return (
-        addr(boot.app_id),
-        b32(boot.compose_hash),
-        addr(boot.instance_id),
-        b32(boot.device_id),
-        b32(boot.mr_aggregated),
-        b32(boot.mr_system),
-        b32(boot.os_image_hash),
+        addr(boot.app_id, "app id"),
+        bytes32(boot.compose_hash, "compose hash"),
+        addr(boot.instance_id, "instance id", allow_empty=True),
+        bytes32(boot.device_id, "device id"),
+        bytes32(boot.mr_aggregated, "mr aggregated"),
+        bytes32(boot.mr_system, "mr system"),
+        bytes32(boot.os_image_hash, "os image hash"),
         boot.tcb_status,
         list(boot.advisory_ids),
     )
@@ -144,8 +173,8 @@ class KmsContract:
             disable_upgrades,
             require_tcb_up_to_date,
             allow_any_device,
-            b32(device_id),
-            b32(compose_hash),
+            bytes32_or_zero(device_id, "device id"),
+            bytes32_or_zero(compose_hash, "compose hash"),
         )
         receipt = self.chain.send(fn)
         events = self.c.events.AppDeployedViaFactory().process_receipt(receipt, errors=DISCARD)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .bootinfo import BootInfo
-from .chain import Chain, ChainError, KmsContract, b32
+from .chain import Chain, ChainError, KmsContract, bytes32
 
 KMS_SETTERS = {
     "add-os-image": "addOsImageHash",
@@ -113,10 +113,10 @@ def run(args: argparse.Namespace) -> int:
         )
         _out(args, {"app_id": app})
     elif args.cmd in KMS_SETTERS:
-        kms.call(KMS_SETTERS[args.cmd], b32(args.value))
+        kms.call(KMS_SETTERS[args.cmd], bytes32(args.value))
         _out(args, {"ok": True})
     elif args.cmd in APP_SETTERS:
-        kms.app_call(args.app, APP_SETTERS[args.cmd], b32(args.value))
+        kms.app_call(args.app, APP_SETTERS[args.cmd], bytes32(args.value))
         _out(args, {"ok": True})
     elif args.cmd == "allow-any-device":
         kms.app_call(args.app, "setAllowAnyDevice", args.value == "true")

@@ -1,4 +1,5 @@
-"""`kms.toml`: upstream's keys, plus `core.auth_api.simple.config` and `core.key_epoch`."""
+"""`kms.toml`: upstream's keys, plus `core.auth_api.simple.config`, `core.key_epoch` and
+`core.attestation.max_concurrent_fetches` (PCCS collateral fetches at once, default 4)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class KmsConfig:
     root_ca_tdx: Path | None = None
     insecure_allow_external_trust_anchors: bool = False
     collateral_cache_dir: Path | None = None
+    max_concurrent_fetches: int = 4
     image_verify: bool = True
     auth_type: str = "webhook"
     webhook_url: str = "http://auth-api:8000"
@@ -87,6 +89,7 @@ class KmsConfig:
                 att.get("insecure_allow_external_trust_anchors", False)
             ),
             collateral_cache_dir=Path(att["cache_dir"]) if att.get("cache_dir") else None,
+            max_concurrent_fetches=int(att.get("max_concurrent_fetches", 4)),
             image_verify=bool(tbl(core, "image").get("verify", True)),
             auth_type=str(auth.get("type", "webhook")),
             webhook_url=str(tbl(auth, "webhook").get("url", base.webhook_url)),
@@ -135,5 +138,7 @@ class KmsConfig:
                 "core.image.verify = true is not supported yet (os image measurement is not "
                 "implemented); set it to false and pin os images in the auth backend"
             )
+        if not 1 <= self.max_concurrent_fetches <= 64:
+            raise ConfigError("core.attestation.max_concurrent_fetches must be between 1 and 64")
         if self.key_epoch < 0 or self.key_epoch >= 2**32:
             raise ConfigError("core.key_epoch must be a 32-bit unsigned integer")

@@ -45,7 +45,10 @@ async def make_state(cfg: KmsConfig) -> KmsState:
     root = cfg.root_ca_tdx.read_bytes() if cfg.root_ca_tdx else None
     if root is not None:
         log.warning("accepting quotes under the external trust anchor %s", cfg.root_ca_tdx)
-    checker = AttestationChecker(CollateralCache(cfg.pccs_url, cfg.collateral_cache_dir), root)
+    collateral = CollateralCache(
+        cfg.pccs_url, cfg.collateral_cache_dir, max_fetches=cfg.max_concurrent_fetches
+    )
+    checker = AttestationChecker(collateral, root)
     auth = make_auth(cfg)
     if not store.exists():
         attest = (

@@ -2,7 +2,8 @@
 
 GetAppKey and GetKmsKey need a client certificate signed by the temp CA that carries an
 attestation bound to its key (RA-TLS); the attestation is DCAP-verified, RTMR3 replayed, the
-BootInfo sent to the auth backend, and only then are keys derived.
+BootInfo sent to the auth backend, and only then are keys derived. Errors of the KMS's own
+backends (auth api, guest agent) reach callers as a short reason; the detail goes to the log.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class KmsState:
         try:
             boot = await self.self_boot_info()
         except (AttestError, RpcError, OSError) as e:
-            raise RpcError(f"KMS self-attestation failed: {e}") from e
+            log.warning("kms self-attestation failed: %s", e)
+            raise RpcError("KMS self-attestation failed") from e
         decision = await self.auth.is_kms_allowed(boot)
         if not decision.is_allowed:
             raise RpcError(f"KMS is not allowed: {decision.reason}")
@@ -151,8 +153,9 @@ class KmsService:
         k = self.s.keys
         try:
             info = await self.s.auth.info()
-        except Exception as e:
-            raise RpcError(f"auth api info failed: {e}") from e
+        except Exception as e:  # any backend failure: the caller learns only that it failed
+            log.warning("auth api info failed: %s: %s", type(e).__name__, e)
+            raise RpcError("auth api info failed") from e
         resp = pb.GetMetaResponse(
             ca_cert=k.ca_pem,
             allow_any_upgrade=self.s.auth.is_dev,

@@ -44,7 +44,7 @@ from .collateral import (
     make_collateral,
     sign_raw,
 )
-from .mockpki import MockPki, derive_p256
+from .mockpki import MockPki, PlatformTcb, derive_p256
 
 TD_ATTRIBUTES = bytes.fromhex("0000001000000000")  # SEPT_VE_DISABLE, not debug
 XFAM = bytes.fromhex("e702060000000000")
@@ -106,8 +106,11 @@ class SimulatedTdx:
         mr_config_id: bytes = bytes(48),
         tcb_policy: TcbPolicy | None = None,
         debug: bool = False,
+        platform: PlatformTcb | None = None,
     ) -> None:
-        self.pki = MockPki(seed)
+        """`platform` overrides what the PCK certificate says (FMSPC, PPID, TCB); the keys and
+        the root stay those of `seed`, so TDs of one seed on several platforms share a root."""
+        self.pki = MockPki(seed, platform)
         self.td_attributes = bytes([TD_ATTRIBUTES[0] | (1 if debug else 0)]) + TD_ATTRIBUTES[1:]
         self.seed = seed
         self.tcb_policy = tcb_policy or TcbPolicy()

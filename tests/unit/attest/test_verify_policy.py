@@ -138,8 +138,8 @@ async def test_collateral_cache_uses_disk_and_refuses_without_source(tmp_path):
     quote = tdx.get_quote(b"")
     cache = CollateralCache(None, tmp_path)
     with pytest.raises(VerifyError, match="no pccs url"):
-        await cache.get(quote)
+        await cache.get(quote, root_ca_der=tdx.root_ca_der)
     cache.put(tdx.pki.platform.fmspc.hex(), tdx.collateral_json())
     again = CollateralCache(None, tmp_path)
-    text = await again.get(quote)
+    text = await again.get(quote, root_ca_der=tdx.root_ca_der)
     assert verify_quote(quote, text, root_ca_der=tdx.root_ca_der).status == "UpToDate"

@@ -164,6 +164,9 @@ def test_key_epochs():
 def test_config_fails_closed():
     base = "[core.image]\nverify = false\n"
     assert KmsConfig.from_toml(base).auth_type == "webhook"
+    assert KmsConfig.from_toml(base).max_concurrent_fetches == 4
+    fetches = base + "[core.attestation]\nmax_concurrent_fetches = 2\n"
+    assert KmsConfig.from_toml(fetches).max_concurrent_fetches == 2
     for bad, msg in [
         ("", "core.image.verify = true is not supported"),
         (base + '[core.auth_api]\ntype = "magic"\n', "not supported"),
@@ -173,6 +176,7 @@ def test_config_fails_closed():
         ),
         (base + '[core.auth_api]\ntype = "eth"\n', "rpc_url, kms_contract and chain_id"),
         ("[core\n", "invalid kms config"),
+        (base + "[core.attestation]\nmax_concurrent_fetches = 0\n", "max_concurrent_fetches"),
     ]:
         with pytest.raises(ConfigError, match=msg):
             KmsConfig.from_toml(bad)
