@@ -48,7 +48,8 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 from pydstack.tee.simulated import SimulatedTdx
 
 from .boot import Booter, BootError, BootResult, key_provider_of
-from .compose_runner import ComposeError, ComposeProject, PodmanCompose
+from .compose_parse import STRICT, ComposeError, ComposeProject
+from .compose_runner import PodmanCompose
 from .core import GuestCore
 from .service import guest_service, tappd_service
 from .signer import KmsCertSigner, LocalCertSigner
@@ -463,13 +464,14 @@ async def boot_and_run(wd: Path, scrypt_n: int) -> int:
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
         project = ComposeProject.parse(
-            str(app.get("docker_compose_file", "")), _project_name(app), envs
+            str(app.get("docker_compose_file", "")), _project_name(app), envs, policy=STRICT
         )
         (PERSISTENT / "volumes").mkdir(exist_ok=True)
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf(wd),
             volumes_dir=PERSISTENT / "volumes",
+            binds_dir=PERSISTENT / "binds",
             cgroup_parent=own_cvm_cgroup(),
         )
         api = GuestApi(core, compose, stop)
