@@ -23,6 +23,9 @@ services:
       - data:/data:ro
     depends_on: [db]
     restart: unless-stopped
+    user: "1000:1000"
+    working_dir: /srv
+    entrypoint: [/bin/sh, -c]
   db:
     image: localhost/db:1
     environment: ["A=1", "B"]
@@ -70,6 +73,8 @@ def test_podman_run_arguments(tmp_path: Path):
     assert (tmp_path / "vols" / "app_data").is_dir()
     assert "--restart=unless-stopped" in args and "--env=TOKEN=t" in args
     assert args[-4:] == ["localhost/web:1", "serve", "--port", "8080"]
+    assert "--user=1000:1000" in args and "--workdir=/srv" in args
+    assert '--entrypoint=["/bin/sh", "-c"]' in args
     # every option carries its value, so the image is the first argument without a dash
     assert next(a for a in args[1:] if not a.startswith("-")) == "localhost/web:1"
     assert "--privileged" not in args
