@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +17,7 @@ from pydstack.guest.compose_parse import (
     Mount,
     interpolate,
     load_document,
+    split_command,
 )
 
 
@@ -510,3 +512,30 @@ def test_the_vmm_and_the_guest_refuse_the_same(tmp_path):
         validate_app_compose('{"docker_compose_file": "\udfff"}')
     with pytest.raises(RpcError, match="docker-compose file: yaml contains a lone surrogate"):
         validate_app_compose('{"docker_compose_file": "a: \\udfff"}')
+
+
+# -- command strings -------------------------------------------------------------------------
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab '\"\\\t\n\r\x0b\u00a0$#", max_size=30))
+def test_command_strings_split_like_shlex(text: str):
+    try:
+        expected = shlex.split(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_command(text)
+        return
+    assert split_command(text) == expected
+
+
+def test_command_splitting_is_linear_on_long_words():
+    # shlex grows a word a character at a time (quadratic: minutes for 4 MiB)
+    n = 2 * 1024 * 1024
+    assert split_command("x" * n) == ["x" * n]
+    assert split_command('"' + "\\\\" * n + '"') == ["\\" * n]
+    assert split_command("a " * n) == ["a"] * n
+    with pytest.raises(ValueError, match="no closing quotation"):
+        split_command('"' + "x" * n)
+    with pytest.raises(ValueError, match="trailing backslash"):
+        split_command("x" * n + "\\")
