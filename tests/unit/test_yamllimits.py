@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydstack import yamllimits
 from pydstack.yamllimits import YamlError
@@ -157,3 +159,36 @@ def test_error_messages_quote_little_of_the_input():
     with pytest.raises(YamlError) as e:
         yamllimits.load(f"{'k' * 100_000}: 1\n{'k' * 100_000}: 2\n")
     assert len(str(e.value)) < 200
+
+
+YAMLISH = st.text(alphabet="ab1 :-[]{},&*!|>'\"#%@?<\n\t\\.~$", max_size=80)
+
+
+def loads_or_refuses(data: str | bytes, **limits: int) -> None:
+    """the loader's whole contract on one input: a plain value back, or a short YamlError."""
+    try:
+        doc = yamllimits.load(data, **limits)
+    except YamlError as e:
+        assert len(str(e)) < 400
+        return
+
+    def plain(v: object) -> bool:
+        if isinstance(v, list):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (bool, int, float, str))
+
+    assert plain(doc)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(YAMLISH)
+def test_any_input_loads_or_raises_yaml_error(text: str):
+    loads_or_refuses(text, max_nodes=50, max_depth=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60))
+def test_any_bytes_load_or_raise_yaml_error(data: bytes):
+    loads_or_refuses(data)

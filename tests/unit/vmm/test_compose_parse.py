@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydstack.guest.compose_parse import (
+    DOCKER_DEFAULT_CAPS,
     PERMISSIVE,
     STRICT,
     ComposeError,
@@ -539,3 +540,39 @@ def test_command_splitting_is_linear_on_long_words():
         split_command('"' + "x" * n)
     with pytest.raises(ValueError, match="trailing backslash"):
         split_command("x" * n + "\\")
+
+
+# -- fuzzing: only ComposeError comes out ----------------------------------------------------
+
+SERVICE_FIELD = st.sampled_from(
+    ["command", "entrypoint", "environment", "volumes", "depends_on", "ports", "user",
+     "restart", "privileged", "cap_add", "security_opt", "network_mode", "ipc", "sysctls",
+     "devices", "working_dir", "image", "labels", "x-a"]
+)  # fmt: skip
+YAML_VALUE = st.one_of(
+    st.sampled_from(
+        ["true", "'1'", "host", "[SYS_ADMIN]", "[/:/h]", "['${A}:/h']", "${A}", "[/dev/sda]",
+         "[seccomp=unconfined]", "{a: 1}", "[a=b]", "container:x"]
+    ),
+    st.text(alphabet="ab1 :-[]{},&*!'\"#?~./$=\\", max_size=40),
+)  # fmt: skip
+ENV_VALUE = st.one_of(st.sampled_from(["true", "/", "host", "SYS_ADMIN"]), st.text(max_size=10))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.tuples(SERVICE_FIELD, YAML_VALUE), max_size=4), ENV_VALUE)
+def test_any_service_fields_parse_or_raise_compose_error(fields, env_value: str):
+    body = "".join(f"    {k}: {v}\n" for k, v in dict(fields).items())
+    text = f"services:\n  web:\n    image: i\n{body}"
+    for policy in (STRICT, PERMISSIVE):
+        try:
+            project = ComposeProject.parse(text, "app", {"A": env_value}, policy=policy)
+        except ComposeError as e:
+            assert len(str(e)) < 400
+            continue
+        if policy is STRICT:  # whatever got through stays inside the sandbox's rules
+            web = project.services[0]
+            assert not web.privileged and not web.devices and not web.sysctls
+            assert set(web.cap_add) <= DOCKER_DEFAULT_CAPS
+            assert "host" not in web.namespaces.values()
+            assert all(m.kind != "host" for m in web.volumes)
