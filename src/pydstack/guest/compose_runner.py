@@ -1,12 +1,11 @@
-"""run an app's docker-compose file with podman, inside the CVM.
+"""run an app's docker-compose project (parsed by `compose_parse`) with podman, inside the CVM.
 
-The CVM is one network host: every service runs with the CVM's network (as if
-`network_mode: host`), and each service name resolves to 127.0.0.1 so services still reach each
-other by name. Named volumes become directories on the CVM's encrypted persistent storage, so
-they survive stop and start. `${VAR}`, `${VAR:-default}`, `${VAR-default}` and `$$` are
-interpolated from the app's decrypted env (nothing from the host leaks in). Images come from
-the host's image store (read-only) or earlier builds; there is no registry, so a missing image is
-a clear error rather than a pull.
+The CVM is one network host: every service runs with the CVM's network, and each service name
+resolves to 127.0.0.1 so services still reach each other by name. Named volumes and relative
+bind mounts become directories on the CVM's encrypted persistent storage, so they survive stop
+and start; the agent sockets are the only host paths a container may see (as the policy in
+`compose_parse` allows). Images come from the host's image store (read-only) or earlier builds;
+there is no registry, so a missing image is a clear error rather than a pull.
 """
 
 from __future__ import annotations
@@ -15,204 +14,16 @@ import asyncio
 import json
 import logging
 import os
-import re
+import posixpath
 import resource
+import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .compose_parse import ComposeError, ComposeProject, Mount, Service
 
 log = logging.getLogger(__name__)
-MAX_COMPOSE = 4 * 1024 * 1024
-MAX_SERVICES = 64
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
-_VAR = re.compile(
-    r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))"
-)
-
-
-class ComposeError(ValueError):
-    """the docker-compose file cannot be run."""
-
-
-def interpolate(text: str, env: Mapping[str, str]) -> str:
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m.group(1) or m.group(4)
-        op, arg = m.group(2), m.group(3) or ""
-        value = env.get(name)
-        if op in (":-", "-"):
-            if value is None or (op == ":-" and value == ""):
-                return arg
-        elif op in (":?", "?") and (value is None or (op == ":?" and value == "")):
-            raise ComposeError(f"required variable {name} is missing: {arg}")
-        return value or ""
-
-    return _VAR.sub(sub, text)
-
-
-@dataclass
-class Service:
-    name: str
-    image: str
-    command: list[str] | None = None
-    entrypoint: list[str] | None = None
-    environment: dict[str, str] = field(default_factory=dict)
-    volumes: list[tuple[str, str, str, bool]] = field(default_factory=list)  # kind, src, dst, ro
-    working_dir: str = ""
-    user: str = ""
-    restart: str = ""
-    privileged: bool = False
-    depends_on: list[str] = field(default_factory=list)
-    ports: list[str] = field(default_factory=list)
-
-
-def _cmd(value: object, what: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        import shlex
-
-        return shlex.split(value)
-    if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
-        return [str(v) for v in value]
-    raise ComposeError(f"{what} must be a string or a list of strings")
-
-
-def _env(value: object, svc: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    if value is None:
-        return out
-    if isinstance(value, dict):
-        for k, v in value.items():
-            out[str(k)] = "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-    elif isinstance(value, list):
-        for item in value:
-            k, sep, v = str(item).partition("=")
-            out[k] = v if sep else ""
-    else:
-        raise ComposeError(f"service {svc}: environment must be a map or a list")
-    return out
-
-
-def _volumes(value: object, svc: str, named: set[str]) -> list[tuple[str, str, str, bool]]:
-    out: list[tuple[str, str, str, bool]] = []
-    for item in value or []:  # type: ignore[attr-defined]
-        if isinstance(item, str):
-            parts = item.split(":")
-            if len(parts) == 1:
-                raise ComposeError(f"service {svc}: anonymous volume {item!r} is not supported")
-            src, dst = parts[0], parts[1]
-            ro = len(parts) > 2 and "ro" in parts[2].split(",")
-        elif isinstance(item, dict):
-            src, dst = str(item.get("source", "")), str(item.get("target", ""))
-            ro = bool(item.get("read_only", False))
-        else:
-            raise ComposeError(f"service {svc}: invalid volume {item!r}")
-        if not dst.startswith("/"):
-            raise ComposeError(f"service {svc}: volume target {dst!r} must be absolute")
-        if src.startswith(("/", ".", "~")):
-            out.append(("bind", src, dst, ro))
-        else:
-            if not _NAME.match(src):
-                raise ComposeError(f"service {svc}: invalid volume name {src!r}")
-            if src not in named:
-                raise ComposeError(f"service {svc}: volume {src!r} is not declared in volumes:")
-            out.append(("volume", src, dst, ro))
-    return out
-
-
-@dataclass
-class ComposeProject:
-    name: str
-    services: list[Service]
-
-    @classmethod
-    def parse(cls, text: str, project: str, env: Mapping[str, str]) -> ComposeProject:
-        if len(text.encode()) > MAX_COMPOSE:
-            raise ComposeError(f"docker-compose file exceeds {MAX_COMPOSE} bytes")
-        try:
-            doc = yaml.safe_load(interpolate(text, env))
-        except yaml.YAMLError as e:
-            raise ComposeError(f"docker-compose file is not valid yaml: {e}") from e
-        if not isinstance(doc, dict):
-            raise ComposeError("docker-compose file must be a mapping with services:")
-        services = doc.get("services")
-        if not isinstance(services, dict) or not services:
-            raise ComposeError("docker-compose file has no services")
-        if len(services) > MAX_SERVICES:
-            raise ComposeError(f"too many services (max {MAX_SERVICES})")
-        vols = doc.get("volumes") or {}
-        if not isinstance(vols, dict):
-            raise ComposeError("top-level volumes: must be a mapping")
-        named = {str(k) for k in vols}
-        out: list[Service] = []
-        for name, spec in services.items():
-            name = str(name)
-            if not _NAME.match(name):
-                raise ComposeError(f"invalid service name {name!r}")
-            if not isinstance(spec, dict):
-                raise ComposeError(f"service {name} must be a mapping")
-            if "build" in spec and "image" not in spec:
-                raise ComposeError(
-                    f"service {name}: build: is not supported in the CVM; build the image on "
-                    "the host and reference it by image:"
-                )
-            image = spec.get("image")
-            if not isinstance(image, str) or not image:
-                raise ComposeError(f"service {name} has no image")
-            mode = spec.get("network_mode", "host")
-            if mode not in ("host", "bridge", None):
-                raise ComposeError(f"service {name}: network_mode {mode!r} is not supported")
-            deps = spec.get("depends_on") or []
-            out.append(
-                Service(
-                    name=name,
-                    image=image,
-                    command=_cmd(spec.get("command"), f"service {name}: command"),
-                    entrypoint=_cmd(spec.get("entrypoint"), f"service {name}: entrypoint"),
-                    environment=_env(spec.get("environment"), name),
-                    volumes=_volumes(spec.get("volumes"), name, named),
-                    working_dir=str(spec.get("working_dir") or ""),
-                    user=str(spec.get("user") or ""),
-                    restart=str(spec.get("restart") or ""),
-                    privileged=bool(spec.get("privileged", False)),
-                    depends_on=[str(d) for d in deps],
-                    ports=[str(p) for p in spec.get("ports") or []],
-                )
-            )
-        names = {s.name for s in out}
-        for s in out:
-            for d in s.depends_on:
-                if d not in names:
-                    raise ComposeError(f"service {s.name} depends on unknown service {d}")
-        return cls(project, _order(out))
-
-
-def _order(services: list[Service]) -> list[Service]:
-    by_name = {s.name: s for s in services}
-    done: list[Service] = []
-    seen: set[str] = set()
-    stack: set[str] = set()
-
-    def visit(s: Service) -> None:
-        if s.name in seen:
-            return
-        if s.name in stack:
-            raise ComposeError(f"dependency cycle at service {s.name}")
-        stack.add(s.name)
-        for d in s.depends_on:
-            visit(by_name[d])
-        stack.discard(s.name)
-        seen.add(s.name)
-        done.append(s)
-
-    for s in services:
-        visit(s)
-    return done
 
 
 def host_ulimits() -> list[str]:
@@ -221,7 +32,7 @@ def host_ulimits() -> list[str]:
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
     nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
     nproc = 32768 if nproc == resource.RLIM_INFINITY else min(nproc // 2, 32768)
-    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+    return [f"--ulimit=nofile={nofile}:{nofile}", f"--ulimit=nproc={nproc}:{nproc}"]
 
 
 class PodmanCompose:
@@ -233,16 +44,23 @@ class PodmanCompose:
         *,
         storage_conf: Path,
         volumes_dir: Path,
+        binds_dir: Path,
+        agent_sockets: Mapping[str, Path] | None = None,
         logs_dir: Path | None = None,
         cgroup_parent: str | None = None,
         podman: str = "podman",
         env: Mapping[str, str] | None = None,
         userns: tuple[int, int] | None = None,
     ) -> None:
+        """`binds_dir` holds the app's relative bind mounts (`./data`), created on first use
+        with mode 0700; `agent_sockets` maps an agent socket path a compose file may mount
+        (`/var/run/dstack.sock`, ...) to the socket on this side (default: the same path)."""
         self.project = project
         #: (first host id, count): container root is that unprivileged host uid, not host root
         self.userns = userns
         self.volumes_dir = volumes_dir
+        self.binds_dir = binds_dir
+        self.agent_sockets = dict(agent_sockets or {})
         self.logs_dir = logs_dir or volumes_dir.parent / "container-logs"
         self.cgroup_parent = cgroup_parent
         self.podman = podman
@@ -267,43 +85,106 @@ class PodmanCompose:
         return proc.returncode or 0, text
 
     def run_args(self, svc: Service) -> list[str]:
-        args = ["run", "-d", "--pull=never", "--name", self.container(svc), "--network", "host"]
-        args += ["--label", f"com.docker.compose.project={self.project.name}"]
-        args += ["--label", f"com.docker.compose.service={svc.name}"]
-        for other in self.project.services:
-            args += ["--add-host", f"{other.name}:127.0.0.1"]
+        """`podman run` arguments for `svc`; every value rides in its flag (`--flag=value`),
+        so no value can be read as another flag, and the image is the first bare argument."""
+        args = ["run", "-d", "--pull=never", f"--name={self.container(svc)}", "--network=host"]
+        args += [f"--label=com.docker.compose.project={self.project.name}"]
+        args += [f"--label=com.docker.compose.service={svc.name}"]
+        args += [f"--add-host={other.name}:127.0.0.1" for other in self.project.services]
         args += host_ulimits()
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        args += ["--log-driver", "k8s-file", "--log-opt", f"path={self.log_path(svc)}"]
-        args += ["--log-opt", "max-size=10mb"]
+        args += ["--log-driver=k8s-file", f"--log-opt=path={self.log_path(svc)}"]
+        args += ["--log-opt=max-size=10mb"]
         if self.cgroup_parent:  # the app counts against the cvm's vcpu and memory
-            args += ["--cgroup-parent", self.cgroup_parent]
-        if self.userns is not None:
+            args += [f"--cgroup-parent={self.cgroup_parent}"]
+        if self.userns is not None:  # container root is an unprivileged host uid
             base, size = self.userns
-            args += ["--uidmap", f"0:{base}:{size}", "--gidmap", f"0:{base}:{size}"]
-        for k, v in svc.environment.items():
-            args += ["-e", f"{k}={v}"]
-        for kind, src, dst, ro in svc.volumes:
-            if kind == "volume":
-                path = self.volumes_dir / f"{self.project.name}_{src}"
-                path.mkdir(parents=True, exist_ok=True)
-                if self.userns is not None:  # writable by container root
-                    os.chown(path, self.userns[0], self.userns[0])
-                src = str(path)
-            args += ["-v", f"{src}:{dst}{':ro' if ro else ''}"]
+            args += [f"--uidmap=0:{base}:{size}", f"--gidmap=0:{base}:{size}"]
+        args += [f"--env={k}={v}" for k, v in svc.environment.items()]
+        args += [self.mount_arg(m) for m in svc.volumes]
+        args += self.privilege_args(svc)
         if svc.working_dir:
-            args += ["-w", svc.working_dir]
+            args += [f"--workdir={svc.working_dir}"]
         if svc.user:
-            args += ["--user", svc.user]
+            args += [f"--user={svc.user}"]
         if svc.restart and svc.restart != "no":
-            args += ["--restart", svc.restart]
-        if svc.privileged:
-            args.append("--privileged")
+            args += [f"--restart={svc.restart}"]
         if svc.entrypoint is not None:
-            args += ["--entrypoint", json.dumps(svc.entrypoint)]
+            args += [f"--entrypoint={json.dumps(svc.entrypoint)}"]
         args.append(svc.image)
         args += svc.command or []
         return args
+
+    def privilege_args(self, svc: Service) -> list[str]:
+        """what the service asks of the kernel; the parser's policy already vetted it."""
+        args = ["--privileged"] if svc.privileged else []
+        args += [f"--cap-add={c}" for c in svc.cap_add]
+        args += [f"--cap-drop={c}" for c in svc.cap_drop]
+        args += [f"--device={d}" for d in svc.devices]
+        args += [f"--device-cgroup-rule={r}" for r in svc.device_cgroup_rules]
+        args += [f"--{flag}={value}" for flag, value in svc.namespaces.items()]
+        args += [f"--security-opt={o}" for o in svc.security_opt]
+        args += [f"--sysctl={k}={v}" for k, v in svc.sysctls.items()]
+        return args
+
+    def mount_arg(self, m: Mount) -> str:
+        opts = ",".join((("ro",) if m.read_only else ()) + m.options)
+        if m.kind == "tmpfs":
+            return f"--tmpfs={m.target}" + (f":{opts}" if opts else "")
+        if m.kind == "volume":
+            path = self.volumes_dir / f"{self.project.name}_{m.source}"
+            if not path.exists():
+                path.mkdir(parents=True)
+                self._app_owned(path)
+            src = str(path)
+        elif m.kind == "bind":
+            src = str(self.bind_source(m.source))
+        elif m.kind == "socket":
+            src = str(self.agent_sockets.get(m.source, Path(m.source)))
+        else:  # "host": only a permissive policy lets these through
+            src = m.source
+        return f"--volume={src}:{m.target}" + (f":{opts}" if opts else "")
+
+    def _app_owned(self, path: Path) -> None:
+        """a directory the runner made for the app: owned by container root when the app runs
+        in a user namespace (else it could not write its own volume)."""
+        if self.userns is not None:
+            os.chown(path, self.userns[0], self.userns[0])
+
+    def bind_source(self, rel: str) -> Path:
+        """the directory of a relative bind under `binds_dir`, made (0700) if missing.
+
+        Refuses (ComposeError) a path leaving `binds_dir` and any symlink on the way: another
+        container may have planted one in a directory it shares. Existing files are bound as
+        they are. A container that swaps a checked directory for a symlink between this check
+        and podman's mount is not caught here.
+        """
+        norm = posixpath.normpath(rel)
+        if norm.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise ComposeError(f"bind source {rel[:100]!r} leaves the app's bind directory")
+        self.binds_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.binds_dir
+        for part in [] if norm == "." else norm.split("/"):
+            path = path / part
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                st = None
+            except OSError as e:  # e.g. a file where a directory should be
+                raise ComposeError(f"bind source {rel[:100]!r}: {e.strerror}") from None
+            if st is None:
+                try:
+                    path.mkdir(mode=0o700)
+                except OSError as e:
+                    raise ComposeError(f"bind source {rel[:100]!r}: {e.strerror}") from None
+                self._app_owned(path)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                raise ComposeError(f"bind source {rel[:100]!r} goes through a symlink")
+        real, base = os.path.realpath(path), os.path.realpath(self.binds_dir)
+        if real != base and not real.startswith(base + os.sep):
+            raise ComposeError(f"bind source {rel[:100]!r} leaves the app's bind directory")
+        return path
 
     async def check_images(self) -> None:
         for svc in self.project.services:

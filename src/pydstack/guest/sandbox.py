@@ -47,7 +47,8 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 from pydstack.tee.hosttd import HostTdx
 
 from .boot import Booter, BootError, BootResult, key_provider_of
-from .compose_runner import ComposeError, ComposeProject, PodmanCompose
+from .compose_parse import STRICT, ComposeError, ComposeProject
+from .compose_runner import PodmanCompose
 from .core import GuestCore
 from .service import guest_service, tappd_service
 from .signer import KmsCertSigner, LocalCertSigner
@@ -470,12 +471,13 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
         project = ComposeProject.parse(
-            str(app.get("docker_compose_file", "")), _project_name(app), envs
+            str(app.get("docker_compose_file", "")), _project_name(app), envs, policy=STRICT
         )
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf(wd),
             volumes_dir=app_owned_dir(PERSISTENT / "volumes", uid_base),
+            binds_dir=app_owned_dir(PERSISTENT / "binds", uid_base),
             cgroup_parent=own_cvm_cgroup(),
             userns=(uid_base, USERNS_SIZE) if uid_base else None,
         )

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import yaml
-
 from pydstack import jsonlimits
-from pydstack.guest.compose_runner import ComposeError, ComposeProject
+from pydstack.guest.compose_parse import STRICT, ComposeError, ComposeProject
 from pydstack.rpc.server import RpcError
 
 MAX_COMPOSE = 50 * 1024 * 1024
@@ -40,11 +38,20 @@ def humantime(seconds: float) -> str:
 
 
 def validate_app_compose(text: str) -> dict[str, Any]:
-    """the app-compose must be a json object whose docker-compose file can be run."""
-    if len(text.encode()) > MAX_COMPOSE:
+    """the app-compose must be a json object whose docker-compose file can be run.
+
+    The docker-compose file gets the guest's checks under the strict (sandbox) policy, so a
+    compose the CVM would refuse is refused here first; the guest still enforces them at boot.
+    RpcError for anything wrong; bounded like `ComposeProject.parse` and `jsonlimits.loads`.
+    """
+    if len(text) > MAX_COMPOSE:
         raise RpcError("compose file too large")
     try:
-        doc = jsonlimits.loads(text)
+        text.encode("utf-8")  # it is stored and hashed as utf-8
+    except UnicodeEncodeError:
+        raise RpcError("invalid app compose: contains a lone surrogate") from None
+    try:
+        doc = jsonlimits.loads(text, max_bytes=MAX_COMPOSE)
     except ValueError as e:
         raise RpcError(f"invalid app compose: not valid json: {e}") from None
     if not isinstance(doc, dict):
@@ -58,7 +65,7 @@ def validate_app_compose(text: str) -> dict[str, Any]:
     if not isinstance(dc, str):
         raise RpcError("invalid app compose: docker_compose_file must be a string")
     try:
-        ComposeProject.parse(dc, "check", _AnyEnv())
-    except (ComposeError, yaml.YAMLError) as e:
+        ComposeProject.parse(dc, "check", _AnyEnv(), policy=STRICT)
+    except ComposeError as e:
         raise RpcError(f"invalid docker compose: {e}") from None
     return doc

@@ -1,4 +1,4 @@
-"""the in-CVM docker-compose runner: parsing, interpolation and the podman arguments."""
+"""the in-CVM docker-compose runner: the podman arguments, mounts, and following output."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pydstack.guest.compose_runner import ComposeError, ComposeProject, PodmanCompose, interpolate
+from pydstack.guest.compose_parse import PERMISSIVE, STRICT, ComposeError, ComposeProject, Mount
+from pydstack.guest.compose_runner import PodmanCompose
 
 COMPOSE = """
 services:
@@ -22,6 +23,9 @@ services:
       - data:/data:ro
     depends_on: [db]
     restart: unless-stopped
+    user: "1000:1000"
+    working_dir: /srv
+    entrypoint: [/bin/sh, -c]
   db:
     image: localhost/db:1
     environment: ["A=1", "B"]
@@ -30,22 +34,14 @@ volumes:
 """
 
 
-def test_interpolation_rules():
-    env = {"SET": "v", "EMPTY": ""}
-    assert interpolate("${SET} $SET ${MISSING} $$", env) == "v v  $"
-    assert interpolate("${EMPTY:-d} ${EMPTY-d} ${MISSING-d}", env) == "d  d"
-    with pytest.raises(ComposeError, match="required variable MISSING"):
-        interpolate("${MISSING:?set it}", env)
-
-
 def test_parse_orders_dependencies_and_maps_fields():
     p = ComposeProject.parse(COMPOSE, "app", {"TOKEN": "t"})
     assert [s.name for s in p.services] == ["db", "web"]
     web = p.services[1]
     assert web.command == ["serve", "--port", "8080"]
     assert web.environment == {"TOKEN": "t", "LITERAL": "$HOME", "FLAG": "true"}
-    assert ("bind", "/var/run/dstack.sock", "/var/run/dstack.sock", False) in web.volumes
-    assert ("volume", "data", "/data", True) in web.volumes
+    assert Mount("socket", "/var/run/dstack.sock", "/var/run/dstack.sock") in web.volumes
+    assert Mount("volume", "data", "/data", True) in web.volumes
     assert p.services[0].environment == {"A": "1", "B": ""}
 
 
@@ -55,54 +51,104 @@ def test_env_values_come_only_from_the_given_env(monkeypatch):
     assert p.services[1].environment["TOKEN"] == ""
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("services: [", "not valid yaml"),
-        ("- a\n- b\n", "must be a mapping"),
-        ("services: {}\n", "no services"),
-        ("services:\n  a:\n    build: .\n", "build"),
-        ("services:\n  a:\n    command: x\n", "no image"),
-        ("services:\n  'bad name!':\n    image: x\n", "invalid service name"),
-        ("services:\n  a:\n    image: x\n    volumes: [nope:/d]\n", "not declared"),
-        ("services:\n  a:\n    image: x\n    volumes: [/h:rel]\n", "must be absolute"),
-        ("services:\n  a:\n    image: x\n    depends_on: [b]\n", "unknown service b"),
-        ("services:\n  a:\n    image: x\n    network_mode: 'container:y'\n", "network_mode"),
-        (
-            "services:\n  a:\n    image: x\n    depends_on: [b]\n"
-            "  b:\n    image: x\n    depends_on: [a]\n",
-            "cycle",
-        ),
-    ],
-)
-def test_malformed_compose_is_a_clear_error(text, message):
-    with pytest.raises(ComposeError, match=message):
-        ComposeProject.parse(text, "app", {})
-
-
-def test_oversized_compose_is_refused_before_parsing():
-    with pytest.raises(ComposeError, match="exceeds"):
-        ComposeProject.parse("#" * (4 * 1024 * 1024 + 1), "app", {})
+def runner(tmp_path: Path, text: str = COMPOSE, **kw) -> tuple[ComposeProject, PodmanCompose]:
+    p = ComposeProject.parse(text, "app", {"TOKEN": "t"}, policy=kw.pop("policy", STRICT))
+    pc = PodmanCompose(
+        p,
+        storage_conf=tmp_path / "storage.conf",
+        volumes_dir=tmp_path / "vols",
+        binds_dir=tmp_path / "binds",
+        **kw,
+    )
+    return p, pc
 
 
 def test_podman_run_arguments(tmp_path: Path):
-    p = ComposeProject.parse(COMPOSE, "app", {"TOKEN": "t"})
-    pc = PodmanCompose(p, storage_conf=tmp_path / "storage.conf", volumes_dir=tmp_path / "vols")
+    p, pc = runner(tmp_path)
     args = pc.run_args(p.services[1])
-    assert args[:6] == ["run", "-d", "--pull=never", "--name", "app-web-1", "--network"]
-    assert "--add-host" in args and "db:127.0.0.1" in args
-    assert f"{tmp_path / 'vols' / 'app_data'}:/data:ro" in args
+    assert args[:5] == ["run", "-d", "--pull=never", "--name=app-web-1", "--network=host"]
+    assert "--add-host=db:127.0.0.1" in args
+    assert f"--volume={tmp_path / 'vols' / 'app_data'}:/data:ro" in args
+    assert "--volume=/var/run/dstack.sock:/var/run/dstack.sock" in args
     assert (tmp_path / "vols" / "app_data").is_dir()
-    assert args[args.index("--restart") + 1] == "unless-stopped"
+    assert "--restart=unless-stopped" in args and "--env=TOKEN=t" in args
     assert args[-4:] == ["localhost/web:1", "serve", "--port", "8080"]
+    assert "--user=1000:1000" in args and "--workdir=/srv" in args
+    assert '--entrypoint=["/bin/sh", "-c"]' in args
+    # every option carries its value, so the image is the first argument without a dash
+    assert next(a for a in args[1:] if not a.startswith("-")) == "localhost/web:1"
+    assert "--privileged" not in args
     assert pc.env["CONTAINERS_STORAGE_CONF"] == str(tmp_path / "storage.conf")
+
+
+def test_agent_sockets_map_to_the_real_sockets(tmp_path: Path):
+    text = (
+        "services:\n  web:\n    image: i\n    volumes:\n"
+        "      - /var/run/dstack.sock:/var/run/dstack.sock\n"
+        "      - /run/tappd.sock:/tappd.sock:ro\n"
+    )
+    real = {"/var/run/dstack.sock": tmp_path / "agent" / "dstack.sock"}
+    p, pc = runner(tmp_path, text, agent_sockets=real)
+    args = pc.run_args(p.services[0])
+    assert f"--volume={tmp_path / 'agent' / 'dstack.sock'}:/var/run/dstack.sock" in args
+    assert "--volume=/run/tappd.sock:/tappd.sock:ro" in args  # unmapped: the same path
+
+
+def test_relative_binds_land_in_the_bind_directory(tmp_path: Path):
+    text = (
+        "services:\n  web:\n    image: i\n    volumes:\n"
+        "      - ./data:/data\n      - ./conf/app/../x:/x:ro\n      - .:/all\n"
+        "      - {type: tmpfs, target: /cache, tmpfs: {size: 1m}}\n"
+    )
+    p, pc = runner(tmp_path, text)
+    args = pc.run_args(p.services[0])
+    binds = tmp_path / "binds"
+    assert f"--volume={binds / 'data'}:/data" in args
+    assert f"--volume={binds / 'conf' / 'x'}:/x:ro" in args
+    assert f"--volume={binds}:/all" in args
+    assert "--tmpfs=/cache:size=1m" in args
+    for d in (binds, binds / "data", binds / "conf", binds / "conf" / "x"):
+        assert d.is_dir() and d.stat().st_mode & 0o777 == 0o700, d
+
+
+def test_a_symlink_in_a_bind_path_is_refused(tmp_path: Path):
+    text = "services:\n  web:\n    image: i\n    volumes: [./shared/escape:/x]\n"
+    p, pc = runner(tmp_path, text)
+    (tmp_path / "binds" / "shared").mkdir(parents=True)
+    (tmp_path / "binds" / "shared" / "escape").symlink_to("/")
+    with pytest.raises(ComposeError, match="symlink"):
+        pc.run_args(p.services[0])
+    (tmp_path / "binds" / "shared" / "escape").unlink()
+    (tmp_path / "binds" / "shared").rmdir()
+    (tmp_path / "binds" / "shared").symlink_to(tmp_path)
+    with pytest.raises(ComposeError, match="symlink"):
+        pc.run_args(p.services[0])
+    with pytest.raises(ComposeError, match="leaves the app's bind directory"):
+        pc.bind_source("../outside")
+    assert not (tmp_path / "outside").exists()
+
+
+def test_permissive_policy_reaches_podman(tmp_path: Path):
+    text = (
+        "services:\n  web:\n    image: i\n    privileged: true\n    cap_add: [SYS_ADMIN]\n"
+        "    cap_drop: [NET_RAW]\n    devices: [/dev/fuse]\n    pid: host\n"
+        "    security_opt: [seccomp=unconfined]\n    sysctls: {net.core.somaxconn: 1024}\n"
+        "    volumes: [/srv:/srv]\n"
+    )
+    p, pc = runner(tmp_path, text, policy=PERMISSIVE)
+    args = pc.run_args(p.services[0])
+    for a in (
+        "--privileged", "--cap-add=SYS_ADMIN", "--cap-drop=NET_RAW", "--device=/dev/fuse",
+        "--pid=host", "--security-opt=seccomp=unconfined", "--sysctl=net.core.somaxconn=1024",
+        "--volume=/srv:/srv",
+    ):  # fmt: skip
+        assert a in args, a
 
 
 async def test_service_output_is_followed_from_the_k8s_file_log(tmp_path: Path, capsys):
     import asyncio
 
-    p = ComposeProject.parse(COMPOSE, "app", {"TOKEN": "t"})
-    pc = PodmanCompose(p, storage_conf=tmp_path / "s.conf", volumes_dir=tmp_path / "vols")
+    p, pc = runner(tmp_path)
     web = p.services[1]
     assert pc.log_path(web).parent == tmp_path / "container-logs"
     pc.log_path(web).parent.mkdir(parents=True)
@@ -118,3 +164,19 @@ async def test_service_output_is_followed_from_the_k8s_file_log(tmp_path: Path, 
     task.cancel()
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["web | hello", "web | oops", "web | more", "web | after rotation"]
+
+
+def test_user_namespace_maps_container_root_and_owns_what_it_creates(tmp_path: Path):
+    text = "services:\n  web:\n    image: i\n    volumes: [data:/data, ./b:/b]\nvolumes:\n  data:\n"
+    base = 65536 * 7
+    p, pc = runner(tmp_path, text, userns=(base, 65536))
+    args = pc.run_args(p.services[0])
+    assert f"--uidmap=0:{base}:65536" in args and f"--gidmap=0:{base}:65536" in args
+    for made in (tmp_path / "vols" / "app_data", tmp_path / "binds" / "b"):
+        st = made.stat()
+        assert (st.st_uid, st.st_gid) == (base, base), made
+    # without a user namespace nothing is mapped or handed over
+    p, pc = runner(tmp_path / "plain", text)
+    args = pc.run_args(p.services[0])
+    assert not any(a.startswith(("--uidmap", "--gidmap")) for a in args)
+    assert (tmp_path / "plain" / "vols" / "app_data").stat().st_uid == 0
