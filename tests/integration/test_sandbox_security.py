@@ -202,3 +202,49 @@ def test_no_stack_secret_on_a_command_line(stack):
         if proc.proc is not None:
             cmdline = Path(f"/proc/{proc.proc.pid}/cmdline").read_bytes()
             assert seed.encode() not in cmdline
+
+
+ESCAPES = {
+    "host root mount": ("volumes: ['/:/host']", "volumes"),
+    "privileged": ("privileged: true", "privileged"),
+    "extra capability": ("cap_add: [SYS_ADMIN]", "cap_add"),
+    "host pid namespace": ("pid: host", "pid"),
+    "host network": ("network_mode: host", "network_mode"),
+    "a device": ("devices: ['/dev/kmsg:/dev/kmsg']", "devices"),
+}
+
+
+def _escape_compose(image: str, line: str) -> str:
+    return f"services:\n  evil:\n    image: {image}\n    {line}\n"
+
+
+@pytest.mark.parametrize("what", sorted(ESCAPES))
+def test_vmm_refuses_a_compose_that_would_escape(stack, image, tmp_path, what):
+    line, key = ESCAPES[what]
+    app = {"manifest_version": 2, "name": "evil", "runner": "docker-compose",
+           "docker_compose_file": _escape_compose(image, line), "key_provider": "none"}  # fmt: skip
+    before = sorted(p.name for p in (stack.dir / "run" / "vm").iterdir())
+    r = httpx.post(
+        f"{stack.vmm_url}/prpc/CreateVm?json",
+        json={"name": "evil", "image": "pydstack-sandbox", "compose_file": json.dumps(app)},
+    )
+    assert r.status_code == 400 and key in r.json()["error"], r.text
+    assert sorted(p.name for p in (stack.dir / "run" / "vm").iterdir()) == before
+
+
+def test_guest_refuses_at_boot_what_the_host_slipped_past_the_vmm(stack, image, tmp_path):
+    """the vmm's check is a courtesy; the guest's is the one that holds: a host that rewrites
+    the app-compose in the share gets a boot error naming the key, and no container runs."""
+    d = write_app(tmp_path / "tamper", image)
+    compose(stack, d, "tamper", kms=False)
+    vm = vm_id_of(deploy(stack, d, "tamper", "--stopped").stdout)
+    shared = stack.dir / "run" / "vm" / vm / "shared" / "app-compose.json"
+    app = json.loads(shared.read_text())
+    app["docker_compose_file"] = _escape_compose(image, "volumes: ['/etc:/hostetc']")
+    shared.write_text(json.dumps(app))
+    httpx.post(f"{stack.vmm_url}/prpc/StartVm?json", json={"id": vm})
+    wait_for(lambda: stack.info(vm).get("status") == "exited", "the refused cvm to halt", 90)
+    error = stack.info(vm)["boot_error"]
+    assert "volumes" in error and "/etc" in error, error
+    assert "starting containers" not in stack.logs(vm, 200)
+    httpx.post(f"{stack.vmm_url}/prpc/RemoveVm?json", json={"id": vm})
