@@ -186,15 +186,35 @@ QUOTE_OMIT = {
 }
 
 
+#: methods callable with GET: read-only and returning no secrets (keys, signatures and
+#: EmitEvent are POST only; upstream's SDKs always POST; the watchdog GETs Worker.Version)
+GUEST_GET_METHODS = frozenset({"Info", "Version", "GetQuote", "Attest", "GpuInfo", "Verify"})
+TAPPD_GET_METHODS = frozenset({"Info", "Version", "TdxQuote", "RawQuote"})
+WORKER_GET_METHODS = frozenset({"Info", "Version", "GetAttestationForAppKey"})
+
+
 def guest_service(core: GuestCore) -> PrpcService:
-    return PrpcService(GUEST, DstackGuestService(core), prefix="/", omit_empty=QUOTE_OMIT)
+    return PrpcService(
+        GUEST,
+        DstackGuestService(core),
+        prefix="/",
+        omit_empty=QUOTE_OMIT,
+        get_methods=GUEST_GET_METHODS,
+    )
 
 
 def tappd_service(core: GuestCore) -> PrpcService:
-    return PrpcService(TAPPD, TappdService(core), prefix="/prpc/", trim="Tappd.")
+    return PrpcService(
+        TAPPD, TappdService(core), prefix="/prpc/", trim="Tappd.", get_methods=TAPPD_GET_METHODS
+    )
 
 
 def worker_service(core: GuestCore) -> PrpcService:
     return PrpcService(
-        WORKER, WorkerService(core), prefix="/prpc/", trim="Worker.", omit_empty=QUOTE_OMIT
+        WORKER,
+        WorkerService(core),
+        prefix="/prpc/",
+        trim="Worker.",
+        omit_empty=QUOTE_OMIT,
+        get_methods=WORKER_GET_METHODS,
     )

@@ -168,7 +168,15 @@ async def run_onboard(
 ) -> int:
     """serve onboard mode until Finish; returns after the listener is closed."""
     server = PrpcServer()
-    server.mount(PrpcService(ONBOARD, service, prefix="/prpc/", trim="Onboard."))
+    server.mount(
+        PrpcService(
+            ONBOARD,
+            service,
+            prefix="/prpc/",
+            trim="Onboard.",
+            get_methods=frozenset({"GetAttestationInfo"}),
+        )
+    )
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text=PAGE.format(title=html.escape(title)), content_type="text/html")
