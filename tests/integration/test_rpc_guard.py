@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from google.protobuf.empty_pb2 import Empty
 
+from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
 from pydstack.rpc.guard import RequestGuard, normalize_origin, split_host
 from pydstack.rpc.proto import prpc_pb2
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
@@ -248,3 +251,27 @@ def test_guard_config_is_validated():
     assert normalize_origin("http://a/b") is None
     assert split_host("[::1]:80") == ("::1", 80)
     assert split_host("a:b:c") is None and split_host("a:99999") is None
+
+
+async def test_tls_listener_answers_to_its_certificate_names():
+    key = generate_p256_key()
+    cert = issue_cert(
+        CertRequest("kms.example", alt_names=("kms.example", "10.0.0.1"), usage_server_auth=True),
+        key.public_key(),
+        key,
+    )
+    impl = CountingVmm()
+    srv = PrpcServer()
+    srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=VMM_GET_METHODS))
+    port = await srv.listen_tls("127.0.0.1", 0, cert_pem=cert_pem(cert), key_pem=key_pem(key))
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        async with aiohttp.ClientSession() as s:
+            for host, status in (("kms.example", 200), ("other.example", 403)):
+                url = f"https://127.0.0.1:{port}/prpc/Status"
+                async with s.get(url, headers={"Host": host}, ssl=ctx) as r:
+                    assert r.status == status, host
+        assert impl.calls == Counter({"Status": 1})
+    finally:
+        await srv.close()

@@ -357,6 +357,8 @@ def build_server(app: VmmApp) -> PrpcServer:
     server = PrpcServer(
         response_headers={"X-App-Version": __version__, "X-Accel-Buffering": "no"},
         max_body=10 * 1024 * 1024,
+        limits=app.config.server_limits,
+        guard=app.config.guard(),
     )
     if app.config.auth_enabled:
         server.app.middlewares.append(auth_middleware(app.config.auth_tokens))
