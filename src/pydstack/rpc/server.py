@@ -49,6 +49,7 @@ __all__ = [
     "RequestGuard",
     "RpcError",
     "ServerLimits",
+    "parse_socket_mode",
     "peer_context",
     "raise_nofile_limit",
     "server_ssl_context",
@@ -333,6 +334,25 @@ class PrpcServer:
             await self._runner.cleanup()
             self._runner = None
             self._sites = []
+
+
+def parse_socket_mode(value: object) -> int:
+    """a Unix socket's permission bits from config: an octal string ("0660", "660", "0o660") or
+    an int (TOML's 0o660); ValueError for anything else or bits outside 0o777."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not text or any(c not in "01234567" for c in text):
+            raise ValueError(f"socket mode {value!r} is not an octal number like 0660")
+        mode = int(text, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ValueError(f'socket mode must be an octal string like "0660", got {value!r}')
+    if not 0 <= mode <= 0o777:
+        raise ValueError(
+            f'socket mode {value!r} is outside 0o777 (write it in octal: 0o660 or "0660")'
+        )
+    return mode
 
 
 def _gid(group: str | int | None) -> int | None:
