@@ -186,9 +186,13 @@ QUOTE_OMIT = {
 }
 
 
-#: methods callable with GET: read-only and returning no secrets (keys, signatures and
-#: EmitEvent are POST only; upstream's SDKs always POST; the watchdog GETs Worker.Version)
-GUEST_GET_METHODS = frozenset({"Info", "Version", "GetQuote", "Attest", "GpuInfo", "Verify"})
+#: methods callable with GET: side-effect free queries (EmitEvent, which extends RTMR3, is POST
+#: only, and so are the other key and signing calls). Upstream's SDKs always POST; its curl
+#: examples GET Info, GetQuote and GetKey; its watchdog GETs Worker.Version. A GET response is
+#: not readable cross-origin, and the guard refuses cross-site and rebound requests.
+GUEST_GET_METHODS = frozenset(
+    {"Info", "Version", "GetQuote", "GetKey", "Attest", "GpuInfo", "Verify"}
+)
 TAPPD_GET_METHODS = frozenset({"Info", "Version", "TdxQuote", "RawQuote"})
 WORKER_GET_METHODS = frozenset({"Info", "Version", "GetAttestationForAppKey"})
 
