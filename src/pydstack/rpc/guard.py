@@ -182,11 +182,11 @@ class RequestGuard:
         host_header = request.headers.get("Host")
         parsed = split_host(host_header) if host_header is not None else None
         if host_header is not None and parsed is None:
-            return Refusal(400, f"malformed host header {host_header!r}")
+            return Refusal(400, f"malformed host header {host_header[:100]!r}")
         if parsed is not None and not _is_unix(request) and not self.host_allowed(parsed[0]):
             return Refusal(
                 403,
-                f"host not allowed: {parsed[0]} (add it to {self.hosts_key} in the config to "
+                f"host not allowed: {parsed[0][:100]} (add it to {self.hosts_key} in the config to "
                 "serve this name)",
             )
         origin = request.headers.get("Origin")
