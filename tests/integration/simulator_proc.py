@@ -27,7 +27,9 @@ class Simulator:
             self.proc.communicate(timeout=5)
 
 
-def start_simulator(directory: Path, seed: str | None = None) -> Simulator:
+def start_simulator(
+    directory: Path, seed: str | None = None, extra_args: tuple[str, ...] = ()
+) -> Simulator:
     cmd = [
         sys.executable,
         "-m",
@@ -41,6 +43,7 @@ def start_simulator(directory: Path, seed: str | None = None) -> Simulator:
     ]
     if seed:
         cmd += ["--seed", seed]
+    cmd += extra_args
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

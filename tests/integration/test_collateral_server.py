@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -9,8 +10,11 @@ import time
 import dcap_qvl
 
 from pydstack.attest.verify import CollateralCache, verify_quote
+from pydstack.rpc.limits import ServerLimits
 from pydstack.tee.collateral_server import start_server
 from pydstack.tee.simulated import SimulatedTdx
+
+from .slow_client import PATIENCE, closed_while, read_response, request
 
 SEED = bytes.fromhex("42" * 32)
 
@@ -64,3 +68,21 @@ def test_cli_serves_and_rejects_bad_seed(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_slow_clients_are_cut_off():
+    tdx = SimulatedTdx(SEED)
+    limits = ServerLimits(header_timeout=0.5, idle_timeout=60)
+    runner, url = await start_server(tdx.collateral(), tdx.pki.platform.fmspc.hex(), limits=limits)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = b"GET /sgx/certification/v4/rootcacrl HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100
+        assert len(head) * 0.2 > PATIENCE
+        assert await closed_while(reader, writer, [head[i : i + 1] for i in range(len(head))])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request("/sgx/certification/v4/rootcacrl", keep_alive=False))
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        await runner.cleanup()

@@ -4,17 +4,23 @@ config, and the external port's plain http routes."""
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
+import os
+import stat
 import threading
 import time
+from urllib.parse import quote
 
 import httpx
 import pytest
 
 from pydstack.attest.eventlog import RuntimeEvent, event_log_from_json
 from pydstack.attest.verify import verify_quote
-from pydstack.guest.agent import AgentConfig, build_core, run_agent
+from pydstack.guest.agent import AgentConfig, ListenerOptions, build_core, run_agent
+from pydstack.guest.http_routes import add_routes
 from pydstack.guest.simulator import DEFAULT_COMPOSE, prepare
+from pydstack.rpc.server import PrpcServer, ServerLimits
 from pydstack.tee.real import ConfigfsTsm, RealTdx, RuntimeEventLog
 from pydstack.tee.simulated import SimulatedTdx
 
@@ -54,8 +60,37 @@ def test_config_parsing():
     assert str(cfg.keys_file) == "/k" and str(cfg.compose_file) == "/c"
     assert cfg.internal == "unix:/tmp/x.sock" and cfg.external == ""
     assert cfg.internal_v0 == "unix:/var/run/tappd.sock"
+    assert cfg.options("internal") == ListenerOptions()  # 0660, no extra hosts
+    assert cfg.server_limits == ServerLimits()
     with pytest.raises(ValueError, match="invalid agent config"):
         AgentConfig.from_toml("[core\n")
+
+
+def test_listener_and_limits_config():
+    cfg = AgentConfig.from_toml(
+        '[default]\nkeep_alive = 10\n[internal]\nsocket_mode = "0600"\nsocket_group = 44\n'
+        '[default.external]\nallowed_hosts = ["*.gw.example"]\n'
+        'allowed_origins = ["https://app.example"]\n'
+        "[server_limits]\nmax_connections = 100\n"
+    )
+    assert cfg.options("internal") == ListenerOptions(socket_mode=0o600, socket_group="44")
+    assert cfg.options("internal-v0").socket_mode == 0o660
+    guard = cfg.options("external").guard("external")
+    assert guard.host_allowed("abc-8090.gw.example") and not guard.host_allowed("evil.example")
+    assert guard.hosts_key == "[external] allowed_hosts"
+    assert cfg.server_limits == ServerLimits(max_connections=100, idle_timeout=10)
+    assert (
+        AgentConfig.from_toml("[internal]\nsocket_mode = 0o640\n").options("internal").socket_mode
+        == 0o640
+    )
+    for text, message in (
+        ("[internal]\nsocket_mode = 660\n", r"\[internal\]: socket mode 660 is outside 0o777"),
+        ('[internal]\nsocket_mode = "rw"\n', "not an octal number"),
+        ('[external]\nallowed_hosts = "x"\n', r"\[external\]: allowed_hosts must be a list"),
+        ("[server_limits]\nidle = 1\n", r"unknown key server_limits\.idle"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            AgentConfig.from_toml(text)
 
 
 async def test_agent_on_configfs_tsm(tmp_path, vectors, monkeypatch):
@@ -79,6 +114,7 @@ async def test_agent_on_configfs_tsm(tmp_path, vectors, monkeypatch):
         internal=f"unix:{tmp_path}/dstack.sock",
         internal_v0=f"unix:{tmp_path}/tappd.sock",
         external="",
+        listeners={"internal": ListenerOptions(socket_mode=0o640, socket_group="daemon")},
     )
     stop = asyncio.Event()
     task = asyncio.create_task(run_agent(build_core(cfg, platform), cfg, stop))
@@ -87,6 +123,10 @@ async def test_agent_on_configfs_tsm(tmp_path, vectors, monkeypatch):
             if (tmp_path / "tappd.sock").exists():
                 break
             await asyncio.sleep(0.02)
+        st = os.stat(tmp_path / "dstack.sock")  # as configured
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == grp.getgrnam("daemon").gr_gid
+        # owner and group only by default
+        assert stat.S_IMODE(os.stat(tmp_path / "tappd.sock").st_mode) == 0o660
         transport = httpx.AsyncHTTPTransport(uds=str(tmp_path / "dstack.sock"))
         async with httpx.AsyncClient(transport=transport, timeout=30) as c:
             r = (await c.post("http://localhost/GetQuote", json={"report_data": "aa"})).json()
@@ -144,3 +184,34 @@ def test_external_http_routes(tmp_path):
             internal.close()
     finally:
         sim.stop()
+
+
+class PublicLogs:
+    """the one thing the /logs route asks of the core."""
+
+    def compose_flag(self, name: str, default: bool) -> bool:
+        return True
+
+
+async def test_logs_route_never_passes_a_name_as_an_option(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "podman"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "arg:$a"; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    server = PrpcServer()
+    add_routes(server.app, PublicLogs())  # type: ignore[arg-type]
+    port = await server.listen_tcp("127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for bad in ("-f", "--help", "--since=0", "_x", ".x", "a" * 129, "a b", "é"):
+                r = await c.get(f"/logs/{quote(bad, safe='')}")
+                assert r.status_code == 400 and "invalid container name" in r.text, bad
+            r = await c.get("/logs/app-1_v2.0", params={"tail": "5", "bare": "true"})
+            assert r.status_code == 200
+            args = [line.removeprefix("arg:") for line in r.text.splitlines()]
+            assert args == ["logs", "--tail", "5", "--", "app-1_v2.0"]
+            assert (await c.get(f"/logs/{'a' * 128}?bare=true")).text.endswith("a" * 128 + "\n")
+    finally:
+        await server.close()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import json
+import os
+import stat
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -313,3 +317,27 @@ def test_restart_keeps_identity_and_keys(tmp_path):
         second.stop()
     keys = tmp_path / ".appkeys.json"
     assert keys.stat().st_mode & 0o777 == 0o600
+
+
+def test_sockets_are_owner_and_group_only(sim, tmp_path):
+    for sock in (sim.dstack_sock, sim.tappd_sock):
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    group = grp.getgrgid(next(g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()))
+    custom = start_simulator(
+        tmp_path / "custom", SEED, ("--socket-mode", "0640", "--socket-group", group.gr_name)
+    )
+    try:
+        for sock in (custom.dstack_sock, custom.tappd_sock):
+            st = os.stat(sock)
+            assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == group.gr_gid
+        assert ok(custom, "Info")["app_id"] == ok(sim, "Info")["app_id"]
+    finally:
+        custom.stop()
+    for bad, message in (("999", "not an octal number"), ("01777", "outside 0o777")):
+        run = subprocess.run(
+            [sys.executable, "-m", "pydstack.guest.simulator", "--dir", str(tmp_path / "x"),
+             "--socket-mode", bad],
+            capture_output=True,
+            text=True,
+        )  # fmt: skip
+        assert run.returncode == 2 and message in run.stderr

@@ -13,6 +13,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
+from pydstack.guest.service import GUEST_GET_METHODS, TAPPD_GET_METHODS
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import agent_rpc_pb2 as pb
 from pydstack.rpc.proto import prpc_pb2
@@ -53,8 +54,17 @@ class Impl:
 async def server(tmp_path):
     impl = Impl()
     srv = PrpcServer(max_body=4096, response_headers={"X-App-Version": "test"})
-    srv.mount(PrpcService(GUEST, impl, omit_empty={"GetQuote": frozenset({"attestation"})}))
-    srv.mount(PrpcService(TAPPD, impl, prefix="/prpc/", trim="Tappd."))
+    srv.mount(
+        PrpcService(
+            GUEST,
+            impl,
+            omit_empty={"GetQuote": frozenset({"attestation"})},
+            get_methods=GUEST_GET_METHODS,
+        )
+    )
+    srv.mount(
+        PrpcService(TAPPD, impl, prefix="/prpc/", trim="Tappd.", get_methods=TAPPD_GET_METHODS)
+    )
     sock = tmp_path / "agent.sock"
     await srv.listen_unix(sock, mode=0o660)
     port = await srv.listen_tcp("127.0.0.1", 0)
@@ -90,8 +100,12 @@ async def test_json_modes_and_shapes(server):
 
 async def test_errors_in_both_modes(server):
     _, _, _, url = server
+    # a str body is sent as text/plain, which is refused now: these carry a JSON content type
+    json_ct = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{url}/GetQuote?json", data=json.dumps({"report_data": "00" * 65})) as r:
+        async with s.post(
+            f"{url}/GetQuote?json", data=json.dumps({"report_data": "00" * 65}), headers=json_ct
+        ) as r:
             assert r.status == 400
             assert await r.text() == '{\n  "error": "Report data is too long"\n}'
         async with s.post(f"{url}/Nope?json", data=b"{}") as r:
@@ -105,7 +119,7 @@ async def test_errors_in_both_modes(server):
         async with s.post(f"{url}/Info?json", data=b"") as r:
             assert r.status == 400 and (await r.json())["error"] == "boom"
         big = json.dumps({"report_data": "00" * 5000})
-        async with s.post(f"{url}/GetQuote?json", data=big) as r:
+        async with s.post(f"{url}/GetQuote?json", data=big, headers=json_ct) as r:
             assert r.status == 400 and "too large" in (await r.json())["error"]
         msg = pb.RawQuoteArgs(report_data=b"x" * 65).SerializeToString()
         async with s.post(f"{url}/GetQuote", data=msg) as r:

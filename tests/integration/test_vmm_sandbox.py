@@ -363,6 +363,34 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(stack: DevStack, image
     dstack(stack, "remove", keeper)
 
 
+def test_browser_attacks_on_the_vmm_are_refused(stack: DevStack):
+    """a web page the operator visits cannot create or remove CVMs (csrf, dns rebinding)."""
+    url = stack.vmm_url
+    before = _snapshot(stack)
+    create = json.dumps({"name": "csrf", "image": "pydstack-sandbox", "compose_file": "{}"})
+    as_json = {"Content-Type": "application/json"}
+    for headers, status, message in (
+        ({"Content-Type": "text/plain"}, 415, "is refused"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "is refused"),
+        ({**as_json, "Origin": "http://evil.example"}, 403, "cross-origin request refused"),
+        ({**as_json, "Sec-Fetch-Site": "cross-site"}, 403, "cross-site request refused"),
+        ({**as_json, "Host": "evil.example"}, 403, "host not allowed"),
+    ):
+        r = httpx.post(f"{url}/prpc/CreateVm?json", content=create, headers=headers)
+        assert r.status_code == status and message in r.json()["error"], (headers, r.text)
+    for method, params in (("CreateVm", {"name": "csrf"}), ("RemoveVm", {"id": "x"})):
+        r = httpx.get(f"{url}/prpc/{method}", params=params)
+        assert r.status_code == 405 and "not GET" in r.json()["error"]
+    r = httpx.get(f"{url}/", headers={"Host": "rebound.example"})
+    assert r.status_code == 403 and "allowed_hosts" in r.json()["error"]
+    assert _snapshot(stack) == before
+    # the same origin, read-only GETs and the cli keep working
+    assert httpx.get(f"{url}/prpc/Status").status_code == 200
+    same = {**as_json, "Origin": url, "Sec-Fetch-Site": "same-origin"}
+    assert httpx.post(f"{url}/prpc/Version?json", content=b"{}", headers=same).status_code == 200
+    assert "VM ID" in dstack(stack, "lsvm").stdout
+
+
 def test_env_key_signed_by_an_untrusted_kms_is_refused(stack: DevStack, image: str, tmp_path):
     d = write_app(tmp_path / "signer", image)
     compose(stack, d, "signer")

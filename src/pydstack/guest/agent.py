@@ -14,7 +14,18 @@ Configuration (TOML; upstream's key names; `[default.*]` tables are read as well
     [external]          # Worker, dashboard, /metrics, /logs
     address = "0.0.0.0:8090"
 
-An address is `unix:PATH` or `HOST:PORT`; an empty address disables that listener.
+An address is `unix:PATH` or `HOST:PORT`; an empty address disables that listener. Each listener
+section also takes (extensions):
+
+    socket_mode = "0660"        # a unix socket's permissions (octal)
+    socket_group = "dstack"     # and its group (name or gid); default: the agent's
+    allowed_hosts = []          # DNS names besides localhost and this machine's (`*.suffix`,
+                                # `*`); behind the gateway: ["*.<gateway base domain>"]
+    allowed_origins = []        # web origins (scheme://host[:port]) that may call it
+
+and `[server_limits]` (for all listeners) `max_connections`, `tls_handshake_timeout`,
+`header_timeout`, `body_timeout`, `idle_timeout` (upstream's `[default] keep_alive` is the idle
+timeout when `idle_timeout` is not set).
 """
 
 from __future__ import annotations
@@ -24,11 +35,12 @@ import asyncio
 import logging
 import sys
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydstack.rpc.server import PrpcServer
+from pydstack.rpc.server import PrpcServer, RequestGuard, ServerLimits, parse_socket_mode
 from pydstack.tee.real import RealTdx, tdx_available
 
 from .appkeys import AppKeys
@@ -43,6 +55,45 @@ log = logging.getLogger("dstack-guest-agent")
 SHARED = "/dstack/.host-shared"
 
 
+LISTENERS = ("internal", "internal-v0", "external")
+
+
+@dataclass(frozen=True)
+class ListenerOptions:
+    """one listener section's socket permissions and browser rules."""
+
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    def guard(self, section: str) -> RequestGuard:
+        return RequestGuard.from_config(
+            list(self.allowed_hosts),
+            list(self.allowed_origins),
+            hosts_key=f"[{section}] allowed_hosts",
+            origins_key=f"[{section}] allowed_origins",
+        )
+
+    @classmethod
+    def from_table(cls, section: str, table: Mapping[str, Any]) -> ListenerOptions:
+        """ValueError naming the section for a bad value."""
+        try:
+            mode = parse_socket_mode(table.get("socket_mode", "0660"))
+            group = table.get("socket_group")
+            if group is not None and not isinstance(group, str | int):
+                raise ValueError("socket_group must be a group name or gid")
+            RequestGuard.from_config(table.get("allowed_hosts"), table.get("allowed_origins"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"agent config [{section}]: {e}") from e
+        return cls(
+            socket_mode=mode,
+            socket_group=None if group is None else str(group),
+            allowed_hosts=tuple(table.get("allowed_hosts") or ()),
+            allowed_origins=tuple(table.get("allowed_origins") or ()),
+        )
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     keys_file: Path = Path(f"{SHARED}/.appkeys.json")
@@ -51,6 +102,12 @@ class AgentConfig:
     internal: str = "unix:/var/run/dstack.sock"
     internal_v0: str = "unix:/var/run/tappd.sock"
     external: str = "0.0.0.0:8090"
+    #: per listener section ("internal", "internal-v0", "external"); missing ones: defaults
+    listeners: Mapping[str, ListenerOptions] = field(default_factory=dict)
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
+
+    def options(self, section: str) -> ListenerOptions:
+        return self.listeners.get(section, ListenerOptions())
 
     @classmethod
     def from_toml(cls, text: str) -> AgentConfig:
@@ -69,6 +126,11 @@ class AgentConfig:
 
         core = table("core")
         base = cls()
+        default = doc.get("default", {})
+        keep_alive = doc.get("keep_alive", default.get("keep_alive"))
+        limits = ServerLimits.from_table(
+            table("server_limits"), where="server_limits", keep_alive=keep_alive
+        )
         return cls(
             keys_file=Path(core.get("keys_file", base.keys_file)),
             compose_file=Path(core.get("compose_file", base.compose_file)),
@@ -76,12 +138,15 @@ class AgentConfig:
             internal=str(table("internal").get("address", base.internal)),
             internal_v0=str(table("internal-v0").get("address", base.internal_v0)),
             external=str(table("external").get("address", base.external)),
+            listeners={s: ListenerOptions.from_table(s, table(s)) for s in LISTENERS},
+            server_limits=limits,
         )
 
 
-async def listen(server: PrpcServer, address: str) -> str:
+async def listen(server: PrpcServer, address: str, options: ListenerOptions | None = None) -> str:
+    options = options or ListenerOptions()
     if address.startswith("unix:"):
-        await server.listen_unix(address[5:])
+        await server.listen_unix(address[5:], mode=options.socket_mode, group=options.socket_group)
         return address
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
@@ -91,26 +156,33 @@ async def listen(server: PrpcServer, address: str) -> str:
 
 
 async def run_agent(core: GuestCore, config: AgentConfig, stop: asyncio.Event) -> None:
+    """serve the configured listeners until `stop` is set; a listener that cannot be set up
+    (OSError, ValueError) closes the others and raises."""
     servers: list[PrpcServer] = []
     headers = {"X-App-Version": "pydstack"}
-    for address, mount in (
-        (config.internal, guest_service),
-        (config.internal_v0, tappd_service),
-        (config.external, worker_service),
-    ):
-        if not address:
-            continue
-        server = PrpcServer(response_headers=headers)
-        server.mount(mount(core))
-        if mount is worker_service:
-            add_routes(server.app, core)
-        log.info(
-            "serving %s on %s",
-            mount.__name__.removesuffix("_service"),
-            await listen(server, address),
-        )
-        servers.append(server)
     try:
+        for section, address, mount in (
+            ("internal", config.internal, guest_service),
+            ("internal-v0", config.internal_v0, tappd_service),
+            ("external", config.external, worker_service),
+        ):
+            if not address:
+                continue
+            options = config.options(section)
+            server = PrpcServer(
+                response_headers=headers,
+                limits=config.server_limits,
+                guard=options.guard(section),
+            )
+            servers.append(server)
+            server.mount(mount(core))
+            if mount is worker_service:
+                add_routes(server.app, core)
+            log.info(
+                "serving %s on %s",
+                mount.__name__.removesuffix("_service"),
+                await listen(server, address, options),
+            )
         await stop.wait()
     finally:
         for s in servers:
@@ -154,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         await run_agent(core, config, stop_signal())
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (OSError, ValueError) as e:  # a listener could not be set up
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,7 +1,9 @@
 """plain HTTP routes of the agent's external port: the dashboard, `/metrics`, `/logs/<name>`.
 
 `/metrics` answers only when app-compose sets `public_sysinfo`, `/logs/<container>` only when it
-sets `public_logs`; both are 403 otherwise.
+sets `public_logs`; both are 403 otherwise. A container name is 1-128 characters, the first
+alphanumeric, the rest alphanumeric or `_.-` (400 otherwise); it reaches `podman logs` after
+`--`, so it can never be read as an option.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import html
 import json
 import os
+import re
 import shutil
 import time
 
@@ -19,6 +22,7 @@ from aiohttp import web
 from .core import GuestCore
 
 MAX_LOG_LINES = 10000
+CONTAINER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _START = time.time()
 
 
@@ -87,8 +91,11 @@ def add_routes(app: web.Application, core: GuestCore) -> None:
         if not core.compose_flag("public_logs", False):
             return web.Response(status=403, text="logs are not public for this app\n")
         name = request.match_info["container"]
-        if not name or not all(c.isalnum() or c in "-_." for c in name):
-            return web.Response(status=400, text="invalid container name\n")
+        if not CONTAINER_NAME.fullmatch(name):
+            return web.Response(
+                status=400,
+                text="invalid container name: 1-128 of A-Z a-z 0-9 _ . -, starting alphanumeric\n",
+            )
         engine = shutil.which("podman") or shutil.which("docker")
         if engine is None:
             return web.Response(status=503, text="no container engine in this cvm\n")
@@ -106,7 +113,7 @@ def add_routes(app: web.Application, core: GuestCore) -> None:
             cmd.append("--timestamps")
         if q.get("follow") in ("true", "1"):
             cmd.append("--follow")
-        cmd.append(name)
+        cmd += ["--", name]
         text_mode = q.get("text") in ("true", "1")
         bare = q.get("bare") in ("true", "1")
         proc = await asyncio.create_subprocess_exec(

@@ -390,15 +390,6 @@ def app_owned_dir(path: Path, uid_base: int) -> Path:
     return path
 
 
-def share_socket(path: Path, uid_base: int) -> None:
-    """the agent socket, usable by the app's container root (its group is container root's
-    host gid) and by nothing else unprivileged: 0660. A container process running as another
-    user gets access with `group_add: ["0"]`."""
-    if uid_base:
-        os.chown(path, 0, uid_base)
-    os.chmod(path, 0o660)
-
-
 async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     try:
         wd = setup_mounts(wd)
@@ -464,8 +455,9 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         ):
             server = PrpcServer(response_headers=headers)
             server.mount(svc)
-            await server.listen_unix(RUN / sock)
-            share_socket(RUN / sock, uid_base)
+            # 0660, group = the app containers' root (a container process running as another
+            # user reaches it with `group_add: ["0"]`); nothing else unprivileged can
+            await server.listen_unix(RUN / sock, mode=0o660, group=uid_base or None)
             servers.append(server)
         app = json.loads(compose_raw)
         await host.notify("boot.progress", "setting up docker")

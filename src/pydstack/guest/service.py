@@ -186,15 +186,39 @@ QUOTE_OMIT = {
 }
 
 
+#: methods callable with GET: side-effect free queries (EmitEvent, which extends RTMR3, is POST
+#: only, and so are the other key and signing calls). Upstream's SDKs always POST; its curl
+#: examples GET Info, GetQuote and GetKey; its watchdog GETs Worker.Version. A GET response is
+#: not readable cross-origin, and the guard refuses cross-site and rebound requests.
+GUEST_GET_METHODS = frozenset(
+    {"Info", "Version", "GetQuote", "GetKey", "Attest", "GpuInfo", "Verify"}
+)
+TAPPD_GET_METHODS = frozenset({"Info", "Version", "TdxQuote", "RawQuote"})
+WORKER_GET_METHODS = frozenset({"Info", "Version", "GetAttestationForAppKey"})
+
+
 def guest_service(core: GuestCore) -> PrpcService:
-    return PrpcService(GUEST, DstackGuestService(core), prefix="/", omit_empty=QUOTE_OMIT)
+    return PrpcService(
+        GUEST,
+        DstackGuestService(core),
+        prefix="/",
+        omit_empty=QUOTE_OMIT,
+        get_methods=GUEST_GET_METHODS,
+    )
 
 
 def tappd_service(core: GuestCore) -> PrpcService:
-    return PrpcService(TAPPD, TappdService(core), prefix="/prpc/", trim="Tappd.")
+    return PrpcService(
+        TAPPD, TappdService(core), prefix="/prpc/", trim="Tappd.", get_methods=TAPPD_GET_METHODS
+    )
 
 
 def worker_service(core: GuestCore) -> PrpcService:
     return PrpcService(
-        WORKER, WorkerService(core), prefix="/prpc/", trim="Worker.", omit_empty=QUOTE_OMIT
+        WORKER,
+        WorkerService(core),
+        prefix="/prpc/",
+        trim="Worker.",
+        omit_empty=QUOTE_OMIT,
+        get_methods=WORKER_GET_METHODS,
     )

@@ -1,12 +1,19 @@
 """`dstack-simulator`: the guest agent over the simulated TDX, for developing apps off-TEE.
 
     dstack-simulator --dir DIR [--http HOST:PORT] [--external HOST:PORT] [--seed HEX]
+                     [--socket-mode 0660] [--socket-group GROUP]
+                     [--allowed-host NAME]... [--allowed-origin URL]...
 
 On first run DIR receives a seed, an app-compose, keys derived the way a KMS derives them (the
 simulator plays its own KMS, whose k256 root signs the app key), a sys-config and instance info;
 later runs reuse them. Every start is a fresh boot: the simulated TD measures the app into RTMR3
 exactly as a CVM does. Trust material for verifiers is written to DIR/mock-root-ca.der and
 DIR/collateral.json (dcap-qvl's QuoteCollateralV3 JSON).
+
+DIR/dstack.sock and DIR/tappd.sock are mode 0660 (owner and group); an app running as another
+user needs `--socket-group` (a group it is in) or `--socket-mode 0666`. The TCP listeners answer
+to localhost, IP addresses and this machine's names; `--allowed-host` adds DNS names and
+`--allowed-origin` web origins that may call from a browser.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pydstack.attest.identity import mr_config_id_v1
 from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, spki_der
 from pydstack.crypto.k256 import compressed_pubkey, sign_message
 from pydstack.crypto.kdf import derive_dh_secret, derive_key, p256_key_from_bytes
-from pydstack.rpc.server import PrpcServer
+from pydstack.rpc.server import PrpcServer, RequestGuard, parse_socket_mode
 from pydstack.tee.simulated import SimulatedTdx
 
 from .appkeys import AppKeys, KeyProvider
@@ -177,6 +184,13 @@ def boot(state: SimulatorState) -> tuple[SimulatedTdx, GuestCore]:
     return tdx, core
 
 
+def _socket_mode(value: str) -> int:
+    try:
+        return parse_socket_mode(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
@@ -189,32 +203,41 @@ async def serve(
     directory: Path,
     http: tuple[str, int] | None = None,
     external: tuple[str, int] | None = None,
+    *,
+    socket_mode: int = 0o660,
+    socket_group: str | int | None = None,
+    guard: RequestGuard | None = None,
 ) -> tuple[ServerGroup, dict[str, str]]:
+    """listen on DIR/dstack.sock and DIR/tappd.sock (`socket_mode`, `socket_group`) and the
+    optional TCP listeners (under `guard`); a bad group is a ValueError before anything binds."""
     headers = {"X-App-Version": "pydstack"}
     endpoints: dict[str, str] = {}
-    guest = PrpcServer(response_headers=headers)
-    guest.mount(guest_service(core))
-    await guest.listen_unix(directory / "dstack.sock")
-    endpoints["dstack"] = str(directory / "dstack.sock")
-    tappd = PrpcServer(response_headers=headers)
-    tappd.mount(tappd_service(core))
-    await tappd.listen_unix(directory / "tappd.sock")
-    endpoints["tappd"] = str(directory / "tappd.sock")
-    servers = [guest, tappd]
-    if http is not None:
-        web = PrpcServer(response_headers=headers)
-        web.mount(guest_service(core))
-        web.mount(tappd_service(core))
-        port = await web.listen_tcp(http[0], http[1])
-        endpoints["http"] = f"http://{http[0]}:{port}"
-        servers.append(web)
-    if external is not None:
-        ext = PrpcServer(response_headers=headers)
-        ext.mount(worker_service(core))
-        add_routes(ext.app, core)
-        port = await ext.listen_tcp(external[0], external[1])
-        endpoints["external"] = f"http://{external[0]}:{port}"
-        servers.append(ext)
+    servers: list[PrpcServer] = []
+    try:
+        for name, service in (("dstack", guest_service), ("tappd", tappd_service)):
+            server = PrpcServer(response_headers=headers)
+            servers.append(server)
+            server.mount(service(core))
+            path = directory / f"{name}.sock"
+            await server.listen_unix(path, mode=socket_mode, group=socket_group)
+            endpoints[name] = str(path)
+        if http is not None:
+            web = PrpcServer(response_headers=headers, guard=guard)
+            servers.append(web)
+            web.mount(guest_service(core))
+            web.mount(tappd_service(core))
+            port = await web.listen_tcp(http[0], http[1])
+            endpoints["http"] = f"http://{http[0]}:{port}"
+        if external is not None:
+            ext = PrpcServer(response_headers=headers, guard=guard)
+            servers.append(ext)
+            ext.mount(worker_service(core))
+            add_routes(ext.app, core)
+            port = await ext.listen_tcp(external[0], external[1])
+            endpoints["external"] = f"http://{external[0]}:{port}"
+    except BaseException:
+        await ServerGroup(servers).close()
+        raise
     return ServerGroup(servers), endpoints
 
 
@@ -246,6 +269,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http", type=_hostport, help="also serve the agent on HOST:PORT")
     parser.add_argument("--external", type=_hostport, help="serve the external Worker API")
     parser.add_argument("--seed", help="32-byte mock attestation seed (hex), first run only")
+    parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        default=0o660,
+        help="permissions of dstack.sock and tappd.sock, octal (default 0660)",
+    )
+    parser.add_argument("--socket-group", help="group of the sockets (name or gid)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a DNS name the TCP listeners answer to besides localhost (repeatable)",
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        help="a web origin (scheme://host[:port]) that may call from a browser (repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -260,11 +302,28 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--seed must be hex")
         if len(seed) != 32:
             parser.error("--seed must be 32 bytes (64 hex digits)")
+    try:
+        guard = RequestGuard.from_config(
+            args.allowed_host,
+            args.allowed_origin,
+            hosts_key="--allowed-host",
+            origins_key="--allowed-origin",
+        )
+    except ValueError as e:
+        parser.error(str(e))
     state = prepare(args.dir.resolve(), seed)
     _, core = boot(state)
 
     async def run() -> None:
-        group, endpoints = await serve(core, state.dir, args.http, args.external)
+        group, endpoints = await serve(
+            core,
+            state.dir,
+            args.http,
+            args.external,
+            socket_mode=args.socket_mode,
+            socket_group=args.socket_group,
+            guard=guard,
+        )
         dstack_ep = endpoints.get("http", endpoints["dstack"])
         tappd_ep = endpoints.get("http", endpoints["tappd"])
         print(f"dstack-simulator: app {core.info(external=False).app_id.hex()}")
@@ -278,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         log.info("shutting down")
         await group.close()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (OSError, ValueError) as e:  # a socket could not be set up (e.g. an unknown group)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

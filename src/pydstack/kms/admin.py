@@ -20,7 +20,14 @@ from aiohttp import web
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack.rpc.proto import kms_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.rpc.server import (
+    CallContext,
+    PrpcServer,
+    PrpcService,
+    RequestGuard,
+    RpcError,
+    ServerLimits,
+)
 
 ADMIN = pb.DESCRIPTOR.services_by_name["Admin"]
 _HEX = re.compile(r"^[0-9a-fA-F]{1,128}$")
@@ -59,13 +66,20 @@ class AdminService:
         return Empty()
 
 
-def admin_server(token: str, cache_dir: Path, *, insecure_no_auth: bool = False) -> PrpcServer:
+def admin_server(
+    token: str,
+    cache_dir: Path,
+    *,
+    insecure_no_auth: bool = False,
+    limits: ServerLimits | None = None,
+    guard: RequestGuard | None = None,
+) -> PrpcServer:
     if not token and not insecure_no_auth:
         raise ValueError(
             "the admin listener needs core.admin.auth_token (or DSTACK_KMS_ADMIN_TOKEN); "
             "set insecure_no_auth = true to run it without authentication"
         )
-    server = PrpcServer()
+    server = PrpcServer(limits=limits, guard=guard)
 
     @web.middleware
     async def auth(

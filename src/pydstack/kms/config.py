@@ -1,12 +1,23 @@
 """`kms.toml`: upstream's keys, plus `core.auth_api.simple.config`, `core.key_epoch` and
-`core.attestation.max_concurrent_fetches` (PCCS collateral fetches at once, default 4)."""
+`core.attestation.max_concurrent_fetches` (PCCS collateral fetches at once, default 4).
+
+Extensions for the listeners (rpc, onboard, admin): `[rpc] allowed_hosts` (DNS names besides
+localhost, this machine's names and the rpc certificate's; `*.suffix` or `*`), `[rpc]
+allowed_origins` (web origins that may call from a browser) and `[rpc.server_limits]`
+(`max_connections`, `tls_handshake_timeout`, `header_timeout`, `body_timeout`, `idle_timeout`;
+upstream's Rocket `keep_alive` in `[rpc]` or `[default]` is the idle timeout when
+`idle_timeout` is not set).
+"""
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydstack.rpc.guard import RequestGuard
+from pydstack.rpc.limits import ServerLimits
 
 
 class ConfigError(ValueError):
@@ -48,6 +59,18 @@ class KmsConfig:
     admin_port: int = 8001
     admin_auth_token: str = ""
     admin_insecure_no_auth: bool = False
+    rpc_allowed_hosts: tuple[str, ...] = ()
+    rpc_allowed_origins: tuple[str, ...] = ()
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
+
+    def guard(self) -> RequestGuard:
+        """the listeners' request guard (the lists were validated at load)."""
+        return RequestGuard.from_config(
+            list(self.rpc_allowed_hosts),
+            list(self.rpc_allowed_origins),
+            hosts_key="rpc.allowed_hosts",
+            origins_key="rpc.allowed_origins",
+        )
 
     @classmethod
     def load(cls, path: Path) -> KmsConfig:
@@ -74,6 +97,19 @@ class KmsConfig:
         att, auth = tbl(core, "attestation"), tbl(core, "auth_api")
         root_tdx = tbl(att, "root_ca").get("tdx")
         base = cls()
+        try:
+            guard = RequestGuard.from_config(
+                rpc.get("allowed_hosts"),
+                rpc.get("allowed_origins"),
+                hosts_key="rpc.allowed_hosts",
+                origins_key="rpc.allowed_origins",
+            )
+            keep_alive = rpc.get("keep_alive", tbl(doc, "default").get("keep_alive"))
+            limits = ServerLimits.from_table(
+                tbl(rpc, "server_limits"), where="rpc.server_limits", keep_alive=keep_alive
+            )
+        except ValueError as e:
+            raise ConfigError(f"invalid kms config: {e}") from e
         cfg = cls(
             rpc_address=str(rpc.get("address", base.rpc_address)),
             rpc_port=int(rpc.get("port", base.rpc_port)),
@@ -112,6 +148,9 @@ class KmsConfig:
             admin_port=int(tbl(core, "admin").get("port", 8001)),
             admin_auth_token=str(tbl(core, "admin").get("auth_token", "")),
             admin_insecure_no_auth=bool(tbl(core, "admin").get("insecure_no_auth", False)),
+            rpc_allowed_hosts=tuple(sorted(guard.allowed_hosts)),
+            rpc_allowed_origins=tuple(rpc.get("allowed_origins") or ()),
+            server_limits=limits,
         )
         cfg.validate()
         return cfg

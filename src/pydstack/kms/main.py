@@ -84,7 +84,12 @@ async def make_state(cfg: KmsConfig) -> KmsState:
                 done=done,
             )
             await run_onboard(
-                cfg.onboard_address, cfg.onboard_port, service, cfg.site_name or "dstack KMS Setup"
+                cfg.onboard_address,
+                cfg.onboard_port,
+                service,
+                cfg.site_name or "dstack KMS Setup",
+                limits=cfg.server_limits,
+                guard=cfg.guard(),
             )
             if not store.exists():
                 raise ConfigError("failed to onboard: no keys after onboard mode finished")
@@ -106,7 +111,11 @@ async def make_state(cfg: KmsConfig) -> KmsState:
 
 
 async def start(cfg: KmsConfig, state: KmsState) -> tuple[PrpcServer, int]:
-    server = PrpcServer(response_headers={"X-App-Version": "pydstack-kms"})
+    server = PrpcServer(
+        response_headers={"X-App-Version": "pydstack-kms"},
+        limits=cfg.server_limits,
+        guard=cfg.guard(),
+    )
     server.mount(kms_service(state))
 
     async def health(_: web.Request) -> web.Response:
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     admin_token(cfg.admin_auth_token),
                     cfg.image_cache_dir,
                     insecure_no_auth=cfg.admin_insecure_no_auth,
+                    limits=cfg.server_limits,
+                    guard=cfg.guard(),
                 )
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,14 @@ from pydstack.attest.attestation import decode_versioned
 from pydstack.crypto.certs import spki_der
 from pydstack.crypto.k256 import keccak256
 from pydstack.rpc.proto import kms_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.rpc.server import (
+    CallContext,
+    PrpcServer,
+    PrpcService,
+    RequestGuard,
+    RpcError,
+    ServerLimits,
+)
 
 from .attestation import AttestationChecker
 from .auth import AuthBackend
@@ -164,11 +171,25 @@ class OnboardService:
 
 
 async def run_onboard(
-    host: str, port: int, service: OnboardService, title: str = "dstack KMS Setup"
+    host: str,
+    port: int,
+    service: OnboardService,
+    title: str = "dstack KMS Setup",
+    *,
+    limits: ServerLimits | None = None,
+    guard: RequestGuard | None = None,
 ) -> int:
     """serve onboard mode until Finish; returns after the listener is closed."""
-    server = PrpcServer()
-    server.mount(PrpcService(ONBOARD, service, prefix="/prpc/", trim="Onboard."))
+    server = PrpcServer(limits=limits, guard=guard)
+    server.mount(
+        PrpcService(
+            ONBOARD,
+            service,
+            prefix="/prpc/",
+            trim="Onboard.",
+            get_methods=frozenset({"GetAttestationInfo"}),
+        )
+    )
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text=PAGE.format(title=html.escape(title)), content_type="text/html")

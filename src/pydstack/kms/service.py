@@ -240,8 +240,14 @@ class KmsService:
         return pb.SignCertResponse(certificate_chain=[cert_pem(leaf), cert_pem(ca_cert), k.ca_pem])
 
 
+#: methods callable with GET: public, read-only (key release and signing are POST only)
+KMS_GET_METHODS = frozenset({"GetMeta", "GetTempCaCert", "GetAppEnvEncryptPubKey"})
+
+
 def kms_service(state: KmsState) -> PrpcService:
-    return PrpcService(KMS, KmsService(state), prefix="/prpc/", trim="KMS.")
+    return PrpcService(
+        KMS, KmsService(state), prefix="/prpc/", trim="KMS.", get_methods=KMS_GET_METHODS
+    )
 
 
-__all__ = ["KmsService", "KmsState", "dataclasses", "kms_service"]
+__all__ = ["KMS_GET_METHODS", "KmsService", "KmsState", "dataclasses", "kms_service"]

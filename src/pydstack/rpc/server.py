@@ -1,19 +1,24 @@
 """prpc server: protobuf services over HTTP on aiohttp, as upstream's ra-rpc mounts them.
 
-Each rpc answers `POST|GET <prefix><Method>` (a trim prefix such as "Tappd." is accepted too).
-JSON mode when the request is a GET, carries `?json` (empty, "1" or "true"), or has a JSON
-content type; protobuf otherwise. Any error is HTTP 400: `{"error": msg}` (pretty-printed) in
-JSON mode, `ProtoError` in protobuf mode; an unknown method is `Service not found: <method>`.
-Responses always carry Content-Length. Listeners: TCP, Unix sockets (mode set, stale socket
-removed) and TLS with optional or required client certificates; handlers receive a
+Each rpc answers `POST <prefix><Method>` (a trim prefix such as "Tappd." is accepted too), and
+`GET` for the methods its service declares read-only (`PrpcService.get_methods`; others are 405).
+A POST body is JSON or protobuf by its content type and `?json` (see :mod:`.guard`); browser
+"simple" content types are 415. Every request first passes the server's :class:`RequestGuard`
+(Host, Origin, Sec-Fetch-Site: 403), for the plain aiohttp routes added to `app` too. A decoded
+call's error is HTTP 400: `{"error": msg}` (pretty-printed) in JSON mode, `ProtoError` in protobuf
+mode; an unknown method is `Service not found: <method>`. Responses always carry Content-Length.
+Listeners: TCP, Unix sockets (mode and group set, stale socket removed) and TLS with optional or
+required client certificates, all under one :class:`ServerLimits`; handlers receive a
 :class:`CallContext` with the peer certificate and the Unix peer credentials.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import stat
@@ -25,13 +30,30 @@ from typing import Any
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.x509.oid import ExtensionOID
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from .guard import Refusal, RequestGuard, body_mode, get_allowed
 from .json_codec import CodecError, json_to_message, message_to_json, query_to_message
+from .limits import LimitedRunner, LimitedSite, ServerLimits, raise_nofile_limit
 from .proto import prpc_pb2
 from .unixpath import SocketPath
+
+__all__ = [
+    "CallContext",
+    "PeerCred",
+    "PrpcServer",
+    "PrpcService",
+    "RequestGuard",
+    "RpcError",
+    "ServerLimits",
+    "parse_socket_mode",
+    "peer_context",
+    "raise_nofile_limit",
+    "server_ssl_context",
+]
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +94,20 @@ class PrpcService:
     trim: str = ""
     #: per method, response fields left out of JSON when empty (upstream's skip_serializing_if)
     omit_empty: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: methods callable with GET (read-only, returning no secrets); every other method is POST
+    get_methods: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.get_methods) - set(self.descriptor.methods_by_name)
+        if unknown:
+            raise ValueError(f"get_methods names unknown methods: {', '.join(sorted(unknown))}")
+
+    def bare_name(self, name: str) -> str:
+        """the method name without the trim prefix."""
+        return name[len(self.trim) :] if self.trim and name.startswith(self.trim) else name
 
     def method(self, name: str) -> tuple[Handler, type[Message], type[Message]] | None:
-        if self.trim and name.startswith(self.trim):
-            name = name[len(self.trim) :]
+        name = self.bare_name(name)
         m = self.descriptor.methods_by_name.get(name)
         fn = getattr(self.impl, name, None) if m is not None else None
         if m is None or fn is None:
@@ -83,23 +115,30 @@ class PrpcService:
         return fn, GetMessageClass(m.input_type), GetMessageClass(m.output_type)
 
 
-def _is_json(request: web.Request) -> bool:
-    if request.method == "GET":
+def _wants_json(request: web.Request) -> bool:
+    """whether an error for this request is best written as JSON (a refused request included)."""
+    if request.method != "POST":
         return True
-    if request.query.get("json", None) in ("", "1", "true"):
-        return True
-    return request.content_type in (JSON_CT, "text/json") or request.content_type.endswith("+json")
+    return body_mode(request) != "proto"  # JSON, or a refused type: then a readable error
 
 
-def _error(message: str, json_mode: bool) -> web.Response:
+def _error(
+    message: str, json_mode: bool, status: int = 400, headers: Mapping[str, str] | None = None
+) -> web.Response:
     if json_mode:
         body = json.dumps({"error": message}, indent=2).encode()
-        return web.Response(status=400, body=body, content_type=JSON_CT)
+        return web.Response(status=status, body=body, content_type=JSON_CT, headers=headers)
     return web.Response(
-        status=400,
+        status=status,
         body=prpc_pb2.ProtoError(message=message).SerializeToString(),
         content_type=PROTO_CT,
+        headers=headers,
     )
+
+
+def _refused(refusal: Refusal, request: web.Request) -> web.Response:
+    headers = {"Allow": "POST"} if refusal.status == 405 else None
+    return _error(refusal.message, _wants_json(request), refusal.status, headers)
 
 
 def peer_context(request: web.Request) -> CallContext:
@@ -124,24 +163,61 @@ def peer_context(request: web.Request) -> CallContext:
 
 
 class PrpcServer:
-    """an aiohttp application serving prpc services on any number of listeners."""
+    """an aiohttp application serving prpc services on any number of listeners.
+
+    `limits` bound every connection (shared by all listeners); `guard` is applied to every
+    request, prpc or plain route (a TLS listener adds its certificate's DNS names to it).
+    """
 
     def __init__(
         self,
         *,
         max_body: int = DEFAULT_MAX_BODY,
         response_headers: Mapping[str, str] | None = None,
+        limits: ServerLimits | None = None,
+        guard: RequestGuard | None = None,
     ) -> None:
         self.max_body = max_body
         self.response_headers = dict(response_headers or {})
-        self.app = web.Application(client_max_size=max_body)
+        self.limits = limits or ServerLimits()
+        self.guard = guard or RequestGuard()
+        self.app = web.Application(client_max_size=max_body, middlewares=[self._guard_middleware])
         self.app.on_response_prepare.append(self._add_headers)
-        self._runner: web.AppRunner | None = None
-        self._sites: list[web.BaseSite] = []
+        self._runner: LimitedRunner | None = None
+        self._sites: list[LimitedSite] = []
+        self._prpc_handlers: set[object] = set()
+
+    @property
+    def open_connections(self) -> int:
+        """connections open now on all listeners (TLS handshakes included)."""
+        return len(self._runner.connections) if self._runner is not None else 0
+
+    @property
+    def peak_connections(self) -> int:
+        """the most connections that were open at once."""
+        return self._runner.connections.peak if self._runner is not None else 0
 
     async def _add_headers(self, _: web.Request, response: web.StreamResponse) -> None:
         for k, v in self.response_headers.items():
             response.headers[k] = v
+
+    @web.middleware
+    async def _guard_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        refusal = self.guard.check(request)
+        if refusal is not None:
+            log.info(
+                "refused %s %s from %s: %s",
+                request.method,
+                request.path[:100],
+                request.remote,
+                refusal.message,
+            )
+            if request.match_info.handler in self._prpc_handlers:
+                return _refused(refusal, request)
+            return web.json_response({"error": refusal.message}, status=refusal.status)
+        return await handler(request)
 
     def mount(self, service: PrpcService) -> None:
         async def handle(request: web.Request) -> web.Response:
@@ -150,18 +226,32 @@ class PrpcServer:
         path = service.prefix.rstrip("/") + "/{method}"
         self.app.router.add_route("GET", path, handle)
         self.app.router.add_route("POST", path, handle)
+        self._prpc_handlers.add(handle)
 
     async def _dispatch(self, service: PrpcService, request: web.Request) -> web.Response:
         name = request.match_info["method"]
-        json_mode = _is_json(request)
+        json_mode = _wants_json(request)
         found = service.method(name)
         if found is None:
             return _error(f"Service not found: {name}", json_mode)
+        if request.method == "GET":
+            refusal = get_allowed(service.bare_name(name), service.get_methods)
+            mode = "json"
+        else:
+            mode_or_refusal = body_mode(request)
+            refusal = mode_or_refusal if isinstance(mode_or_refusal, Refusal) else None
+            mode = mode_or_refusal if not isinstance(mode_or_refusal, Refusal) else "json"
+        if refusal is not None:
+            log.info("refused %s %s: %s", request.method, name, refusal.message)
+            return _refused(refusal, request)
+        json_mode = mode == "json"
         fn, req_cls, _ = found
         try:
             body = await request.read() if request.method == "POST" else b""
         except web.HTTPRequestEntityTooLarge:
             return _error(f"request body too large (max {self.max_body} bytes)", json_mode)
+        except ConnectionError:  # cut off (e.g. a body too slow): nobody to answer
+            return _error("connection lost", json_mode)
         try:
             req = req_cls()
             if request.method == "GET":
@@ -180,29 +270,34 @@ class PrpcServer:
             log.exception("rpc %s failed", name)
             return _error(str(e) or type(e).__name__, json_mode)
         if json_mode:
-            omit = service.omit_empty.get(name.removeprefix(service.trim), frozenset())
+            omit = service.omit_empty.get(service.bare_name(name), frozenset())
             return web.Response(body=message_to_json(resp, omit), content_type=JSON_CT)
         return web.Response(body=resp.SerializeToString(), content_type=PROTO_CT)
 
     # ------------------------------------------------------------------ listeners
-    async def _runner_ready(self) -> web.AppRunner:
+    async def _runner_ready(self) -> LimitedRunner:
         if self._runner is None:
-            self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+            self._runner = LimitedRunner(self.app, self.limits)
             await self._runner.setup()
         return self._runner
 
     async def listen_tcp(
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None
     ) -> int:
+        """listen on `host`:`port` (0 picks one); returns the bound port."""
         runner = await self._runner_ready()
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        site = LimitedSite(runner, host=host, port=port, ssl_context=ssl_context)
         await site.start()
         self._sites.append(site)
-        server = site._server  # the bound port of port 0
-        socks = getattr(server, "sockets", None) or []
-        return int(socks[0].getsockname()[1]) if socks else port
+        return site.port
 
-    async def listen_unix(self, path: str | Path, mode: int = 0o777) -> None:
+    async def listen_unix(
+        self, path: str | Path, mode: int = 0o660, group: str | int | None = None
+    ) -> None:
+        """listen on a Unix socket at `path` (a stale socket there is replaced, any other file
+        refused with RuntimeError), then chmod it to `mode` and, when `group` (a name or gid) is
+        given, chown it to that group. An unknown group is a ValueError, before anything binds."""
+        gid = _gid(group)
         path = Path(path)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
@@ -211,9 +306,11 @@ class PrpcServer:
         path.parent.mkdir(parents=True, exist_ok=True)
         runner = await self._runner_ready()
         with SocketPath(path) as addr:
-            site = web.UnixSite(runner, addr.address)
+            site = LimitedSite(runner, path=addr.address)
             await site.start()
         os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, -1, gid)
         self._sites.append(site)
 
     async def listen_tls(
@@ -226,6 +323,8 @@ class PrpcServer:
         client_ca_pem: str | None = None,
         require_client_cert: bool = False,
     ) -> int:
+        """TLS on `host`:`port`; the certificate's DNS names become allowed Host names."""
+        self.guard = self.guard.with_hosts(_dns_names(cert_pem))
         return await self.listen_tcp(
             host, port, server_ssl_context(cert_pem, key_pem, client_ca_pem, require_client_cert)
         )
@@ -235,6 +334,47 @@ class PrpcServer:
             await self._runner.cleanup()
             self._runner = None
             self._sites = []
+
+
+def parse_socket_mode(value: object) -> int:
+    """a Unix socket's permission bits from config: an octal string ("0660", "660", "0o660") or
+    an int (TOML's 0o660); ValueError for anything else or bits outside 0o777."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not text or any(c not in "01234567" for c in text):
+            raise ValueError(f"socket mode {value!r} is not an octal number like 0660")
+        mode = int(text, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ValueError(f'socket mode must be an octal string like "0660", got {value!r}')
+    if not 0 <= mode <= 0o777:
+        raise ValueError(
+            f'socket mode {value!r} is outside 0o777 (write it in octal: 0o660 or "0660")'
+        )
+    return mode
+
+
+def _gid(group: str | int | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"unknown group {group!r} for the socket") from None
+
+
+def _dns_names(cert_pem: str) -> list[str]:
+    """the DNS subject alternative names of the first certificate in `cert_pem`."""
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    except x509.ExtensionNotFound:
+        return []
+    names = san.value.get_values_for_type(x509.DNSName)  # type: ignore[attr-defined]
+    return [n for n in names if re.fullmatch(r"(\*\.)?[A-Za-z0-9._-]+", n) and n.strip("*.")]
 
 
 def server_ssl_context(

@@ -6,6 +6,9 @@ Serves the paths dcap-qvl's `get_collateral` asks for:
 `/tdx/certification/v4/tcb?fmspc=...` (`{"tcbInfo", "signature"}`, header
 `TCB-Info-Issuer-Chain`) and `/tdx/certification/v4/qe/identity` (`{"enclaveIdentity",
 "signature"}`, header `SGX-Enclave-Identity-Issuer-Chain`). Issuer chains are URL-encoded PEM.
+
+Connections are bounded by :class:`ServerLimits` like every server's. It has no request guard:
+it only serves public, read-only data, and verifiers name it by any host name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import urllib.parse
 from pathlib import Path
 
 from aiohttp import web
+
+from pydstack.rpc.limits import LimitedRunner, LimitedSite, ServerLimits
 
 from .collateral import SignedCollateral
 from .mockpki import MockPki
@@ -80,15 +85,18 @@ def make_app(collateral: SignedCollateral, fmspc: str) -> web.Application:
 
 
 async def start_server(
-    collateral: SignedCollateral, fmspc: str, host: str = "127.0.0.1", port: int = 0
+    collateral: SignedCollateral,
+    fmspc: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: ServerLimits | None = None,
 ) -> tuple[web.AppRunner, str]:
     """start serving; returns the runner (call `cleanup()` to stop) and the base URL."""
-    runner = web.AppRunner(make_app(collateral, fmspc), access_log=None)
+    runner = LimitedRunner(make_app(collateral, fmspc), limits or ServerLimits())
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = LimitedSite(runner, host=host, port=port)
     await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, f"http://{host}:{bound}"
+    return runner, f"http://{host}:{site.port}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -224,7 +224,7 @@ class VmmApp:
     async def _serve_host_api(self, vm: Vm) -> None:
         d = vm.workdir.path / "host-api"
         d.mkdir(exist_ok=True)
-        server = PrpcServer(max_body=64 * 1024)
+        server = PrpcServer(max_body=64 * 1024, limits=self.config.server_limits)
         server.mount(PrpcService(HOST_API, HostApiImpl(self, vm), prefix="/api"))
         server.mount(PrpcService(TDX_HOST, TdxHostImpl(lambda: vm.td), prefix="/tdx"))
         await server.listen_unix(d / "api.sock", mode=0o600)

@@ -2,6 +2,12 @@
 
 Unknown keys are ignored (upstream configs load unchanged); missing keys take upstream's
 defaults. Relative paths resolve against the config file's directory.
+
+Extensions for the external server: top-level `allowed_hosts` (DNS names it may be reached by,
+besides localhost and this machine's names; `*.suffix` or `*`) and `allowed_origins` (web
+origins, `scheme://host[:port]`, that may call it from a browser), and `[server_limits]`
+(`max_connections`, `tls_handshake_timeout`, `header_timeout`, `body_timeout`, `idle_timeout`;
+upstream's top-level `keep_alive` is the idle timeout when `idle_timeout` is not set).
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydstack.rpc.guard import RequestGuard
+from pydstack.rpc.limits import ServerLimits
 
 
 class ConfigError(ValueError):
@@ -73,6 +82,10 @@ class VmmConfig:
     # [auth]
     auth_enabled: bool = False
     auth_tokens: tuple[str, ...] = ()
+    # the external server: browser protection and connection limits
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
     config_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +94,10 @@ class VmmConfig:
         """the host's address on the sandbox bridge, as CVMs see it (10.0.2.2 under QEMU)."""
         net = ipaddress.ip_network(self.sandbox_subnet)
         return str(net.network_address + 1)
+
+    def guard(self) -> RequestGuard:
+        """the external server's request guard (the lists were validated at load)."""
+        return RequestGuard.from_config(list(self.allowed_hosts), list(self.allowed_origins))
 
     @classmethod
     def load(cls, path: Path | None) -> VmmConfig:
@@ -150,6 +167,12 @@ class VmmConfig:
             bridge = str(sb.get("bridge", d.sandbox_bridge))
             if not 0 < len(bridge) <= 15:
                 raise ConfigError("cvm.sandbox.bridge must be a 1-15 character interface name")
+            guard = RequestGuard.from_config(raw.get("allowed_hosts"), raw.get("allowed_origins"))
+            limits = ServerLimits.from_table(
+                section(raw, "server_limits"),
+                where="server_limits",
+                keep_alive=raw.get("keep_alive"),
+            )
             return cls(
                 address=str(raw.get("address", d.address)),
                 port=int(raw.get("port", 0)),
@@ -190,6 +213,9 @@ class VmmConfig:
                 gateway_agent_port=int(gw.get("agent_port", 8090)),
                 auth_enabled=bool(auth.get("enabled", False)),
                 auth_tokens=tuple(str(t) for t in auth.get("tokens", [])),
+                allowed_hosts=tuple(sorted(guard.allowed_hosts)),
+                allowed_origins=tuple(raw.get("allowed_origins") or ()),
+                server_limits=limits,
                 config_path=path,
             )
         except ConfigError:

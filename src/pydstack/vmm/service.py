@@ -35,6 +35,22 @@ VMM = pb.DESCRIPTOR.services_by_name["Vmm"]
 PROXIED_GUEST = gpb.DESCRIPTOR.services_by_name["ProxiedGuestApi"]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 MAX_LOG_LINES = 100_000
+#: methods callable with GET (read-only); creating, changing and removing VMs is POST only.
+#: (upstream's ListRegistryImages would join them; this proto has no registry methods)
+VMM_GET_METHODS = frozenset(
+    {
+        "Status",
+        "GetInfo",
+        "ListImages",
+        "GetComposeHash",
+        "Version",
+        "GetMeta",
+        "ListGpus",
+        "GetAppEnvEncryptPubKey",
+        "SvList",
+    }
+)
+PROXIED_GET_METHODS = frozenset({"Info", "SysInfo", "NetworkInfo", "ListContainers"})
 
 
 class VmmService:
@@ -341,10 +357,20 @@ def build_server(app: VmmApp) -> PrpcServer:
     server = PrpcServer(
         response_headers={"X-App-Version": __version__, "X-Accel-Buffering": "no"},
         max_body=10 * 1024 * 1024,
+        limits=app.config.server_limits,
+        guard=app.config.guard(),
     )
     if app.config.auth_enabled:
         server.app.middlewares.append(auth_middleware(app.config.auth_tokens))
-    server.mount(PrpcService(VMM, VmmService(app), prefix="/prpc", trim="Teepod."))
-    server.mount(PrpcService(PROXIED_GUEST, ProxiedGuest(app), prefix="/guest"))
+    server.mount(
+        PrpcService(
+            VMM, VmmService(app), prefix="/prpc", trim="Teepod.", get_methods=VMM_GET_METHODS
+        )
+    )
+    server.mount(
+        PrpcService(
+            PROXIED_GUEST, ProxiedGuest(app), prefix="/guest", get_methods=PROXIED_GET_METHODS
+        )
+    )
     add_routes(server, app)
     return server

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pydstack.rpc.server import RpcError
+from pydstack.rpc.server import RpcError, ServerLimits
 from pydstack.vmm.app import VmmApp
 from pydstack.vmm.config import ConfigError, PortRange, VmmConfig
 
@@ -57,11 +57,36 @@ min_free_memory_mb = 1024
         ("[cvm.port_mapping]\nrange = [{ protocol = 'sctp', from = 1, to = 2 }]\n", "port range"),
         ("cvm = 3\n", "must be a table"),
         ("address = [\n", "not valid toml"),
+        ("allowed_hosts = 'vmm.example'\n", "allowed_hosts must be a list of strings"),
+        ("allowed_origins = ['vmm.example']\n", "invalid allowed origin"),
+        ("[server_limits]\nmax_conections = 5\n", r"unknown key server_limits\.max_conections"),
+        ("keep_alive = -1\n", "idle_timeout must be between"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load(tmp_path, text)
+
+
+def test_server_guard_and_limits_keys(tmp_path):
+    c = load(
+        tmp_path,
+        """
+keep_alive = 10
+allowed_hosts = ["vmm.lab.example", "*.vmm.example"]
+allowed_origins = ["https://console.example"]
+[server_limits]
+max_connections = 64
+header_timeout = 5
+""",
+    )
+    assert c.server_limits == ServerLimits(max_connections=64, header_timeout=5, idle_timeout=10)
+    guard = c.guard()
+    assert guard.host_allowed("vmm.lab.example") and guard.host_allowed("a.vmm.example")
+    assert not guard.host_allowed("evil.example")
+    assert guard.allowed_origins == frozenset({"https://console.example:443"})
+    default = VmmConfig()
+    assert default.server_limits == ServerLimits() and not default.guard().host_allowed("x.example")
 
 
 def test_starting_into_an_exhausted_host_is_refused():
