@@ -14,6 +14,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from pydstack.attest.errors import AttestError, ParseError
 from pydstack.attest.ratls import OID_APP_ID, parse_ratls_cert, verify_cert_binding
+from pydstack.tee.mockpki import _oid
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hostile")])
@@ -59,16 +60,7 @@ def duplicate_extension_cert() -> x509.Certificate:
 
 
 def _oid_body(oid: x509.ObjectIdentifier) -> bytes:
-    parts = [int(p) for p in oid.dotted_string.split(".")]
-    out = bytes([40 * parts[0] + parts[1]])
-    for p in parts[2:]:
-        chunk = [p & 0x7F]
-        p >>= 7
-        while p:
-            chunk.append(0x80 | (p & 0x7F))
-            p >>= 7
-        out += bytes(reversed(chunk))
-    return out
+    return _oid(oid.dotted_string)[2:]  # the DER OBJECT IDENTIFIER without tag and length
 
 
 @pytest.mark.parametrize("make", [x400_san_cert, duplicate_extension_cert])
