@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import httpx
 
+from pydstack.errors import DstackError
 from pydstack.vmm.config import VmmConfig
 from pydstack.vmm.images import sandbox_image_digest
 from pydstack.vmm.sandbox import (
@@ -40,7 +41,7 @@ from pydstack.vmm.sandbox import (
 SEED_FILE = "seed"
 
 
-class StackError(RuntimeError):
+class StackError(DstackError):
     """a component of the local stack failed to start."""
 
 

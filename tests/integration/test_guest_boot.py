@@ -12,10 +12,10 @@ from google.protobuf.empty_pb2 import Empty  # noqa: F401
 from pydstack.attest.eventlog import replay_runtime_events
 from pydstack.crypto.envcrypt import encrypt_env
 from pydstack.guest.boot import Booter, BootError, env_file_line
-from pydstack.guest.sysconfig import SysConfig
 from pydstack.kms.derive import derive_app_keys, env_public_key
 from pydstack.kms.keys import KeyStore
 from pydstack.tee.simulated import SimulatedTdx
+from pydstack.types.sysconfig import SysConfig
 
 from .kms_proc import OS_IMAGE, SEED, Pccs, allowlist, start_kms, write_config
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pydstack import jsonlimits
 from pydstack.attest.errors import ParseError
 from pydstack.attest.eventlog import event_log_from_json
 from pydstack.attest.identity import os_image_hash_from_config
 from pydstack.crypto.envcrypt import EnvError, parse_env_json
-from pydstack.guest.sysconfig import SysConfig, SysConfigError
+from pydstack.types import jsonlimits
+from pydstack.types.sysconfig import SysConfig, SysConfigError
 
 BOMB = b"[" * 200_000
 

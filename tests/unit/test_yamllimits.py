@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydstack import yamllimits
-from pydstack.yamllimits import YamlError
+from pydstack.types import yamllimits
+from pydstack.types.yamllimits import YamlError
 
 
 def alias_bomb(levels: int = 9, width: int = 9) -> str:

@@ -21,11 +21,13 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from pydstack.errors import DstackError
+
 BUSYBOX = Path("/bin/busybox")
 _LDD = re.compile(r"(/\S+\.so[^\s]*)")
 
 
-class ImageError(RuntimeError):
+class ImageError(DstackError):
     """an image cannot be built."""
 
 

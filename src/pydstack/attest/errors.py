@@ -5,8 +5,10 @@ or the like) on malformed input, and every verification step raises :class:`Veri
 evidence is refused. Messages start lower-case and say what was wrong.
 """
 
+from pydstack.errors import InputError
 
-class AttestError(ValueError):
+
+class AttestError(InputError):
     """base class of attestation errors."""
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydstack import jsonlimits
+from pydstack.types import jsonlimits
 
 from .errors import ParseError
 

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 from Crypto.Hash import keccak
 
-from pydstack import jsonlimits
+from pydstack.types import jsonlimits
 
 from .attestation import Attestation
 from .errors import ParseError

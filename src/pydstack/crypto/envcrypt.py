@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from pydstack import jsonlimits
+from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 from .k256 import keccak256, recover_pubkey, sign_recoverable
 
@@ -34,7 +35,7 @@ ENV_PUBKEY_PREFIX = "dstack-env-encrypt-pubkey"
 EnvItems = Iterable[tuple[str, str]] | Iterable[Mapping[str, str]]
 
 
-class EnvError(ValueError):
+class EnvError(InputError):
     """encrypted env is malformed, undecryptable or over its limits."""
 
 

@@ -40,16 +40,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydstack.process import stop_signal
 from pydstack.rpc.server import PrpcServer, RequestGuard, ServerLimits, parse_socket_mode
 from pydstack.tee.real import RealTdx, tdx_available
+from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
 from .core import GuestCore, QuotePlatform
 from .http_routes import add_routes
 from .service import guest_service, tappd_service, worker_service
 from .signer import LocalCertSigner
-from .simulator import stop_signal
-from .sysconfig import SysConfig
 
 log = logging.getLogger("dstack-guest-agent")
 SHARED = "/dstack/.host-shared"

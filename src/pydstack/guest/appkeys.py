@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydstack import jsonlimits
+from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 MAX_APPKEYS_SIZE = 256 * 1024
 KEY_PROVIDER_KINDS = ("None", "Local", "Tpm", "Kms")
 
 
-class AppKeysError(ValueError):
+class AppKeysError(InputError):
     """an `.appkeys.json` document is malformed."""
 
 
@@ -56,14 +57,9 @@ class AppKeys:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> AppKeys:
-        if len(data) > MAX_APPKEYS_SIZE:
-            raise AppKeysError(f"appkeys document too large ({len(data)} bytes)")
-        try:
-            obj = jsonlimits.loads(data)
-        except ValueError as e:
-            raise AppKeysError(f"appkeys is not valid json: {e}") from e
-        if not isinstance(obj, dict):
-            raise AppKeysError("appkeys must be a json object")
+        obj = jsonlimits.load_object(
+            data, "appkeys", max_bytes=MAX_APPKEYS_SIZE, error=AppKeysError
+        )
         return cls(
             disk_crypt_key=_hex(obj, "disk_crypt_key"),
             env_crypt_key=_hex(obj, "env_crypt_key"),

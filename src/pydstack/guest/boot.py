@@ -19,36 +19,29 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydstack import jsonlimits
 from pydstack.attest.attestation import Attestation, stripped, to_versioned_bytes
 from pydstack.attest.report_data import ratls_report_data
 from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, spki_der
 from pydstack.crypto.envcrypt import decrypt_env, filter_allowed_envs
 from pydstack.crypto.kdf import derive_key, derive_p256_key, p256_pkcs8_der
+from pydstack.errors import DstackError
+from pydstack.types import hostshare as hs
+from pydstack.types.app_compose import AppCompose
+from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys, KeyProvider
 from .instance import InstanceInfo
 from .kms_client import get_app_keys
 from .measure import AppIdentity, key_provider_info, measure_stage1, measure_stage2
-from .sysconfig import SysConfig
 
 log = logging.getLogger(__name__)
 Notify = Callable[[str, str], Awaitable[None]]
 Storage = Callable[[bytes], Awaitable[None]]
 
-#: host-share files and their size caps (upstream's)
-SHARED_FILES = {
-    "app-compose.json": (50 * 1024 * 1024, True),
-    ".sys-config.json": (32 * 1024, True),
-    ".instance_info": (10 * 1024, False),
-    ".encrypted-env": (256 * 1024, False),
-    ".user-config": (50 * 1024 * 1024, False),
-}
-MAX_MANIFEST_VERSION = 3
 _SAFE = re.compile(r"^[A-Za-z0-9_./:@%+,=-]*$")
 
 
-class BootError(RuntimeError):
+class BootError(DstackError):
     """the CVM cannot boot; the message is what the host shows as boot_error."""
 
 
@@ -63,7 +56,8 @@ class BootResult:
 def copy_host_share(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     os.chmod(dst, 0o700)
-    for name, (cap, required) in SHARED_FILES.items():
+    for shared in hs.SHARED_FILES:
+        name, cap, required = shared.name, shared.max_size, shared.required
         try:
             fd = os.open(src / name, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
@@ -79,37 +73,6 @@ def copy_host_share(src: Path, dst: Path) -> None:
         out = os.open(dst / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(out, "wb") as f:
             f.write(data)
-
-
-def check_compose_policy(compose: dict[str, object]) -> None:
-    mv = compose.get("manifest_version")
-    try:
-        version = int(str(mv))
-    except ValueError:
-        raise BootError(f"invalid manifest_version {mv!r}") from None
-    if version < 1 or version > MAX_MANIFEST_VERSION:
-        raise BootError(f"unsupported manifest_version {version} (max {MAX_MANIFEST_VERSION})")
-    if not isinstance(compose.get("name"), str):
-        raise BootError("app-compose has no name")
-    runner = compose.get("runner")
-    if runner not in ("docker-compose", "nerdctl-compose", "bash"):
-        raise BootError(f"unsupported runner {runner!r}")
-    if (runner == "nerdctl-compose" or "requirements" in compose) and version < 3:
-        raise BootError("this app-compose needs manifest_version 3")
-    scripts = compose.get("init_script")
-    if isinstance(scripts, list) and (len(scripts) > 5 or (len(scripts) > 1 and version < 3)):
-        raise BootError("more than one init script needs manifest_version 3 (at most 5)")
-
-
-def key_provider_of(compose: dict[str, object]) -> str:
-    kp = compose.get("key_provider")
-    if isinstance(kp, str) and kp:
-        return kp
-    if compose.get("kms_enabled"):
-        return "kms"
-    if compose.get("local_key_provider_enabled"):
-        return "local"
-    return "none"
 
 
 def keys_from_seed(seed: bytes, attestation: Callable[[bytes], bytes]) -> AppKeys:
@@ -184,29 +147,22 @@ class Booter:
 
     async def _run(self, storage_fs: str, storage: Storage | None) -> BootResult:
         copy_host_share(self.host_shared, self.shared)
-        compose_raw = (self.shared / "app-compose.json").read_bytes()
-        try:
-            compose = jsonlimits.loads(compose_raw)
-        except ValueError as e:
-            raise BootError(f"app-compose.json is not valid json: {e}") from e
-        if not isinstance(compose, dict):
-            raise BootError("app-compose.json must be a json object")
-        check_compose_policy(compose)
-        sys_config = SysConfig.load(self.shared / ".sys-config.json")
-        info = InstanceInfo.load(self.shared / ".instance_info")
-        provider = key_provider_of(compose)
+        compose_raw = (self.shared / hs.APP_COMPOSE).read_bytes()
+        compose = AppCompose.parse(compose_raw)
+        compose.check_policy()
+        sys_config = SysConfig.load(self.shared / hs.SYS_CONFIG)
+        info = InstanceInfo.load(self.shared / hs.INSTANCE_INFO)
+        provider = compose.key_provider
         if provider not in ("kms", "none"):
             raise BootError(f"key provider {provider!r} is not available on this platform")
         if provider == "none":
             info = InstanceInfo(b"", b"", info.app_id)  # the disk is not reusable: fresh seed
-        scripts = compose.get("init_script")
-        init = (scripts,) if isinstance(scripts, str) else tuple(scripts or ())
         identity = measure_stage1(
             self.platform,  # type: ignore[arg-type]
             compose_raw,
             info,
-            init_scripts=init,
-            no_instance_id=bool(compose.get("no_instance_id")),
+            init_scripts=compose.init_scripts,
+            no_instance_id=compose.flag("no_instance_id"),
         )
         await self.notify("boot.progress", "requesting app keys")
         config = sys_config.vm_config
@@ -227,14 +183,14 @@ class Booter:
                     errors.append(f"{url}: {e}")
             else:
                 raise BootError("failed to get app keys: " + "; ".join(errors))
-            pin = compose.get("key_provider_id")
-            if isinstance(pin, str) and pin and bytes.fromhex(pin) != provider_id:
+            pin = compose.key_provider_id
+            if pin and pin != provider_id:
                 raise BootError("the kms is not the key provider this app pinned")
             os_image = sys_config.os_image_hash
         else:
             keys = keys_from_seed(os.urandom(32), attest)
             provider_id = b""
-        keys.save(self.shared / ".appkeys.json")
+        keys.save(self.shared / hs.APP_KEYS)
         measure_stage2(
             self.platform,  # type: ignore[arg-type]
             key_provider=key_provider_info(provider, provider_id),
@@ -246,17 +202,17 @@ class Booter:
         await self.notify("instance.info", identity.instance_info.to_json())
         await self.notify("boot.progress", "data disk ready")
         result = BootResult(keys, identity)
-        encrypted = self.shared / ".encrypted-env"
+        encrypted = self.shared / hs.ENCRYPTED_ENV
         if keys.env_crypt_key and encrypted.exists() and encrypted.stat().st_size:
             envs = decrypt_env(keys.env_crypt_key, encrypted.read_bytes())
-            allowed = compose.get("allowed_envs") or []
+            allowed = compose.allowed_envs
             result.envs, result.dropped_envs = filter_allowed_envs(envs, allowed)
             for name in result.dropped_envs:
                 log.warning("env var %s is not in allowed_envs; dropped", name[:64])
         lines = "".join(env_file_line(k, v) + "\n" for k, v in result.envs)
         for name, data in (
-            (".decrypted-env", lines),
-            (".decrypted-env.json", json.dumps(dict(result.envs))),
+            (hs.DECRYPTED_ENV, lines),
+            (hs.DECRYPTED_ENV_JSON, json.dumps(dict(result.envs))),
         ):
             fd = os.open(self.shared / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:

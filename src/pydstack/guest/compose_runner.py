@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .compose_parse import ComposeError, ComposeProject, Mount, Service
+from pydstack.types.docker_compose import ComposeError, ComposeProject, Mount, Service
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,10 @@ from pydstack.crypto import ed25519 as ed
 from pydstack.crypto import k256
 from pydstack.crypto.certs import CertRequest, key_pem
 from pydstack.crypto.kdf import derive_key, p256_key_from_bytes
+from pydstack.errors import DstackError
+from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
-from .sysconfig import SysConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ GPU_ATTESTATION_OUTPUT = Path("/run/nvidia-gpu-attestation/attestation.out")
 DMI_DIR = Path("/sys/class/dmi/id")
 
 
-class AgentError(Exception):
+class AgentError(DstackError):
     """an expected request error, reported to the caller with this exact message."""
 
 

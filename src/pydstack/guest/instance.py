@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydstack import jsonlimits
+from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 MAX_INSTANCE_INFO_SIZE = 64 * 1024
 
 
-class InstanceInfoError(ValueError):
+class InstanceInfoError(InputError):
     """an `.instance_info` document is malformed."""
 
 
@@ -29,16 +30,13 @@ class InstanceInfo:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> InstanceInfo:
-        if len(data) > MAX_INSTANCE_INFO_SIZE:
-            raise InstanceInfoError("instance info too large")
-        if not data or not str(data).strip():
-            return cls()
-        try:
-            obj = jsonlimits.loads(data)
-        except ValueError as e:
-            raise InstanceInfoError(f"instance info is not valid json: {e}") from e
-        if not isinstance(obj, dict):
-            raise InstanceInfoError("instance info must be a json object")
+        obj = jsonlimits.load_object(
+            data,
+            "instance info",
+            max_bytes=MAX_INSTANCE_INFO_SIZE,
+            error=InstanceInfoError,
+            allow_empty=True,
+        )
         return cls(
             instance_id_seed=_hex(obj, "instance_id_seed"),
             instance_id=_hex(obj, "instance_id"),

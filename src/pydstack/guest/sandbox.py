@@ -35,24 +35,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from google.protobuf.empty_pb2 import Empty
 
-from pydstack import __version__, jsonlimits
+from pydstack import __version__
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
 from pydstack.tee.hosttd import HostTdx
+from pydstack.types import hostshare as hs
+from pydstack.types.app_compose import AppCompose, AppComposeError
+from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
+from pydstack.types.sysconfig import SysConfig
 
-from .boot import Booter, BootError, BootResult, key_provider_of
-from .compose_parse import STRICT, ComposeError, ComposeProject
+from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
 from .core import GuestCore
 from .service import guest_service, tappd_service
 from .signer import KmsCertSigner, LocalCertSigner
-from .sysconfig import SysConfig
 
 log = logging.getLogger("dstack-guest")
 
@@ -407,7 +408,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     reported = False
     try:
         try:
-            compose_raw = (HOST_SHARED / "app-compose.json").read_bytes()
+            compose_raw = (HOST_SHARED / hs.APP_COMPOSE).read_bytes()
         except OSError as e:
             raise BootError(f"cannot read app-compose.json: {e.strerror}") from e
         tdx = HostTdx(HOST_API / "api.sock")  # the td lives in the vmm, out of our reach
@@ -419,15 +420,15 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
                     wd,
                     host,
                     scrypt_n,
-                    key_provider_of(_json_obj(compose_raw)) == "none",
+                    _key_provider(compose_raw) == "none",
                     shared=bool(uid_base),
                 ),
             )
         except BootError:
             reported = True  # the boot flow reported it already
             raise
-        compose_raw = (WORK / ".host-shared" / "app-compose.json").read_bytes()
-        sys_config = SysConfig.load(WORK / ".host-shared" / ".sys-config.json")
+        compose_raw = (WORK / ".host-shared" / hs.APP_COMPOSE).read_bytes()
+        sys_config = SysConfig.load(WORK / ".host-shared" / hs.SYS_CONFIG)
         signer: LocalCertSigner | KmsCertSigner
         if result.keys.key_provider.kind == "Kms":
             signer = KmsCertSigner(result.keys, sys_config.vm_config, lambda spki: b"")
@@ -459,11 +460,11 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             # user reaches it with `group_add: ["0"]`); nothing else unprivileged can
             await server.listen_unix(RUN / sock, mode=0o660, group=uid_base or None)
             servers.append(server)
-        app = json.loads(compose_raw)
+        app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
         project = ComposeProject.parse(
-            str(app.get("docker_compose_file", "")), _project_name(app), envs, policy=STRICT
+            app.docker_compose_file, _project_name(app.name), envs, policy=STRICT
         )
         compose = PodmanCompose(
             project,
@@ -513,16 +514,17 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         subprocess.run(["fusermount3", "-u", "-z", str(PERSISTENT)], capture_output=True)
 
 
-def _json_obj(raw: bytes) -> dict[str, object]:
+def _key_provider(raw: bytes) -> str:
+    """the app's key provider, or "" when the compose is unreadable (the boot flow then
+    reports why)."""
     try:
-        obj = jsonlimits.loads(raw)
-    except ValueError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
+        return AppCompose.parse(raw).key_provider
+    except AppComposeError:
+        return ""
 
 
-def _project_name(app: dict[str, Any]) -> str:
-    raw = str(app.get("name") or "app").lower()
+def _project_name(app_name: str) -> str:
+    raw = (app_name or "app").lower()
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in raw).strip("-_")
     return name[:40] or "app"
 

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +32,11 @@ from pydstack.attest.identity import mr_config_id_v1
 from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, spki_der
 from pydstack.crypto.k256 import compressed_pubkey, sign_message
 from pydstack.crypto.kdf import derive_dh_secret, derive_key, p256_key_from_bytes
+from pydstack.process import stop_signal
 from pydstack.rpc.server import PrpcServer, RequestGuard, parse_socket_mode
 from pydstack.tee.simulated import SimulatedTdx
+from pydstack.types import hostshare as hs
+from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys, KeyProvider
 from .core import GuestCore
@@ -44,7 +45,6 @@ from .instance import InstanceInfo
 from .measure import derive_instance_identity, key_provider_info, measure_stage1, measure_stage2
 from .service import guest_service, tappd_service, worker_service
 from .signer import LocalCertSigner
-from .sysconfig import SysConfig
 
 log = logging.getLogger("dstack-simulator")
 
@@ -125,16 +125,16 @@ def prepare(
     else:
         seed = seed or os.urandom(32)
         _write_secret(conf_path, json.dumps({"seed": seed.hex(), "os_image": os_image}))
-    compose_path = directory / "app-compose.json"
+    compose_path = directory / hs.APP_COMPOSE
     if not compose_path.exists():
         compose_path.write_text(json.dumps(DEFAULT_COMPOSE, indent=4, ensure_ascii=False))
     compose_raw = compose_path.read_bytes()
-    info_path = directory / ".instance_info"
+    info_path = directory / hs.INSTANCE_INFO
     app_id, _, instance_id, info = derive_instance_identity(
         compose_raw, InstanceInfo.load(info_path)
     )
     info.save(info_path)
-    keys_path = directory / ".appkeys.json"
+    keys_path = directory / hs.APP_KEYS
     keys: AppKeys | None = None
     if keys_path.exists():
         keys = AppKeys.load(keys_path)
@@ -146,7 +146,7 @@ def prepare(
         keys = simulated_kms_keys(hashlib.sha256(b"kms" + seed).digest(), app_id, instance_id)
         keys.save(keys_path)
         keys_path.with_suffix(".app").write_text(app_id.hex())
-    sys_path = directory / ".sys-config.json"
+    sys_path = directory / hs.SYS_CONFIG
     if not sys_path.exists():
         vm_config = {
             "os_image_hash": hashlib.sha256(os_image.encode()).hexdigest(),
@@ -248,16 +248,6 @@ class ServerGroup:
     async def close(self) -> None:
         for s in self.servers:
             await s.close()
-
-
-def stop_signal() -> asyncio.Event:
-    """an event set by SIGINT or SIGTERM (call inside the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def main(argv: list[str] | None = None) -> int:

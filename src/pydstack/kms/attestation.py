@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydstack import jsonlimits
 from pydstack.attest.attestation import Attestation
 from pydstack.attest.errors import VerifyError
 from pydstack.attest.eventlog import replay_runtime_events
 from pydstack.attest.identity import AppInfo, os_image_hash_from_config
 from pydstack.attest.verify import CollateralCache, VerificationPolicy, verify_quote
+from pydstack.types import jsonlimits
 
 from .bootinfo import BootInfo
 

@@ -16,16 +16,18 @@ from web3 import Web3
 from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 
+from pydstack.errors import InputError, UnavailableError
+
 from .bootinfo import BootInfo
 
 ARTIFACTS = Path(__file__).resolve().parents[3] / "contracts/artifacts"
 
 
-class ChainError(RuntimeError):
+class ChainError(UnavailableError):
     """the chain or a contract call failed."""
 
 
-class BootInfoError(ValueError):
+class BootInfoError(InputError):
     """a value does not have the exact size of its on-chain type."""
 
 

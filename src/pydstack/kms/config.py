@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydstack.errors import ConfigError
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.limits import ServerLimits
-
-
-class ConfigError(ValueError):
-    """kms.toml is invalid."""
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from aiohttp import web
 from pydstack.attest.errors import AttestError
 from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
+from pydstack.errors import ConfigError
 from pydstack.rpc.server import PrpcServer, RpcError
 
 from .admin import admin_server, admin_token
 from .attestation import AttestationChecker
 from .auth import AuthBackend, DevAuth, SimpleAuth, WebhookAuth
-from .config import ConfigError, KmsConfig
+from .config import KmsConfig
 from .keys import KeyStore
 from .onboard import onboard, ratls_attestation
 from .onboard_server import OnboardService, run_onboard
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     async def run() -> int:
-        from pydstack.guest.simulator import stop_signal
+        from pydstack.process import stop_signal
 
         try:
             state = await make_state(cfg)

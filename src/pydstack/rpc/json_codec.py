@@ -18,6 +18,8 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from pydstack.errors import InputError
+
 EMPTY_FULL_NAME = "google.protobuf.Empty"
 
 _INT_TYPES = {
@@ -46,7 +48,7 @@ _INT_RANGES = {
 }
 
 
-class CodecError(ValueError):
+class CodecError(InputError):
     """a JSON request does not fit the message type."""
 
 

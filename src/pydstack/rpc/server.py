@@ -35,6 +35,9 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from pydstack.errors import DstackError
+
+from .errors import RpcError
 from .guard import Refusal, RequestGuard, body_mode, get_allowed
 from .json_codec import CodecError, json_to_message, message_to_json, query_to_message
 from .limits import LimitedRunner, LimitedSite, ServerLimits, raise_nofile_limit
@@ -60,10 +63,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 JSON_CT = "application/json"
 PROTO_CT = "application/octet-stream"
-
-
-class RpcError(Exception):
-    """an expected failure: the caller sees exactly this message."""
 
 
 @dataclass(frozen=True)
@@ -262,13 +261,16 @@ class PrpcServer:
                 req.ParseFromString(body)
         except (CodecError, DecodeError) as e:
             return _error(f"failed to decode request: {e}", json_mode)
+        except Exception as e:  # a codec bug; the input is still what was bad
+            log.warning("rpc %s: request decoding raised %s", name, type(e).__name__)
+            return _error(f"failed to decode request: {type(e).__name__}", json_mode)
         try:
             resp = await fn(req, peer_context(request))
-        except RpcError as e:
+        except DstackError as e:  # domain errors carry the message the caller should see
             return _error(str(e), json_mode)
-        except Exception as e:  # a handler bug must not take the server down
+        except Exception:  # a handler bug: logged, and the server keeps serving
             log.exception("rpc %s failed", name)
-            return _error(str(e) or type(e).__name__, json_mode)
+            return _error("internal error", json_mode, status=500)
         if json_mode:
             omit = service.omit_empty.get(service.bare_name(name), frozenset())
             return web.Response(body=message_to_json(resp, omit), content_type=JSON_CT)

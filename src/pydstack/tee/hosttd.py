@@ -22,13 +22,14 @@ from pydstack.attest.eventlog import (
     event_log_from_json,
     runtime_events_of,
 )
+from pydstack.errors import UnavailableError
 from pydstack.rpc.unixpath import SocketPath
 
 MAX_RESPONSE = 8 * 1024 * 1024
 SERVICE_PREFIX = "/tdx"
 
 
-class HostTdError(RuntimeError):
+class HostTdError(UnavailableError):
     """the host's TD refused or could not be reached; the message says why."""
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from pydstack.attest.eventlog import RuntimeEvent, TdxEvent, parse_ccel
+from pydstack.errors import DstackError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _IOC_READ = 2
 TDX_CMD_EXTEND_RTMR = (_IOC_READ << 30) | (49 << 16) | (ord("T") << 8) | 3
 
 
-class TdxError(RuntimeError):
+class TdxError(DstackError):
     """the TDX guest interfaces failed."""
 
 

@@ -31,14 +31,16 @@ from typing import Any
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack import __version__
+from pydstack.errors import ConfigError
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.types import hostshare as hs
 
 from . import sandbox
 from .compose import PortMapping
-from .config import ConfigError, VmmConfig
+from .config import VmmConfig
 from .images import Image, ensure_sandbox_image, load_images
 from .runtime import VmRuntime
 from .td import STATE_FILE as TD_STATE_FILE
@@ -402,13 +404,13 @@ class VmmApp:
                 simulated_tee="dstack-tdx",
             )
             files = {
-                "app-compose.json": raw,
-                ".instance_info": json.dumps({"app_id": app_id}).encode(),
+                hs.APP_COMPOSE: raw,
+                hs.INSTANCE_INFO: json.dumps({"app_id": app_id}).encode(),
             }
             if req.encrypted_env:
-                files[".encrypted-env"] = req.encrypted_env
+                files[hs.ENCRYPTED_ENV] = req.encrypted_env
             if req.user_config:
-                files[".user-config"] = req.user_config.encode()
+                files[hs.USER_CONFIG] = req.user_config.encode()
             wd = VmWorkDir.create(self.config.run_path, manifest, files)
             try:
                 wd.set_started(not req.stopped)
@@ -468,7 +470,7 @@ class VmmApp:
         if not vm.is_running():
             self._check_host_memory()
         wd = vm.workdir
-        wd.write_shared(".sys-config.json", json.dumps(self._sys_config(vm, image)).encode())
+        wd.write_shared(hs.SYS_CONFIG, json.dumps(self._sys_config(vm, image)).encode())
         stale = wd.shared / ".tee-simulator.json"  # earlier versions put the seed here
         if stale.exists():
             stale.unlink()
@@ -479,7 +481,7 @@ class VmmApp:
         self.save_runtime(vm)
         if vm.is_running():
             return
-        compose = wd.read_shared("app-compose.json") or b""
+        compose = wd.read_shared(hs.APP_COMPOSE) or b""
         vm.td = VmTd.fresh(
             self.seed,
             TdIdentity(image.digest, hashlib.sha256(compose).digest()),
@@ -629,11 +631,11 @@ class VmmApp:
         if any(resize.HasField(f) for f in ("vcpu", "memory", "disk_size", "image")):
             await self.resize_vm(resize)  # checks its own preconditions before changing
         if req.compose_file:
-            wd.write_shared("app-compose.json", req.compose_file.encode())
+            wd.write_shared(hs.APP_COMPOSE, req.compose_file.encode())
         if req.encrypted_env:
-            wd.write_shared(".encrypted-env", req.encrypted_env)
+            wd.write_shared(hs.ENCRYPTED_ENV, req.encrypted_env)
         if req.user_config:
-            wd.write_shared(".user-config", req.user_config.encode())
+            wd.write_shared(hs.USER_CONFIG, req.user_config.encode())
         m = vm.manifest
         if ports is not None:
             m.port_map = ports
@@ -690,7 +692,7 @@ class VmmApp:
             image_version=str(self.images().get(m.image, Image("", Path(), {}, "")).version),
             exited_at=humantime(time.time() - vm.exited_at) if vm.exited_at else "never",
         )
-        raw_info = vm.workdir.read_shared(".instance_info")
+        raw_info = vm.workdir.read_shared(hs.INSTANCE_INFO)
         with contextlib.suppress(ValueError, AttributeError, TypeError):
             iid = json.loads(raw_info or b"{}").get("instance_id", "")
             if iid:
@@ -712,9 +714,9 @@ class VmmApp:
         if not brief:
             cfg = info.configuration
             cfg.name, cfg.image = m.name, m.image
-            cfg.compose_file = (vm.workdir.read_shared("app-compose.json") or b"").decode()
-            cfg.encrypted_env = vm.workdir.read_shared(".encrypted-env") or b""
-            cfg.user_config = (vm.workdir.read_shared(".user-config") or b"").decode()
+            cfg.compose_file = (vm.workdir.read_shared(hs.APP_COMPOSE) or b"").decode()
+            cfg.encrypted_env = vm.workdir.read_shared(hs.ENCRYPTED_ENV) or b""
+            cfg.user_config = (vm.workdir.read_shared(hs.USER_CONFIG) or b"").decode()
             cfg.vcpu, cfg.memory, cfg.disk_size = m.vcpu, m.memory, m.disk_size
             cfg.app_id = m.app_id
             cfg.kms_urls.extend(m.kms_urls)

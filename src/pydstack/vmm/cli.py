@@ -29,6 +29,7 @@ from pydstack.crypto.envcrypt import (
     recover_env_pubkey_signer,
     verify_env_encrypt_public_key,
 )
+from pydstack.errors import DstackError
 
 from . import discovery
 from .compose import (
@@ -47,7 +48,7 @@ from .compose import (
 DEFAULT_URL = "http://localhost:8080"
 
 
-class CliError(Exception):
+class CliError(DstackError):
     """a command failed; the message is printed as `error: ...`."""
 
 

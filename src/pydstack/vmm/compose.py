@@ -12,10 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydstack.errors import InputError
+
 KEY_PROVIDERS = ("none", "kms", "local", "tpm")
 
 
-class ArgError(ValueError):
+class ArgError(InputError):
     """a command-line value is malformed."""
 
 

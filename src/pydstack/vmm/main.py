@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 from pydstack import __version__
-from pydstack.guest.simulator import stop_signal
+from pydstack.errors import ConfigError
+from pydstack.process import stop_signal
 
 from . import discovery
 from .app import VmmApp
-from .config import ConfigError, VmmConfig
+from .config import VmmConfig
 from .service import build_server
 
 log = logging.getLogger("dstack-vmm")

@@ -14,6 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from pydstack.types import hostshare as hs
+
 from .workdir import VmWorkDir
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,6 @@ class VmRuntime:
             except ValueError as e:
                 log.warning("vm %s sent invalid instance info: %s", self.workdir.id, e)
                 return
-            self.workdir.write_shared(".instance_info", json.dumps(clean).encode())
+            self.workdir.write_shared(hs.INSTANCE_INFO, json.dumps(clean).encode())
         else:
             log.info("vm %s: unknown guest event %s", self.workdir.id, event[:64])

@@ -37,13 +37,15 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydstack.errors import DstackError
+
 from . import cgroups
 
 log = logging.getLogger("dstack-sandbox")
 PR_SET_PDEATHSIG = 1
 
 
-class SandboxError(RuntimeError):
+class SandboxError(DstackError):
     """the host cannot set up a sandbox CVM."""
 
 

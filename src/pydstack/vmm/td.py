@@ -22,12 +22,13 @@ from pathlib import Path
 
 from google.protobuf.empty_pb2 import Empty
 
-from pydstack import jsonlimits
 from pydstack.attest.eventlog import RuntimeEvent, event_log_to_json
 from pydstack.attest.identity import mr_config_id_v1
+from pydstack.errors import InputError
 from pydstack.rpc.proto import host_api_pb2 as hpb
-from pydstack.rpc.server import CallContext, RpcError
+from pydstack.rpc.server import CallContext
 from pydstack.tee.simulated import SimulatedTdx
+from pydstack.types import jsonlimits
 
 from .workdir import atomic_write
 
@@ -42,7 +43,7 @@ MAX_STATE_FILE = 16 * 1024 * 1024
 TDX_HOST = hpb.DESCRIPTOR.services_by_name["TdxHost"]
 
 
-class TdError(RpcError):
+class TdError(InputError):
     """a CVM asked its TD for something a TD does not do."""
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pydstack import jsonlimits
-from pydstack.guest.compose_parse import STRICT, ComposeError, ComposeProject
 from pydstack.rpc.server import RpcError
+from pydstack.types.app_compose import AppCompose, AppComposeError
+from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
 
 MAX_COMPOSE = 50 * 1024 * 1024
 
@@ -44,26 +44,18 @@ def validate_app_compose(text: str) -> dict[str, Any]:
     compose the CVM would refuse is refused here first; the guest still enforces them at boot.
     RpcError for anything wrong; bounded like `ComposeProject.parse` and `jsonlimits.loads`.
     """
-    if len(text) > MAX_COMPOSE:
-        raise RpcError("compose file too large")
     try:
-        text.encode("utf-8")  # it is stored and hashed as utf-8
-    except UnicodeEncodeError:
-        raise RpcError("invalid app compose: contains a lone surrogate") from None
-    try:
-        doc = jsonlimits.loads(text, max_bytes=MAX_COMPOSE)
-    except ValueError as e:
-        raise RpcError(f"invalid app compose: not valid json: {e}") from None
-    if not isinstance(doc, dict):
-        raise RpcError("invalid app compose: must be a json object")
+        app = AppCompose.parse(text, max_bytes=MAX_COMPOSE)
+        app.key_provider_id  # noqa: B018 - a pin must be hex, as upstream parses it
+        dc = app.docker_compose_file
+    except AppComposeError as e:
+        raise RpcError(f"invalid app compose: {e}") from None
+    doc = app.doc
     if not isinstance(doc.get("name", ""), str):
         raise RpcError("invalid app compose: name must be a string")
     runner = doc.get("runner", "docker-compose")
     if runner != "docker-compose":
         raise RpcError(f"invalid app compose: runner {runner!r} is not supported by the sandbox")
-    dc = doc.get("docker_compose_file")
-    if not isinstance(dc, str):
-        raise RpcError("invalid app compose: docker_compose_file must be a string")
     try:
         ComposeProject.parse(dc, "check", _AnyEnv(), policy=STRICT)
     except ComposeError as e:

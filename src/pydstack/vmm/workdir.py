@@ -17,12 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydstack.errors import InputError
+from pydstack.types import hostshare as hs
+
 from .compose import PortMapping
 
 MAX_MANIFEST = 1024 * 1024
 
 
-class WorkDirError(ValueError):
+class WorkDirError(InputError):
     """a VM directory or manifest is malformed."""
 
 
@@ -99,13 +102,7 @@ class VmManifest:
             raise WorkDirError(f"invalid vm manifest: {e}") from e
 
 
-SHARED_FILES = (
-    "app-compose.json",
-    ".sys-config.json",
-    ".encrypted-env",
-    ".user-config",
-    ".instance_info",
-)
+SHARED_FILES = hs.SHARED_NAMES
 
 
 class VmWorkDir:
@@ -138,7 +135,7 @@ class VmWorkDir:
             wd.save_manifest(manifest)
             wd.set_started(False)
             for name, data in files.items():
-                secret = name in (".encrypted-env", ".user-config")
+                secret = name in hs.SECRET_NAMES
                 atomic_write(wd.shared / name, data, 0o600 if secret else 0o644)
             os.rename(staging, final)
         except BaseException:
@@ -164,7 +161,7 @@ class VmWorkDir:
     def write_shared(self, name: str, data: bytes) -> None:
         if name not in SHARED_FILES:
             raise WorkDirError(f"unknown host-share file {name}")
-        secret = name in (".encrypted-env", ".user-config")
+        secret = name in hs.SECRET_NAMES
         atomic_write(self.shared / name, data, 0o600 if secret else 0o644)
 
     def read_shared(self, name: str) -> bytes | None:

@@ -9,9 +9,10 @@ import pytest
 from aiohttp import web
 
 from pydstack.crypto.kdf import p256_key_from_bytes
+from pydstack.errors import ConfigError
 from pydstack.kms.auth import DevAuth, SimpleAuth, WebhookAuth
 from pydstack.kms.bootinfo import BootInfo
-from pydstack.kms.config import ConfigError, KmsConfig
+from pydstack.kms.config import KmsConfig
 from pydstack.kms.derive import derive_app_keys, env_public_key
 
 BOOT = BootInfo(

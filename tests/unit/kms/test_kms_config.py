@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pydstack.kms.config import ConfigError, KmsConfig
+from pydstack.errors import ConfigError
+from pydstack.kms.config import KmsConfig
 from pydstack.rpc.server import ServerLimits
 
 BASE = """

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydstack.guest.compose_parse import (
+from pydstack.types.docker_compose import (
     DOCKER_DEFAULT_CAPS,
     PERMISSIVE,
     STRICT,

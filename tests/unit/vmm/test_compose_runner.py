@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pydstack.guest.compose_parse import PERMISSIVE, STRICT, ComposeError, ComposeProject, Mount
 from pydstack.guest.compose_runner import PodmanCompose
+from pydstack.types.docker_compose import PERMISSIVE, STRICT, ComposeError, ComposeProject, Mount
 
 COMPOSE = """
 services:

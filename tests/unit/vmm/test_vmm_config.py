@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from pydstack.errors import ConfigError
 from pydstack.rpc.server import RpcError, ServerLimits
 from pydstack.vmm.app import VmmApp
-from pydstack.vmm.config import ConfigError, PortRange, VmmConfig
+from pydstack.vmm.config import PortRange, VmmConfig
 
 
 def load(tmp_path: Path, text: str) -> VmmConfig:

@@ -10,7 +10,9 @@ The contract of `loads`:
   `json.loads(bytes)` always did). Anything else, NUL bytes included (never valid JSON, and
   how UTF-16/32 without a BOM looks), raises ValueError("json must be utf-8 ...").
   A `str` is taken as is.
-- at most `max_bytes` (UTF-8 bytes) and `max_depth` levels of `[`/`{`; otherwise ValueError.
+- at most `max_bytes` (UTF-8 bytes), `max_depth` levels of `[`/`{` and `max_items` values
+  (counted as the `{`, `[` and `,` in the text, strings included, so over-counted, never
+  under-counted, and at C speed before anything is built); otherwise ValueError.
 - every failure is a ValueError (json.JSONDecodeError is one).
 - escaped lone surrogates (`"\\udfff"`) are legal JSON and come back as lone surrogates in the
   resulting str; callers that encode such strings (hashing, printing) must handle that.
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_MAX_DEPTH = 64
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: a bound on containers and elements: 10 MiB of `[{},{},...` would build 2.6M dicts
+DEFAULT_MAX_ITEMS = 250_000
 _STRUCTURAL = re.compile(r'["\\\[\]{}]')
 
 
@@ -78,10 +83,38 @@ def nesting_depth(data: str | bytes) -> int:
 
 
 def loads(
-    data: str | bytes, max_depth: int = DEFAULT_MAX_DEPTH, max_bytes: int = DEFAULT_MAX_BYTES
+    data: str | bytes,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_items: int = DEFAULT_MAX_ITEMS,
 ) -> Any:
     """json.loads under the contract in the module docstring; ValueError for bad input."""
     text = decode(data, max_bytes)
+    if text.count("{") + text.count("[") + text.count(",") > max_items:
+        raise ValueError(f"json holds more than {max_items} values")
     if nesting_depth(text) > max_depth:
         raise ValueError(f"json nested deeper than {max_depth} levels")
     return json.loads(text)
+
+
+def load_object(
+    data: str | bytes,
+    what: str,
+    *,
+    max_bytes: int,
+    error: Callable[[str], Exception] = ValueError,
+    allow_empty: bool = False,
+) -> dict[str, Any]:
+    """a JSON object document (a file or message body) under `loads`' contract, or
+    `error(message)` naming `what`; with `allow_empty`, blank input is an empty object."""
+    if len(data) > max_bytes:
+        raise error(f"{what} too large ({len(data)} bytes, max {max_bytes})")
+    if allow_empty and not data.strip():
+        return {}
+    try:
+        obj = loads(data, max_bytes=max_bytes)
+    except ValueError as e:
+        raise error(f"{what} is not valid json: {e}") from e
+    if not isinstance(obj, dict):
+        raise error(f"{what} must be a json object")
+    return obj

@@ -28,8 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydstack import yamllimits
-from pydstack.yamllimits import YamlValue
+from pydstack.errors import InputError
+from pydstack.types import yamllimits
+from pydstack.types.yamllimits import YamlValue
 
 log = logging.getLogger(__name__)
 MAX_COMPOSE = 4 * 1024 * 1024
@@ -78,7 +79,7 @@ _TOP_KEYS = frozenset({"version", "name", "services", "volumes", "networks"})
 _MOUNT_OPTIONS = frozenset({"ro", "rw", "private", "rprivate", "nocopy"})
 
 
-class ComposeError(ValueError):
+class ComposeError(InputError):
     """the docker-compose file cannot be run."""
 
 

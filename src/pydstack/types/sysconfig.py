@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydstack import jsonlimits
+from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 MAX_SYS_CONFIG_SIZE = 1024 * 1024
 
 
-class SysConfigError(ValueError):
+class SysConfigError(InputError):
     """a `.sys-config.json` document is malformed."""
 
 
@@ -28,14 +29,9 @@ class SysConfig:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> SysConfig:
-        if len(data) > MAX_SYS_CONFIG_SIZE:
-            raise SysConfigError(f"sys-config too large ({len(data)} bytes)")
-        try:
-            obj = jsonlimits.loads(data)
-        except ValueError as e:
-            raise SysConfigError(f"sys-config is not valid json: {e}") from e
-        if not isinstance(obj, dict):
-            raise SysConfigError("sys-config must be a json object")
+        obj = jsonlimits.load_object(
+            data, "sys-config", max_bytes=MAX_SYS_CONFIG_SIZE, error=SysConfigError
+        )
         vm_config = obj.get("vm_config", "")
         if isinstance(vm_config, dict):
             vm_config = json.dumps(vm_config, separators=(",", ":"))

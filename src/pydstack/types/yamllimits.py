@@ -38,6 +38,8 @@ from typing import TypeAlias
 import yaml
 from yaml import events as ev
 
+from pydstack.errors import InputError
+
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_NODES = 100_000
 DEFAULT_MAX_DEPTH = 64
@@ -59,7 +61,7 @@ _MAX_INT_CHARS = 1000
 _LOADER = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
 
 
-class YamlError(ValueError):
+class YamlError(InputError):
     """the YAML input is malformed, too large, too deep, or uses a refused feature."""
 
 
