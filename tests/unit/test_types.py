@@ -60,7 +60,7 @@ def test_every_domain_error_is_a_dstack_error():
 def test_host_share_names_and_caps_are_upstreams():
     caps = {f.name: f.max_size for f in hs.SHARED_FILES}
     assert caps[hs.APP_COMPOSE] == 50 * 1024 * 1024 and caps[hs.SYS_CONFIG] == 32 * 1024
-    assert hs.SECRET_NAMES == {hs.ENCRYPTED_ENV, hs.USER_CONFIG}
+    assert {hs.ENCRYPTED_ENV, hs.USER_CONFIG} == hs.SECRET_NAMES
 
 
 def test_item_count_is_bounded_before_anything_is_built():
