@@ -19,6 +19,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 EMPTY_FULL_NAME = "google.protobuf.Empty"
 
@@ -188,8 +189,9 @@ def json_to_message(body: bytes, msg: Message) -> Message:
     if not body.strip():
         return msg
     try:
-        obj = json.loads(body)
-    except (ValueError, RecursionError) as e:
+        # utf-8 only, nesting and item count bounded before anything is built
+        obj = jsonlimits.loads(body)
+    except ValueError as e:
         raise CodecError(f"invalid json: {e}") from e
     return obj_to_message(obj, msg)
 

@@ -7,6 +7,7 @@ Each case below once escaped as SystemError, AttributeError, UnicodeEncodeError 
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 
@@ -49,3 +50,20 @@ def test_query_names_that_only_resemble_a_field_are_unknown(name):
 def test_json_keys_that_only_resemble_a_field_are_unknown():
     msg = json_to_message(b'{"event\\u0000": "x", "payload": "00"}', apb.EmitEventArgs())
     assert msg.event == "" and msg.payload == b"\0"
+
+
+def test_bodies_of_countless_items_are_refused_before_parsing():
+    body = b"[" + b"{}," * 2_000_000 + b"{}]"  # 6 MiB, under the servers' body cap
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="more than"):
+            json_to_message(body, pb.VmConfiguration())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * len(body)
+
+
+def test_utf16_bodies_are_refused():
+    with pytest.raises(CodecError, match="utf-8"):
+        json_to_message('{"name": "x"}'.encode("utf-16"), pb.VmConfiguration())
