@@ -4,7 +4,8 @@ dcap-qvl checks the signatures (TCB info, QE identity, PCK chain to the given ro
 report, QE hash binding, ISV signature) and matches the platform TCB level. On top of it:
 * the TCB status must be in the policy's allowed set (default: UpToDate only), and every
   advisory must be allowed when the policy lists advisories;
-* debug TDs and TDs with a non-zero MR_SIGNER_SEAM are refused;
+* debug TDs and TDs with a non-zero MR_SIGNER_SEAM are refused, always (there is no switch:
+  dcap-qvl refuses debug TDs too, so such a switch could never take effect);
 * collateral whose TCB info was issued longer ago than the policy's maximum age is refused;
 * a platform whose TCB is below every level of the TCB info gets the status
   ``TcbNotSupported`` (Intel's QVL: TCB_NOT_SUPPORTED) — dcap-qvl reports "no matching TCB
@@ -56,7 +57,6 @@ class VerificationPolicy:
     allowed_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
     #: None: any advisory is fine once the status is allowed; else every advisory must be listed
     allowed_advisory_ids: frozenset[str] | None = None
-    allow_debug: bool = False
     max_collateral_age_seconds: int | None = None
 
     @classmethod
@@ -65,7 +65,6 @@ class VerificationPolicy:
         return cls(
             allowed_tcb_statuses=frozenset(obj.get("allowed_tcb_statuses", ["UpToDate"])),
             allowed_advisory_ids=None if adv is None else frozenset(adv),
-            allow_debug=bool(obj.get("allow_debug", False)),
             max_collateral_age_seconds=obj.get("max_collateral_age_seconds"),
         )
 
@@ -117,6 +116,14 @@ def verify_quote(
         quote = parse_quote(quote_bytes)
     except ParseError as e:
         raise VerifyError(f"malformed quote: {e}") from e
+    report_td = quote.td_report
+    if report_td is not None:
+        # before dcap-qvl, so a debug td is refused by this check and its reason, whatever
+        # a dcap-qvl release does about debug tds
+        if report_td.is_debug:
+            raise VerifyError("debug td refused")
+        if any(report_td.mr_signer_seam):
+            raise VerifyError("td refused: mr_signer_seam is not zero")
     col = _collateral_obj(collateral)
     if policy.max_collateral_age_seconds is not None:
         issued = _issue_date(col)
@@ -152,12 +159,6 @@ def verify_quote(
         bad = [a for a in advisories if a not in policy.allowed_advisory_ids]
         if bad:
             raise VerifyError(f"advisories not allowed: {', '.join(bad)}")
-    report_td = quote.td_report
-    if report_td is not None:
-        if report_td.is_debug and not policy.allow_debug:
-            raise VerifyError("debug td refused")
-        if any(report_td.mr_signer_seam):
-            raise VerifyError("td refused: mr_signer_seam is not zero")
     fmspc = ""
     with contextlib.suppress(ValueError):
         fmspc = dcap_qvl.parse_quote(quote_bytes).fmspc()

@@ -119,3 +119,24 @@ def test_malformed_quotes_are_parse_errors(vectors):
     too_long_auth[632:636] = (10**6).to_bytes(4, "little")
     with pytest.raises(ParseError, match="auth data length"):
         parse_quote(bytes(too_long_auth))
+
+
+def test_sub_cursors_never_read_past_their_declared_length(vectors):
+    """the auth data and certification data are read through cursors bounded by their own
+    length fields: shrinking a length while the bytes stay in place (real quotes carry
+    trailing padding) must refuse the quote, not read into the bytes beside it."""
+    import struct
+
+    raw = _load(vectors, "dcap-qvl/tdx_quote")
+    q = parse_quote(raw)
+    auth_at = q.signed_length
+    (auth_len,) = struct.unpack_from("<I", raw, auth_at)
+    shrunk_auth = raw[:auth_at] + struct.pack("<I", auth_len - 10) + raw[auth_at + 4 :]
+    with pytest.raises(ParseError, match="exceeds the auth data|truncated"):
+        parse_quote(shrunk_auth)
+    cert_at = auth_at + 4 + 64 + 64  # after the signature and the attestation key
+    (cert_type, cert_len) = struct.unpack_from("<HI", raw, cert_at)
+    assert cert_type == 6
+    shrunk_cert = raw[: cert_at + 2] + struct.pack("<I", cert_len - 10) + raw[cert_at + 6 :]
+    with pytest.raises(ParseError, match="truncated"):
+        parse_quote(shrunk_cert)
