@@ -98,7 +98,7 @@ def test_decrypt_refusals() -> None:
         with pytest.raises(EnvError):
             decrypt_env(SECRET, bytes(tampered))
     # an ephemeral key of low order makes the shared secret all zero: refused, as upstream
-    with pytest.raises(EnvError, match="^invalid env encryption key agreement"):
+    with pytest.raises(EnvError, match=r"^invalid env encryption key agreement"):
         decrypt_env(SECRET, bytes(32) + blob[32:])
     with pytest.raises(EnvError, match="too large"):
         decrypt_env(SECRET, bytes(8 * 1024 * 1024 + 1))
