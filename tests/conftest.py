@@ -18,3 +18,12 @@ def vectors() -> Path:
     if not VECTORS.is_dir():
         pytest.fail(f"test vectors not found at {VECTORS}; set PYDSTACK_VECTORS")
     return VECTORS
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """every test under tests/integration carries the `integration` marker (they start real
+    processes), so `-m "not integration"` (`scripts/test.sh --unit`) runs the unit tests alone."""
+    integration = REPO / "tests" / "integration"
+    for item in items:
+        if integration in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.integration)
