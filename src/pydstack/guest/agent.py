@@ -41,14 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from pydstack.process import stop_signal
-from pydstack.rpc.server import PrpcServer, RequestGuard, ServerLimits, parse_socket_mode
+from pydstack.rpc.server import ServerLimits
 from pydstack.tee.real import RealTdx, tdx_available
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
 from .core import GuestCore, QuotePlatform
-from .http_routes import add_routes
-from .service import guest_service, tappd_service, worker_service
+from .servers import Listener, ListenerOptions, start_agent
 from .signer import LocalCertSigner
 
 log = logging.getLogger("dstack-guest-agent")
@@ -56,42 +55,6 @@ SHARED = "/dstack/.host-shared"
 
 
 LISTENERS = ("internal", "internal-v0", "external")
-
-
-@dataclass(frozen=True)
-class ListenerOptions:
-    """one listener section's socket permissions and browser rules."""
-
-    socket_mode: int = 0o660
-    socket_group: str | None = None
-    allowed_hosts: tuple[str, ...] = ()
-    allowed_origins: tuple[str, ...] = ()
-
-    def guard(self, section: str) -> RequestGuard:
-        return RequestGuard.from_config(
-            list(self.allowed_hosts),
-            list(self.allowed_origins),
-            hosts_key=f"[{section}] allowed_hosts",
-            origins_key=f"[{section}] allowed_origins",
-        )
-
-    @classmethod
-    def from_table(cls, section: str, table: Mapping[str, Any]) -> ListenerOptions:
-        """ValueError naming the section for a bad value."""
-        try:
-            mode = parse_socket_mode(table.get("socket_mode", "0660"))
-            group = table.get("socket_group")
-            if group is not None and not isinstance(group, str | int):
-                raise ValueError("socket_group must be a group name or gid")
-            RequestGuard.from_config(table.get("allowed_hosts"), table.get("allowed_origins"))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"agent config [{section}]: {e}") from e
-        return cls(
-            socket_mode=mode,
-            socket_group=None if group is None else str(group),
-            allowed_hosts=tuple(table.get("allowed_hosts") or ()),
-            allowed_origins=tuple(table.get("allowed_origins") or ()),
-        )
 
 
 @dataclass(frozen=True)
@@ -143,50 +106,27 @@ class AgentConfig:
         )
 
 
-async def listen(server: PrpcServer, address: str, options: ListenerOptions | None = None) -> str:
-    options = options or ListenerOptions()
-    if address.startswith("unix:"):
-        await server.listen_unix(address[5:], mode=options.socket_mode, group=options.socket_group)
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"invalid listen address {address!r}: expected unix:PATH or HOST:PORT")
-    bound = await server.listen_tcp(host.strip("[]"), int(port))
-    return f"{host}:{bound}"
+def listeners(config: AgentConfig) -> list[Listener]:
+    """the configured listeners (an empty address disables one)."""
+    out = []
+    for section, address, api in (
+        ("internal", config.internal, "dstack"),
+        ("internal-v0", config.internal_v0, "tappd"),
+        ("external", config.external, "worker"),
+    ):
+        if address:
+            out.append(Listener(address, (api,), config.options(section), section))
+    return out
 
 
 async def run_agent(core: GuestCore, config: AgentConfig, stop: asyncio.Event) -> None:
     """serve the configured listeners until `stop` is set; a listener that cannot be set up
     (OSError, ValueError) closes the others and raises."""
-    servers: list[PrpcServer] = []
-    headers = {"X-App-Version": "pydstack"}
+    servers = await start_agent(core, listeners(config), limits=config.server_limits)
     try:
-        for section, address, mount in (
-            ("internal", config.internal, guest_service),
-            ("internal-v0", config.internal_v0, tappd_service),
-            ("external", config.external, worker_service),
-        ):
-            if not address:
-                continue
-            options = config.options(section)
-            server = PrpcServer(
-                response_headers=headers,
-                limits=config.server_limits,
-                guard=options.guard(section),
-            )
-            servers.append(server)
-            server.mount(mount(core))
-            if mount is worker_service:
-                add_routes(server.app, core)
-            log.info(
-                "serving %s on %s",
-                mount.__name__.removesuffix("_service"),
-                await listen(server, address, options),
-            )
         await stop.wait()
     finally:
-        for s in servers:
-            await s.close()
+        await servers.close()
 
 
 def build_core(config: AgentConfig, platform: QuotePlatform) -> GuestCore:

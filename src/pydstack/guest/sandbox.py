@@ -22,27 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-from google.protobuf.empty_pb2 import Empty
-
 from pydstack import __version__
-from pydstack.rpc.client import PrpcClient
-from pydstack.rpc.proto import guest_api_pb2 as gpb
-from pydstack.rpc.proto import host_api_pb2 as hpb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.rpc.server import PrpcServer, PrpcService, RpcError
 from pydstack.tee.hosttd import HostTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose, AppComposeError
@@ -52,8 +43,11 @@ from pydstack.types.sysconfig import SysConfig
 from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
 from .core import GuestCore
-from .service import guest_service, tappd_service
+from .guest_api import GUEST_API_SERVICE, GuestApi
+from .hostapi import HostApi
+from .servers import RESPONSE_HEADERS, Listener, ListenerOptions, start_agent
 from .signer import KmsCertSigner, LocalCertSigner
+from .storage import Storage, sh
 
 log = logging.getLogger("dstack-guest")
 
@@ -67,16 +61,6 @@ PERSISTENT = DSTACK / "persistent"
 VM = DSTACK / "vm"
 #: ids in the app containers' user namespace (the vmm gives each cvm its own range)
 USERNS_SIZE = 65536
-
-
-def sh(*args: str, stdin: bytes | None = None) -> None:
-    """run a command; its output goes to a file, so a daemon it leaves behind cannot block us."""
-    with tempfile.TemporaryFile() as out:
-        proc = subprocess.run(args, input=stdin, stdout=out, stderr=out, check=False)
-        if proc.returncode != 0:
-            out.seek(0)
-            err = out.read(1 << 20).decode(errors="replace").strip()
-            raise BootError(f"{args[0]} failed: {err[-1000:]}")
 
 
 def own_cvm_cgroup() -> str | None:
@@ -167,202 +151,6 @@ def _own_hosts_file() -> None:
             sh("mount", "--bind", str(etc / f), f"/etc/{f}")
 
 
-class HostApi:
-    """the VMM's host API over the socket the VMM serves for this CVM; failures are logged."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.client = PrpcClient(str(socket_path), prefix="/api", timeout=30)
-
-    async def notify(self, event: str, payload: str) -> None:
-        print(f"[{event}] {payload}", flush=True)
-        try:
-            await self.client.call("Notify", hpb.Notification(event=event, payload=payload), Empty)
-        except Exception as e:
-            log.warning("cannot notify the host (%s): %s", event, e)
-
-
-class Storage:
-    """gocryptfs over `<wd>/data`, mounted at /run/dstack/persistent, keyed by the disk key."""
-
-    def __init__(
-        self, wd: Path, notify: HostApi, scrypt_n: int, ephemeral: bool, shared: bool = False
-    ) -> None:
-        self.cipher = wd / "data"
-        self.notify = notify
-        self.scrypt_n = scrypt_n
-        #: let the app's user-namespaced containers (other uids) use the mount
-        self.shared = shared
-        self.ephemeral = ephemeral  # key provider none: new keys every boot, so a new disk
-
-    async def __call__(self, disk_key: bytes) -> None:
-        if not disk_key:
-            raise BootError("the key provider gave no disk key")
-        password = disk_key.hex().encode()
-        self.cipher.mkdir(mode=0o700, exist_ok=True)
-        if self.ephemeral or not (self.cipher / "gocryptfs.conf").exists():
-            await self.notify.notify("boot.progress", "initializing data disk")
-            for leftover in self.cipher.iterdir():  # a half-initialized disk from a crash
-                if leftover.is_dir():
-                    shutil.rmtree(leftover)
-                else:
-                    leftover.unlink()
-            await asyncio.to_thread(
-                sh,
-                "gocryptfs",
-                "-init",
-                "-q",
-                "-nosyslog",
-                "-scryptn",
-                str(self.scrypt_n),
-                "-passfile",
-                "/dev/stdin",
-                str(self.cipher),
-                stdin=password,
-            )
-        else:
-            await self.notify.notify("boot.progress", "mounting data disk")
-        try:
-            await asyncio.to_thread(
-                sh,
-                "gocryptfs",
-                "-q",
-                "-nosyslog",
-                *(["-allow_other"] if self.shared else []),
-                "-passfile",
-                "/dev/stdin",
-                str(self.cipher),
-                str(PERSISTENT),
-                stdin=password,
-            )
-        except BootError as e:
-            if "Password incorrect" in str(e):
-                raise BootError(
-                    "cannot open the data disk: the disk key does not match (another app or kms?)"
-                ) from None
-            raise
-
-
-def _mem_info() -> dict[str, int]:
-    out: dict[str, int] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            out[k] = int(v.split()[0]) * 1024
-    return out
-
-
-class GuestApi:
-    """what the VMM may ask the CVM (upstream guest_api: Info, SysInfo, NetworkInfo, ...)."""
-
-    def __init__(self, core: GuestCore, compose: PodmanCompose | None, stop: asyncio.Event) -> None:
-        self.core = core
-        self.compose = compose
-        self.stop = stop
-        self.shutdown_requested = False
-        self.started = time.time()
-
-    async def Info(self, _: Empty, ctx: CallContext) -> gpb.GuestInfo:
-        info = await asyncio.to_thread(self.core.info, external=True)
-        return gpb.GuestInfo(
-            version=__version__,
-            app_id=info.app_id,
-            instance_id=info.instance_id,
-            app_cert=info.app_cert,
-            tcb_info=info.tcb_info,
-            device_id=info.device_id,
-        )
-
-    async def SysInfo(self, _: Empty, ctx: CallContext) -> gpb.SystemInfo:
-        mem = _mem_info()
-        load = os.getloadavg()
-        disks = []
-        for name, mount in (("rootfs", "/"), ("data", str(PERSISTENT))):
-            with contextlib.suppress(OSError):
-                st = os.statvfs(mount)
-                disks.append(
-                    gpb.DiskInfo(
-                        name=name,
-                        mount_point=mount,
-                        total_size=st.f_blocks * st.f_frsize,
-                        free_size=st.f_bavail * st.f_frsize,
-                    )
-                )
-        total, avail = mem.get("MemTotal", 0), mem.get("MemAvailable", 0)
-        return gpb.SystemInfo(
-            os_name="pydstack-sandbox",
-            os_version=__version__,
-            kernel_version=platform.release(),
-            cpu_model=platform.processor() or platform.machine(),
-            num_cpus=os.cpu_count() or 1,
-            total_memory=total,
-            available_memory=avail,
-            used_memory=total - avail,
-            free_memory=mem.get("MemFree", 0),
-            total_swap=mem.get("SwapTotal", 0),
-            free_swap=mem.get("SwapFree", 0),
-            used_swap=mem.get("SwapTotal", 0) - mem.get("SwapFree", 0),
-            uptime=int(time.time() - self.started),
-            loadavg_one=int(load[0] * 100),
-            loadavg_five=int(load[1] * 100),
-            loadavg_fifteen=int(load[2] * 100),
-            disks=disks,
-        )
-
-    async def NetworkInfo(self, req: Empty, ctx: CallContext) -> gpb.NetworkInformation:
-        out = gpb.NetworkInformation()
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "-j", "addr", stdout=asyncio.subprocess.PIPE
-        )
-        text, _err = await proc.communicate()
-        with contextlib.suppress(ValueError):
-            for link in json.loads(text or b"[]"):
-                iface = gpb.Interface(name=str(link.get("ifname", "")))
-                for a in link.get("addr_info", []):
-                    iface.addresses.append(
-                        gpb.IpAddress(address=str(a.get("local")), prefix=int(a.get("prefixlen")))
-                    )
-                stats = Path(f"/sys/class/net/{iface.name}/statistics")
-                for f in ("rx_bytes", "tx_bytes", "rx_errors", "tx_errors"):
-                    with contextlib.suppress(OSError, ValueError):
-                        setattr(iface, f, int((stats / f).read_text()))
-                out.interfaces.append(iface)
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "-j", "route", "show", "default", stdout=asyncio.subprocess.PIPE
-        )
-        text, _err = await proc.communicate()
-        with contextlib.suppress(ValueError):
-            for r in json.loads(text or b"[]"):
-                if r.get("gateway"):
-                    out.gateways.append(gpb.Gateway(address=str(r["gateway"])))
-        return out
-
-    async def ListContainers(self, _: Empty, ctx: CallContext) -> gpb.ListContainersResponse:
-        out = gpb.ListContainersResponse()
-        if self.compose is None:
-            return out
-        for c in await self.compose.ps():
-            out.containers.append(
-                gpb.Container(
-                    id=str(c.get("Id", "")),
-                    names=[str(n) for n in c.get("Names", [])],
-                    image=str(c.get("Image", "")),
-                    image_id=str(c.get("ImageID", "")),
-                    created=int(c.get("Created", 0) or 0),
-                    state=str(c.get("State", "")),
-                    status=str(c.get("Status", "")),
-                )
-            )
-        return out
-
-    async def Shutdown(self, _: Empty, ctx: CallContext) -> Empty:
-        self.shutdown_requested = True
-        self.stop.set()
-        return Empty()
-
-
-GUEST_API_SERVICE = gpb.DESCRIPTOR.services_by_name["GuestApi"]
-
-
 def storage_conf(wd: Path) -> Path:
     """podman storage private to this CVM (wiped each boot), host images read-only."""
     graph = wd / "containers"
@@ -422,6 +210,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
                     scrypt_n,
                     _key_provider(compose_raw) == "none",
                     shared=bool(uid_base),
+                    mount_point=PERSISTENT,
                 ),
             )
         except BootError:
@@ -449,17 +238,17 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             ),
             flush=True,
         )
-        headers = {"X-App-Version": __version__}
-        for svc, sock in (
-            (guest_service(core), "dstack.sock"),
-            (tappd_service(core), "tappd.sock"),
-        ):
-            server = PrpcServer(response_headers=headers)
-            server.mount(svc)
-            # 0660, group = the app containers' root (a container process running as another
-            # user reaches it with `group_add: ["0"]`); nothing else unprivileged can
-            await server.listen_unix(RUN / sock, mode=0o660, group=uid_base or None)
-            servers.append(server)
+        # 0660, group = the app containers' root (a container process running as another user
+        # reaches them with `group_add: ["0"]`); nothing else unprivileged can
+        sockets = ListenerOptions(socket_mode=0o660, socket_group=uid_base or None)
+        agent = await start_agent(
+            core,
+            [
+                Listener(f"unix:{RUN / 'dstack.sock'}", ("dstack",), sockets, "dstack"),
+                Listener(f"unix:{RUN / 'tappd.sock'}", ("tappd",), sockets, "tappd"),
+            ],
+        )
+        servers.extend(agent.servers)
         app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
@@ -474,8 +263,8 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             cgroup_parent=own_cvm_cgroup(),
             userns=(uid_base, USERNS_SIZE) if uid_base else None,
         )
-        api = GuestApi(core, compose, stop)
-        gserver = PrpcServer(response_headers=headers)
+        api = GuestApi(core, compose, stop, data_mount=PERSISTENT, os_name="pydstack-sandbox")
+        gserver = PrpcServer(response_headers=RESPONSE_HEADERS)
         gserver.mount(PrpcService(GUEST_API_SERVICE, api, prefix="/api"))
         await gserver.listen_unix(GUEST_API / "api.sock", mode=0o600)
         servers.append(gserver)

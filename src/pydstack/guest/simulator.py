@@ -33,17 +33,16 @@ from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, sp
 from pydstack.crypto.k256 import compressed_pubkey, sign_message
 from pydstack.crypto.kdf import derive_dh_secret, derive_key, p256_key_from_bytes
 from pydstack.process import stop_signal
-from pydstack.rpc.server import PrpcServer, RequestGuard, parse_socket_mode
+from pydstack.rpc.server import RequestGuard, parse_socket_mode
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys, KeyProvider
 from .core import GuestCore
-from .http_routes import add_routes
 from .instance import InstanceInfo
 from .measure import derive_instance_identity, key_provider_info, measure_stage1, measure_stage2
-from .service import guest_service, tappd_service, worker_service
+from .servers import AgentServers, Listener, ListenerOptions, start_agent
 from .signer import LocalCertSigner
 
 log = logging.getLogger("dstack-simulator")
@@ -206,48 +205,26 @@ async def serve(
     *,
     socket_mode: int = 0o660,
     socket_group: str | int | None = None,
-    guard: RequestGuard | None = None,
-) -> tuple[ServerGroup, dict[str, str]]:
+    guard_hosts: tuple[str, ...] = (),
+    guard_origins: tuple[str, ...] = (),
+) -> AgentServers:
     """listen on DIR/dstack.sock and DIR/tappd.sock (`socket_mode`, `socket_group`) and the
-    optional TCP listeners (under `guard`); a bad group is a ValueError before anything binds."""
-    headers = {"X-App-Version": "pydstack"}
-    endpoints: dict[str, str] = {}
-    servers: list[PrpcServer] = []
-    try:
-        for name, service in (("dstack", guest_service), ("tappd", tappd_service)):
-            server = PrpcServer(response_headers=headers)
-            servers.append(server)
-            server.mount(service(core))
-            path = directory / f"{name}.sock"
-            await server.listen_unix(path, mode=socket_mode, group=socket_group)
-            endpoints[name] = str(path)
-        if http is not None:
-            web = PrpcServer(response_headers=headers, guard=guard)
-            servers.append(web)
-            web.mount(guest_service(core))
-            web.mount(tappd_service(core))
-            port = await web.listen_tcp(http[0], http[1])
-            endpoints["http"] = f"http://{http[0]}:{port}"
-        if external is not None:
-            ext = PrpcServer(response_headers=headers, guard=guard)
-            servers.append(ext)
-            ext.mount(worker_service(core))
-            add_routes(ext.app, core)
-            port = await ext.listen_tcp(external[0], external[1])
-            endpoints["external"] = f"http://{external[0]}:{port}"
-    except BaseException:
-        await ServerGroup(servers).close()
-        raise
-    return ServerGroup(servers), endpoints
-
-
-class ServerGroup:
-    def __init__(self, servers: list[PrpcServer]) -> None:
-        self.servers = servers
-
-    async def close(self) -> None:
-        for s in self.servers:
-            await s.close()
+    optional TCP listeners (`--allowed-host`/`--allowed-origin` rules); a bad group is a
+    ValueError before anything binds. `.endpoints` has dstack, tappd, http and external."""
+    sockets = ListenerOptions(socket_mode=socket_mode, socket_group=socket_group)
+    tcp = ListenerOptions(allowed_hosts=guard_hosts, allowed_origins=guard_origins)
+    wanted = [
+        Listener(f"unix:{directory / 'dstack.sock'}", ("dstack",), sockets, "dstack"),
+        Listener(f"unix:{directory / 'tappd.sock'}", ("tappd",), sockets, "tappd"),
+    ]
+    if http is not None:
+        wanted.append(Listener(f"{http[0]}:{http[1]}", ("dstack", "tappd"), tcp, "http"))
+    if external is not None:
+        wanted.append(Listener(f"{external[0]}:{external[1]}", ("worker",), tcp, "external"))
+    servers = await start_agent(core, wanted)
+    for name in ("dstack", "tappd"):
+        servers.endpoints[name] = servers.endpoints[name].removeprefix("unix:")
+    return servers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(seed) != 32:
             parser.error("--seed must be 32 bytes (64 hex digits)")
     try:
-        guard = RequestGuard.from_config(
+        RequestGuard.from_config(
             args.allowed_host,
             args.allowed_origin,
             hosts_key="--allowed-host",
@@ -305,15 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     _, core = boot(state)
 
     async def run() -> None:
-        group, endpoints = await serve(
+        group = await serve(
             core,
             state.dir,
             args.http,
             args.external,
             socket_mode=args.socket_mode,
             socket_group=args.socket_group,
-            guard=guard,
+            guard_hosts=tuple(args.allowed_host or ()),
+            guard_origins=tuple(args.allowed_origin or ()),
         )
+        endpoints = group.endpoints
         dstack_ep = endpoints.get("http", endpoints["dstack"])
         tappd_ep = endpoints.get("http", endpoints["tappd"])
         print(f"dstack-simulator: app {core.info(external=False).app_id.hex()}")

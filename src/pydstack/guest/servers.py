@@ -1,0 +1,143 @@
+"""one way to serve the guest agent, for every place that runs it: `dstack-guest-agent` on real
+TDX, a sandbox CVM's guest, and `dstack-simulator`.
+
+A :class:`Listener` names an address (`unix:PATH` or `HOST:PORT`), the APIs served there
+(`dstack` = DstackGuest, `tappd` = the legacy Tappd, `worker` = the external Worker API with the
+dashboard, `/metrics` and `/logs`) and its options (socket permissions, browser rules).
+:func:`start_agent` opens them all or none: a listener that cannot be set up (OSError,
+ValueError: a taken port, an unknown group) closes the others and raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydstack import __version__
+from pydstack.rpc.server import (
+    PrpcServer,
+    PrpcService,
+    RequestGuard,
+    ServerLimits,
+    parse_socket_mode,
+)
+
+from .core import GuestCore
+from .http_routes import add_routes
+from .service import guest_service, tappd_service, worker_service
+
+log = logging.getLogger(__name__)
+
+APIS: Mapping[str, Any] = {
+    "dstack": guest_service,
+    "tappd": tappd_service,
+    "worker": worker_service,
+}
+RESPONSE_HEADERS = {"X-App-Version": __version__}
+
+
+@dataclass(frozen=True)
+class ListenerOptions:
+    """one listener's socket permissions and browser rules."""
+
+    socket_mode: int = 0o660
+    socket_group: str | int | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+
+    def guard(self, section: str) -> RequestGuard:
+        return RequestGuard.from_config(
+            list(self.allowed_hosts),
+            list(self.allowed_origins),
+            hosts_key=f"[{section}] allowed_hosts",
+            origins_key=f"[{section}] allowed_origins",
+        )
+
+    @classmethod
+    def from_table(cls, section: str, table: Mapping[str, Any]) -> ListenerOptions:
+        """ValueError naming the section for a bad value."""
+        try:
+            mode = parse_socket_mode(table.get("socket_mode", "0660"))
+            group = table.get("socket_group")
+            if group is not None and not isinstance(group, str | int):
+                raise ValueError("socket_group must be a group name or gid")
+            RequestGuard.from_config(table.get("allowed_hosts"), table.get("allowed_origins"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"agent config [{section}]: {e}") from e
+        return cls(
+            socket_mode=mode,
+            socket_group=None if group is None else str(group),
+            allowed_hosts=tuple(table.get("allowed_hosts") or ()),
+            allowed_origins=tuple(table.get("allowed_origins") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: str
+    apis: tuple[str, ...]
+    options: ListenerOptions = field(default_factory=ListenerOptions)
+    #: the config section the options came from (names the keys in refusals)
+    section: str = "listener"
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.apis if a not in APIS]
+        if unknown or not self.apis:
+            raise ValueError(f"unknown agent apis {unknown or self.apis!r}")
+
+
+class AgentServers:
+    """the running listeners; `endpoints` maps each listener's section to where it listens."""
+
+    def __init__(self) -> None:
+        self.servers: list[PrpcServer] = []
+        self.endpoints: dict[str, str] = {}
+
+    async def close(self) -> None:
+        for s in self.servers:
+            await s.close()
+        self.servers.clear()
+
+
+async def _listen(server: PrpcServer, listener: Listener) -> str:
+    address, options = listener.address, listener.options
+    if address.startswith("unix:"):
+        await server.listen_unix(address[5:], mode=options.socket_mode, group=options.socket_group)
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"invalid listen address {address!r}: expected unix:PATH or HOST:PORT")
+    bound = await server.listen_tcp(host.strip("[]"), int(port))
+    return f"http://{host}:{bound}"
+
+
+async def start_agent(
+    core: GuestCore,
+    listeners: Sequence[Listener],
+    *,
+    limits: ServerLimits | None = None,
+) -> AgentServers:
+    """serve `core` on every listener (all of them, or none on an error)."""
+    out = AgentServers()
+    try:
+        for listener in listeners:
+            server = PrpcServer(
+                response_headers=RESPONSE_HEADERS,
+                limits=limits,
+                guard=listener.options.guard(listener.section),
+            )
+            out.servers.append(server)
+            for api in listener.apis:
+                service: PrpcService = APIS[api](core)
+                server.mount(service)
+            if "worker" in listener.apis:
+                add_routes(server.app, core)
+            where = await _listen(server, listener)
+            out.endpoints[listener.section] = where
+            log.info("serving %s on %s", "+".join(listener.apis), where)
+    except BaseException:
+        await out.close()
+        raise
+    return out
