@@ -340,7 +340,7 @@ class DevStack:
         return out if isinstance(out, dict) else {}
 
     def info(self, vm_id: str) -> dict[str, Any]:
-        info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info", {})
+        info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info") or {}
         return info
 
     def wait_vm(
