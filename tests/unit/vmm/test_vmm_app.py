@@ -138,7 +138,8 @@ async def test_close_during_a_removal_leaves_nothing_pending_and_the_next_start_
     await app.remove_vm(vm_id)
     await backend.stop_entered.wait()  # the removal is in flight, held inside backend.stop
     assert len(app.tasks) == 1
-    await app.close()
+    async with asyncio.timeout(10):  # a close that never returns is a failure, not a hang
+        await app.close()
     assert len(app.tasks) == 0
     assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
     assert path.exists() and (path / ".removing").exists()
