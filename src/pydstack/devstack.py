@@ -28,11 +28,11 @@ from typing import IO, Any
 import httpx
 
 from pydstack.errors import DstackError
-from pydstack.vmm.config import VmmConfig
-from pydstack.vmm.images import sandbox_image_digest
-from pydstack.vmm.sandbox import (
+from pydstack.vmm.backends.sandbox.config import SandboxConfig
+from pydstack.vmm.backends.sandbox.image import sandbox_image_digest
+from pydstack.vmm.backends.sandbox.launcher import is_launcher
+from pydstack.vmm.backends.sandbox.network import (
     ensure_bridge,
-    is_launcher,
     names_for,
     teardown_bridge,
     teardown_network,
@@ -248,7 +248,7 @@ class DevStack:
     @property
     def host_ip(self) -> str:
         """the host's address on this stack's cvm bridge."""
-        return VmmConfig(sandbox_subnet=self.subnet).host_ip
+        return SandboxConfig(subnet=self.subnet).host_ip
 
     def start(self, progress: IO[str] | None = None) -> DevStack:
         d = self.dir
@@ -340,7 +340,7 @@ class DevStack:
         return out if isinstance(out, dict) else {}
 
     def info(self, vm_id: str) -> dict[str, Any]:
-        info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info", {})
+        info: dict[str, Any] = self.rpc("GetInfo", {"id": vm_id}).get("info") or {}
         return info
 
     def wait_vm(

@@ -18,7 +18,7 @@ import pytest
 
 from pydstack.apps.image import hello_image
 from pydstack.devstack import DevStack, free_port
-from pydstack.vmm.sandbox import names_for
+from pydstack.vmm.backends.sandbox.network import names_for
 
 from .test_vmm_sandbox import compose, deploy, get, vm_id_of, wait_for
 

@@ -29,7 +29,7 @@ from pydstack.crypto import k256
 from pydstack.devstack import DevStack, free_port
 from pydstack.kms.derive import derive_app_keys
 from pydstack.kms.keys import KeyStore
-from pydstack.vmm.sandbox import names_for
+from pydstack.vmm.backends.sandbox.network import names_for
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,8 @@
 Keys are the proto field names in field order; every field is present (defaults included);
 `bytes` are lowercase hex without `0x` (either case and a `0x` prefix accepted on input);
 `repeated bytes` are arrays of hex; `optional` scalars are the value or null; nested messages
-are objects; `google.protobuf.Empty` is `null`. Missing input fields take their defaults and
+are objects when set and null when not (as upstream's prost `Option<Message>` serializes);
+`google.protobuf.Empty` is `null`. Missing input fields take their defaults and
 unknown ones are ignored.
 """
 
@@ -106,7 +107,7 @@ def message_to_obj(msg: Message, omit_empty: frozenset[str] = frozenset()) -> An
         value = getattr(msg, f.name)
         if _is_repeated(f):
             out[f.name] = [_scalar_out(f, v) for v in value]
-        elif f.has_presence and f.type != FieldDescriptor.TYPE_MESSAGE:
+        elif f.has_presence:  # optional scalars and every singular message (prost's Option)
             out[f.name] = _scalar_out(f, value) if msg.HasField(f.name) else None
         else:
             out[f.name] = _scalar_out(f, value)

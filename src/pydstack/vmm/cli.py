@@ -285,7 +285,7 @@ def cmd_info(c: VmmClient, a: argparse.Namespace) -> None:
     r = c.call("GetInfo", {"id": a.vm_id})
     if not r.get("found"):
         raise CliError(f"vm {a.vm_id} not found")
-    info = r.get("info", {})
+    info = r.get("info") or {}
     if a.json:
         print(json.dumps(info, indent=2))
         return
@@ -468,7 +468,7 @@ def _current(c: VmmClient, vm_id: str) -> dict[str, Any]:
     r = c.call("GetInfo", {"id": vm_id})
     if not r.get("found"):
         raise CliError(f"vm {vm_id} not found")
-    info: dict[str, Any] = r.get("info", {})
+    info: dict[str, Any] = r.get("info") or {}
     return info
 
 

@@ -1,4 +1,5 @@
-"""`vmm.toml`: upstream dstack-vmm's keys, plus `[cvm.sandbox]` for the namespace backend.
+"""`vmm.toml`: upstream dstack-vmm's keys, plus `[cvm.<backend>]` for the CVM backend's own
+settings (`cvm.backend`, default `sandbox`; the backend parses its table, see `vmm.backends`).
 
 Unknown keys are ignored (upstream configs load unchanged); missing keys take upstream's
 defaults. Relative paths resolve against the config file's directory.
@@ -12,7 +13,6 @@ upstream's top-level `keep_alive` is the idle timeout when `idle_timeout` is not
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +22,10 @@ from typing import Any
 from pydstack.errors import ConfigError
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.limits import ServerLimits
+
+from .backends import parse_backend_config
+
+DEFAULT_BACKEND = "sandbox"
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class VmmConfig:
     max_cvm_number: int = 1000
     max_allocable_vcpu: int = 20
     max_allocable_memory_in_mb: int = 100000
-    backend: str = "sandbox"
+    backend: str = DEFAULT_BACKEND
     port_mapping_enabled: bool = False
     port_mapping_address: str = "127.0.0.1"
     port_ranges: tuple[PortRange, ...] = (PortRange("tcp", 1, 20000),)
@@ -63,15 +67,8 @@ class VmmConfig:
     # [cvm.tee_simulator]
     mock_attestation_seed: bytes = b""
     mock_attestation_seed_file: Path | None = None
-    # [cvm.sandbox]
-    sandbox_bridge: str = "dstack0"
-    sandbox_subnet: str = "10.213.0.0/16"
-    sandbox_scrypt_n: int = 10
-    sandbox_min_free_memory_mb: int = 512
-    #: cvms may open connections to the outside world (masqueraded through the host)
-    sandbox_outbound: bool = True
-    #: host ports on the bridge address cvms may reach besides those of kms/gateway/pccs urls
-    sandbox_host_ports: tuple[int, ...] = ()
+    # [cvm.<backend>]: the backend's settings, parsed by the backend (vmm.backends)
+    backend_config: Any = field(default_factory=lambda: parse_backend_config(DEFAULT_BACKEND, {}))
     # [gateway]
     gateway_base_domain: str = "localhost"
     gateway_port: int = 8082
@@ -85,12 +82,6 @@ class VmmConfig:
     server_limits: ServerLimits = field(default_factory=ServerLimits)
     config_path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def host_ip(self) -> str:
-        """the host's address on the sandbox bridge, as CVMs see it (10.0.2.2 under QEMU)."""
-        net = ipaddress.ip_network(self.sandbox_subnet)
-        return str(net.network_address + 1)
 
     def guard(self) -> RequestGuard:
         """the external server's request guard (the lists were validated at load)."""
@@ -132,7 +123,6 @@ class VmmConfig:
             ar = section(cvm, "auto_restart")
             logc = section(cvm, "log")
             sim = section(cvm, "tee_simulator")
-            sb = section(cvm, "sandbox")
             gw = section(raw, "gateway")
             auth = section(raw, "auth")
             image = section(raw, "image")
@@ -142,9 +132,6 @@ class VmmConfig:
             if seed and len(seed) != 32:
                 raise ConfigError("cvm.tee_simulator.mock_attestation_seed must be 32 bytes")
             seed_file = sim.get("mock_attestation_seed_file")
-            host_ports = tuple(int(x) for x in sb.get("host_ports", []))
-            if any(not 0 < x < 65536 for x in host_ports):
-                raise ConfigError("cvm.sandbox.host_ports must be ports (1-65535)")
             ranges = tuple(
                 PortRange(str(r.get("protocol", "tcp")), int(r["from"]), int(r["to"]))
                 for r in pm.get("range", [{"protocol": "tcp", "from": 1, "to": 20000}])
@@ -152,18 +139,8 @@ class VmmConfig:
             for r in ranges:
                 if r.protocol not in ("tcp", "udp") or not 0 < r.start <= r.end <= 65535:
                     raise ConfigError(f"invalid port range {r}")
-            backend = str(cvm.get("backend", "sandbox"))
-            if backend != "sandbox":
-                raise ConfigError(
-                    f"cvm.backend {backend!r} is not available: this build runs CVMs in the "
-                    "sandbox backend (Linux namespaces + simulated TDX)"
-                )
-            net = ipaddress.ip_network(str(sb.get("subnet", d.sandbox_subnet)))
-            if net.version != 4 or net.prefixlen > 24:
-                raise ConfigError("cvm.sandbox.subnet must be an IPv4 network of /24 or larger")
-            bridge = str(sb.get("bridge", d.sandbox_bridge))
-            if not 0 < len(bridge) <= 15:
-                raise ConfigError("cvm.sandbox.bridge must be a 1-15 character interface name")
+            backend = str(cvm.get("backend", DEFAULT_BACKEND))
+            backend_config = parse_backend_config(backend, section(cvm, backend))
             guard = RequestGuard.from_config(raw.get("allowed_hosts"), raw.get("allowed_origins"))
             limits = ServerLimits.from_table(
                 section(raw, "server_limits"),
@@ -199,12 +176,7 @@ class VmmConfig:
                 log_max_backups=int(logc.get("max_backups", 3)),
                 mock_attestation_seed=seed,
                 mock_attestation_seed_file=p(seed_file, Path()) if seed_file else None,
-                sandbox_bridge=bridge,
-                sandbox_subnet=str(net),
-                sandbox_scrypt_n=int(sb.get("scrypt_n", 10)),
-                sandbox_min_free_memory_mb=int(sb.get("min_free_memory_mb", 512)),
-                sandbox_outbound=bool(sb.get("outbound", True)),
-                sandbox_host_ports=host_ports,
+                backend_config=backend_config,
                 gateway_base_domain=str(gw.get("base_domain", "localhost")),
                 gateway_port=int(gw.get("port", 8082)),
                 gateway_agent_port=int(gw.get("agent_port", 8090)),

@@ -1,22 +1,16 @@
 """guest images in `[image] path`: one directory each with `metadata.json` and `digest.txt`.
 
-The sandbox backend boots only its built-in image (the guest OS is pydstack itself); QEMU
-images in the same directory are listed by upstream tools but skipped here.
+An image's `kind` in its metadata says which backend can boot it; the VMM lists only the kinds
+its backend boots (`Capabilities.image_kinds`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from pydstack import __version__
-
-from .workdir import atomic_write
-
-SANDBOX_IMAGE = "pydstack-sandbox"
 
 
 @dataclass
@@ -31,23 +25,10 @@ class Image:
         return str(self.metadata.get("version", ""))
 
 
-def sandbox_image_digest() -> str:
-    """the os image hash of the built-in sandbox guest image (what a KMS allowlists)."""
-    return hashlib.sha256(f"pydstack-sandbox {__version__}".encode()).hexdigest()
-
-
-def ensure_sandbox_image(image_path: Path) -> None:
-    """the built-in guest image of the sandbox backend (the guest OS is pydstack itself)."""
-    d = image_path / SANDBOX_IMAGE
-    meta = {"version": __version__, "is_dev": True, "kind": "sandbox", "shared_ro": True}
-    digest = sandbox_image_digest()
-    d.mkdir(parents=True, exist_ok=True)
-    if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
-        atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())
-        atomic_write(d / "digest.txt", digest.encode())
-
-
-def load_images(image_path: Path) -> dict[str, Image]:
+def load_images(image_path: Path, kinds: Iterable[str]) -> dict[str, Image]:
+    """the images in `image_path` whose metadata `kind` is one of `kinds` (unreadable or other
+    images are skipped)."""
+    wanted = frozenset(kinds)
     out: dict[str, Image] = {}
     if not image_path.is_dir():
         return out
@@ -55,8 +36,8 @@ def load_images(image_path: Path) -> dict[str, Image]:
         try:
             meta = json.loads((d / "metadata.json").read_text())
             digest = (d / "digest.txt").read_text().strip()
-            if not isinstance(meta, dict) or meta.get("kind") != "sandbox":
-                continue  # a QEMU guest image: this backend cannot boot it
+            if not isinstance(meta, dict) or meta.get("kind") not in wanted:
+                continue  # an image another backend boots
             out[d.name] = Image(d.name, d, meta, digest)
         except (OSError, ValueError):
             continue

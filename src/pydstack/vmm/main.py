@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,11 +21,11 @@ from pydstack.process import stop_signal
 
 from . import discovery
 from .app import VmmApp
+from .backends import CvmBackend, make_backend
 from .config import VmmConfig
 from .service import build_server
 
 log = logging.getLogger("dstack-vmm")
-REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "podman", "gocryptfs", "fusermount3")
 
 
 def parse_address(address: str, port: int, base: Path) -> tuple[str, str, int]:
@@ -41,20 +39,8 @@ def parse_address(address: str, port: int, base: Path) -> tuple[str, str, int]:
     return "tcp", address, port
 
 
-def check(config: VmmConfig) -> list[str]:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("the sandbox backend needs root (network namespaces, mounts)")
-    for tool in REQUIRED_TOOLS:
-        if shutil.which(tool) is None:
-            problems.append(f"{tool} is not installed")
-    if not Path("/dev/fuse").exists():
-        problems.append("/dev/fuse is missing (gocryptfs needs FUSE)")
-    return problems
-
-
-async def serve(config: VmmConfig) -> None:
-    app = VmmApp(config)
+async def serve(config: VmmConfig, backend: CvmBackend) -> None:
+    app = VmmApp(config, backend)
     await app.start()
     server = build_server(app)
     base = config.config_path.parent if config.config_path else Path.cwd()
@@ -76,12 +62,11 @@ async def serve(config: VmmConfig) -> None:
                 "listening on %s without [auth]: anyone who reaches it controls the VMs", host
             )
     log.info(
-        "dstack-vmm %s: %d vm(s), run path %s, bridge %s (%s)",
+        "dstack-vmm %s: %d vm(s), run path %s, %s backend",
         __version__,
         len(app.vms),
         config.run_path,
-        config.sandbox_bridge,
-        config.sandbox_subnet,
+        backend.name,
     )
     registration = discovery.register(
         announced,
@@ -113,10 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = VmmConfig.load(args.config)
+        backend = make_backend(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    problems = check(config)
+    problems = backend.host_problems()
     if args.command == "check-config":
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
@@ -137,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 mode,
             )
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, backend))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

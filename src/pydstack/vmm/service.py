@@ -26,9 +26,10 @@ from pydstack import UPSTREAM_VERSION, __version__
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
 
 from .app import VmmApp
+from .errors import KMS_NOT_CONFIGURED, InvalidState, KmsUnavailable, Refused
 from .validate import validate_app_compose
 
 VMM = pb.DESCRIPTOR.services_by_name["Vmm"]
@@ -88,7 +89,7 @@ class VmmService:
 
     async def GetComposeHash(self, req: pb.VmConfiguration, ctx: CallContext) -> pb.ComposeHash:
         if not req.name:
-            raise RpcError("the vm needs a name")
+            raise Refused("the vm needs a name")
         validate_app_compose(req.compose_file)
         return pb.ComposeHash(hash=hashlib.sha256(req.compose_file.encode()).hexdigest())
 
@@ -133,13 +134,13 @@ class VmmService:
     async def GetAppEnvEncryptPubKey(self, req: pb.AppId, ctx: CallContext) -> pb.PublicKeyResponse:
         url = self.app.config.kms_url
         if not url:
-            raise RpcError("KMS is not configured")
+            raise Refused(KMS_NOT_CONFIGURED)
         # upstream does not verify the KMS's certificate here; clients check the signature
         async with PrpcClient(url, prefix="/prpc", verify_server=lambda _: None) as kms:
             try:
                 return await kms.call("GetAppEnvEncryptPubKey", req, pb.PublicKeyResponse)
             except OSError as e:
-                raise RpcError(f"kms unreachable: {e}") from e
+                raise KmsUnavailable(f"kms unreachable: {e}") from e
 
     async def GetInfo(self, req: pb.Id, ctx: CallContext) -> pb.GetInfoResponse:
         vm = self.app.vms.get(req.id)
@@ -152,6 +153,7 @@ class VmmService:
 
     async def GetMeta(self, _: Empty, ctx: CallContext) -> pb.GetMetaResponse:
         c = self.app.config
+        caps = self.app.backend.capabilities
         return pb.GetMetaResponse(
             kms=pb.KmsSettings(url=(c.kms_urls or ("",))[0], urls=list(c.kms_urls)),
             gateway=pb.GatewaySettings(
@@ -167,12 +169,28 @@ class VmmService:
                 max_allocable_memory_in_mb=c.max_allocable_memory_in_mb,
             ),
             networking=pb.NetworkingCapabilities(
-                supported_modes=["bridge"], default_mode="bridge", default_bridge=c.sandbox_bridge
+                supported_modes=list(caps.networking_modes),
+                default_mode=caps.default_networking_mode,
+                default_bridge=caps.default_bridge,
             ),
         )
 
     async def ListGpus(self, _: Empty, ctx: CallContext) -> pb.ListGpusResponse:
-        return pb.ListGpusResponse(gpus=[], allow_attach_all=False)
+        caps = self.app.backend.capabilities
+        if not caps.gpus:
+            return pb.ListGpusResponse(gpus=[], allow_attach_all=False)
+        return pb.ListGpusResponse(
+            gpus=[
+                pb.GpuInfo(
+                    slot=g.slot,
+                    product_id=g.product_id,
+                    description=g.description,
+                    is_free=g.is_free,
+                )
+                for g in self.app.backend.list_gpus()
+            ],
+            allow_attach_all=caps.allow_attach_all_gpus,
+        )
 
     async def ReloadVms(self, _: Empty, ctx: CallContext) -> pb.ReloadVmsResponse:
         loaded, updated, removed = await self.app.reload()
@@ -181,14 +199,14 @@ class VmmService:
     async def SvList(self, _: Empty, ctx: CallContext) -> pb.SvListResponse:
         out = pb.SvListResponse()
         for vm in self.app.vms.values():
-            running = vm.is_running()
+            proc = self.app.backend.process(vm) if self.app.is_running(vm) else None
             out.processes.append(
                 pb.SvProcessInfo(
                     id=vm.id,
                     name=vm.manifest.name,
-                    status="running" if running else "stopped",
-                    pid=vm.pid if running else None,
-                    command=f"python -m pydstack.vmm.sandbox --spec {vm.spec_path}",
+                    status="running" if proc else "stopped",
+                    pid=proc.pid if proc else None,
+                    command=proc.command if proc else "",
                     note='{"kind":"cvm"}',
                 )
             )
@@ -200,8 +218,8 @@ class VmmService:
 
     async def SvRemove(self, req: pb.Id, ctx: CallContext) -> Empty:
         vm = self.app.get(req.id)
-        if vm.is_running():
-            raise RpcError("the process is still running")
+        if self.app.is_running(vm):
+            raise InvalidState("the process is still running")
         return Empty()
 
 
@@ -215,16 +233,16 @@ class ProxiedGuest:
         return await self.app.guest_call(vm_id, method, Empty(), resp)
 
     async def Info(self, req: gpb.Id, ctx: CallContext) -> gpb.GuestInfo:
-        return await self.app.guest_call(req.id, "Info", Empty(), gpb.GuestInfo)  # type: ignore[no-any-return]
+        return await self.app.guest_call(req.id, "Info", Empty(), gpb.GuestInfo)
 
     async def SysInfo(self, req: gpb.Id, ctx: CallContext) -> gpb.SystemInfo:
-        return await self.app.guest_call(req.id, "SysInfo", Empty(), gpb.SystemInfo)  # type: ignore[no-any-return]
+        return await self.app.guest_call(req.id, "SysInfo", Empty(), gpb.SystemInfo)
 
     async def NetworkInfo(self, req: gpb.Id, ctx: CallContext) -> gpb.NetworkInformation:
-        return await self.app.guest_call(req.id, "NetworkInfo", Empty(), gpb.NetworkInformation)  # type: ignore[no-any-return]
+        return await self.app.guest_call(req.id, "NetworkInfo", Empty(), gpb.NetworkInformation)
 
     async def ListContainers(self, req: gpb.Id, ctx: CallContext) -> gpb.ListContainersResponse:
-        return await self.app.guest_call(  # type: ignore[no-any-return]
+        return await self.app.guest_call(
             req.id, "ListContainers", Empty(), gpb.ListContainersResponse
         )
 

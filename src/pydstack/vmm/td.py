@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from pydstack.attest.eventlog import RuntimeEvent, event_log_to_json
 from pydstack.attest.identity import mr_config_id_v1
-from pydstack.errors import InputError
+from pydstack.errors import ConfigError, InputError
 from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.server import CallContext
 from pydstack.tee.simulated import SimulatedTdx
@@ -165,3 +166,43 @@ class TdxHostImpl:
 
     async def GetEventLog(self, _: Empty, ctx: CallContext) -> hpb.TdEventLog:
         return hpb.TdEventLog(event_log=self._td().event_log_json())
+
+
+def read_seed_file(path: Path) -> bytes:
+    """a 32-byte seed stored as hex; ConfigError for a file others may read, or a bad one."""
+    try:
+        st = path.stat()
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read the mock attestation seed {path}: {e.strerror}") from e
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"the mock attestation seed {path} is readable by others "
+            f"(mode {st.st_mode & 0o777:o}); chmod 600 it"
+        )
+    try:
+        seed = bytes.fromhex(text.removeprefix("0x"))
+    except ValueError:
+        seed = b""
+    if len(seed) != 32:
+        raise ConfigError(f"the mock attestation seed {path} must hold 32 bytes of hex")
+    return seed
+
+
+def stored_seed(configured: bytes, seed_file: Path | None, run_path: Path) -> bytes:
+    """the seed of the simulated TDX's mock PKI: `configured` (`mock_attestation_seed`), else
+    from `seed_file` (`mock_attestation_seed_file`), else a random one kept next to the run
+    path (0600); never inside a CVM's reach."""
+    if configured:
+        return configured
+    if seed_file is not None:
+        return read_seed_file(seed_file)
+    path = run_path.parent / "mock-attestation-seed"
+    if path.exists():
+        return read_seed_file(path)
+    seed = os.urandom(32)
+    atomic_write(path, seed.hex().encode(), 0o600)
+    log.warning(
+        "no [cvm.tee_simulator] mock_attestation_seed_file configured; generated one in %s", path
+    )
+    return seed

@@ -3,7 +3,8 @@
 `<run_path>/<vm-id>/` holds the manifest (what the VM is), the desired state (`{"started":
 bool}`), and `shared/` with the files the guest copies at boot (app-compose.json,
 .sys-config.json, .encrypted-env, .user-config, .instance_info). Writes are atomic (temp file +
-rename) so a crashed VMM never leaves half a file; `.removing` marks an interrupted removal.
+rename) so a crashed VMM never leaves half a file; `.removing` marks a removal in progress, which
+the VMM finishes (stopping the CVM first) when it finds one at start.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydstack.types import hostshare as hs
 from .compose import PortMapping
 
 MAX_MANIFEST = 1024 * 1024
+REMOVING = ".removing"
 
 
 class WorkDirError(InputError):
@@ -43,6 +45,27 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class NetworkSpec:
+    """one network interface a VM asked for: `mode` ("" = the backend's default) and, for a
+    bridge, its name ("" = the backend's default bridge)."""
+
+    mode: str = ""
+    bridge_name: str = ""
+
+
+@dataclass(frozen=True)
+class GpuSelection:
+    """the GPUs a VM asked for: `attach_mode` "listed" (the `slots`) or "all"."""
+
+    attach_mode: str = "listed"
+    slots: tuple[str, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return self.attach_mode == "all" or bool(self.slots)
+
+
 @dataclass
 class VmManifest:
     id: str
@@ -58,6 +81,11 @@ class VmManifest:
     gateway_urls: list[str] = field(default_factory=list)
     no_tee: bool = False
     simulated_tee: str | None = None
+    #: empty: one interface in the backend's default mode
+    networks: list[NetworkSpec] = field(default_factory=list)
+    hugepages: bool = False
+    pin_numa: bool = False
+    gpus: GpuSelection = field(default_factory=GpuSelection)
 
     def to_json(self) -> str:
         obj = asdict(self)
@@ -65,6 +93,7 @@ class VmManifest:
             {"address": p.address, "protocol": p.protocol, "from": p.host_port, "to": p.vm_port}
             for p in self.port_map
         ]
+        obj["gpus"] = {"attach_mode": self.gpus.attach_mode, "slots": list(self.gpus.slots)}
         return json.dumps(obj, indent=2)
 
     @classmethod
@@ -75,6 +104,7 @@ class VmManifest:
             obj = json.loads(data)
             if not isinstance(obj, dict):
                 raise WorkDirError("vm manifest must be a json object")
+            gpus = obj.get("gpus") or {}
             ports = [
                 PortMapping(
                     p["protocol"], p.get("address", "127.0.0.1"), int(p["from"]), int(p["to"])
@@ -95,6 +125,16 @@ class VmManifest:
                 gateway_urls=[str(u) for u in obj.get("gateway_urls", [])],
                 no_tee=bool(obj.get("no_tee", False)),
                 simulated_tee=obj.get("simulated_tee"),
+                networks=[
+                    NetworkSpec(str(n.get("mode", "")), str(n.get("bridge_name", "")))
+                    for n in obj.get("networks", [])
+                ],
+                hugepages=bool(obj.get("hugepages", False)),
+                pin_numa=bool(obj.get("pin_numa", False)),
+                gpus=GpuSelection(
+                    str(gpus.get("attach_mode", "listed")),
+                    tuple(str(s) for s in gpus.get("slots", [])),
+                ),
             )
         except WorkDirError:
             raise
@@ -116,6 +156,14 @@ class VmWorkDir:
     @property
     def shared(self) -> Path:
         return self.path / "shared"
+
+    @property
+    def removing(self) -> bool:
+        """a removal was started (and maybe interrupted): the VMM finishes it."""
+        return (self.path / REMOVING).exists()
+
+    def mark_removing(self) -> None:
+        (self.path / REMOVING).touch()
 
     @classmethod
     def create(cls, run_path: Path, manifest: VmManifest, files: dict[str, bytes]) -> VmWorkDir:
@@ -171,19 +219,27 @@ class VmWorkDir:
             return None
 
     def remove(self) -> None:
-        marker = self.path / ".removing"
-        marker.touch()
+        self.mark_removing()
         shutil.rmtree(self.path)
 
     @staticmethod
     def scan(run_path: Path) -> list[VmWorkDir]:
-        """the VM directories under run_path; finishes interrupted removals and creations."""
+        """the VM directories under run_path, those being removed included (`removing`):
+        their CVM may still run, so the caller stops it before deleting them. Interrupted
+        creations, and removals whose manifest is unreadable (no CVM can be found for them),
+        are deleted here."""
         out: list[VmWorkDir] = []
         if not run_path.is_dir():
             return out
         for entry in sorted(run_path.iterdir()):
-            if entry.name.startswith(".creating-") or (entry / ".removing").exists():
+            if entry.name.startswith(".creating-"):
                 shutil.rmtree(entry, ignore_errors=True)
+            elif (entry / REMOVING).exists():
+                try:
+                    VmWorkDir(entry).manifest()
+                    out.append(VmWorkDir(entry))
+                except (OSError, WorkDirError):
+                    shutil.rmtree(entry, ignore_errors=True)
             elif (entry / "vm-manifest.json").is_file():
                 out.append(VmWorkDir(entry))
         return out

@@ -492,8 +492,7 @@ def test_unknown_keys_strict_refuses_permissive_ignores(caplog):
 
 
 def test_the_vmm_and_the_guest_refuse_the_same(tmp_path):
-    from pydstack.rpc.server import RpcError
-    from pydstack.vmm.validate import validate_app_compose
+    from pydstack.vmm.validate import InvalidCompose, validate_app_compose
 
     def app(dc: str) -> str:
         return json.dumps({"name": "a", "runner": "docker-compose", "docker_compose_file": dc})
@@ -504,14 +503,14 @@ def test_the_vmm_and_the_guest_refuse_the_same(tmp_path):
         if "${" in body:
             continue  # the vmm does not know the env; the guest checks those at boot
         dc = f"services:\n  web:\n    image: localhost/web:1\n{body}"
-        with pytest.raises(RpcError, match=f"invalid docker compose: service web: {key}"):
+        with pytest.raises(InvalidCompose, match=f"invalid docker compose: service web: {key}"):
             validate_app_compose(app(dc))
-    with pytest.raises(RpcError, match="more than 100000 nodes"):
+    with pytest.raises(InvalidCompose, match="more than 100000 nodes"):
         bomb = "x-a: &a [" + ",".join(["x"] * 100) + "]\nx-b: [" + ",".join(["*a"] * 2000) + "]\n"
         validate_app_compose(app(bomb + "services: {web: {image: i}}\n"))
-    with pytest.raises(RpcError, match="lone surrogate"):
+    with pytest.raises(InvalidCompose, match="lone surrogate"):
         validate_app_compose('{"docker_compose_file": "\udfff"}')
-    with pytest.raises(RpcError, match="docker-compose file: yaml contains a lone surrogate"):
+    with pytest.raises(InvalidCompose, match="docker-compose file: yaml contains a lone surrogate"):
         validate_app_compose('{"docker_compose_file": "a: \\udfff"}')
 
 

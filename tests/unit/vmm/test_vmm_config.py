@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from pydstack.errors import ConfigError
-from pydstack.rpc.server import RpcError, ServerLimits
-from pydstack.vmm.app import VmmApp
+from pydstack.rpc.server import ServerLimits
+from pydstack.vmm.backends import make_backend
+from pydstack.vmm.backends.sandbox.config import SandboxConfig
 from pydstack.vmm.config import PortRange, VmmConfig
+from pydstack.vmm.errors import Refused
 
 
 def load(tmp_path: Path, text: str) -> VmmConfig:
@@ -45,14 +47,20 @@ min_free_memory_mb = 1024
     assert c.kms_urls == ("https://10.0.2.2:8000",)
     assert c.port_ranges == (PortRange("udp", 2000, 3000),)
     assert c.mock_attestation_seed == bytes.fromhex("ab" * 32)
-    assert c.host_ip == "10.50.0.1"
-    assert c.sandbox_min_free_memory_mb == 1024
+    assert c.backend == "sandbox"
+    assert c.backend_config == SandboxConfig(subnet="10.50.0.0/16", min_free_memory_mb=1024)
+    assert c.backend_config.host_ip == "10.50.0.1"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[cvm]\nbackend = 'qemu'\n", "not available"),
+        ("[cvm]\nbackend = 'qemu'\n", "'qemu' is not available yet"),
+        ("[cvm]\nbackend = 'xen'\n", "unknown cvm.backend 'xen'"),
+        ("[cvm.sandbox]\nbridge = 'a-very-long-bridge-name'\n", "1-15 character"),
+        ("[cvm.sandbox]\nhost_ports = [0]\n", "must be ports"),
+        ("[cvm.sandbox]\nsubnet = 'nonsense'\n", r"invalid \[cvm.sandbox\]"),
+        ("[cvm]\nsandbox = 1\n", "must be a table"),
         ("[cvm.tee_simulator]\nmock_attestation_seed = 'abcd'\n", "32 bytes"),
         ("[cvm.sandbox]\nsubnet = '10.0.0.0/30'\n", "/24 or larger"),
         ("[cvm.port_mapping]\nrange = [{ protocol = 'sctp', from = 1, to = 2 }]\n", "port range"),
@@ -91,7 +99,9 @@ header_timeout = 5
 
 
 def test_starting_into_an_exhausted_host_is_refused():
-    app = VmmApp(VmmConfig(sandbox_min_free_memory_mb=10**9))
-    with pytest.raises(RpcError, match="not enough free host memory"):
-        app._check_host_memory()
-    VmmApp(VmmConfig(sandbox_min_free_memory_mb=0))._check_host_memory()
+    def backend(min_free: int):
+        return make_backend(VmmConfig(backend_config=SandboxConfig(min_free_memory_mb=min_free)))
+
+    with pytest.raises(Refused, match="not enough free host memory"):
+        backend(10**9).check_start(None)  # type: ignore[arg-type]
+    backend(0).check_start(None)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ the CVM runs unconstrained, with a warning.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -21,6 +22,8 @@ log = logging.getLogger("dstack-sandbox")
 ROOT = Path("/sys/fs/cgroup")
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD_US = 100_000
+#: where a CVM's cgroup is recorded in its VM directory
+CGROUP_FILE = "cgroup.json"
 
 
 class CgroupError(OSError):
@@ -116,3 +119,16 @@ def create(vm_id: str, vcpu: int, memory_mb: int) -> CvmCgroup:
         return CvmCgroup(rel, tuple(dirs))
     except OSError as e:
         raise CgroupError(f"cannot set up the cvm's cgroup: {e}") from e
+
+
+async def remove_cgroup(workdir: Path) -> None:
+    """remove a stopped CVM's cgroup (its processes may take a moment to be reaped)."""
+    cg = CvmCgroup.load(workdir / CGROUP_FILE)
+    if cg is None:
+        return
+    for _ in range(30):
+        cg.remove()
+        if not any(d.exists() for d in cg.dirs):
+            return
+        await asyncio.sleep(0.1)
+    log.warning("cgroup %s is still busy; left in place", cg.path)

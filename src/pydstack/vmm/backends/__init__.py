@@ -1,0 +1,70 @@
+"""CVM backends: the :class:`~.base.CvmBackend` protocol and the factory that picks one from
+vmm.toml (`[cvm] backend`, settings in `[cvm.<backend>]`, parsed by the backend itself).
+
+Available: `sandbox`. Planned: `qemu` (refused with a clear error until it lands).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from pydstack.errors import ConfigError
+
+from .base import (
+    BootSpec,
+    Capabilities,
+    CvmBackend,
+    GpuDevice,
+    HostApiChannel,
+    InterfaceStatus,
+    ProcessInfo,
+)
+
+if TYPE_CHECKING:
+    from ..config import VmmConfig
+
+__all__ = [
+    "AVAILABLE",
+    "BootSpec",
+    "Capabilities",
+    "CvmBackend",
+    "GpuDevice",
+    "HostApiChannel",
+    "InterfaceStatus",
+    "ProcessInfo",
+    "make_backend",
+    "parse_backend_config",
+]
+
+AVAILABLE = ("sandbox",)
+PLANNED = ("qemu",)
+
+
+def parse_backend_config(name: str, table: Mapping[str, Any]) -> Any:
+    """the settings of backend `name` from its `[cvm.<name>]` table; ConfigError for an unknown
+    or not yet available backend, or an invalid key."""
+    if name == "sandbox":
+        from .sandbox.config import SandboxConfig
+
+        return SandboxConfig.from_table(table)
+    if name in PLANNED:
+        raise ConfigError(
+            f"cvm.backend {name!r} is not available yet: this build runs CVMs in the sandbox "
+            "backend (Linux namespaces + simulated TDX)"
+        )
+    raise ConfigError(f"unknown cvm.backend {name!r} (available: {', '.join(AVAILABLE)})")
+
+
+def make_backend(config: VmmConfig) -> CvmBackend:
+    """the backend `config` names, with its parsed settings."""
+    if config.backend == "sandbox":
+        from .sandbox.backend import SandboxBackend
+        from .sandbox.config import SandboxConfig
+
+        settings = config.backend_config
+        if not isinstance(settings, SandboxConfig):
+            raise ConfigError("cvm.backend is sandbox but the config holds no [cvm.sandbox]")
+        return SandboxBackend(config, settings)
+    parse_backend_config(config.backend, {})  # raises: unknown or planned
+    raise ConfigError(f"cvm.backend {config.backend!r} has no implementation")
