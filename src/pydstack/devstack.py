@@ -28,6 +28,8 @@ from typing import IO, Any
 import httpx
 
 from pydstack.errors import DstackError
+from pydstack.rpc.proto import vmm_rpc_pb2
+from pydstack.rpc.sync_client import PrpcCallError, PrpcUnreachable, SyncPrpcClient
 from pydstack.vmm.config import VmmConfig
 from pydstack.vmm.images import sandbox_image_digest
 from pydstack.vmm.sandbox import (
@@ -39,6 +41,7 @@ from pydstack.vmm.sandbox import (
 )
 
 SEED_FILE = "seed"
+VMM_SERVICE = vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"]
 
 
 class StackError(DstackError):
@@ -329,14 +332,18 @@ class DevStack:
     def allow(self, apps: dict[str, list[str]]) -> None:
         write_allowlist(self.allowlist, apps, [sandbox_image_digest()])
 
+    def client(self) -> SyncPrpcClient:
+        """a typed prpc client of this stack's VMM (with its token)."""
+        return SyncPrpcClient(self.vmm_url, token=self.auth_token)
+
     def rpc(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
-        r = httpx.post(
-            f"{self.vmm_url}/prpc/{method}?json", json=body or {}, headers=headers, timeout=60
-        )
-        if r.status_code != 200:
-            raise StackError(f"{method}: http {r.status_code}: {r.text[:500]}")
-        out = r.json()
+        """call a Vmm method with a JSON-shaped request (read into the method's message type,
+        as the VMM reads it); the answer in the VMM's JSON form. StackError on any failure."""
+        with self.client() as c:
+            try:
+                out = c.call_obj(VMM_SERVICE, method, body)
+            except (PrpcCallError, PrpcUnreachable) as e:
+                raise StackError(f"{method}: {e}") from e
         return out if isinstance(out, dict) else {}
 
     def info(self, vm_id: str) -> dict[str, Any]:
@@ -382,14 +389,13 @@ class DevStack:
                 time.sleep(0.1)
 
     def logs(self, vm_id: str, lines: int = 100) -> str:
-        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
-        r = httpx.get(
-            f"{self.vmm_url}/logs",
-            params={"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)},
-            headers=headers,
-            timeout=30,
-        )
-        return r.text
+        """the last `lines` of the vm's serial log (the VMM's refusal text if it refuses)."""
+        params = {"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)}
+        with self.client() as c:
+            try:
+                return b"".join(c.stream("/logs", params)).decode(errors="replace")
+            except (PrpcCallError, PrpcUnreachable) as e:
+                return str(e)
 
     def remove_all(self) -> None:
         for vm in self.rpc("Status", {"brief": True}).get("vms", []):
