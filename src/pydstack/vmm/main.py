@@ -55,8 +55,8 @@ def check(config: VmmConfig) -> list[str]:
 
 async def serve(config: VmmConfig) -> None:
     app = VmmApp(config)
+    server = build_server(app)  # refuses a bad htpasswd file before anything starts
     await app.start()
-    server = build_server(app)
     base = config.config_path.parent if config.config_path else Path.cwd()
     kind, host, port = parse_address(config.address, config.port, base)
     if kind == "unix":
