@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import subprocess
 import sys
+
 import bcrypt
 import pytest
 from aiohttp import web
