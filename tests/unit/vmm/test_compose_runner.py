@@ -66,7 +66,7 @@ def runner(tmp_path: Path, text: str = COMPOSE, **kw) -> tuple[ComposeProject, P
 def test_podman_run_arguments(tmp_path: Path):
     p, pc = runner(tmp_path)
     args = pc.run_args(p.services[1])
-    assert args[:5] == ["run", "-d", "--pull=never", "--name=app-web-1", "--network=host"]
+    assert args[:5] == ["run", "-d", "--pull=missing", "--name=app-web-1", "--network=host"]
     assert "--add-host=db:127.0.0.1" in args
     assert f"--volume={tmp_path / 'vols' / 'app_data'}:/data:ro" in args
     assert "--volume=/var/run/dstack.sock:/var/run/dstack.sock" in args

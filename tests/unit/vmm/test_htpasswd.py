@@ -99,7 +99,7 @@ def test_dstack_vmm_refuses_to_start_with_a_bad_htpasswd_file(tmp_path):
     cfg.write_text(
         f'address = "tcp:127.0.0.1:0"\nrun_path = "{tmp_path / "run"}"\n'
         f'[image]\npath = "{tmp_path / "images"}"\n'
-        '[cvm.sandbox]\nbridge = "dshtpw0"\nsubnet = "10.219.0.0/16"\n'
+        '[cvm.sandbox]\nbridge = "dshtpw0"\nsubnet = "10.229.0.0/16"\n'
         f'[auth]\nenabled = true\ntokens = []\nhtpasswd_file = "{bad}"\n'
     )
     try:
@@ -111,7 +111,7 @@ def test_dstack_vmm_refuses_to_start_with_a_bad_htpasswd_file(tmp_path):
             timeout=60,
         )
     finally:
-        teardown_bridge("dshtpw0", "10.219.0.0/16")  # had it started, it made these
+        teardown_bridge("dshtpw0", "10.229.0.0/16")  # had it started, it made these
     assert proc.returncode == 2
     assert f"error: {bad} line 2: the entry of 'bob' is not bcrypt" in proc.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was made
