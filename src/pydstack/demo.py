@@ -80,7 +80,9 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         _step("building the sample app's image locally with podman, pushing it to the registry")
         local = hello_image()
         image = stack.push_image(local)
-        print(f"    {local} -> {stack.registry} as {image} (cvms pull it from there)")
+        print(
+            f"    {local} -> {stack.registry_push} as {image} (cvms pull it from {stack.registry})"
+        )
 
         app_dir = directory / "app"
         app_dir.mkdir(parents=True, exist_ok=True)

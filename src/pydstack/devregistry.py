@@ -1,9 +1,10 @@
 """a local image registry for dev stacks and tests: Debian's `docker-registry` (CNCF
 distribution 2.8) as a process, its storage in a directory of ours.
 
-It speaks plain http (no TLS) and has no auth: bind it only to addresses this host controls
-(loopback, a CVM bridge fenced by the VMM's firewall). Deletion of manifests is enabled so
-tests can clean up.
+It speaks plain http (no TLS) and has no auth: bind it only to addresses this host controls.
+A dev stack runs two over one storage directory: a writable one on loopback, where the host
+pushes, and a read-only one on the CVM bridge, where CVMs pull (a CVM must not be able to
+replace the images other CVMs pull).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class RegistryStartError(DstackError):
     """the registry is not installed or did not come up."""
 
 
-def config_yaml(storage: Path, listen: str) -> str:
+def config_yaml(storage: Path, listen: str, readonly: bool = False) -> str:
     return f"""version: 0.1
 log:
   level: warn
@@ -34,7 +35,10 @@ storage:
   filesystem:
     rootdirectory: {storage}
   delete:
-    enabled: true
+    enabled: {str(not readonly).lower()}
+  maintenance:
+    readonly:
+      enabled: {str(readonly).lower()}
 http:
   addr: {listen}
   headers:
@@ -42,9 +46,12 @@ http:
 """
 
 
-def start(directory: Path, listen: str, log: Path, timeout: float = 30) -> subprocess.Popen[bytes]:
-    """start a registry on `listen` (`host:port`) with its storage and config under
-    `directory`, and wait until `/v2/` answers. RegistryStartError when it is not installed
+def start(
+    directory: Path, listen: str, log: Path, *, readonly: bool = False, timeout: float = 30
+) -> subprocess.Popen[bytes]:
+    """start a registry on `listen` (`host:port`) with its storage (`directory/storage`) and
+    config under `directory`, refusing every write when `readonly`, and wait until `/v2/`
+    answers. RegistryStartError when it is not installed
     (apt-get install docker-registry) or does not answer in `timeout` seconds."""
     exe = shutil.which(BINARY) or shutil.which(BINARY, path="/usr/bin")
     if exe is None:
@@ -52,8 +59,8 @@ def start(directory: Path, listen: str, log: Path, timeout: float = 30) -> subpr
             "docker-registry is not installed (apt-get install docker-registry)"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    cfg = directory / "registry.yml"
-    cfg.write_text(config_yaml(directory / "storage", listen))
+    cfg = directory / ("registry-ro.yml" if readonly else "registry.yml")
+    cfg.write_text(config_yaml(directory / "storage", listen, readonly))
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [exe, "serve", str(cfg)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True

@@ -274,8 +274,10 @@ class DevStack:
     kms_url: str = ""
     vmm_url: str = ""
     pccs_url: str = ""
-    #: the stack's image registry as `host:port` (on the bridge address; plain http)
+    #: the stack's image registry as cvms reach it, `host:port` on the bridge address (plain
+    #: http, read-only), and where the host pushes, on loopback (same storage)
     registry: str = ""
+    registry_push: str = ""
 
     @property
     def allowlist(self) -> Path:
@@ -353,15 +355,17 @@ class DevStack:
         seed_file = stack_seed(d)
         # the kms and the registry listen on the bridge only: create it before the vmm does
         ensure_bridge(self.bridge, self.subnet)
-        registry_port = free_port()
-        self.registry = f"{self.host_ip}:{registry_port}"
+        self.registry_push = f"127.0.0.1:{free_port()}"
+        self.registry = f"{self.host_ip}:{free_port()}"
         reg_log = d / "registry.log"
         try:
-            reg_proc = devregistry.start(d / "registry", self.registry, reg_log)
+            push = devregistry.start(d / "registry", self.registry_push, reg_log)
+            self._track("registry", push, reg_log)
+            pull = devregistry.start(d / "registry", self.registry, reg_log, readonly=True)
+            self._track("registry-ro", pull, reg_log)
         except devregistry.RegistryStartError as e:
             raise StackError(str(e)) from e
-        self._track("registry", reg_proc, reg_log)
-        say(f"image registry on {self.registry}")
+        say(f"image registry: push to {self.registry_push}, cvms pull from {self.registry}")
         pccs_port = free_port()
         self._track(
             "pccs",
@@ -431,7 +435,7 @@ class DevStack:
         """publish a locally built image to the stack's registry (once); returns the name a
         compose refers to it by (CVMs pull it through their docker.io mirror)."""
         try:
-            return push_image(local, self.registry)
+            return push_image(local, self.registry_push)
         except ImageError as e:
             raise StackError(str(e)) from e
 
@@ -536,7 +540,7 @@ class DevStack:
                 self.remove_all()
         if remove_vms:
             self._kill_leftover_cvms()
-        for name in ("vmm", "kms", "pccs", "registry"):
+        for name in ("vmm", "kms", "pccs", "registry", "registry-ro"):
             self._forget(name)
         if remove_bridge:
             teardown_bridge(self.bridge, self.subnet)

@@ -376,10 +376,7 @@ def storage_conf(wd: Path) -> Path:
     graph.mkdir(mode=0o700, exist_ok=True)
     conf = DSTACK / "storage.conf"
     conf.write_text(
-        "[storage]\n"
-        'driver = "overlay"\n'
-        f'graphroot = "{graph}"\n'
-        f'runroot = "{RUN / "containers"}"\n'
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{graph}"\nrunroot = "{RUN / "containers"}"\n'
     )
     return conf
 
