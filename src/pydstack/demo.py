@@ -74,7 +74,7 @@ def _cli(*args: str) -> str:
 def run(directory: Path, port: int, keep_serving: bool) -> int:
     stack = DevStack(directory)
     try:
-        _step(f"starting a local pccs, kms and dstack-vmm in {directory}")
+        _step(f"starting a local pccs, kms, image registry and dstack-vmm in {directory}")
         stack.start(progress=sys.stdout)
         os.environ["DSTACK_VMM_URL"] = stack.vmm_url
         _step("building the sample app's image locally with podman, pushing it to the registry")
@@ -150,11 +150,12 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         if not all(checks.values()):
             return 1
         if keep_serving:
-            print(f"web ui:  {stack.vmm_url}/", flush=True)
-            print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
-            print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
-            print("press ctrl-c to stop", flush=True)
+            # from here a ctrl-c or SIGTERM is the way to stop: the teardown below follows
             with contextlib.suppress(KeyboardInterrupt):
+                print(f"web ui:  {stack.vmm_url}/", flush=True)
+                print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
+                print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
+                print("press ctrl-c to stop", flush=True)
                 while True:
                     time.sleep(3600)
         _step("done")
