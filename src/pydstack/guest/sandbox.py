@@ -395,9 +395,12 @@ def registries_conf(docker_registry: str) -> Path:
     conf = DSTACK / "registries.conf"
     lines = ['unqualified-search-registries = ["docker.io"]', 'short-name-mode = "permissive"']
     if docker_registry:
-        parsed = urllib.parse.urlsplit(
-            docker_registry if "://" in docker_registry else f"//{docker_registry}"
-        )
+        try:
+            parsed = urllib.parse.urlsplit(
+                docker_registry if "://" in docker_registry else f"//{docker_registry}"
+            )
+        except ValueError:
+            parsed = urllib.parse.urlsplit("//")
         host = parsed.netloc
         if parsed.path.strip("/") or not _REGISTRY_HOST.fullmatch(host):
             raise BootError(f"invalid docker_registry {docker_registry[:100]!r} in sys-config")
