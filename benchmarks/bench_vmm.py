@@ -204,11 +204,12 @@ def main() -> int:
     if os.geteuid() != 0:
         print("error: needs root", file=sys.stderr)
         return 2
-    image = hello_image()
+    local = hello_image()
     d = Path(tempfile.mkdtemp(prefix="bench-vmm-"))
     stack = DevStack(d, bridge="dstackbench0", subnet="10.216.0.0/16")
     try:
         stack.start()
+        image = stack.push_image(local)  # cvms pull it from the stack's registry
         avail = mem_available() / 2**30
         print(f"sandbox cvm benchmark ({os.cpu_count()} cpus, {avail:.1f} GiB available)")
 
@@ -220,7 +221,7 @@ def main() -> int:
                 f"  {label}: median {statistics.median(t):.2f} s  "
                 f"min {min(t):.2f}  max {max(t):.2f}"
             )
-        ref = bench_podman_reference(image, args.boots)
+        ref = bench_podman_reference(local, args.boots)
         med = statistics.median(ref)
         print(f"  reference, plain podman run until the app answers: median {med:.2f} s")
 

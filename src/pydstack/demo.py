@@ -2,17 +2,20 @@
 
     python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve]
 
-1. a mock PCCS, a KMS and dstack-vmm start as real processes under DIR;
-2. the sample app's image is built locally (podman) and its docker-compose file becomes an
-   app-compose with the KMS as key provider and one encrypted secret;
+1. a mock PCCS, a KMS, an image registry and dstack-vmm start as real processes under DIR
+   (whatever an earlier, killed run left there is stopped first);
+2. the sample app's image is built locally (podman) and pushed once to the registry, which the
+   CVM pulls it from; its docker-compose file becomes an app-compose with the KMS as key
+   provider and one encrypted secret;
 3. the KMS's allowlist admits that compose hash; `dstack deploy` encrypts the secret to the app's
    env key (after checking the KMS's signature on it) and creates the CVM with a port mapping;
 4. the CVM boots (progress shown): RTMR3 measurement, keys from the KMS over RA-TLS, encrypted
    storage, the app's container;
 5. as a remote verifier would, we ask the app for a key and a quote through the forwarded port,
    verify the quote against the mock root and replay its event log to the compose hash.
-With `--serve` everything keeps running (web UI on the VMM's address) until Ctrl-C; either way
-the CVM is removed and the processes stopped at the end.
+With `--serve` everything keeps running (web UI on the VMM's address) until Ctrl-C or SIGTERM;
+either way the CVM is removed, the processes stopped and the CVM bridge with its firewall and
+NAT rules removed at the end.
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ def _cli(*args: str) -> str:
 def run(directory: Path, port: int, keep_serving: bool) -> int:
     stack = DevStack(directory)
     try:
-        _step(f"starting a local pccs, kms and dstack-vmm in {directory}")
+        _step(f"starting a local pccs, kms, image registry and dstack-vmm in {directory}")
         stack.start(progress=sys.stdout)
         os.environ["DSTACK_VMM_URL"] = stack.vmm_url
-        _step("building the sample app's image locally with podman")
-        image = hello_image()
-        print(f"    {image}")
+        _step("building the sample app's image locally with podman, pushing it to the registry")
+        local = hello_image()
+        image = stack.push_image(local)
+        print(
+            f"    {local} -> {stack.registry_push} as {image} (cvms pull it from {stack.registry})"
+        )
 
         app_dir = directory / "app"
         app_dir.mkdir(parents=True, exist_ok=True)
@@ -144,11 +150,12 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         if not all(checks.values()):
             return 1
         if keep_serving:
-            print(f"web ui:  {stack.vmm_url}/", flush=True)
-            print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
-            print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
-            print("press ctrl-c to stop", flush=True)
+            # from here a ctrl-c or SIGTERM is the way to stop: the teardown below follows
             with contextlib.suppress(KeyboardInterrupt):
+                print(f"web ui:  {stack.vmm_url}/", flush=True)
+                print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
+                print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
+                print("press ctrl-c to stop", flush=True)
                 while True:
                     time.sleep(3600)
         _step("done")
@@ -160,8 +167,12 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
             print(vmm_log.read_text()[-2000:], file=sys.stderr)
         return 1
     finally:
+        # a second ctrl-c or SIGTERM must not cut the teardown short (the few commands it runs
+        # inherit the ignored dispositions, which is harmless for them)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _step("removing the cvm and stopping the stack")
-        stack.stop()
+        stack.stop(remove_bridge=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM ends --serve like ctrl-c does (a blocked signal mask would be inherited by the
     # stack's processes and the cvms, which then could not be stopped)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    return run(args.dir.resolve(), args.port, args.serve)
+    try:
+        return run(args.dir.resolve(), args.port, args.serve)
+    except KeyboardInterrupt:  # before serving: the stack is already down (run's finally)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ bridge's host address only (CVMs reach it there, and so does the host; nothing e
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -27,7 +28,13 @@ from typing import IO, Any
 
 import httpx
 
+from pydstack import devregistry
+from pydstack.apps.image import ImageError, push_image
 from pydstack.errors import DstackError
+from pydstack.rpc.proto import vmm_rpc_pb2
+from pydstack.rpc.sync_client import PrpcCallError, PrpcUnreachable, SyncPrpcClient
+from pydstack.vmm.app import rmtree_vm_dir
+from pydstack.vmm.backends.sandbox.cgroups import remove_cgroup
 from pydstack.vmm.backends.sandbox.config import SandboxConfig
 from pydstack.vmm.backends.sandbox.image import sandbox_image_digest
 from pydstack.vmm.backends.sandbox.launcher import is_launcher
@@ -39,6 +46,9 @@ from pydstack.vmm.backends.sandbox.network import (
 )
 
 SEED_FILE = "seed"
+#: the repository of the stack's registry holding OS images
+OS_IMAGE_REPO = "dstack/guest"
+VMM_SERVICE = vmm_rpc_pb2.DESCRIPTOR.services_by_name["Vmm"]
 
 
 class StackError(DstackError):
@@ -98,6 +108,29 @@ class Proc:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def _runs_in(pid: int, directory: Path) -> bool:
+    """whether `pid` is a live process naming `directory` on its command line (a stack's
+    processes all do: their configs live there), not a reused pid."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z" and str(directory).encode() in cmd
+
+
+def _stop_group(pid: int, timeout: float = 15) -> None:
+    """SIGTERM the process group `pid` leads (each stack process has its own session), then
+    SIGKILL it if it is still there after `timeout` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def write_allowlist(path: Path, apps: dict[str, list[str]], os_images: list[str]) -> None:
@@ -179,7 +212,10 @@ def vmm_toml(
     restart_backoff: float = 5.0,
     bridge: str = "dstack0",
     subnet: str = "10.213.0.0/16",
+    registry: str = "",
 ) -> str:
+    """the stack's vmm.toml; `registry` (`host:port`, plain http) is the CVMs' docker.io mirror
+    and holds the OS images (`dstack/guest`)."""
     auth = f'\n[auth]\nenabled = true\ntokens = ["{auth_token}"]\n' if auth_token else ""
     return f"""# local dstack-vmm for the dev stack
 address = "tcp:127.0.0.1:{port}"
@@ -188,10 +224,12 @@ run_path = "{d / "run" / "vm"}"
 
 [image]
 path = "{d / "images"}"
+registry = "{f"http://{registry}/{OS_IMAGE_REPO}" if registry else ""}"
 
 [cvm]
 kms_urls = ["{cvm_kms_url}"]
 gateway_urls = []
+docker_registry = "{f"http://{registry}" if registry else ""}"
 
 [cvm.port_mapping]
 enabled = true
@@ -228,6 +266,10 @@ class DevStack:
     kms_url: str = ""
     vmm_url: str = ""
     pccs_url: str = ""
+    #: the stack's image registry as cvms reach it, `host:port` on the bridge address (plain
+    #: http, read-only), and where the host pushes, on loopback (same storage)
+    registry: str = ""
+    registry_push: str = ""
 
     @property
     def allowlist(self) -> Path:
@@ -250,6 +292,46 @@ class DevStack:
         """the host's address on this stack's cvm bridge."""
         return SandboxConfig(subnet=self.subnet).host_ip
 
+    @property
+    def pid_dir(self) -> Path:
+        return self.dir / "pids"
+
+    def _track(self, name: str, proc: subprocess.Popen[bytes], log: Path) -> Proc:
+        """remember a process of the stack, in memory and in `pids/<name>.pid` (so a later run
+        can stop it if this one is killed before it could)."""
+        self.pid_dir.mkdir(exist_ok=True)
+        (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
+        self.procs[name] = Proc(name, proc, log)
+        return self.procs[name]
+
+    def _forget(self, name: str) -> None:
+        if name in self.procs:
+            self.procs[name].stop()
+        (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def clean_leftovers(self) -> list[str]:
+        """stop what an earlier run in this directory left behind when it was killed before it
+        could stop it: its processes (recorded pids still running with this directory on their
+        command line), its cvms (launchers, network namespaces, cgroups) and their vm
+        directories, so the next start begins from nothing. Returns what it stopped."""
+        stopped: list[str] = []
+        for pid_file in sorted(self.pid_dir.glob("*.pid")) if self.pid_dir.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if _runs_in(pid, self.dir):
+                    _stop_group(pid)
+                    stopped.append(pid_file.stem)
+            pid_file.unlink(missing_ok=True)
+        vm_root = self.dir / "run" / "vm"
+        vm_dirs = [p for p in vm_root.iterdir() if p.is_dir()] if vm_root.is_dir() else []
+        if vm_dirs:
+            self._kill_leftover_cvms()
+            for vm_dir in vm_dirs:
+                asyncio.run(remove_cgroup(vm_dir))
+                rmtree_vm_dir(vm_dir)
+                stopped.append(f"vm {vm_dir.name}")
+        return stopped
+
     def start(self, progress: IO[str] | None = None) -> DevStack:
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
@@ -258,12 +340,26 @@ class DevStack:
             if progress is not None:
                 print(msg, file=progress, flush=True)
 
+        left = self.clean_leftovers()
+        if left:
+            say(f"stopped what an earlier run left behind: {', '.join(left)}")
         py = sys.executable
         seed_file = stack_seed(d)
-        # the kms listens on the bridge only: create it before the vmm does
+        # the kms and the registry listen on the bridge only: create it before the vmm does
         ensure_bridge(self.bridge, self.subnet)
+        self.registry_push = f"127.0.0.1:{free_port()}"
+        self.registry = f"{self.host_ip}:{free_port()}"
+        reg_log = d / "registry.log"
+        try:
+            push = devregistry.start(d / "registry", self.registry_push, reg_log)
+            self._track("registry", push, reg_log)
+            pull = devregistry.start(d / "registry", self.registry, reg_log, readonly=True)
+            self._track("registry-ro", pull, reg_log)
+        except devregistry.RegistryStartError as e:
+            raise StackError(str(e)) from e
+        say(f"image registry: push to {self.registry_push}, cvms pull from {self.registry}")
         pccs_port = free_port()
-        self.procs["pccs"] = Proc(
+        self._track(
             "pccs",
             _spawn(
                 [
@@ -302,6 +398,7 @@ class DevStack:
                 restart_backoff=self.restart_backoff,
                 bridge=self.bridge,
                 subnet=self.subnet,
+                registry=self.registry,
             ),
         )
         self.vmm_url = f"http://127.0.0.1:{vmm_port}"
@@ -315,7 +412,7 @@ class DevStack:
         proc = _spawn(
             [sys.executable, "-m", "pydstack.kms.main", "-c", str(self.dir / "kms.toml")], log
         )
-        self.procs["kms"] = Proc("kms", proc, log)
+        self._track("kms", proc, log)
         line = _wait_line(proc, log, "dstack-kms listening on", 60, offset)
         self.kms_url = line.split()[-1]
 
@@ -323,20 +420,32 @@ class DevStack:
         log = self.dir / "vmm.log"
         offset = log.stat().st_size if log.exists() else 0
         proc = _spawn([sys.executable, "-m", "pydstack.vmm.main", "-c", str(self.vmm_config)], log)
-        self.procs["vmm"] = Proc("vmm", proc, log)
+        self._track("vmm", proc, log)
         _wait_line(proc, log, "dstack-vmm listening on", 60, offset)
+
+    def push_image(self, local: str) -> str:
+        """publish a locally built image to the stack's registry (once); returns the name a
+        compose refers to it by (CVMs pull it through their docker.io mirror)."""
+        try:
+            return push_image(local, self.registry_push)
+        except ImageError as e:
+            raise StackError(str(e)) from e
 
     def allow(self, apps: dict[str, list[str]]) -> None:
         write_allowlist(self.allowlist, apps, [sandbox_image_digest()])
 
+    def client(self) -> SyncPrpcClient:
+        """a typed prpc client of this stack's VMM (with its token)."""
+        return SyncPrpcClient(self.vmm_url, token=self.auth_token)
+
     def rpc(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
-        r = httpx.post(
-            f"{self.vmm_url}/prpc/{method}?json", json=body or {}, headers=headers, timeout=60
-        )
-        if r.status_code != 200:
-            raise StackError(f"{method}: http {r.status_code}: {r.text[:500]}")
-        out = r.json()
+        """call a Vmm method with a JSON-shaped request (read into the method's message type,
+        as the VMM reads it); the answer in the VMM's JSON form. StackError on any failure."""
+        with self.client() as c:
+            try:
+                out = c.call_obj(VMM_SERVICE, method, body)
+            except (PrpcCallError, PrpcUnreachable) as e:
+                raise StackError(f"{method}: {e}") from e
         return out if isinstance(out, dict) else {}
 
     def info(self, vm_id: str) -> dict[str, Any]:
@@ -382,14 +491,13 @@ class DevStack:
                 time.sleep(0.1)
 
     def logs(self, vm_id: str, lines: int = 100) -> str:
-        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
-        r = httpx.get(
-            f"{self.vmm_url}/logs",
-            params={"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)},
-            headers=headers,
-            timeout=30,
-        )
-        return r.text
+        """the last `lines` of the vm's serial log (the VMM's refusal text if it refuses)."""
+        params = {"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)}
+        with self.client() as c:
+            try:
+                return b"".join(c.stream("/logs", params)).decode(errors="replace")
+            except (PrpcCallError, PrpcUnreachable) as e:
+                return str(e)
 
     def remove_all(self) -> None:
         for vm in self.rpc("Status", {"brief": True}).get("vms", []):
@@ -420,12 +528,11 @@ class DevStack:
     def stop(self, remove_vms: bool = True, remove_bridge: bool = False) -> None:
         vmm = self.procs.get("vmm")
         if remove_vms and vmm is not None and vmm.proc is not None:
-            with contextlib.suppress(StackError, httpx.HTTPError):
+            with contextlib.suppress(StackError):
                 self.remove_all()
         if remove_vms:
             self._kill_leftover_cvms()
-        for name in ("vmm", "kms", "pccs"):
-            if name in self.procs:
-                self.procs[name].stop()
+        for name in ("vmm", "kms", "pccs", "registry", "registry-ro"):
+            self._forget(name)
         if remove_bridge:
             teardown_bridge(self.bridge, self.subnet)

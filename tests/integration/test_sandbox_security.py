@@ -35,8 +35,8 @@ PROBE = (
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    return hello_image()
+def image(stack: DevStack) -> str:
+    return stack.push_image(hello_image())
 
 
 @pytest.fixture(scope="module")

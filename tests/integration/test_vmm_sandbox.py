@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,8 +38,9 @@ BRIDGE, SUBNET = "dstacktest0", "10.219.0.0/16"
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    return hello_image()
+def image(stack: DevStack) -> str:
+    """the sample app's image as composes name it, pushed to the stack's registry."""
+    return stack.push_image(hello_image())
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +428,7 @@ def test_crashed_cvm_restarts_with_backoff(image: str, tmp_path):
     )  # fmt: skip
     try:
         s.start()
+        assert s.push_image(hello_image()) == image  # the same name in every stack's registry
         d = write_app(tmp_path / "crash", image)
         compose(s, d, "crash", kms=False)
         vm = vm_id_of(deploy(s, d, "crash").stdout)
@@ -559,3 +562,44 @@ services:
     assert stack.info(vm)["status"] == "running"
     dstack(stack, "remove", vm)
     wait_for(lambda: not mem.exists(), "the cvm's cgroup to go")
+
+
+def test_os_images_are_pushed_listed_pulled_and_deleted(stack: DevStack, tmp_path):
+    img = tmp_path / "os-image"
+    shutil.copytree(stack.dir / "images" / "pydstack-sandbox", img)
+    meta = json.loads((img / "metadata.json").read_text())
+    (img / "metadata.json").write_text(json.dumps({**meta, "version": "9.9.9-test"}))
+    repo = "dstack/guest"  # the stack's [image] registry
+    dstack(stack, "image", "push", str(img), f"http://{stack.registry_push}/{repo}:t1")
+    # what cvms reach is read-only: none can replace the images the others pull
+    out = dstack(
+        stack, "image", "push", str(img), f"http://{stack.registry}/{repo}:evil", check=False
+    )
+    assert out.returncode == 1 and "registry answered 405" in out.stderr
+    listed = json.loads(dstack(stack, "image", "registry", "--json").stdout)
+    assert listed == [{"tag": "t1", "local": False, "pulling": False, "error": ""}]
+    dstack(stack, "image", "pull", "t1", "--wait")
+    images = {i["name"]: i for i in json.loads(dstack(stack, "lsimage", "--json").stdout)}
+    assert images["dstack-t1"]["version"] == "9.9.9-test"
+    assert json.loads(dstack(stack, "image", "registry", "--json").stdout)[0]["local"] is True
+
+    def refused(args: list[str], message: str) -> None:
+        before = sorted(p.name for p in (stack.dir / "images").iterdir())
+        out = dstack(stack, *args, check=False)
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert sorted(p.name for p in (stack.dir / "images").iterdir()) == before
+
+    refused(["image", "pull", "t1"], "image dstack-t1 already exists")
+    refused(["image", "pull", "../t1"], "invalid image tag")
+    refused(["image", "rm", "../images"], "invalid image name")
+    refused(["image", "rm", "pydstack-sandbox"], "built-in image")
+    refused(["image", "rm", "dstack-nothing"], "not found")
+    d = write_app(tmp_path / "uses-image", "pydstack-hello:none")
+    compose(stack, d, "uses-image", kms=False)
+    vm = vm_id_of(deploy(stack, d, "uses-image", "--stopped", "--image", "dstack-t1").stdout)
+    refused(["image", "rm", "dstack-t1"], "in use by a vm")
+    dstack(stack, "remove", vm)
+    wait_for(lambda: vm not in json.dumps(stack.rpc("Status", {})), "the removal")
+    dstack(stack, "image", "rm", "dstack-t1")
+    assert not (stack.dir / "images" / "dstack-t1").exists()
+    assert "dstack-t1" not in dstack(stack, "lsimage").stdout

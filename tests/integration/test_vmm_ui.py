@@ -263,8 +263,8 @@ async def open_page(chromium: Chromium) -> Any:
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def app_image() -> str:
-    return hello_image()
+def app_image(stack: DevStack) -> str:
+    return stack.push_image(hello_image())
 
 
 @pytest.fixture(scope="module")

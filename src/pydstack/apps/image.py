@@ -1,10 +1,11 @@
 """build container images locally from host files, for sample apps and tests.
 
-There is no registry on a dstack host here, so images are assembled from what the host has:
+No registry outside this host is reachable, so images are assembled from what the host has:
 busybox (static) for a shell and tools, and the host's Python interpreter with its standard
 library and the shared libraries they link. `podman import` turns the root filesystem into an
-image in the host's store, which sandbox CVMs read. The tag carries a digest of the inputs, so
-an unchanged image is not rebuilt.
+image in the host's store; :func:`push_image` publishes it once to the stack's local registry,
+from which sandbox CVMs pull it. The tag carries a digest of the inputs, so an unchanged image
+is neither rebuilt nor pushed again.
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+import httpx
+
 from pydstack.errors import DstackError
 
 BUSYBOX = Path("/bin/busybox")
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
 _LDD = re.compile(r"(/\S+\.so[^\s]*)")
 
 
@@ -79,12 +86,21 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
             "dist-packages",
             "lib2to3",
             "pydoc_data",
+            "unittest",
+            "distutils",
+            "__phello__",
         }
+        # what an app never needs at run time: every byte here is pulled by every cvm boot
+        # (the static libpython under config-*/ alone is tens of MiB)
         shutil.copytree(
             stdlib,
             root / stdlib.relative_to("/"),
             symlinks=True,
-            ignore=lambda d, names: [n for n in names if n in skip],
+            ignore=lambda d, names: [
+                n
+                for n in names
+                if n in skip or n.startswith("config-") or n.endswith((".opt-1.pyc", ".opt-2.pyc"))
+            ],
             dirs_exist_ok=True,
         )
         libs = _libs(exe)
@@ -100,7 +116,7 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
 
 def digest_of(files: dict[str, bytes], python: bool, cmd: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(f"v1 python={python} {sys.version} cmd={cmd!r}".encode())
+    h.update(f"v2 python={python} {sys.version} cmd={cmd!r}".encode())
     for rel in sorted(files):
         h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
     return h.hexdigest()[:12]
@@ -147,6 +163,33 @@ def build_image(
         if out.returncode != 0 or tar.returncode != 0:
             raise ImageError(f"podman import failed: {out.stderr.strip()[-500:]}")
     return tag
+
+
+def push_image(local: str, registry: str) -> str:
+    """push `localhost/<name>:<tag>` to `registry` (`host:port`, plain http) as
+    `library/<name>:<tag>`, unless it is there already; returns `<name>:<tag>`, the short name
+    a compose uses (CVMs resolve it through their docker.io mirror, that registry)."""
+    name = local.rsplit("/", 1)[-1]
+    repo, _, tag = name.partition(":")
+    try:
+        r = httpx.head(
+            f"http://{registry}/v2/library/{repo}/manifests/{tag}",
+            headers={"Accept": ", ".join(MANIFEST_TYPES)},
+            timeout=10,
+        )
+        if r.status_code == 200:
+            return name
+    except httpx.HTTPError as e:
+        raise ImageError(f"cannot reach the registry {registry}: {e}") from e
+    out = subprocess.run(
+        ["podman", "push", "--quiet", "--tls-verify=false", local,
+         f"docker://{registry}/library/{name}"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise ImageError(f"podman push to {registry} failed: {out.stderr.strip()[-500:]}")
+    return name
 
 
 def hello_image() -> str:

@@ -4,8 +4,9 @@ The CVM is one network host: every service runs with the CVM's network, and each
 resolves to 127.0.0.1 so services still reach each other by name. Named volumes and relative
 bind mounts become directories on the CVM's encrypted persistent storage, so they survive stop
 and start; the agent sockets are the only host paths a container may see (as the policy in
-`compose_parse` allows). Images come from the host's image store (read-only) or earlier builds;
-there is no registry, so a missing image is a clear error rather than a pull.
+`compose_parse` allows). Images are pulled (`--pull=missing`) from the registries in the CVM's
+own registries.conf (the VMM's `docker_registry` as a docker.io mirror); an image that cannot
+be pulled is a clear error before any container starts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class PodmanCompose:
         podman: str = "podman",
         env: Mapping[str, str] | None = None,
         userns: tuple[int, int] | None = None,
+        registries_conf: Path | None = None,
     ) -> None:
         """`binds_dir` holds the app's relative bind mounts (`./data`), created on first use
         with mode 0700; `agent_sockets` maps an agent socket path a compose file may mount
@@ -65,6 +67,8 @@ class PodmanCompose:
         self.cgroup_parent = cgroup_parent
         self.podman = podman
         self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage_conf), **(env or {})}
+        if registries_conf is not None:
+            self.env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
         self._log_tasks: list[asyncio.Task[None]] = []
 
     def container(self, svc: Service) -> str:
@@ -87,7 +91,7 @@ class PodmanCompose:
     def run_args(self, svc: Service) -> list[str]:
         """`podman run` arguments for `svc`; every value rides in its flag (`--flag=value`),
         so no value can be read as another flag, and the image is the first bare argument."""
-        args = ["run", "-d", "--pull=never", f"--name={self.container(svc)}", "--network=host"]
+        args = ["run", "-d", "--pull=missing", f"--name={self.container(svc)}", "--network=host"]
         args += [f"--label=com.docker.compose.project={self.project.name}"]
         args += [f"--label=com.docker.compose.service={svc.name}"]
         args += [f"--add-host={other.name}:127.0.0.1" for other in self.project.services]
@@ -186,17 +190,23 @@ class PodmanCompose:
             raise ComposeError(f"bind source {rel[:100]!r} leaves the app's bind directory")
         return path
 
-    async def check_images(self) -> None:
-        for svc in self.project.services:
-            code, _ = await self._podman("image", "exists", svc.image, check=False)
+    async def pull_images(self) -> None:
+        """pull every service's image that is not here yet, each once; ComposeError naming the
+        first one that cannot be pulled."""
+        for image in dict.fromkeys(svc.image for svc in self.project.services):
+            code, _ = await self._podman("image", "exists", "--", image, check=False)
+            if code == 0:
+                continue
+            log.info("pulling image %s", image)
+            code, out = await self._podman("pull", "--quiet", "--", image, check=False)
             if code != 0:
+                users = ", ".join(s.name for s in self.project.services if s.image == image)
                 raise ComposeError(
-                    f"image {svc.image} of service {svc.name} is not available "
-                    "(no registry: build or load it on the host with podman)"
+                    f"image {image} of service {users} cannot be pulled: {out.strip()[-500:]}"
                 )
 
     async def up(self, log_sink: asyncio.StreamWriter | None = None) -> None:
-        await self.check_images()
+        await self.pull_images()
         await self.down()
         for svc in self.project.services:
             log.info("starting service %s (%s)", svc.name, svc.image)

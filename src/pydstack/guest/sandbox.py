@@ -25,11 +25,12 @@ import asyncio
 import json
 import logging
 import os
-import shutil
+import re
 import signal
 import socket
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 from pydstack import __version__
@@ -152,22 +153,58 @@ def _own_hosts_file() -> None:
 
 
 def storage_conf(wd: Path) -> Path:
-    """podman storage private to this CVM (wiped each boot), host images read-only."""
+    """podman storage private to this CVM; images come from the registry
+    (:func:`registries_conf`), the host's image store is not visible. Pulled images stay for
+    the CVM's next boot (as a CVM's docker data stays on its disk), so only its first boot pays
+    the pull; containers of an earlier boot are removed before the app starts."""
     graph = wd / "containers"
-    if graph.exists():
+    if graph.exists():  # nothing of a dead boot may stay mounted over it
         subprocess.run(["umount", "-R", "-l", str(graph)], capture_output=True, check=False)
-        shutil.rmtree(graph, ignore_errors=True)
-    graph.mkdir(mode=0o700)
+    graph.mkdir(mode=0o700, exist_ok=True)
     conf = DSTACK / "storage.conf"
-    host_store = os.environ.get("DSTACK_HOST_IMAGE_STORE", "/var/lib/containers/storage")
     conf.write_text(
-        "[storage]\n"
-        'driver = "overlay"\n'
-        f'graphroot = "{graph}"\n'
-        f'runroot = "{RUN / "containers"}"\n'
-        "[storage.options]\n"
-        f'additionalimagestores = ["{host_store}"]\n'
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{graph}"\nrunroot = "{RUN / "containers"}"\n'
     )
+    return conf
+
+
+#: a registry as podman names it: host or [ipv6], optional port (nothing that could leave a
+#: toml string)
+_REGISTRY_HOST = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+def registries_conf(docker_registry: str) -> Path:
+    """podman's registries.conf of this CVM: `docker_registry` (sys-config, a URL as upstream's
+    `registry-mirrors` takes) is a mirror of docker.io, where short names (`name:tag`) resolve,
+    and may also be named directly (`<host:port>/name:tag`); plain http is allowed for it (the
+    VMM's host-side registry). Without one, only fully named images of reachable registries
+    pull. BootError for a registry that is not a `[scheme://]host[:port]`."""
+    conf = DSTACK / "registries.conf"
+    lines = ['unqualified-search-registries = ["docker.io"]', 'short-name-mode = "permissive"']
+    if docker_registry:
+        try:
+            parsed = urllib.parse.urlsplit(
+                docker_registry if "://" in docker_registry else f"//{docker_registry}"
+            )
+        except ValueError:
+            parsed = urllib.parse.urlsplit("//")
+        host = parsed.netloc
+        if parsed.path.strip("/") or not _REGISTRY_HOST.fullmatch(host):
+            raise BootError(f"invalid docker_registry {docker_registry[:100]!r} in sys-config")
+        lines += [
+            "",
+            "[[registry]]",
+            'prefix = "docker.io"',
+            'location = "docker.io"',
+            "[[registry.mirror]]",
+            f'location = "{host}"',
+            "insecure = true",
+            "",
+            "[[registry]]",
+            f'location = "{host}"',
+            "insecure = true",
+        ]
+    conf.write_text("\n".join(lines) + "\n")
     return conf
 
 
@@ -258,6 +295,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf(wd),
+            registries_conf=registries_conf(sys_config.docker_registry),
             volumes_dir=app_owned_dir(PERSISTENT / "volumes", uid_base),
             binds_dir=app_owned_dir(PERSISTENT / "binds", uid_base),
             cgroup_parent=own_cvm_cgroup(),

@@ -44,6 +44,8 @@ class VmmConfig:
     node_name: str = ""
     run_path: Path = Path("~/.dstack-vmm/vm")
     image_path: Path = Path("~/.dstack-vmm/image")
+    #: `[image] registry`: a repository of OS images (ListRegistryImages, PullRegistryImage)
+    image_registry: str = ""
     # [cvm]
     kms_urls: tuple[str, ...] = ("http://127.0.0.1:8081",)
     gateway_urls: tuple[str, ...] = ("http://127.0.0.1:8082",)
@@ -76,6 +78,8 @@ class VmmConfig:
     # [auth]
     auth_enabled: bool = False
     auth_tokens: tuple[str, ...] = ()
+    #: Apache htpasswd users (bcrypt entries) for Basic auth, besides the tokens
+    auth_htpasswd_file: Path | None = None
     # the external server: browser protection and connection limits
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -132,6 +136,7 @@ class VmmConfig:
             if seed and len(seed) != 32:
                 raise ConfigError("cvm.tee_simulator.mock_attestation_seed must be 32 bytes")
             seed_file = sim.get("mock_attestation_seed_file")
+            htpasswd = auth.get("htpasswd_file")
             ranges = tuple(
                 PortRange(str(r.get("protocol", "tcp")), int(r["from"]), int(r["to"]))
                 for r in pm.get("range", [{"protocol": "tcp", "from": 1, "to": 20000}])
@@ -155,6 +160,7 @@ class VmmConfig:
                 node_name=str(raw.get("node_name", "")),
                 run_path=p(raw.get("run_path"), d.run_path),
                 image_path=p(image.get("path", raw.get("image_path")), d.image_path),
+                image_registry=str(image.get("registry", "")),
                 kms_urls=tuple(str(u) for u in cvm.get("kms_urls", d.kms_urls)),
                 gateway_urls=tuple(str(u) for u in cvm.get("gateway_urls", d.gateway_urls)),
                 pccs_url=str(cvm.get("pccs_url", "")),
@@ -182,6 +188,7 @@ class VmmConfig:
                 gateway_agent_port=int(gw.get("agent_port", 8090)),
                 auth_enabled=bool(auth.get("enabled", False)),
                 auth_tokens=tuple(str(t) for t in auth.get("tokens", [])),
+                auth_htpasswd_file=p(htpasswd, Path()) if htpasswd else None,
                 allowed_hosts=tuple(sorted(guard.allowed_hosts)),
                 allowed_origins=tuple(raw.get("allowed_origins") or ()),
                 server_limits=limits,

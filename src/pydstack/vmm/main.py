@@ -41,8 +41,8 @@ def parse_address(address: str, port: int, base: Path) -> tuple[str, str, int]:
 
 async def serve(config: VmmConfig, backend: CvmBackend) -> None:
     app = VmmApp(config, backend)
+    server = build_server(app)  # refuses a bad htpasswd file before anything starts
     await app.start()
-    server = build_server(app)
     base = config.config_path.parent if config.config_path else Path.cwd()
     kind, host, port = parse_address(config.address, config.port, base)
     if kind == "unix":

@@ -2,7 +2,8 @@
 
 Token auth (when `[auth] enabled`) guards every route: `Authorization: Bearer <t>`,
 `X-Admin-Token: <t>`, Basic with the token as password (or as user with an empty password), or
-`?token=<t>` on GET. Tokens are compared by SHA-256 digest in constant time.
+`?token=<t>` on GET. Tokens are compared by SHA-256 digest in constant time. With `[auth]
+htpasswd_file`, Basic auth also accepts that file's users (bcrypt, :mod:`.htpasswd`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
 
 from .app import VmmApp
 from .errors import KMS_NOT_CONFIGURED, InvalidState, KmsUnavailable, Refused
+from .htpasswd import Htpasswd
+from .image_store import ImageStore
 from .validate import validate_app_compose
 
 VMM = pb.DESCRIPTOR.services_by_name["Vmm"]
@@ -37,9 +40,9 @@ PROXIED_GUEST = gpb.DESCRIPTOR.services_by_name["ProxiedGuestApi"]
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 MAX_LOG_LINES = 100_000
 #: methods callable with GET (read-only); creating, changing and removing VMs is POST only.
-#: (upstream's ListRegistryImages would join them; this proto has no registry methods)
 VMM_GET_METHODS = frozenset(
     {
+        "ListRegistryImages",
         "Status",
         "GetInfo",
         "ListImages",
@@ -57,6 +60,12 @@ PROXIED_GET_METHODS = frozenset({"Info", "SysInfo", "NetworkInfo", "ListContaine
 class VmmService:
     def __init__(self, app: VmmApp) -> None:
         self.app = app
+        self.images = ImageStore(
+            app.config.image_path,
+            app.config.image_registry,
+            in_use=lambda: {vm.manifest.image for vm in app.vms.values()},
+            builtin=app.backend.capabilities.builtin_images,
+        )
 
     async def CreateVm(self, req: pb.VmConfiguration, ctx: CallContext) -> pb.Id:
         return pb.Id(id=await self.app.create_vm(req))
@@ -222,6 +231,17 @@ class VmmService:
             raise InvalidState("the process is still running")
         return Empty()
 
+    async def ListRegistryImages(self, _: Empty, ctx: CallContext) -> pb.RegistryImageListResponse:
+        return await self.images.list()
+
+    async def PullRegistryImage(self, req: pb.PullRegistryImageRequest, ctx: CallContext) -> Empty:
+        self.images.pull(req.tag)
+        return Empty()
+
+    async def DeleteImage(self, req: pb.Id, ctx: CallContext) -> Empty:
+        self.images.delete(req.id)
+        return Empty()
+
 
 class ProxiedGuest:
     """`/guest/<Method>`: forwarded to the CVM's guest API."""
@@ -252,7 +272,9 @@ class ProxiedGuest:
 
 
 # ---------------------------------------------------------------------- auth
-def auth_middleware(tokens: tuple[str, ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def auth_middleware(
+    tokens: tuple[str, ...], htpasswd: Htpasswd | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
 
     def ok(candidate: str) -> bool:
@@ -265,12 +287,14 @@ def auth_middleware(tokens: tuple[str, ...]) -> Callable[..., Awaitable[web.Stre
     ) -> web.StreamResponse:
         auth = request.headers.get("Authorization", "")
         cands: list[str] = []
+        basic: tuple[str, str] | None = None
         if auth.startswith("Bearer "):
             cands.append(auth[7:].strip())
         elif auth.startswith("Basic "):
             try:
                 user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
                 cands += [password] if password else [user]
+                basic = (user, password)
             except (ValueError, UnicodeDecodeError):
                 pass
         if "X-Admin-Token" in request.headers:
@@ -279,6 +303,8 @@ def auth_middleware(tokens: tuple[str, ...]) -> Callable[..., Awaitable[web.Stre
             cands.append(request.query["token"])
         if any(ok(c) for c in cands if c):
             return await handler(request)
+        if basic is not None and await _htpasswd_ok(htpasswd, *basic):
+            return await handler(request)
         return web.Response(
             status=401,
             text="unauthorized\n",
@@ -286,6 +312,12 @@ def auth_middleware(tokens: tuple[str, ...]) -> Callable[..., Awaitable[web.Stre
         )
 
     return middleware
+
+
+async def _htpasswd_ok(htpasswd: Htpasswd | None, user: str, password: str) -> bool:
+    if htpasswd is None or not user or not password:
+        return False
+    return await asyncio.to_thread(htpasswd.verify, user, password)
 
 
 # ---------------------------------------------------------------------- logs
@@ -372,6 +404,10 @@ def add_routes(server: PrpcServer, app: VmmApp) -> None:
 
 
 def build_server(app: VmmApp) -> PrpcServer:
+    """the external server of `app`; ConfigError for an unreadable or invalid htpasswd file."""
+    htpasswd = None
+    if app.config.auth_enabled and app.config.auth_htpasswd_file is not None:
+        htpasswd = Htpasswd.load(app.config.auth_htpasswd_file)
     server = PrpcServer(
         response_headers={"X-App-Version": __version__, "X-Accel-Buffering": "no"},
         max_body=10 * 1024 * 1024,
@@ -379,7 +415,7 @@ def build_server(app: VmmApp) -> PrpcServer:
         guard=app.config.guard(),
     )
     if app.config.auth_enabled:
-        server.app.middlewares.append(auth_middleware(app.config.auth_tokens))
+        server.app.middlewares.append(auth_middleware(app.config.auth_tokens, htpasswd))
     server.mount(
         PrpcService(
             VMM, VmmService(app), prefix="/prpc", trim="Teepod.", get_methods=VMM_GET_METHODS

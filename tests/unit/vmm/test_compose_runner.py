@@ -66,7 +66,7 @@ def runner(tmp_path: Path, text: str = COMPOSE, **kw) -> tuple[ComposeProject, P
 def test_podman_run_arguments(tmp_path: Path):
     p, pc = runner(tmp_path)
     args = pc.run_args(p.services[1])
-    assert args[:5] == ["run", "-d", "--pull=never", "--name=app-web-1", "--network=host"]
+    assert args[:5] == ["run", "-d", "--pull=missing", "--name=app-web-1", "--network=host"]
     assert "--add-host=db:127.0.0.1" in args
     assert f"--volume={tmp_path / 'vols' / 'app_data'}:/data:ro" in args
     assert "--volume=/var/run/dstack.sock:/var/run/dstack.sock" in args
@@ -180,3 +180,33 @@ def test_user_namespace_maps_container_root_and_owns_what_it_creates(tmp_path: P
     args = pc.run_args(p.services[0])
     assert not any(a.startswith(("--uidmap", "--gidmap")) for a in args)
     assert (tmp_path / "plain" / "vols" / "app_data").stat().st_uid == 0
+
+
+def test_the_cvm_registries_conf_mirrors_docker_io_to_the_vmm_registry(tmp_path, monkeypatch):
+    import tomllib
+
+    from pydstack.guest import sandbox
+    from pydstack.guest.boot import BootError
+
+    monkeypatch.setattr(sandbox, "DSTACK", tmp_path)
+    conf = tomllib.loads(sandbox.registries_conf("http://10.213.0.1:5000").read_text())
+    assert conf["unqualified-search-registries"] == ["docker.io"]
+    hub, direct = conf["registry"]
+    assert hub["prefix"] == "docker.io"
+    assert hub["mirror"] == [{"location": "10.213.0.1:5000", "insecure": True}]
+    assert direct == {"location": "10.213.0.1:5000", "insecure": True}
+    assert "registry" not in tomllib.loads(sandbox.registries_conf("").read_text())
+    for bad in ('http://h:1"\n[[registry]]', "http://h:1/path", "http://user@h:1", "h h"):
+        with pytest.raises(BootError, match="invalid docker_registry"):
+            sandbox.registries_conf(bad)
+
+
+def test_storage_conf_keeps_pulled_images_and_mounts_no_host_store(tmp_path, monkeypatch):
+    from pydstack.guest import sandbox
+
+    monkeypatch.setattr(sandbox, "DSTACK", tmp_path)
+    wd = tmp_path / "vm"
+    (wd / "containers" / "overlay-images").mkdir(parents=True)
+    text = sandbox.storage_conf(wd).read_text()
+    assert "additionalimagestores" not in text and f'graphroot = "{wd / "containers"}"' in text
+    assert (wd / "containers" / "overlay-images").is_dir()

@@ -390,3 +390,27 @@ class SvListResponse(_message.Message):
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
     processes: _containers.RepeatedCompositeFieldContainer[SvProcessInfo]
     def __init__(self, processes: _Optional[_Iterable[_Union[SvProcessInfo, _Mapping]]] = ...) -> None: ...
+
+class RegistryImageListResponse(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[RegistryImageInfo]
+    def __init__(self, images: _Optional[_Iterable[_Union[RegistryImageInfo, _Mapping]]] = ...) -> None: ...
+
+class RegistryImageInfo(_message.Message):
+    __slots__ = ("tag", "local", "pulling", "error")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    PULLING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    local: bool
+    pulling: bool
+    error: str
+    def __init__(self, tag: _Optional[str] = ..., local: _Optional[bool] = ..., pulling: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PullRegistryImageRequest(_message.Message):
+    __slots__ = ("tag",)
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tag: str
+    def __init__(self, tag: _Optional[str] = ...) -> None: ...

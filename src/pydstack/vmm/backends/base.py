@@ -59,6 +59,8 @@ class Capabilities:
     port_protocols: tuple[str, ...] = ("tcp", "udp")
     #: `kind` values of the guest images this backend boots
     image_kinds: tuple[str, ...] = ()
+    #: image directories the backend provides itself (never deleted through the API)
+    builtin_images: frozenset[str] = frozenset()
 
     @property
     def default_networking_mode(self) -> str:

@@ -32,7 +32,7 @@ from ..base import BootSpec, Capabilities, GpuDevice, HostApiChannel, InterfaceS
 from . import cgroups, network
 from .config import SandboxConfig
 from .forward import PortForward
-from .image import IMAGE_KIND, ensure_sandbox_image
+from .image import IMAGE_KIND, SANDBOX_IMAGE, ensure_sandbox_image
 from .launcher import MODULE, LaunchSpec, is_launcher
 
 log = logging.getLogger("dstack-vmm")
@@ -70,6 +70,7 @@ class SandboxBackend:
             tee_kinds=("simulated-tdx",),
             no_tee=True,
             image_kinds=(IMAGE_KIND,),
+            builtin_images=frozenset({SANDBOX_IMAGE}),
         )
         self._cvms: dict[str, _Cvm] = {}
 
