@@ -187,6 +187,8 @@ def test_the_whole_lifecycle_through_the_cli(node, keys, capsys, tmp_path):
         assert pending["changes"] == [{"what": "pending owner", "from": None, "to": other}]
         shown = cli.ok(*k, "show", *a)
         assert (shown["app"] if target else shown)["owner"] == owner
+        err = cli.refused(*k, "accept-ownership", *target)
+        assert f"the sender {owner} is not the pending owner {other}" in err
         cli.ok(*k, "accept-ownership", *target, key=as_other)
         shown = cli.ok(*k, "show", *a)
         assert (shown["app"] if target else shown)["owner"] == other
