@@ -326,7 +326,7 @@ class Operator:
     # -- implementations and upgrades ------------------------------------------------------
 
     def _implementation_steps(
-        self, kind: AppKind, implementation: str | None, artifact_path: Path | None, label: str
+        self, kind: AppKind, implementation: str | None, artifact_path: Path | None
     ) -> tuple[list[Step], Callable[[list[Any]], str], str, dict[str, Any] | None]:
         """(deploy steps, the new address from the receipts, how to show it, its artifact)."""
         if (implementation is None) == (artifact_path is None):
@@ -357,7 +357,7 @@ class Operator:
         """setAppImplementation: the DstackApp implementation new apps are proxies of."""
         contract, label, _ = self.target(None)
         deploy, address_of, shown, doc = self._implementation_steps(
-            "app", implementation, artifact_path, label
+            "app", implementation, artifact_path
         )
         if doc is not None and not any(
             e.get("type") == "function"
@@ -405,7 +405,7 @@ class Operator:
         if call is not None and call_data is not None:
             raise ChainInputError("give --call or --call-data, not both")
         deploy, address_of, shown, doc = self._implementation_steps(
-            kind, implementation, artifact_path, label
+            kind, implementation, artifact_path
         )
         if doc is not None:
             layout = doc.get("storageLayout")
