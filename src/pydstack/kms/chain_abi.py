@@ -33,7 +33,6 @@ IAPP_AUTH = bytes.fromhex("1e079198")
 IAPP_AUTH_BASIC_MANAGEMENT = bytes.fromhex("8fd37527")
 #: ERC-1967: keccak256("eip1967.proxy.implementation") - 1
 IMPLEMENTATION_SLOT = int("360894a13ba1a3210667c828492db98dca3e2076cc3735a920a3ca505d382bbc", 16)
-ZERO_ADDRESS = "0x" + "00" * 20
 ERROR_STRING = bytes.fromhex("08c379a0")
 PANIC = bytes.fromhex("4e487b71")
 #: what an operator should check when a known custom error comes back
