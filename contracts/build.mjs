@@ -21,7 +21,7 @@ const input = {
     optimizer: { enabled: true, runs: 200 },
     evmVersion: 'cancun',
     metadata: { bytecodeHash: 'none', appendCBOR: false },
-    outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object'] } },
+    outputSelection: { '*': { '*': ['abi', 'evm.bytecode.object', 'evm.deployedBytecode.object', 'storageLayout'] } },
   },
 };
 function findImports(path) {
@@ -38,6 +38,11 @@ if (errors.length) {
 const sourcesSha256 = createHash('sha256').update(JSON.stringify(sources)).digest('hex');
 const wanted = { 'src/DstackKms.sol': ['DstackKms'], 'src/DstackApp.sol': ['DstackApp'],
   'test/DstackUpgradesV2.sol': ['DstackKmsV2', 'DstackAppV3'] };
+// storage as {label, slot, offset, type}: what an upgrade must keep (the AST ids solc puts in
+// type names are dropped, so the layout does not change when unrelated sources do)
+const layout = (l) => (l.storage || []).map((v) => ({
+  label: v.label, slot: v.slot, offset: v.offset, type: l.types[v.type].label,
+}));
 const proxy = '@openzeppelin/contracts/proxy/ERC1967/ERC1967Proxy.sol';
 if (!existsSync(join(here, 'artifacts'))) mkdirSync(join(here, 'artifacts'));
 let stale = [];
@@ -46,6 +51,7 @@ const emit = (file, name) => {
   const artifact = JSON.stringify({
     contractName: name, compiler: `solc-js ${solc.version()}`, sourcesSha256,
     abi: c.abi, bytecode: '0x' + c.evm.bytecode.object, deployedBytecode: '0x' + c.evm.deployedBytecode.object,
+    storageLayout: layout(c.storageLayout),
   }, null, 2) + '\n';
   const path = join(here, 'artifacts', `${name}.json`);
   if (check) {

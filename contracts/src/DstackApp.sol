@@ -25,7 +25,7 @@ contract DstackApp is
     uint256[49] private __gap;
 
     event UpgradesDisabled();
-    event AllowAnyDeviceSet(bool allowAnyDevice);
+    event AllowAnyDeviceSet(bool allowAny);
     event RequireTcbUpToDateSet(bool requireUpToDate);
     event PolicyChanged(address indexed actor, bytes32 indexed policy, bytes32 indexed value, bool enabled);
 
@@ -34,27 +34,30 @@ contract DstackApp is
         _disableInitializers();
     }
 
+    /// @notice Legacy initializer (no TCB flag: requireTcbUpToDate stays false).
     function initialize(
         address initialOwner,
-        bool disableUpgrades_,
-        bool allowAnyDevice_,
+        bool _disableUpgrades,
+        bool _allowAnyDevice,
         bytes32 initialDeviceId,
         bytes32 initialComposeHash
     ) public initializer {
-        _init(initialOwner, disableUpgrades_, false, allowAnyDevice_, initialDeviceId, initialComposeHash);
+        _init(initialOwner, _disableUpgrades, false, _allowAnyDevice, initialDeviceId, initialComposeHash);
     }
 
     function initialize(
         address initialOwner,
-        bool disableUpgrades_,
-        bool requireTcbUpToDate_,
-        bool allowAnyDevice_,
+        bool _disableUpgrades,
+        bool _requireTcbUpToDate,
+        bool _allowAnyDevice,
         bytes32 initialDeviceId,
         bytes32 initialComposeHash
     ) public initializer {
-        _init(initialOwner, disableUpgrades_, requireTcbUpToDate_, allowAnyDevice_, initialDeviceId, initialComposeHash);
+        _init(initialOwner, _disableUpgrades, _requireTcbUpToDate, _allowAnyDevice, initialDeviceId, initialComposeHash);
     }
 
+    /// @dev Event order is part of the interface (indexers replay it): the initial device, then
+    /// the initial compose hash (each with its PolicyChanged), then the ownership transfer.
     function _init(
         address initialOwner,
         bool disableUpgrades_,
@@ -64,21 +67,23 @@ contract DstackApp is
         bytes32 initialComposeHash
     ) private {
         require(initialOwner != address(0), "invalid owner address");
-        __Ownable_init(initialOwner);
-        __Ownable2Step_init();
-        __UUPSUpgradeable_init();
-        __ERC165_init();
         _upgradesDisabled = disableUpgrades_;
         allowAnyDevice = allowAnyDevice_;
         requireTcbUpToDate = requireTcbUpToDate_;
         if (initialDeviceId != bytes32(0)) {
             allowedDeviceIds[initialDeviceId] = true;
             emit DeviceAdded(initialDeviceId);
+            _policy("device", initialDeviceId, true);
         }
         if (initialComposeHash != bytes32(0)) {
             allowedComposeHashes[initialComposeHash] = true;
             emit ComposeHashAdded(initialComposeHash);
+            _policy("compose-hash", initialComposeHash, true);
         }
+        __Ownable_init(initialOwner);
+        __Ownable2Step_init();
+        __UUPSUpgradeable_init();
+        __ERC165_init();
     }
 
     function version() public pure virtual returns (uint256) {
@@ -113,16 +118,16 @@ contract DstackApp is
         _policy("device", deviceId, false);
     }
 
-    function setAllowAnyDevice(bool allow) external onlyOwner {
-        allowAnyDevice = allow;
-        emit AllowAnyDeviceSet(allow);
-        _policy("allow-any-device", bytes32(0), allow);
+    function setAllowAnyDevice(bool _allowAnyDevice) external onlyOwner {
+        allowAnyDevice = _allowAnyDevice;
+        emit AllowAnyDeviceSet(_allowAnyDevice);
+        _policy("allow-any-device", bytes32(0), _allowAnyDevice);
     }
 
-    function setRequireTcbUpToDate(bool required) external onlyOwner {
-        requireTcbUpToDate = required;
-        emit RequireTcbUpToDateSet(required);
-        _policy("require-tcb-up-to-date", bytes32(0), required);
+    function setRequireTcbUpToDate(bool _requireUpToDate) external onlyOwner {
+        requireTcbUpToDate = _requireUpToDate;
+        emit RequireTcbUpToDateSet(_requireUpToDate);
+        _policy("require-tcb-up-to-date", bytes32(0), _requireUpToDate);
     }
 
     function disableUpgrades() external onlyOwner {

@@ -54,6 +54,7 @@ contract DstackKms is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, E
         if (_appImplementation != address(0)) {
             appImplementation = _appImplementation;
             emit AppImplementationSet(_appImplementation);
+            _policy("app-implementation", _addr(_appImplementation), true);
         }
     }
 
@@ -85,11 +86,11 @@ contract DstackKms is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, E
         _policy("gateway-app-id", keccak256(bytes(appId)), true);
     }
 
-    function setAppImplementation(address implementation) external onlyOwner {
-        require(implementation != address(0), "Invalid implementation address");
-        appImplementation = implementation;
-        emit AppImplementationSet(implementation);
-        _policy("app-implementation", _addr(implementation), true);
+    function setAppImplementation(address _implementation) external onlyOwner {
+        require(_implementation != address(0), "Invalid implementation address");
+        appImplementation = _implementation;
+        emit AppImplementationSet(_implementation);
+        _policy("app-implementation", _addr(_implementation), true);
     }
 
     function registerApp(address appId) public {
@@ -133,16 +134,16 @@ contract DstackKms is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, E
         return deployAndRegisterApp(initialOwner, disableUpgrades, false, allowAnyDevice, initialDeviceId, initialComposeHash);
     }
 
-    function addKmsAggregatedMr(bytes32 mr) external onlyOwner {
-        kmsAllowedAggregatedMrs[mr] = true;
-        emit KmsAggregatedMrAdded(mr);
-        _policy("kms-aggregated-mr", mr, true);
+    function addKmsAggregatedMr(bytes32 mrAggregated) external onlyOwner {
+        kmsAllowedAggregatedMrs[mrAggregated] = true;
+        emit KmsAggregatedMrAdded(mrAggregated);
+        _policy("kms-aggregated-mr", mrAggregated, true);
     }
 
-    function removeKmsAggregatedMr(bytes32 mr) external onlyOwner {
-        kmsAllowedAggregatedMrs[mr] = false;
-        emit KmsAggregatedMrRemoved(mr);
-        _policy("kms-aggregated-mr", mr, false);
+    function removeKmsAggregatedMr(bytes32 mrAggregated) external onlyOwner {
+        kmsAllowedAggregatedMrs[mrAggregated] = false;
+        emit KmsAggregatedMrRemoved(mrAggregated);
+        _policy("kms-aggregated-mr", mrAggregated, false);
     }
 
     function addKmsDevice(bytes32 deviceId) external onlyOwner {

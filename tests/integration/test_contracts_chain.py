@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
-from web3 import Web3
 
 from pydstack.kms.anvil import DEV_PRIVATE_KEY, Anvil
 from pydstack.kms.bootinfo import BootInfo
-from pydstack.kms.chain import Chain, ChainError, KmsContract, artifact, bytes32
+from pydstack.kms.chain import Chain, ChainError, KmsContract, bytes32
+
+from .kms_proc import SEED, Pccs, start_kms, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 OS_IMAGE = b"\x0a" * 32
@@ -35,6 +36,20 @@ def kms(chain):
     k.call("addOsImageHash", OS_IMAGE)
     k.call("setGatewayAppId", "gateway-1")
     return k
+
+
+def use_eth_auth(cfg: Path, rpc_url: str, kms_contract: str, chain_id: int) -> None:
+    """switch a kms.toml of kms_proc.write_config to eth auth."""
+    text = (
+        cfg.read_text()
+        .replace('type = "simple"', 'type = "eth"')
+        .replace(
+            "[core.auth_api.simple]",
+            f'[core.auth_api.eth]\nrpc_url = "{rpc_url}"\nkms_contract = "{kms_contract}"\n'
+            f"chain_id = {chain_id}\n\n[core.auth_api.simple]",
+        )
+    )
+    cfg.write_text(text)
 
 
 def boot(app_id: str = "0x" + "00" * 20, **kw) -> BootInfo:
@@ -64,40 +79,6 @@ def test_artifacts_match_sources():
     )
     assert out.returncode == 0, out.stderr
     assert "artifacts match the sources" in out.stdout
-
-
-def test_selectors_and_topics_match_upstream():
-    def sel(name: str, abi: list) -> str:
-        fn = next(f for f in abi if f.get("name") == name and f["type"] == "function")
-        types = ",".join(
-            "(" + ",".join(c["type"] for c in i["components"]) + ")" + i["type"][5:]
-            if i["type"].startswith("tuple")
-            else i["type"]
-            for i in fn["inputs"]
-        )
-        return Web3.keccak(text=f"{name}({types})")[:4].hex()
-
-    kms_abi = artifact("DstackKms")["abi"]
-    assert sel("isAppAllowed", kms_abi) == "1e079198"
-    assert sel("isKmsAllowed", kms_abi) == "e067ec9d"
-    assert Web3.keccak(text="initialize(address,address)")[:4].hex() == "485cc955"
-    assert Web3.keccak(text="PolicyChanged(address,bytes32,bytes32,bool)").hex() == (
-        "341d3bc64e32172fc5bcf27b0f7f69dc5adc19af64b7aa1dee361e5883c32375"
-    )
-    assert Web3.keccak(text="AppDeployedViaFactory(address,address)").hex() == (
-        "fd86d7f6962eba3b7a3bf9129c06c0b2f885e1c61ef2c9f0dbb856be0deefdee"
-    )
-    names = {f.get("name") for f in artifact("DstackApp")["abi"]}
-    assert {
-        "addComposeHash",
-        "removeComposeHash",
-        "addDevice",
-        "setAllowAnyDevice",
-        "setRequireTcbUpToDate",
-        "disableUpgrades",
-        "isAppAllowed",
-        "version",
-    } <= names
 
 
 def test_app_policy_decisions(kms):
@@ -197,7 +178,6 @@ async def test_kms_with_eth_auth(chain, kms, tmp_path):
     from pydstack.guest.kms_client import get_app_keys
     from pydstack.rpc.server import RpcError
 
-    from .kms_proc import Pccs, start_kms, write_config
     from .test_kms_keys import VM_CONFIG, App
 
     node, _ = chain
@@ -206,16 +186,7 @@ async def test_kms_with_eth_auth(chain, kms, tmp_path):
     kms.call("addOsImageHash", os_image)
     pccs = Pccs(tmp_path / "root.der")
     cfg = write_config(tmp_path, pccs.url, tmp_path / "root.der", tmp_path / "unused.json")
-    text = (
-        cfg.read_text()
-        .replace('type = "simple"', 'type = "eth"')
-        .replace(
-            "[core.auth_api.simple]",
-            f'[core.auth_api.eth]\nrpc_url = "{node.url}"\nkms_contract = "{kms.address}"\n'
-            f"chain_id = {node.chain_id}\n\n[core.auth_api.simple]",
-        )
-    )
-    cfg.write_text(text)
+    use_eth_auth(cfg, node.url, kms.address, node.chain_id)
     proc = start_kms(cfg)
     try:
         with pytest.raises(RpcError, match="Boot denied: App not registered"):
@@ -280,7 +251,7 @@ def test_operator_cli(chain, tmp_path):
     allowed = cli("--kms", kms, "check-app", str(boot_file))
     assert allowed.returncode == 0 and json.loads(allowed.stdout) == {"allowed": True, "reason": ""}
     shown = json.loads(cli("--kms", kms, "show", "--app", app).stdout)
-    assert shown["registered"] is True and shown["allow_any_device"] is True
+    assert shown["app"]["registered"] is True and shown["app"]["allow_any_device"] is True
     wrong = cli("--kms", kms, "show")
     assert wrong.returncode == 0
     chain_mismatch = subprocess.run(
@@ -316,3 +287,86 @@ async def test_eth_auth_denies_a_short_compose_hash(chain, kms):
     assert (denied.is_allowed, denied.reason) == (False, "compose hash must be 32 bytes, got 31")
     denied = await auth.is_kms_allowed(boot(compose_hash=short))
     assert (denied.is_allowed, denied.reason) == (False, "compose hash must be 32 bytes, got 31")
+
+
+def run_kms(cfg: Path) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "pydstack.kms.main", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_kms_start_refuses_a_bad_chain_in_one_line(chain, kms, tmp_path):
+    """a node that is down, on another chain, or a kms_contract that is not a DstackKms there:
+    exit 2 and one error line naming the key to check, no traceback, no rpc secret."""
+    node, _ = chain
+    app = kms.deploy_and_register_app()
+    (tmp_path / "root.der").write_bytes(b"unused: the kms stops before any quote")
+    secret_url = "http://127.0.0.1:1/v3/secret-api-key"
+    cases = [
+        (secret_url, kms.address, node.chain_id, "cannot reach the node at http://127.0.0.1:1"),
+        (node.url, kms.address, 5, f"chain id mismatch: the node at {node.url} reports"),
+        (node.url, Account.create().address, node.chain_id, "has no contract code on chain"),
+        (node.url, app, node.chain_id, "is an app contract"),
+        (node.url, "0x" + kms.address[2:].swapcase(), node.chain_id, "wrong EIP-55 checksum"),
+    ]
+    for i, (url, contract, chain_id, message) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        cfg = write_config(tmp_path / str(i), "http://127.0.0.1:9", tmp_path / "root.der", tmp_path)
+        use_eth_auth(cfg, url, contract, chain_id)
+        out = run_kms(cfg)
+        assert out.returncode == 2, out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: core.auth_api.eth: ") and message in last, out.stderr
+        assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+async def test_a_denied_kms_says_what_to_register(chain, kms, tmp_path):
+    """the kms's own identity (device id, mr, os image) is in its refusal to start, and
+    registering exactly those with dstack-kms-chain lets it start; the denial is logged."""
+    from pydstack.kms.chain_cli import main as chain_cli
+
+    from .simulator_proc import start_simulator
+
+    node, ch = chain
+    fresh = KmsContract(ch, ch.deploy_kms())
+    pccs = Pccs(tmp_path / "root.der")
+    sim = start_simulator(tmp_path / "agent", SEED.hex())
+    proc = None
+    key = tmp_path / "key"
+    key.write_text(DEV_PRIVATE_KEY)
+    key.chmod(0o600)
+    cli = ["--rpc-url", node.url, "--chain-id", str(node.chain_id), "--private-key-file", str(key)]
+    try:
+        (tmp_path / "kms").mkdir()
+        cfg = write_config(
+            tmp_path / "kms", pccs.url, tmp_path / "root.der", tmp_path, agent=sim.dstack_sock
+        )
+        use_eth_auth(cfg, node.url, fresh.address, node.chain_id)
+        denied = run_kms(cfg)
+        assert denied.returncode == 2
+        last = denied.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: KMS is not allowed: OS image is not allowed (this kms: ")
+        assert "denies this kms: OS image is not allowed" in denied.stderr
+        identity = dict(
+            part.rsplit(" ", 1) for part in last.split("(this kms: ")[1].rstrip(")").split(", ")
+        )
+        device = identity["device id"]
+        assert device != "0x" + hashlib.sha256(b"").hexdigest()  # from the verified quote
+        for cmd, key_name in (("add-os-image", "os image"), ("add-kms-mr", "mr aggregated")):
+            assert chain_cli([*cli, "--kms", fresh.address, cmd, identity[key_name]]) == 0
+        denied = run_kms(cfg)
+        last = denied.stderr.strip().splitlines()[-1]
+        assert "KMS is not allowed to boot on this device" in last and device in last
+        assert chain_cli([*cli, "--kms", fresh.address, "add-kms-device", device]) == 0
+        proc = start_kms(cfg)
+        assert proc.url.startswith("https://")
+    finally:
+        if proc is not None:
+            proc.stop()
+        sim.stop()
+        pccs.stop()

@@ -12,6 +12,7 @@ a BootInfo whose hashes do not have their exact length (`BootInfo.length_error`)
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+
+from pydstack.errors import ConfigError
 
 from .bootinfo import BootInfo
 
@@ -262,21 +265,31 @@ class SimpleAuth:
 
 
 class EthAuth:
-    """the DstackKms contract on an Ethereum node (chain id pinned at start)."""
+    """the DstackKms contract on an Ethereum node (chain id pinned at start).
+
+    The constructor checks, before the KMS serves anything, that the node answers on the
+    configured chain and that `kms_contract` is a DstackKms there (code, ERC-165); it raises
+    ConfigError (a malformed or wrong contract address) or ChainError (node unreachable, another
+    chain), each one line naming the `core.auth_api.eth` key to check."""
 
     name = "eth"
     is_dev = False
 
     def __init__(self, rpc_url: str, kms_contract: str, chain_id: int) -> None:
-        from .chain import Chain, KmsContract
+        from .chain import Chain, ChainError, KmsContract
+        from .chain_abi import ChainInputError, parse_address
 
         self.rpc_url = rpc_url
         self.chain_id = chain_id
-        self.kms = KmsContract(Chain.connect(rpc_url, chain_id), kms_contract)
+        try:
+            address = parse_address(kms_contract, "kms_contract")
+            self.kms = KmsContract.at(Chain.connect(rpc_url, chain_id), address)
+        except ChainInputError as e:
+            raise ConfigError(f"core.auth_api.eth: {e}") from None
+        except ChainError as e:
+            raise ChainError(f"core.auth_api.eth: {e}") from None
 
     async def _ask(self, method: str, boot: BootInfo) -> AuthDecision:
-        import asyncio
-
         from .chain import BootInfoError, boot_tuple
 
         try:
@@ -298,13 +311,10 @@ class EthAuth:
         return await self._ask("is_kms_allowed", boot)
 
     async def info(self) -> dict[str, Any]:
-        import asyncio
-
-        impl = await asyncio.to_thread(lambda: self.kms.c.functions.appImplementation().call())
         return {
             "status": "ok",
             "kmsContractAddr": self.kms.address,
             "gatewayAppId": await asyncio.to_thread(self.kms.gateway_app_id),
             "chainId": self.chain_id,
-            "appImplementation": str(impl),
+            "appImplementation": await asyncio.to_thread(self.kms.app_implementation),
         }

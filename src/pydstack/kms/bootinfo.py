@@ -41,6 +41,14 @@ class BootInfo:
                 return f"{what} must be {HASH_LEN} bytes, got {len(value)}"
         return ""
 
+    def kms_identity(self) -> str:
+        """what an operator registers to let a KMS boot (device id, aggregated MR, OS image),
+        as `device id 0x.., mr aggregated 0x.., os image 0x..`: none of it is secret."""
+        return (
+            f"device id 0x{self.device_id.hex()}, mr aggregated 0x{self.mr_aggregated.hex()}, "
+            f"os image 0x{self.os_image_hash.hex()}"
+        )
+
     def to_json_obj(self) -> dict[str, Any]:
         return {
             "teeVariant": self.tee_variant,

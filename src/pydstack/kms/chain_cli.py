@@ -4,15 +4,21 @@
     dstack-kms-chain ... --kms ADDR create-app --compose-hash HEX [--require-tcb-uptodate]
     dstack-kms-chain ... --kms ADDR add-compose-hash --app ADDR HEX
     dstack-kms-chain ... --kms ADDR add-os-image HEX | add-kms-mr HEX | add-kms-device HEX
+    dstack-kms-chain ... --kms ADDR upgrade [--app ADDR] --artifact FILE [--call 'initializeV2()']
+    dstack-kms-chain ... --kms ADDR transfer-ownership [--app ADDR] NEW_OWNER
     dstack-kms-chain ... --kms ADDR show [--app ADDR]
     dstack-kms-chain ... --kms ADDR check-app boot-info.json
 
-The private key comes from --private-key-file (mode 0600 required) or DSTACK_KMS_CHAIN_KEY.
+Every command that sends takes --dry-run: it checks and simulates, prints what would change and
+sends nothing. The private key comes from --private-key-file (mode 0600 required) or
+DSTACK_KMS_CHAIN_KEY. Exit status: 0 done, 1 a check-app/check-kms denial, 2 refused or failed
+(one line on stderr saying why).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import stat
@@ -20,22 +26,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .bootinfo import BootInfo
-from .chain import Chain, ChainError, KmsContract, bytes32
+from pydstack.errors import DstackError
 
-KMS_SETTERS = {
-    "add-os-image": "addOsImageHash",
-    "remove-os-image": "removeOsImageHash",
-    "add-kms-mr": "addKmsAggregatedMr",
-    "remove-kms-mr": "removeKmsAggregatedMr",
-    "add-kms-device": "addKmsDevice",
-    "remove-kms-device": "removeKmsDevice",
-}
-APP_SETTERS = {
-    "add-compose-hash": "addComposeHash",
-    "remove-compose-hash": "removeComposeHash",
-    "add-device": "addDevice",
-    "remove-device": "removeDevice",
+from .bootinfo import BootInfo
+from .chain import Chain, KmsContract
+from .chain_abi import parse_address
+from .chain_ops import FLAGS, LISTS, Operator, Plan, deploy_plan, execute
+from .chain_policy import app_policy, kms_policy
+
+#: allowlist commands: name -> (list kind, add?)
+LIST_COMMANDS = {
+    f"{verb}-{kind}": (kind, verb == "add") for kind in LISTS for verb in ("add", "remove")
 }
 
 
@@ -49,12 +50,50 @@ def _key(args: argparse.Namespace) -> str | None:
     return os.environ.get("DSTACK_KMS_CHAIN_KEY")
 
 
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _human(value: Any, indent: str = "") -> list[str]:
+    if isinstance(value, dict):
+        lines = []
+        for k, v in value.items():
+            if isinstance(v, (dict, list)) and v:
+                lines.append(f"{indent}{k}:")
+                lines.extend(_human(v, indent + "  "))
+            else:
+                lines.append(f"{indent}{k}: {v}")
+        return lines
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            if isinstance(item, dict) and set(item) == {"what", "from", "to"}:
+                before, after = _inline(item["from"]), _inline(item["to"])
+                lines.append(f"{indent}- {item['what']}: {before} -> {after}")
+            elif isinstance(item, dict) and set(item) == {"value", "block"}:
+                lines.append(f"{indent}- {item['value']} (block {item['block']})")
+            elif isinstance(item, dict):
+                lines.append(f"{indent}-")
+                lines.extend(_human(item, indent + "  "))
+            else:
+                lines.append(f"{indent}- {item}")
+        return lines
+    return [f"{indent}{value}"]
+
+
 def _out(args: argparse.Namespace, obj: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(obj))
     else:
-        for k, v in obj.items():
-            print(f"{k}: {v}")
+        print("\n".join(_human(obj)))
+
+
+def _implementation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--implementation", help="an implementation already deployed")
+    g.add_argument("--artifact", type=Path, help="deploy this artifact JSON (abi, bytecode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,101 +103,136 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-key-file")
     p.add_argument("--kms", help="DstackKms proxy address")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--dry-run", action="store_true", help="check and simulate, print the changes, send nothing"
+    )
+    # the output flags work after the command too (`add-os-image --dry-run HEX`)
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    flags.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("deploy", help="deploy DstackApp impl, DstackKms impl and proxy")
-    c = sub.add_parser("create-app", help="deploy and register a DstackApp")
+    add = functools.partial(sub.add_parser, parents=[flags])
+    d = add("deploy", help="deploy DstackApp impl, DstackKms impl and proxy")
+    d.add_argument("--owner", help="the kms owner (default: the sender)")
+    c = add("create-app", help="deploy and register a DstackApp")
+    c.add_argument("--owner", help="the app owner (default: the sender)")
     c.add_argument("--compose-hash", default="")
     c.add_argument("--device", default="")
     c.add_argument("--require-tcb-uptodate", action="store_true")
     c.add_argument("--no-any-device", action="store_true", help="only listed devices")
     c.add_argument("--disable-upgrades", action="store_true")
-    for name in KMS_SETTERS:
-        sub.add_parser(name).add_argument("value")
-    for name in APP_SETTERS:
-        s = sub.add_parser(name)
+    for name, (kind, _) in LIST_COMMANDS.items():
+        s = add(name)
+        if LISTS[kind][0]:
+            s.add_argument("--app", required=True)
+        s.add_argument("value", help="32 bytes as 64 hex digits")
+    for name in FLAGS:
+        s = add(name)
         s.add_argument("--app", required=True)
-        s.add_argument("value")
-    a = sub.add_parser("allow-any-device")
-    a.add_argument("--app", required=True)
-    a.add_argument("value", choices=["true", "false"])
-    t = sub.add_parser("require-tcb-uptodate")
-    t.add_argument("--app", required=True)
-    t.add_argument("value", choices=["true", "false"])
-    g = sub.add_parser("set-gateway-app-id")
-    g.add_argument("value")
-    s = sub.add_parser("show")
+        s.add_argument("value", choices=["true", "false"])
+    add("set-gateway-app-id").add_argument("value")
+    add(
+        "set-kms-info", help="setKmsInfo from {k256Pubkey, caPubkey, quote, eventlog} (hex)"
+    ).add_argument("file", type=Path)
+    add("register-app", help="register an app contract deployed elsewhere").add_argument("app")
+    _implementation_args(
+        add("set-app-implementation", help="the DstackApp implementation of new apps")
+    )
+    u = add("upgrade", help="upgradeToAndCall on the kms proxy (or --app's)")
+    u.add_argument("--app")
+    _implementation_args(u)
+    g = u.add_mutually_exclusive_group()
+    g.add_argument("--call", help="a function without arguments to run after, like initializeV2()")
+    g.add_argument("--call-data", help="raw call data (hex) to run after the upgrade")
+    add("disable-upgrades", help="make the app's implementation final").add_argument(
+        "--app", required=True
+    )
+    t = add("transfer-ownership", help="step 1 of 2: name the new owner")
+    t.add_argument("--app")
+    t.add_argument("new_owner")
+    add("accept-ownership", help="step 2 of 2, by the new owner").add_argument("--app")
+    s = add("show", help="settings and allowlists (from events, with blocks)")
     s.add_argument("--app")
-    ch = sub.add_parser("check-app", help="isAppAllowed for a BootInfo JSON file")
+    s.add_argument("--from-block", type=int, default=0, help="scan events from this block")
+    ch = add("check-app", help="isAppAllowed for a BootInfo JSON file")
     ch.add_argument("boot_info")
-    ck = sub.add_parser("check-kms", help="isKmsAllowed for a BootInfo JSON file")
+    ck = add("check-kms", help="isKmsAllowed for a BootInfo JSON file")
     ck.add_argument("boot_info")
     return p
+
+
+def _plan(args: argparse.Namespace, op: Operator) -> Plan | None:
+    cmd = args.cmd
+    if cmd in LIST_COMMANDS:
+        kind, enabled = LIST_COMMANDS[cmd]
+        return op.set_listed(kind, args.value, enabled, getattr(args, "app", None))
+    if cmd in FLAGS:
+        return op.set_flag(cmd, args.app, args.value == "true")
+    if cmd == "create-app":
+        return op.create_app(
+            owner=args.owner,
+            compose_hash=args.compose_hash,
+            device=args.device,
+            allow_any_device=not args.no_any_device,
+            require_tcb_up_to_date=args.require_tcb_uptodate,
+            disable_upgrades=args.disable_upgrades,
+        )
+    if cmd == "set-gateway-app-id":
+        return op.set_gateway_app_id(args.value)
+    if cmd == "set-kms-info":
+        return op.set_kms_info(args.file)
+    if cmd == "register-app":
+        return op.register_app(args.app)
+    if cmd == "set-app-implementation":
+        return op.set_app_implementation(args.implementation, args.artifact)
+    if cmd == "upgrade":
+        return op.upgrade(
+            args.app,
+            implementation=args.implementation,
+            artifact_path=args.artifact,
+            call=args.call,
+            call_data=args.call_data,
+        )
+    if cmd == "disable-upgrades":
+        return op.disable_upgrades(args.app)
+    if cmd == "transfer-ownership":
+        return op.transfer_ownership(args.app, args.new_owner)
+    if cmd == "accept-ownership":
+        return op.accept_ownership(args.app)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     chain = Chain.connect(args.rpc_url, args.chain_id, _key(args))
     if args.cmd == "deploy":
-        _out(args, {"kms": chain.deploy_kms()})
+        _out(args, execute(chain, deploy_plan(chain, args.owner), dry_run=args.dry_run))
         return 0
     if not args.kms:
         raise SystemExit("error: --kms ADDRESS is required for this command")
-    kms = KmsContract(chain, args.kms)
-    if args.cmd == "create-app":
-        app = kms.deploy_and_register_app(
-            disable_upgrades=args.disable_upgrades,
-            require_tcb_up_to_date=args.require_tcb_uptodate,
-            allow_any_device=not args.no_any_device,
-            device_id=args.device,
-            compose_hash=args.compose_hash,
-        )
-        _out(args, {"app_id": app})
-    elif args.cmd in KMS_SETTERS:
-        kms.call(KMS_SETTERS[args.cmd], bytes32(args.value))
-        _out(args, {"ok": True})
-    elif args.cmd in APP_SETTERS:
-        kms.app_call(args.app, APP_SETTERS[args.cmd], bytes32(args.value))
-        _out(args, {"ok": True})
-    elif args.cmd == "allow-any-device":
-        kms.app_call(args.app, "setAllowAnyDevice", args.value == "true")
-        _out(args, {"ok": True})
-    elif args.cmd == "require-tcb-uptodate":
-        kms.app_call(args.app, "setRequireTcbUpToDate", args.value == "true")
-        _out(args, {"ok": True})
-    elif args.cmd == "set-gateway-app-id":
-        kms.call("setGatewayAppId", args.value)
-        _out(args, {"ok": True})
-    elif args.cmd == "show":
-        f = kms.c.functions
-        info: dict[str, Any] = {
-            "kms": kms.address,
-            "owner": f.owner().call(),
-            "gateway_app_id": f.gatewayAppId().call(),
-            "app_implementation": f.appImplementation().call(),
-        }
+    kms = KmsContract.at(chain, parse_address(args.kms, "--kms"))
+    op = Operator(chain, kms)
+    plan = _plan(args, op)
+    if plan is not None:
+        _out(args, execute(chain, plan, dry_run=args.dry_run))
+        return 0
+    if args.cmd == "show":
+        info = kms_policy(chain, kms.c, args.from_block)
         if args.app:
-            a = kms.app(args.app).functions
-            info.update(
-                app=args.app,
-                app_owner=a.owner().call(),
-                registered=f.registeredApps(args.app).call(),
-                allow_any_device=a.allowAnyDevice().call(),
-                require_tcb_up_to_date=a.requireTcbUpToDate().call(),
-            )
+            info["app"] = app_policy(chain, kms.c, op.app(args.app), args.from_block)
         _out(args, info)
-    elif args.cmd in ("check-app", "check-kms"):
-        boot = BootInfo.from_json_obj(json.loads(Path(args.boot_info).read_text()))
-        fn = kms.is_app_allowed if args.cmd == "check-app" else kms.is_kms_allowed
-        ok, reason = fn(boot)
-        _out(args, {"allowed": ok, "reason": reason})
-        return 0 if ok else 1
-    return 0
+        return 0
+    boot = BootInfo.from_json_obj(json.loads(Path(args.boot_info).read_text()))
+    fn = kms.is_app_allowed if args.cmd == "check-app" else kms.is_kms_allowed
+    ok, reason = fn(boot)
+    _out(args, {"allowed": ok, "reason": reason})
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ChainError, ValueError, OSError) as e:
+    except (DstackError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from aiohttp import web
 
-from pydstack.attest.errors import AttestError
 from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
-from pydstack.errors import ConfigError
-from pydstack.rpc.server import PrpcServer, RpcError
+from pydstack.errors import ConfigError, DstackError
+from pydstack.rpc.server import PrpcServer
 
 from .admin import admin_server, admin_token
 from .attestation import AttestationChecker
@@ -23,7 +22,7 @@ from .config import KmsConfig
 from .keys import KeyStore
 from .onboard import onboard, ratls_attestation
 from .onboard_server import OnboardService, run_onboard
-from .service import KmsState, kms_service
+from .service import KmsState, SelfNotAllowed, kms_service
 
 log = logging.getLogger("dstack-kms")
 
@@ -169,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             state = await make_state(cfg)
-        except (ConfigError, OSError, ValueError, RpcError, AttestError) as e:
+        except SelfNotAllowed as e:
+            print(f"error: {e} (this kms: {e.identity})", file=sys.stderr)
+            return 2
+        except (DstackError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         admin = None

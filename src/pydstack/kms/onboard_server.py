@@ -104,7 +104,9 @@ class OnboardService:
         boot = await self.checker.boot_info(att)
         decision = await self.auth.is_kms_allowed(boot)
         if not decision.is_allowed:
-            raise RpcError(f"KMS is not allowed to bootstrap: {decision.reason}")
+            identity = boot.kms_identity()
+            log.error("the auth backend denies this kms: %s (%s)", decision.reason, identity)
+            raise RpcError(f"KMS is not allowed to bootstrap: {decision.reason} ({identity})")
 
     async def Bootstrap(self, req: pb.BootstrapRequest, ctx: CallContext) -> pb.BootstrapResponse:
         validate_domain(req.domain)

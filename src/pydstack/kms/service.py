@@ -43,6 +43,15 @@ class Counters:
     attestation_failures: int = 0
 
 
+class SelfNotAllowed(RpcError):
+    """this KMS's own auth backend denies it; callers see the reason, and `identity` (device id,
+    aggregated MR, OS image this KMS computed for itself) is for the operator's log and console."""
+
+    def __init__(self, reason: str, identity: str) -> None:
+        super().__init__(f"KMS is not allowed: {reason}")
+        self.identity = identity
+
+
 @dataclass
 class KmsState:
     keys: KmsKeys
@@ -76,7 +85,14 @@ class KmsState:
             raise RpcError("KMS self-attestation failed") from e
         decision = await self.auth.is_kms_allowed(boot)
         if not decision.is_allowed:
-            raise RpcError(f"KMS is not allowed: {decision.reason}")
+            identity = boot.kms_identity()
+            log.error(
+                "the %s auth backend denies this kms: %s (this kms: %s)",
+                self.auth.name,
+                decision.reason,
+                identity,
+            )
+            raise SelfNotAllowed(decision.reason, identity)
 
 
 class KmsService:
