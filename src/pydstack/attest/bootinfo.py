@@ -1,4 +1,5 @@
-"""BootInfo: what the KMS tells its authorization backend about a booting CVM.
+"""BootInfo: what a verifier tells an authorization backend about a booting CVM (the KMS's
+bootAuth payload, the verifier service's `boot_info`).
 
 camelCase JSON with hex bytes (no 0x), as upstream's `PolicyBootInfo`. The hash fields are
 32 bytes exactly: `length_error` says which one is not (a 31-byte compose hash must never be

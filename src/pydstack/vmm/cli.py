@@ -31,7 +31,7 @@ from pydstack.crypto.envcrypt import (
 )
 from pydstack.errors import DstackError
 
-from . import discovery
+from . import cli_verify, discovery
 from .compose import (
     KEY_PROVIDERS,
     ArgError,
@@ -782,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
         k = ks.add_parser(name)
         k.add_argument("pubkey", help="33-byte compressed secp256k1 key, hex")
     s.set_defaults(func=cmd_kms, local=True)
+    cli_verify.add_parser(sub)
     return p
 
 

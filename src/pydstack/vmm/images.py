@@ -1,4 +1,5 @@
-"""guest images in `[image] path`: one directory each with `metadata.json` and `digest.txt`.
+"""guest images in `[image] path`: one directory each with `metadata.json` and `digest.txt`
+(the sandbox image also ships its expected measurement, `measurement.sandbox.json`).
 
 The sandbox backend boots only its built-in image (the guest OS is pydstack itself); QEMU
 images in the same directory are listed by upstream tools but skipped here.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydstack import __version__
+from pydstack.mr.image import SANDBOX_MEASUREMENT, sandbox_measurement_doc
 
 from .workdir import atomic_write
 
@@ -45,6 +47,11 @@ def ensure_sandbox_image(image_path: Path) -> None:
     if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
         atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())
         atomic_write(d / "digest.txt", digest.encode())
+    # the expected MRTD/RTMR0-2 of a CVM booted from this image (`core.image.verify` reads it)
+    measurement = sandbox_measurement_doc(digest)
+    path = d / SANDBOX_MEASUREMENT
+    if not path.exists() or path.read_bytes() != measurement:
+        atomic_write(path, measurement)
 
 
 def load_images(image_path: Path) -> dict[str, Image]:
