@@ -148,8 +148,9 @@ class ImageDir:
     @classmethod
     def open(cls, path: Path) -> ImageDir:
         """an image directory and its identity; ImageError when it is not one."""
+        raw = _read(path / METADATA, MAX_SMALL_FILE)
         try:
-            metadata = json.loads(_read(path / METADATA, MAX_SMALL_FILE))
+            metadata = json.loads(raw)
         except ValueError as e:
             raise ImageError(f"{METADATA} of {path.name} is not valid json") from e
         if not isinstance(metadata, dict):
@@ -242,13 +243,15 @@ class ImageDir:
         path = self.path / SANDBOX_MEASUREMENT
         if not path.exists():
             return sandbox_measurements(digest_hex)
+        raw = _read(path, MAX_SMALL_FILE)
         try:
-            doc = json.loads(_read(path, MAX_SMALL_FILE))
-            if doc.get("os_image_hash") != digest_hex:
-                raise ImageError(f"{SANDBOX_MEASUREMENT} is for another image")
+            doc = json.loads(raw)
+            owner = doc.get("os_image_hash")
             values = [bytes.fromhex(doc[k]) for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2")]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is malformed") from e
+        if owner != digest_hex:
+            raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is for another image")
         if any(len(v) != 48 for v in values):
             raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is malformed")
         return TdxMeasurements(*values)
