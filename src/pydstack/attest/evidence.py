@@ -38,8 +38,8 @@ from .attestation import (
 from .bootinfo import BootInfo
 from .errors import ParseError, VerifyError
 from .eventlog import MAX_EVENT_LOG_JSON, TdxEvent, event_log_from_json, replay_runtime_events
-from .identity import AppInfo, os_image_hash_from_config
-from .quote import MAX_QUOTE_LEN, TdReport, parse_quote
+from .identity import AppInfo
+from .quote import MAX_QUOTE_LEN, Quote, TdReport, parse_quote
 from .verify import CollateralCache, VerificationPolicy, verify_quote
 
 TEE_VARIANT_TDX = "dstack-tdx"
@@ -101,6 +101,14 @@ def load_vm_config(config: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ParseError("vm_config must be a json object")
     return obj
+
+
+def _image_hash(vm: dict[str, Any] | None) -> bytes:
+    value = vm.get("os_image_hash", "") if vm is not None else ""
+    try:
+        return bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        return b""
 
 
 # ---------------------------------------------------------------------------------- requests
@@ -325,21 +333,33 @@ class EvidenceVerifier:
             v.fail(QUOTE, "attestation quote is not a tdx quote")
             return v
         v.report = report
-        ppid = await self._check_quote(att, v)
+        ppid = await self._check_quote(att, quote, v)
         if fail_fast and v.failures:
             return v
-        self._check_event_log(att, report, ppid, vm_config, boottime_mr, v)
+        vm: dict[str, Any] | None = None
+        vm_error = ""
+        try:
+            vm = load_vm_config(config)
+        except ParseError as e:
+            vm_error = str(e)
+        self._check_event_log(att, report, ppid, vm, vm_error, bool(vm_config), boottime_mr, v)
         if fail_fast and v.failures:
             return v
         if check_image:
-            await self._check_os_image(att, report, config, v)
+            await self._check_os_image(att, report, vm, v)
         return v
 
-    async def _check_quote(self, att: Attestation, v: Verification) -> bytes | None:
+    async def _check_quote(self, att: Attestation, quote: Quote, v: Verification) -> bytes | None:
         try:
-            collateral = await self.collateral.lookup(att.quote, root_ca_der=self.root_ca_der)
+            collateral = await self.collateral.lookup(
+                att.quote, root_ca_der=self.root_ca_der, parsed=quote
+            )
             verified = verify_quote(
-                att.quote, collateral, policy=self.policy, root_ca_der=self.root_ca_der
+                att.quote,
+                collateral,
+                policy=self.policy,
+                root_ca_der=self.root_ca_der,
+                parsed=quote,
             )
         except VerifyError as e:
             v.fail(QUOTE, str(e))
@@ -355,10 +375,13 @@ class EvidenceVerifier:
         att: Attestation,
         report: TdReport,
         ppid: bytes | None,
-        vm_config: str,
+        vm: dict[str, Any] | None,
+        vm_error: str,
+        given: bool,
         boottime_mr: bool,
         v: Verification,
     ) -> None:
+        """`vm`: the decoded config (None: `vm_error`); `given`: it came with the request."""
         if report.report_data != att.report_data:
             v.fail(EVENT_LOG, "quote report_data does not match the attestation")
             return
@@ -375,21 +398,14 @@ class EvidenceVerifier:
                 ):
                     v.fail(EVENT_LOG, f"runtime event {ev.event[:64]!r} has a wrong preimage")
                     return
-        try:
-            app = AppInfo.from_attestation(att, boottime_mr=boottime_mr, ppid=ppid)
-        except ParseError as e:  # pragma: no cover - the quote parsed above
-            v.fail(EVENT_LOG, str(e))
-            return
+        app = AppInfo.from_attestation(att, boottime_mr=boottime_mr, ppid=ppid, report=report)
         if len(app.app_id) != 20:
             v.fail(EVENT_LOG, "app_id must be 20 bytes")
             return
-        if vm_config:
-            try:
-                load_vm_config(vm_config)
-            except ParseError as e:
-                v.fail(EVENT_LOG, str(e))
-                return
-        os_image = os_image_hash_from_config(vm_config) if vm_config else b""
+        if given and vm is None:
+            v.fail(EVENT_LOG, vm_error)
+            return
+        os_image = _image_hash(vm) if given else b""
         v.os_image_hash = os_image or app.os_image_hash
         v.app_info = app
         boot = v.boot_info
@@ -401,14 +417,16 @@ class EvidenceVerifier:
         v.event_log_verified = True
 
     async def _check_os_image(
-        self, att: Attestation, report: TdReport, config: str, v: Verification
+        self, att: Attestation, report: TdReport, vm: dict[str, Any] | None, v: Verification
     ) -> None:
         if self.images is None:
             v.fail(OS_IMAGE, "os image verification is not configured")
             return
+        if vm is None:
+            v.fail(OS_IMAGE, "vm_config is not valid json")
+            return
         registers = TdRegisters(report.mr_td, report.rtmr0, report.rtmr1, report.rtmr2)
         try:
-            vm = load_vm_config(config)
             result = await self.images.check_os_image(vm, registers, att.event_log)
         except (ParseError, VerifyError) as e:
             v.fail(OS_IMAGE, str(e))
@@ -418,4 +436,4 @@ class EvidenceVerifier:
         v.os_image_is_dev = result.is_dev
         v.os_image_version = result.version
         if not v.os_image_hash:
-            v.os_image_hash = os_image_hash_from_config(config)
+            v.os_image_hash = _image_hash(vm)

@@ -124,12 +124,14 @@ def verify_quote(
     policy: VerificationPolicy | None = None,
     root_ca_der: bytes | None = None,
     now: int | None = None,
+    parsed: Quote | None = None,
 ) -> VerifiedQuote:
-    """verify a quote under `policy`; raises VerifyError naming why it is refused."""
+    """verify a quote under `policy`; raises VerifyError naming why it is refused. `parsed`:
+    the caller's parse of these very bytes, to save parsing them again."""
     policy = policy or VerificationPolicy()
     now = int(time.time()) if now is None else now
     try:
-        quote = parse_quote(quote_bytes)
+        quote = parse_quote(quote_bytes) if parsed is None else parsed
     except ParseError as e:
         raise VerifyError(f"malformed quote: {e}") from e
     report_td = quote.td_report
@@ -412,7 +414,12 @@ class CollateralCache:
         return None
 
     async def lookup(
-        self, quote: bytes, now: int | None = None, *, root_ca_der: bytes | None = None
+        self,
+        quote: bytes,
+        now: int | None = None,
+        *,
+        root_ca_der: bytes | None = None,
+        parsed: Quote | None = None,
     ) -> str:
         """like :meth:`get`, but a fresh cached entry for the FMSPC the quote's PCK certificate
         claims is returned without the precheck: for callers that verify the quote with
@@ -420,7 +427,8 @@ class CollateralCache:
         refused there and still never costs a PCCS request. A miss prechecks as `get` does."""
         now = int(time.time()) if now is None else now
         try:
-            fmspc = _claimed_fmspc(parse_quote(quote).pck_cert_chain_pem)
+            chain = (parse_quote(quote) if parsed is None else parsed).pck_cert_chain_pem
+            fmspc = _claimed_fmspc(chain)
         except (ParseError, VerifyError):
             fmspc = ""
         hit = self.cached(fmspc, now) if fmspc else None

@@ -6,8 +6,9 @@ Selected by `vm_config.tdx_attestation_variant`:
   without the image (:mod:`.lite`); ACPI table contents are not verified;
 * `legacy` (the default) — the image named by `os_image_hash` from the :class:`ImageStore`
   (cache directory or download): a TDX image is measured with dstack-mr for the VM's memory and
-  QEMU version (cached per image and configuration), RTMR0 with the event log's ACPI digests;
-  a sandbox image gives the measurement its simulated TD has.
+  QEMU version, RTMR0 with the event log's ACPI digests; a sandbox image gives the measurement
+  its simulated TD has. What an image measures is kept in memory by image and configuration
+  (bounded; the store also keeps tdx measurements on disk), so an image is read once.
 
 The expected MRTD and RTMR0-2 must equal the quote's; a mismatch names every register that
 differs.
@@ -15,6 +16,7 @@ differs.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,11 +24,14 @@ from pydstack.attest.errors import ParseError, VerifyError
 from pydstack.attest.eventlog import ACPI_DATA, ACPI_LABELS, EV_PLATFORM_CONFIG_FLAGS, TdxEvent
 from pydstack.attest.evidence import OsImageResult, TdRegisters
 
-from .image import SANDBOX_KIND
+from .image import SANDBOX_KIND, PartialMeasurements
 from .lite import TdxMeasurements, lite_measurements
 from .machine import LITE, VmMeasureConfig
 from .store import ImageStore
 from .tdvf import AcpiDigests
+
+KNOWN_ENTRIES = 256
+_Expected = TdxMeasurements | PartialMeasurements
 
 
 def acpi_digests(event_log: Sequence[TdxEvent]) -> AcpiDigests:
@@ -73,6 +78,30 @@ class OsImageVerifier:
 
     def __init__(self, store: ImageStore | None = None) -> None:
         self.store = store
+        #: expected measurements (RTMR0 without ACPI for tdx images) by image and vm config
+        self._known: OrderedDict[tuple[bytes, str], tuple[_Expected, OsImageResult]] = OrderedDict()
+
+    async def _image(self, vm: VmMeasureConfig) -> tuple[_Expected, OsImageResult]:
+        key = (vm.os_image_hash, vm.measurement_key())
+        hit = self._known.get(key)
+        if hit is not None:
+            self._known.move_to_end(key)
+            return hit
+        if self.store is None:
+            raise VerifyError(
+                f"os image {vm.os_image_hash.hex()} needs an image cache (legacy verification)"
+            )
+        image = await self.store.get(vm.os_image_hash)
+        info = OsImageResult(is_dev=image.is_dev, version=image.version)
+        expected: _Expected
+        if image.kind == SANDBOX_KIND:
+            expected = image.sandbox_measurements()
+        else:
+            expected = await self.store.partial(image, vm)
+        self._known[key] = (expected, info)
+        while len(self._known) > KNOWN_ENTRIES:
+            self._known.popitem(last=False)
+        return expected, info
 
     async def expected(
         self, vm: VmMeasureConfig, event_log: Sequence[TdxEvent]
@@ -82,16 +111,10 @@ class OsImageVerifier:
             raise VerifyError("vm_config os_image_hash must be 32 bytes")
         if vm.tdx_attestation_variant == LITE:
             return lite_measurements(vm, acpi_digests(event_log)), OsImageResult()
-        if self.store is None:
-            raise VerifyError(
-                f"os image {vm.os_image_hash.hex()} needs an image cache (legacy verification)"
-            )
-        image = await self.store.get(vm.os_image_hash)
-        info = OsImageResult(is_dev=image.is_dev, version=image.version)
-        if image.kind == SANDBOX_KIND:
-            return image.sandbox_measurements(), info
-        partial = await self.store.partial(image, vm)
-        return partial.complete(acpi_digests(event_log)), info
+        expected, info = await self._image(vm)
+        if isinstance(expected, PartialMeasurements):
+            return expected.complete(acpi_digests(event_log)), info
+        return expected, info
 
     async def check_os_image(
         self, vm_config: dict[str, Any], registers: TdRegisters, event_log: Sequence[TdxEvent]

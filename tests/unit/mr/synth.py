@@ -41,9 +41,12 @@ LAYOUT = (
 )
 
 
-def firmware(sections: tuple[Sec, ...] = LAYOUT, *, seed: bytes = b"fw") -> bytes:
-    """a firmware image whose GUIDed table points at TDVF metadata listing `sections`."""
-    fw = bytearray(hashlib.shake_256(seed).digest(FW_SIZE))
+def firmware(
+    sections: tuple[Sec, ...] = LAYOUT, *, seed: bytes = b"fw", size: int = FW_SIZE
+) -> bytes:
+    """a firmware image of `size` bytes whose GUIDed table points at TDVF metadata listing
+    `sections`."""
+    fw = bytearray(hashlib.shake_256(seed).digest(size))
     meta_at = 0x1000
     meta = struct.pack("<4sIII", b"TDVF", 16 + 32 * len(sections), 1, len(sections))
     for s in sections:
@@ -51,11 +54,11 @@ def firmware(sections: tuple[Sec, ...] = LAYOUT, *, seed: bytes = b"fw") -> byte
             "<IIQQII", s.data_offset, s.raw_size, s.address, s.size, s.type, s.attributes
         )
     fw[meta_at : meta_at + len(meta)] = meta
-    entry = struct.pack("<I", FW_SIZE - meta_at) + struct.pack("<H", 22) + TDX_META
+    entry = struct.pack("<I", size - meta_at) + struct.pack("<H", 22) + TDX_META
     other = b"\xaa" * 6 + struct.pack("<H", 24) + OTHER_GUID  # an unrelated entry before it
     table = other + entry
     footer = struct.pack("<H", len(table) + 18) + FOOTER
-    end = FW_SIZE - 32
+    end = size - 32
     fw[end - len(table) - 18 : end] = table + footer
     return bytes(fw)
 
@@ -97,10 +100,11 @@ def expected_mrtd(fw: bytes, sections: tuple[Sec, ...], *, two_pass: bool) -> by
 # ---------------------------------------------------------------------------------- kernel
 
 
-def pe_kernel(*, cert: bool = False, seed: bytes = b"kernel") -> bytes:
+def pe_kernel(*, cert: bool = False, seed: bytes = b"kernel", text: int = 0x1000) -> bytes:
     """a PE32+ image with a Linux boot protocol 2.15 setup header (initrd above 4 GiB allowed)
-    and two sections; `cert` appends a certificate table after trailing data."""
-    size = 0x3000
+    and two sections (the second `text` bytes); `cert` appends a certificate table after
+    trailing data."""
+    size = 0x2400 + text + 0xC00
     img = bytearray(hashlib.shake_256(seed).digest(size))
     img[0:2] = b"MZ"
     lfanew = 0x80
@@ -115,7 +119,7 @@ def pe_kernel(*, cert: bool = False, seed: bytes = b"kernel") -> bytes:
     struct.pack_into("<I", img, optional + 108, 16)  # NumberOfRvaAndSizes
     struct.pack_into("<II", img, optional + 112 + 4 * 8, 0, 0)  # no certificate table yet
     table = optional + optional_size
-    for i, (ptr, raw) in enumerate([(0x1400, 0x1000), (0x400, 0x1000)]):  # out of file order
+    for i, (ptr, raw) in enumerate([(0x1400, 0x1000 + text), (0x400, 0x1000)]):  # not in file order
         entry = table + 40 * i
         img[entry : entry + 8] = f".s{i}".encode().ljust(8, b"\0")
         struct.pack_into("<II", img, entry + 16, raw, ptr)
