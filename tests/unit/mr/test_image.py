@@ -278,3 +278,12 @@ def test_sandbox_measurement_file_must_be_the_images(tmp_path):
     path.write_text(json.dumps({**doc, "mrtd": "00"}))
     with pytest.raises(ImageError, match="malformed"):
         ImageDir.open(tmp_path / SANDBOX_IMAGE).sandbox_measurements()
+
+
+def test_a_digest_file_must_agree_with_the_manifest(tmp_path):
+    h = image_dir(tmp_path / "img")
+    (tmp_path / "img" / "digest.txt").write_text(h.hex())
+    assert ImageDir.open(tmp_path / "img").identity == h
+    (tmp_path / "img" / "digest.txt").write_text("ab" * 32)
+    with pytest.raises(ImageError, match=r"is not sha256\(sha256sum\.txt\)"):
+        ImageDir.open(tmp_path / "img")
