@@ -179,3 +179,12 @@ async def test_lite_fixture_without_collateral(vectors):
         assert d["app_info"]["mr_system"].startswith("118f754a")
         assert d["app_info"]["mr_aggregated"].startswith("c758fa62")
         assert d["acpi_tables_verified"] is False
+
+
+async def test_a_forged_quote_fails_even_with_collateral_cached(verifier):
+    """a cached fmspc skips the precheck; dcap-qvl then refuses the forgery itself."""
+    att = attestation()
+    forged = bytearray(att.quote)
+    forged[200] ^= 1  # body changed after signing
+    v = await verifier.verify(dataclasses.replace(att, quote=bytes(forged)))
+    assert not v.quote_verified and v.reason.startswith("quote: quote verification failed")
