@@ -177,7 +177,9 @@ enforce_self_authorization = false
 attest_rpc_cert = false
 
 [core.image]
-verify = false
+# the vmm's images: a cvm gets keys only if its quote is what the image it claims measures
+verify = true
+cache_dir = "{d / "images"}"
 
 [core.onboard]
 auto_bootstrap_domain = "kms.local"

@@ -71,8 +71,11 @@ def write_config(
     agent: Path | None = None,
     source_url: str = "",
     address: str = "127.0.0.1",
+    image_cache: Path | None = None,
 ) -> Path:
-    """a kms.toml; with `agent` the kms attests itself (self-authorization, attested rpc cert)."""
+    """a kms.toml; with `agent` the kms attests itself (self-authorization, attested rpc cert);
+    with `image_cache` it verifies os images from that directory."""
+    image = f'verify = true\ncache_dir = "{image_cache}"' if image_cache else "verify = false"
     port = free_port()
     attested = "true" if agent else "false"
     extra = f'guest_agent = "{agent}"' if agent else ""
@@ -90,7 +93,7 @@ attest_rpc_cert = {attested}
 {extra}
 
 [core.image]
-verify = false
+{image}
 
 [core.onboard]
 auto_bootstrap_domain = "kms.local"

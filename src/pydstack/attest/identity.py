@@ -25,7 +25,7 @@ from pydstack.types import jsonlimits
 from .attestation import Attestation
 from .errors import ParseError
 from .eventlog import RuntimeEvent, replay_runtime_events
-from .quote import parse_quote
+from .quote import TdReport, parse_quote
 
 SYSTEM_READY = "system-ready"
 BOOT_MR_DONE = "boot-mr-done"
@@ -150,11 +150,19 @@ class AppInfo:
 
     @classmethod
     def from_attestation(
-        cls, att: Attestation, *, boottime_mr: bool, ppid: bytes | None = None
+        cls,
+        att: Attestation,
+        *,
+        boottime_mr: bool,
+        ppid: bytes | None = None,
+        report: TdReport | None = None,
     ) -> AppInfo:
-        """decode identity from an attestation (TDX); `ppid` comes from a verified quote."""
-        quote = parse_quote(att.quote)
-        report = quote.td_report
+        """decode identity from an attestation (TDX); `ppid` comes from a verified quote.
+        `report`: the TD report of `att.quote` when the caller parsed it and checked that its
+        RTMR3 is the replay of the runtime events (both are then not done again)."""
+        replayed = report is not None
+        if report is None:
+            report = parse_quote(att.quote).td_report
         if report is None:
             raise ParseError("attestation quote is not a tdx quote")
         events = list(att.runtime_events)
@@ -163,7 +171,7 @@ class AppInfo:
             rtmr3 = replay_runtime_events(events, stop_after=BOOT_MR_DONE)
             kp_info = b""
         else:
-            rtmr3 = replay_runtime_events(events)
+            rtmr3 = report.rtmr3 if replayed else replay_runtime_events(events)
         init_scripts = find_events(events, "init-script-hash")
         return cls(
             app_id=find_event(events, "app-id") or b"",

@@ -25,14 +25,19 @@ class Reader:
         return len(self.data) - self.pos
 
     def take(self, n: int) -> bytes:
-        if n < 0 or n > self.remaining:
-            raise ParseError(f"scale: need {n} bytes at offset {self.pos}, {self.remaining} left")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
+        pos = self.pos
+        end = pos + n
+        if n < 0 or end > len(self.data):
+            raise ParseError(f"scale: need {n} bytes at offset {pos}, {self.remaining} left")
+        self.pos = end
+        return self.data[pos:end]
 
     def read_u8(self) -> int:
-        return self.take(1)[0]
+        pos = self.pos
+        if pos >= len(self.data):
+            raise ParseError(f"scale: need 1 bytes at offset {pos}, 0 left")
+        self.pos = pos + 1
+        return self.data[pos]
 
     def read_u16(self) -> int:
         return int(struct.unpack("<H", self.take(2))[0])
@@ -74,7 +79,7 @@ class Reader:
 
     def read_len(self, min_item_size: int = 1) -> int:
         n = self.read_compact()
-        if n * min_item_size > self.remaining:
+        if n * min_item_size > len(self.data) - self.pos:
             raise ParseError(f"scale: length {n} exceeds the remaining {self.remaining} bytes")
         return n
 

@@ -87,8 +87,14 @@ def _collateral_obj(collateral: Any) -> Any:
         collateral = collateral.decode()
     if not isinstance(collateral, str):
         raise VerifyError("collateral must be QuoteCollateralV3, its json text or a dict")
+    return _parsed_collateral(collateral)
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_collateral(text: str) -> Any:
+    """collateral JSON parsed once per text (parsing costs more than a verification)."""
     try:
-        return dcap_qvl.QuoteCollateralV3.from_json(collateral)
+        return dcap_qvl.QuoteCollateralV3.from_json(text)
     except ValueError as e:
         raise VerifyError(f"invalid collateral: {e}") from e
 
@@ -101,6 +107,16 @@ def _issue_date(collateral: Any) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _next_update(collateral_json: str) -> float | None:
+    """the nextUpdate of a collateral's TCB info (read once per text), None if unreadable."""
+    try:
+        tcb = json.loads(json.loads(collateral_json)["tcb_info"])
+        return dt.datetime.fromisoformat(tcb["nextUpdate"].replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def verify_quote(
     quote_bytes: bytes,
     collateral: Any,
@@ -108,12 +124,14 @@ def verify_quote(
     policy: VerificationPolicy | None = None,
     root_ca_der: bytes | None = None,
     now: int | None = None,
+    parsed: Quote | None = None,
 ) -> VerifiedQuote:
-    """verify a quote under `policy`; raises VerifyError naming why it is refused."""
+    """verify a quote under `policy`; raises VerifyError naming why it is refused. `parsed`:
+    the caller's parse of these very bytes, to save parsing them again."""
     policy = policy or VerificationPolicy()
     now = int(time.time()) if now is None else now
     try:
-        quote = parse_quote(quote_bytes)
+        quote = parse_quote(quote_bytes) if parsed is None else parsed
     except ParseError as e:
         raise VerifyError(f"malformed quote: {e}") from e
     report_td = quote.td_report
@@ -161,7 +179,7 @@ def verify_quote(
             raise VerifyError(f"advisories not allowed: {', '.join(bad)}")
     fmspc = ""
     with contextlib.suppress(ValueError):
-        fmspc = dcap_qvl.parse_quote(quote_bytes).fmspc()
+        fmspc = _claimed_fmspc(quote.pck_cert_chain_pem)
     return VerifiedQuote(status, advisories, bytes(report.ppid), quote, fmspc)
 
 
@@ -238,6 +256,15 @@ def _fmspc(leaf: x509.Certificate) -> str:
     if len(fmspc) != 6:
         raise VerifyError("pck certificate fmspc must be 6 bytes")
     return fmspc.hex().upper()
+
+
+@functools.lru_cache(maxsize=256)
+def _claimed_fmspc(chain_pem: bytes) -> str:
+    """the FMSPC a PCK chain's leaf names, unverified (a cache key only)."""
+    try:
+        return _fmspc(x509.load_pem_x509_certificates(chain_pem)[0])
+    except (ValueError, IndexError) as e:
+        raise VerifyError(f"pck certificate chain is malformed: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -348,12 +375,8 @@ class CollateralCache:
 
     @staticmethod
     def _fresh(collateral_json: str, now: int) -> bool:
-        try:
-            tcb = json.loads(json.loads(collateral_json)["tcb_info"])
-            nxt = dt.datetime.fromisoformat(tcb["nextUpdate"].replace("Z", "+00:00"))
-        except (ValueError, KeyError, TypeError):
-            return False
-        return now < nxt.timestamp()
+        nxt = _next_update(collateral_json)
+        return nxt is not None and now < nxt
 
     def put(self, fmspc: str, collateral_json: str) -> None:
         self._mem[fmspc.upper()] = collateral_json
@@ -363,6 +386,21 @@ class CollateralCache:
 
     def seed_from_file(self, quote: bytes, path: Path) -> None:
         self.put(self._fmspc(quote), path.read_text())
+
+    def load_file(self, path: Path) -> str:
+        """add the collateral in `path` (QuoteCollateralV3 JSON, e.g. saved from a PCCS for
+        offline use) under the FMSPC its TCB info names; returns that FMSPC. VerifyError when
+        the file is not such collateral."""
+        try:
+            text = path.read_text()
+            fmspc = str(json.loads(json.loads(text)["tcb_info"])["fmspc"]).upper()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise VerifyError(f"{path.name} is not collateral json with a tcb info: {e}") from e
+        if len(fmspc) != 12 or not all(c in "0123456789ABCDEF" for c in fmspc):
+            raise VerifyError(f"{path.name}: tcb info fmspc {fmspc[:16]!r} is not 6 hex bytes")
+        _collateral_obj(text)
+        self._mem[fmspc] = text
+        return fmspc
 
     def cached(self, fmspc: str, now: int) -> str | None:
         hit = self._mem.get(fmspc)
@@ -374,6 +412,29 @@ class CollateralCache:
         if hit is not None and self._fresh(hit, now):
             return hit
         return None
+
+    async def lookup(
+        self,
+        quote: bytes,
+        now: int | None = None,
+        *,
+        root_ca_der: bytes | None = None,
+        parsed: Quote | None = None,
+    ) -> str:
+        """like :meth:`get`, but a fresh cached entry for the FMSPC the quote's PCK certificate
+        claims is returned without the precheck: for callers that verify the quote with
+        dcap-qvl right after (which checks everything the precheck does), so a forged quote is
+        refused there and still never costs a PCCS request. A miss prechecks as `get` does."""
+        now = int(time.time()) if now is None else now
+        try:
+            chain = (parse_quote(quote) if parsed is None else parsed).pck_cert_chain_pem
+            fmspc = _claimed_fmspc(chain)
+        except (ParseError, VerifyError):
+            fmspc = ""
+        hit = self.cached(fmspc, now) if fmspc else None
+        if hit is not None:
+            return hit
+        return await self.get(quote, now, root_ca_der=root_ca_der)
 
     async def get(
         self, quote: bytes, now: int | None = None, *, root_ca_der: bytes | None = None

@@ -1,4 +1,5 @@
-"""`kms.toml`: upstream's keys, plus `core.auth_api.simple.config`, `core.key_epoch` and
+"""`kms.toml`: upstream's keys (`[core.image] verify, cache_dir, download_url, download_timeout`
+included), plus `core.auth_api.simple.config`, `core.key_epoch` and
 `core.attestation.max_concurrent_fetches` (PCCS collateral fetches at once, default 4).
 
 Extensions for the listeners (rpc, onboard, admin): `[rpc] allowed_hosts` (DNS names besides
@@ -19,6 +20,16 @@ from typing import Any
 from pydstack.errors import ConfigError
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.limits import ServerLimits
+
+
+def _seconds(value: object) -> float:
+    """seconds as a number or upstream's duration text ("2m", "30s", "1h")."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    units = {"s": 1, "m": 60, "h": 3600}
+    if isinstance(value, str) and value[-1:] in units and value[:-1].isdigit():
+        return float(int(value[:-1]) * units[value[-1]])
+    raise ConfigError(f"invalid duration {str(value)[:32]!r} (a number of seconds, or 30s, 2m, 1h)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,8 @@ class KmsConfig:
     onboard_port: int = 8000
     metrics_enabled: bool = True
     image_cache_dir: Path = Path("/usr/share/dstack/images")
+    image_download_url: str = ""
+    image_download_timeout: float = 120.0
     admin_enabled: bool = False
     admin_address: str = "127.0.0.1"
     admin_port: int = 8001
@@ -140,6 +153,10 @@ class KmsConfig:
             onboard_port=int(tbl(core, "onboard").get("port", 8000)),
             metrics_enabled=bool(tbl(core, "metrics").get("enabled", True)),
             image_cache_dir=Path(tbl(core, "image").get("cache_dir", base.image_cache_dir)),
+            image_download_url=str(tbl(core, "image").get("download_url", "")),
+            image_download_timeout=_seconds(
+                tbl(core, "image").get("download_timeout", base.image_download_timeout)
+            ),
             admin_enabled=bool(tbl(core, "admin").get("enabled", False)),
             admin_address=str(tbl(core, "admin").get("address", "127.0.0.1")),
             admin_port=int(tbl(core, "admin").get("port", 8001)),
@@ -169,11 +186,10 @@ class KmsConfig:
                 "core.attestation.root_ca.tdx needs "
                 "core.attestation.insecure_allow_external_trust_anchors = true"
             )
-        if self.image_verify:
-            raise ConfigError(
-                "core.image.verify = true is not supported yet (os image measurement is not "
-                "implemented); set it to false and pin os images in the auth backend"
-            )
+        if self.image_download_url and "{OS_IMAGE_HASH}" not in self.image_download_url:
+            raise ConfigError("core.image.download_url must contain {OS_IMAGE_HASH}")
+        if not 0 < self.image_download_timeout <= 86400:
+            raise ConfigError("core.image.download_timeout must be between 0 and 86400 seconds")
         if not 1 <= self.max_concurrent_fetches <= 64:
             raise ConfigError("core.attestation.max_concurrent_fetches must be between 1 and 64")
         if self.key_epoch < 0 or self.key_epoch >= 2**32:

@@ -13,6 +13,8 @@ from aiohttp import web
 from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
 from pydstack.errors import ConfigError, DstackError
+from pydstack.mr.store import ImageStore
+from pydstack.mr.verify import OsImageVerifier
 from pydstack.rpc.server import PrpcServer
 
 from .admin import admin_server, admin_token
@@ -48,7 +50,15 @@ async def make_state(cfg: KmsConfig) -> KmsState:
     collateral = CollateralCache(
         cfg.pccs_url, cfg.collateral_cache_dir, max_fetches=cfg.max_concurrent_fetches
     )
-    checker = AttestationChecker(collateral, root)
+    images = None
+    if cfg.image_verify:
+        images = OsImageVerifier(
+            ImageStore(cfg.image_cache_dir, cfg.image_download_url, cfg.image_download_timeout)
+        )
+        log.info("verifying os images (image cache %s)", cfg.image_cache_dir)
+    else:
+        log.warning("core.image.verify is false: os_image_hash is the caller's claim")
+    checker = AttestationChecker(collateral, root, images)
     auth = make_auth(cfg)
     if not store.exists():
         attest = (

@@ -93,6 +93,16 @@ def synthetic_boot_log(seed: bytes, os_image: str) -> tuple[bytes, list[TdxEvent
     return mrtd, label_acpi_events(events)
 
 
+def synthetic_measurements(os_image: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """MRTD and RTMR0-2 of a simulated TD booted from `os_image`: what its quotes carry, so an
+    image can ship them as its expected measurement (the seed does not change them)."""
+    mrtd, events = synthetic_boot_log(b"", os_image)
+    rtmrs = [bytes(48)] * 3
+    for ev in events:
+        rtmrs[ev.imr] = extend_mr(rtmrs[ev.imr], ev.digest)
+    return mrtd, rtmrs[0], rtmrs[1], rtmrs[2]
+
+
 class SimulatedTdx:
     """a simulated TD: quote generation, RTMR state and event log."""
 

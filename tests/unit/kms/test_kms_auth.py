@@ -169,7 +169,11 @@ def test_config_fails_closed():
     fetches = base + "[core.attestation]\nmax_concurrent_fetches = 2\n"
     assert KmsConfig.from_toml(fetches).max_concurrent_fetches == 2
     for bad, msg in [
-        ("", "core.image.verify = true is not supported"),
+        (
+            '[core.image]\ndownload_url = "https://images.example/x.tar.gz"\n',
+            "must contain {OS_IMAGE_HASH}",
+        ),
+        ('[core.image]\ndownload_timeout = "soon"\n', "invalid duration"),
         (base + '[core.auth_api]\ntype = "magic"\n', "not supported"),
         (
             base + '[core.attestation.root_ca]\ntdx = "/x"\n',

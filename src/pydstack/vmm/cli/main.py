@@ -10,7 +10,7 @@ from typing import NoReturn
 from pydstack.crypto.envcrypt import EnvError
 
 from ..compose import ArgError
-from . import deploy, envkeys, images, update, vmms, vms
+from . import deploy, envkeys, images, update, verify, vmms, vms
 from .common import DEFAULT_URL, CliError, VmmClient, config_dir, load_json
 
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-password", default=None, help="basic auth password (DSTACK_VMM_AUTH_PASSWORD)"
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (vms, deploy, update, images, vmms, envkeys):
+    for module in (vms, deploy, update, images, vmms, envkeys, verify):
         module.add_parsers(sub)
     return p
 

@@ -1,4 +1,5 @@
-"""the sandbox backend's one guest image, built in: its guest OS is pydstack itself."""
+"""the sandbox backend's one guest image, built in: its guest OS is pydstack itself. It ships
+its expected measurement (`measurement.sandbox.json`), which `core.image.verify` checks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 from pydstack import __version__
+from pydstack.mr.image import SANDBOX_MEASUREMENT, sandbox_measurement_doc
 from pydstack.vmm.workdir import atomic_write
 
 SANDBOX_IMAGE = "pydstack-sandbox"
@@ -28,3 +30,8 @@ def ensure_sandbox_image(image_path: Path) -> None:
     if not (d / "metadata.json").exists() or json.loads((d / "metadata.json").read_text()) != meta:
         atomic_write(d / "metadata.json", json.dumps(meta, indent=2).encode())
         atomic_write(d / "digest.txt", digest.encode())
+    # the expected MRTD/RTMR0-2 of a CVM booted from this image (`core.image.verify` reads it)
+    measurement = sandbox_measurement_doc(digest)
+    path = d / SANDBOX_MEASUREMENT
+    if not path.exists() or path.read_bytes() != measurement:
+        atomic_write(path, measurement)

@@ -1,0 +1,164 @@
+"""dstack-verifier: `/verify` throughput next to raw dcap-qvl on the same quote with cached
+collateral, and the time of a full `dstack-mr measure`.
+
+* raw dcap-qvl: `dcap_qvl.verify_with_root_ca` on one simulated quote, collateral parsed once,
+  back to back on one core;
+* the verification core in process (DCAP with policy, RTMR3 replay, identity, OS image);
+* `/verify` on a dstack-verifier process on loopback (collateral from a file, the sandbox image
+  in its cache), CONCURRENCY clients at once, the same attestation each time, and `GET /health`
+  on the same server (what HTTP alone costs with the clients on the same cores);
+* `dstack-mr measure` (a process, as a user runs it) on a synthetic image of realistic size:
+  4 MiB firmware with a 2 MiB extended BFV, a 16 MiB kernel, a 64 MiB initrd; with --cbor-out.
+
+Prints numbers, asserts nothing. BENCH_SECONDS (default 3) per row, CONCURRENCY (default 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import dcap_qvl
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from common import rate, row
+
+from pydstack.attest.attestation import encode_v0
+from pydstack.attest.evidence import EvidenceVerifier
+from pydstack.attest.verify import CollateralCache
+from pydstack.devstack import free_port
+from pydstack.mr.store import ImageStore
+from pydstack.mr.verify import OsImageVerifier
+from pydstack.tee.simulated import SimulatedTdx
+from pydstack.vmm.images import ensure_sandbox_image
+from tests.integration.kms_proc import _wait
+from tests.unit.attest.test_evidence import SEED, attestation
+from tests.unit.mr.synth import LAYOUT, Sec, firmware, image_dir, pe_kernel
+
+
+async def http_rate(
+    url: str, body: bytes | None, seconds: float, concurrency: int
+) -> tuple[float, int]:
+    """requests per second (POST `body`, or GET when None) and how many were not valid."""
+    done = 0
+    bad = 0
+    end = time.perf_counter() + seconds
+    async with aiohttp.ClientSession() as session:
+
+        async def client() -> None:
+            nonlocal done, bad
+            while time.perf_counter() < end:
+                if body is None:
+                    async with session.get(url) as resp:
+                        await resp.read()
+                else:
+                    async with session.post(url, data=body) as resp:
+                        out = await resp.json()
+                    bad += not out["is_valid"]
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return done / (time.perf_counter() - start), bad
+
+
+def measure_image(d: Path) -> None:
+    mib = 1 << 20
+    layout = (
+        Sec(0, 1, 0xFFE00000, 2 * mib, data_offset=2 * mib, raw_size=2 * mib),
+        *LAYOUT[1:],
+    )
+    image_dir(
+        d,
+        fw=firmware(layout, size=4 * mib),
+        kernel=pe_kernel(text=16 * mib),
+        initrd=os.urandom(64 * mib),
+    )
+    cmd = [sys.executable, "-m", "pydstack.mr.cli", "measure", str(d), "-m", "4G", "--json"]
+    for label, extra in [
+        ("measure", []),
+        ("measure --cbor-out", ["--cbor-out", str(d / "m.cbor")]),
+    ]:
+        t = time.perf_counter()
+        subprocess.run([*cmd, *extra], check=True, capture_output=True)
+        print(f"dstack-mr {label:<39} {time.perf_counter() - t:8.2f} s (process, 86 MiB image)")
+
+
+def main() -> None:
+    secs = float(os.environ.get("BENCH_SECONDS", "3"))
+    concurrency = int(os.environ.get("CONCURRENCY", "8"))
+    tdx = SimulatedTdx(SEED)
+    att = attestation()
+    col_json = tdx.collateral_json()
+    now = int(time.time())
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ensure_sandbox_image(d / "images")
+        (d / "collateral.json").write_text(col_json)
+        (d / "root.der").write_bytes(tdx.root_ca_der)
+        port = free_port()
+        (d / "verifier.toml").write_text(
+            f'address = "127.0.0.1"\nport = {port}\nimage_cache_dir = "{d / "images"}"\n'
+            'image_download_url = ""\n[attestation]\ninsecure_allow_external_trust_anchors = true\n'
+            f'collateral_files = ["{d / "collateral.json"}"]\n[attestation.urls]\npccs = ""\n'
+            f'[attestation.root_ca]\ntdx = "{d / "root.der"}"\n'
+        )
+        print(f"# verifier, {secs:.0f} s per row, {os.cpu_count()} cores", flush=True)
+        col = dcap_qvl.QuoteCollateralV3.from_json(col_json)
+        raw, lat = rate(
+            lambda: dcap_qvl.verify_with_root_ca(att.quote, col, tdx.root_ca_der, now), secs
+        )
+        print(row("raw dcap-qvl verify_with_root_ca (one core)", raw, lat), flush=True)
+
+        cache = CollateralCache(None)
+        cache.load_file(d / "collateral.json")
+        core = EvidenceVerifier(
+            cache,
+            root_ca_der=tdx.root_ca_der,
+            images=OsImageVerifier(ImageStore(d / "images")),
+        )
+        loop = asyncio.new_event_loop()
+        assert loop.run_until_complete(core.verify(att)).is_valid
+        per_s, lat = rate(lambda: loop.run_until_complete(core.verify(att)), secs)
+        loop.close()
+        print(row("verification core in process (all checks)", per_s, lat), flush=True)
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pydstack.verifier.main", "-c", str(d / "verifier.toml")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            url = _wait(proc, "listening on").split()[-1] + "/verify"
+            body = json.dumps({"attestation": encode_v0(att).hex()}).encode()
+            asyncio.run(http_rate(url, body, 0.5, concurrency))  # warm up
+            http, bad = asyncio.run(http_rate(url, body, secs, concurrency))
+            health, _ = asyncio.run(
+                http_rate(url[: -len("/verify")] + "/health", None, secs, concurrency)
+            )
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)
+        print(
+            f"{'/verify over http, ' + str(concurrency) + ' clients':<48} {http:>10.1f}/s"
+            f"   {http / raw:.2f}x raw dcap-qvl   invalid answers: {bad}",
+            flush=True,
+        )
+        print(
+            f"{'GET /health over http (the http floor)':<48} {health:>10.1f}/s",
+            flush=True,
+        )
+        measure_image(d / "image")
+
+
+if __name__ == "__main__":
+    main()
