@@ -38,7 +38,7 @@ from pydstack.devstack import free_port
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
 from pydstack.tee.simulated import SimulatedTdx
-from pydstack.vmm.images import ensure_sandbox_image
+from pydstack.vmm.backends.sandbox.image import ensure_sandbox_image
 from tests.integration.kms_proc import _wait
 from tests.unit.attest.test_evidence import SEED, attestation
 from tests.unit.mr.synth import LAYOUT, Sec, firmware, image_dir, pe_kernel

@@ -14,7 +14,7 @@ import pytest
 from pydstack.attest.attestation import encode_v0
 from pydstack.devstack import free_port
 from pydstack.tee.simulated import SimulatedTdx
-from pydstack.vmm.images import ensure_sandbox_image
+from pydstack.vmm.backends.sandbox.image import ensure_sandbox_image
 
 from ..unit.attest.test_evidence import SEED, attestation
 from .kms_proc import _wait

@@ -15,7 +15,7 @@ from pydstack.attest.verify import CollateralCache
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
 from pydstack.tee.simulated import SimulatedTdx
-from pydstack.vmm.images import ensure_sandbox_image, sandbox_image_digest
+from pydstack.vmm.backends.sandbox.image import ensure_sandbox_image, sandbox_image_digest
 
 SEED = bytes.fromhex("3c" * 32)
 DIGEST = sandbox_image_digest()

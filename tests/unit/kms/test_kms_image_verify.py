@@ -17,7 +17,7 @@ from pydstack.kms.config import KmsConfig
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
 from pydstack.tee.simulated import SimulatedTdx
-from pydstack.vmm.images import ensure_sandbox_image, sandbox_image_digest
+from pydstack.vmm.backends.sandbox.image import ensure_sandbox_image, sandbox_image_digest
 from pydstack.vmm.td import TdIdentity, VmTd
 
 SEED = bytes.fromhex("77" * 32)

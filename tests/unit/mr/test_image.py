@@ -19,7 +19,11 @@ from pydstack.mr.lite import TdxImageMeasurement
 from pydstack.mr.machine import VmMeasureConfig
 from pydstack.mr.store import ImageStore
 from pydstack.mr.tdvf import AcpiDigests, Tdvf, measure_log
-from pydstack.vmm.images import SANDBOX_IMAGE, ensure_sandbox_image, sandbox_image_digest
+from pydstack.vmm.backends.sandbox.image import (
+    SANDBOX_IMAGE,
+    ensure_sandbox_image,
+    sandbox_image_digest,
+)
 from pydstack.vmm.td import TdIdentity, VmTd
 
 from .synth import LAYOUT, expected_authenticode, expected_mrtd, firmware, image_dir, pe_kernel
