@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ EMPTY_SHA256 = hashlib.sha256(b"").digest()
 SUPPORTED_KEY_ALGORITHMS = ("secp256k1", "ed25519")
 GPU_ATTESTATION_OUTPUT = Path("/run/nvidia-gpu-attestation/attestation.out")
 DMI_DIR = Path("/sys/class/dmi/id")
+#: distinct GetKey results kept per boot (an app asks for a handful of paths)
+KEY_CACHE_SIZE = 4096
 
 
 class AgentError(DstackError):
@@ -129,6 +132,13 @@ class GuestCore:
     gpu_attestation_file: Path = GPU_ATTESTATION_OUTPUT
     _demo_cert: str = ""
     _demo_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: GetKey results of this boot (the app's keys cannot change within one), bounded
+    _keys: OrderedDict[tuple[str, str, str], tuple[bytes, list[bytes]]] = field(
+        default_factory=OrderedDict
+    )
+    _keys_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Info of this boot per `external`, with the runtime-event count it was taken at
+    _info: dict[bool, tuple[int, InfoResult]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ compose
     @property
@@ -150,8 +160,31 @@ class GuestCore:
 
     # ------------------------------------------------------------------ keys
     def get_key(self, path: str, purpose: str, algorithm: str) -> tuple[bytes, list[bytes]]:
+        """the key for (path, purpose, algorithm) and its signature chain, computed once per
+        boot and served from memory afterwards (at most KEY_CACHE_SIZE of them)."""
+        hit = self.cached_key(path, purpose, algorithm)
+        if hit is not None:
+            return hit
         alg = normalize_algorithm(algorithm)
-        return k256.get_key_chain(self.keys.k256_key, path, purpose, alg, self.keys.k256_signature)
+        key, chain = k256.get_key_chain(
+            self.keys.k256_key, path, purpose, alg, self.keys.k256_signature
+        )
+        with self._keys_lock:
+            self._keys[(path, purpose, algorithm)] = (key, chain)
+            while len(self._keys) > KEY_CACHE_SIZE:
+                self._keys.popitem(last=False)
+        return key, list(chain)
+
+    def cached_key(
+        self, path: str, purpose: str, algorithm: str
+    ) -> tuple[bytes, list[bytes]] | None:
+        """GetKey's answer when this boot computed it already (no crypto, no thread)."""
+        with self._keys_lock:
+            hit = self._keys.get((path, purpose, algorithm))
+            if hit is None:
+                return None
+            self._keys.move_to_end((path, purpose, algorithm))
+        return hit[0], list(hit[1])
 
     def get_tls_key(
         self,
@@ -336,7 +369,26 @@ class GuestCore:
                     log.warning("cannot issue the demo certificate yet: %s", e)
             return self._demo_cert
 
+    def cached_info(self, *, external: bool) -> InfoResult | None:
+        """Info as last computed, while no runtime event was measured since."""
+        hit = self._info.get(external)
+        if hit is not None and hit[0] == len(self.platform.runtime_events()):
+            return hit[1]
+        return None
+
     def info(self, *, external: bool) -> InfoResult:
+        """what Info answers; constant within a boot once its events are measured, so it is
+        computed once (a quote and the event log) and served from memory until RTMR3 moves."""
+        hit = self.cached_info(external=external)
+        if hit is not None:
+            return hit
+        generation = len(self.platform.runtime_events())
+        result = self._compute_info(external=external)
+        if result.app_cert:  # the demo cert may need the kms: not cached until it exists
+            self._info[external] = (generation, result)
+        return result
+
+    def _compute_info(self, *, external: bool) -> InfoResult:
         att = self.attestation(b"")
         quote = parse_quote(att.quote)
         report = quote.td_report

@@ -31,6 +31,14 @@ async def _run(fn: Callable[[], T]) -> T:
         raise RpcError(str(e)) from e
 
 
+async def _cached_info(core: GuestCore, *, external: bool) -> InfoResult:
+    """Info from memory when this boot computed it already, else computed off the loop."""
+    hit = core.cached_info(external=external)
+    if hit is not None:
+        return hit
+    return await _run(lambda: core.info(external=external))
+
+
 def _info(r: InfoResult) -> pb.AppInfo:
     return pb.AppInfo(
         app_id=r.app_id,
@@ -85,7 +93,10 @@ class DstackGuestService:
         return pb.GetTlsKeyResponse(key=key, certificate_chain=chain)
 
     async def GetKey(self, req: pb.GetKeyArgs, ctx: CallContext) -> pb.GetKeyResponse:
-        key, chain = await _run(lambda: self.core.get_key(req.path, req.purpose, req.algorithm))
+        hit = self.core.cached_key(req.path, req.purpose, req.algorithm)
+        if hit is None:  # first time this boot: the derivation and signatures, off the loop
+            hit = await _run(lambda: self.core.get_key(req.path, req.purpose, req.algorithm))
+        key, chain = hit
         return pb.GetKeyResponse(key=key, signature_chain=chain)
 
     async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.GetQuoteResponse:
@@ -102,7 +113,7 @@ class DstackGuestService:
         )
 
     async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _run(lambda: self.core.info(external=False)))
+        return _info(await _cached_info(self.core, external=False))
 
     async def GpuInfo(self, req: Empty, ctx: CallContext) -> pb.GpuInfoResponse:
         return pb.GpuInfoResponse(attestation=await _run(self.core.gpu_info))
@@ -158,7 +169,7 @@ class TappdService:
         )
 
     async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _run(lambda: self.core.info(external=False)))
+        return _info(await _cached_info(self.core, external=False))
 
     async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
         return version_message()
@@ -169,7 +180,7 @@ class WorkerService:
         self.core = core
 
     async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _run(lambda: self.core.info(external=True)))
+        return _info(await _cached_info(self.core, external=True))
 
     async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
         return version_message()

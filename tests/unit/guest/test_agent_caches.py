@@ -1,0 +1,69 @@
+"""the agent serves what cannot change within a boot from memory: GetKey per (path, purpose,
+algorithm), Info until RTMR3 moves; per boot and per app, never shared, bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from pydstack.attest.eventlog import RuntimeEvent
+from pydstack.crypto import k256
+from pydstack.guest import core as core_mod
+from pydstack.guest.simulator import boot, prepare
+
+
+@pytest.fixture
+def agent(tmp_path):
+    return boot(prepare(tmp_path / "a", bytes(range(32))))
+
+
+def test_get_key_is_computed_once_per_boot(agent, monkeypatch):
+    tdx, core = agent
+    calls = []
+    real = k256.get_key_chain
+
+    def counting(*a, **kw):
+        calls.append(a[1:4])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(core_mod.k256, "get_key_chain", counting)
+    first = core.get_key("wallet/eth", "signing", "secp256k1")
+    again = core.get_key("wallet/eth", "signing", "secp256k1")
+    assert first == again and len(calls) == 1
+    assert core.cached_key("wallet/eth", "signing", "secp256k1") == first
+    assert core.cached_key("other", "signing", "secp256k1") is None
+    # what the cache hands out cannot alter what it keeps
+    first[1].clear()
+    assert core.get_key("wallet/eth", "signing", "secp256k1")[1]
+    # other paths are other keys; another algorithm is another entry (upstream derives the
+    # same key bytes for both algorithms, its signature chain differs)
+    assert core.get_key("wallet/other", "signing", "secp256k1")[0] != first[0]
+    assert core.get_key("wallet/eth", "signing", "ed25519")[1] != first[1]
+    assert len(calls) == 3
+
+
+def test_the_key_cache_is_bounded(agent, monkeypatch):
+    _, core = agent
+    monkeypatch.setattr(core_mod, "KEY_CACHE_SIZE", 8)
+    for i in range(20):
+        core.get_key(f"p{i}", "", "")
+    assert len(core._keys) == 8
+    assert core.cached_key("p0", "", "") is None and core.cached_key("p19", "", "") is not None
+
+
+def test_caches_are_per_app(tmp_path):
+    _, a = boot(prepare(tmp_path / "a", bytes(range(32))))
+    _, b = boot(prepare(tmp_path / "b", bytes(range(1, 33))))
+    assert a.get_key("p", "", "")[0] != b.get_key("p", "", "")[0]
+    assert b.cached_key("p", "", "") != a.cached_key("p", "", "")
+
+
+def test_info_is_served_from_memory_until_rtmr3_moves(agent):
+    tdx, core = agent
+    first = core.info(external=False)
+    assert core.cached_info(external=False) is first
+    assert core.info(external=False) is first
+    assert core.cached_info(external=True) is None  # the external view is its own
+    tdx.extend_rtmr3(RuntimeEvent("late-event", b"x"))
+    assert core.cached_info(external=False) is None
+    after = core.info(external=False)
+    assert after is not first and after.tcb_info != first.tcb_info
