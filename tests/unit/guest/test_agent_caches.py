@@ -17,7 +17,7 @@ def agent(tmp_path):
 
 
 def test_get_key_is_computed_once_per_boot(agent, monkeypatch):
-    tdx, core = agent
+    _, core = agent
     calls = []
     real = k256.get_key_chain
 
