@@ -375,3 +375,22 @@ async def test_a_dead_auth_api_is_not_described_to_callers(env, tmp_path):
         assert str(meta.value) == "auth api info failed"
     finally:
         kms.stop()
+
+
+async def test_a_stale_temp_ca_is_refreshed_once(env):
+    """the guest keeps each kms's temp ca; one the kms no longer trusts (a replaced kms) is
+    asked for again, once, and the keys still come."""
+    from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
+    from pydstack.guest import kms_client
+    from pydstack.rpc.proto import kms_rpc_pb2 as pb
+
+    url = env["kms"].url
+    base = kms_client._prpc_url(url)
+    stale_key = generate_p256_key()
+    stale = issue_cert(CertRequest("stale temp ca", ca_level=1), stale_key.public_key(), stale_key)
+    kms_client._TEMP_CA[base] = pb.GetTempCaCertResponse(
+        temp_ca_cert=cert_pem(stale), temp_ca_key=key_pem(stale_key)
+    )
+    keys, _ = await get_app_keys(url, App().attest, VM_CONFIG)
+    assert keys.k256_key
+    assert kms_client._TEMP_CA[base].temp_ca_cert != cert_pem(stale)

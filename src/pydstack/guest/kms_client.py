@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.empty_pb2 import Empty
@@ -48,15 +49,37 @@ def ra_tls_client(base: str, temp_ca_cert: str, temp_ca_key: str, attest: Attest
     )
 
 
+#: each KMS's temp CA (public: GetTempCaCert hands its key to anyone), so a guest that asks
+#: again skips a round trip and a TLS handshake; refreshed when the KMS refuses it
+_TEMP_CA: dict[str, pb.GetTempCaCertResponse] = {}
+
+
+async def temp_ca(base: str, *, refresh: bool = False) -> pb.GetTempCaCertResponse:
+    """the KMS's temp CA (over TLS to a certificate with the `kms:rpc` usage), cached."""
+    hit = None if refresh else _TEMP_CA.get(base)
+    if hit is not None:
+        return hit
+    async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
+        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
+    _TEMP_CA[base] = tmp
+    return tmp
+
+
 async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[AppKeys, bytes]:
     """the app keys, and the KMS root CA's SPKI DER (the `key-provider` id)."""
     base = _prpc_url(kms_url)
-    async with PrpcClient(base, prefix="/prpc", verify_server=check_kms_rpc_cert) as plain:
-        tmp = await plain.call("GetTempCaCert", Empty(), pb.GetTempCaCertResponse)
-    async with ra_tls_client(base, tmp.temp_ca_cert, tmp.temp_ca_key, attest) as mtls:
-        resp = await mtls.call(
-            "GetAppKey", pb.GetAppKeyRequest(api_version=1, vm_config=vm_config), pb.AppKeyResponse
-        )
+    request = pb.GetAppKeyRequest(api_version=1, vm_config=vm_config)
+    tmp = await temp_ca(base)
+    try:
+        async with ra_tls_client(base, tmp.temp_ca_cert, tmp.temp_ca_key, attest) as mtls:
+            resp = await mtls.call("GetAppKey", request, pb.AppKeyResponse)
+    except (RpcError, OSError, aiohttp.ClientError):
+        if base not in _TEMP_CA:
+            raise
+        # the kms may have a new temp ca (a restart): ask for it once more, then give up
+        tmp = await temp_ca(base, refresh=True)
+        async with ra_tls_client(base, tmp.temp_ca_cert, tmp.temp_ca_key, attest) as mtls:
+            resp = await mtls.call("GetAppKey", request, pb.AppKeyResponse)
     ca = load_cert_pem(resp.ca_cert)
     ca_spki = ca.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

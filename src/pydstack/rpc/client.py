@@ -22,6 +22,62 @@ from .unixpath import SocketPath
 M = TypeVar("M", bound=Message)
 
 
+_SYSTEM_TRUST: ssl.SSLContext | None = None
+
+
+def client_ssl_context(
+    *,
+    ca_pem: str | None = None,
+    attested: bool = False,
+    client_cert_pem: str | None = None,
+    client_key_pem: str | None = None,
+) -> ssl.SSLContext:
+    """the TLS context of a client: the system's roots only when they decide (loading them costs
+    ~50 ms, so that context is built once and shared); `ca_pem` alone when given; no chain
+    verification when trust comes from the server's attestation (`attested`: the certificate is
+    checked after connecting). A client certificate makes a context of its own."""
+    global _SYSTEM_TRUST
+    if not ca_pem and not attested and not client_cert_pem:
+        if _SYSTEM_TRUST is None:
+            _SYSTEM_TRUST = ssl.create_default_context()
+        return _SYSTEM_TRUST
+    if not ca_pem and not attested:
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.check_hostname = False
+        if ca_pem:
+            ctx.load_verify_locations(cadata=ca_pem)
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+    if client_cert_pem and client_key_pem:
+        _load_cert_chain(ctx, client_cert_pem, client_key_pem)
+    return ctx
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    """ssl loads certificates from files only: hand it anonymous in-memory files (the key never
+    touches a filesystem), or a private temporary directory where memfd is missing."""
+    if hasattr(os, "memfd_create"):
+        fds = [os.memfd_create("cert", os.MFD_CLOEXEC), os.memfd_create("key", os.MFD_CLOEXEC)]
+        try:
+            for fd, text in zip(fds, (cert_pem, key_pem), strict=True):
+                os.write(fd, text.encode())
+            ctx.load_cert_chain(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        cf, kf = Path(d) / "c.pem", Path(d) / "k.pem"
+        cf.write_text(cert_pem)
+        fd = os.open(kf, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key_pem)
+        ctx.load_cert_chain(cf, kf)
+
+
 class PrpcClient:
     """`base` is `http(s)://host:port[/prefix]` or a Unix socket path (then `prefix` applies)."""
 
@@ -54,24 +110,12 @@ class PrpcClient:
         self.url = self.url.rstrip("/")
         self._ssl: ssl.SSLContext | bool = True
         if base.startswith("https://"):
-            ctx = ssl.create_default_context()
-            if ca_pem:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.load_verify_locations(cadata=ca_pem)
-                ctx.check_hostname = False
-            if verify_server is not None and not ca_pem:
-                # trust comes from the server certificate's attestation, checked after connect
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            if client_cert_pem and client_key_pem:
-                with tempfile.TemporaryDirectory() as d:
-                    cf, kf = Path(d) / "c.pem", Path(d) / "k.pem"
-                    cf.write_text(client_cert_pem)
-                    fd = os.open(kf, os.O_WRONLY | os.O_CREAT, 0o600)
-                    with os.fdopen(fd, "w") as f:
-                        f.write(client_key_pem)
-                    ctx.load_cert_chain(cf, kf)
-            self._ssl = ctx
+            self._ssl = client_ssl_context(
+                ca_pem=ca_pem,
+                attested=verify_server is not None,
+                client_cert_pem=client_cert_pem,
+                client_key_pem=client_key_pem,
+            )
         self._session: aiohttp.ClientSession | None = None
 
     def _on_peer_cert(self, der: bytes | None) -> None:
