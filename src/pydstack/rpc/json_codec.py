@@ -88,14 +88,35 @@ def _is_repeated(f: Any) -> bool:
     return bool(f.label == FieldDescriptor.LABEL_REPEATED)
 
 
-def _scalar_out(f: Any, v: Any) -> Any:
-    if f.type == FieldDescriptor.TYPE_BYTES:
+_KIND_PLAIN, _KIND_BYTES, _KIND_MESSAGE, _KIND_ENUM = range(4)
+#: per message type, its fields in number order as (name, kind, repeated, has_presence)
+_PLANS: dict[str, list[tuple[str, int, bool, bool]]] = {}
+
+
+def _plan(desc: Any) -> list[tuple[str, int, bool, bool]]:
+    plan = _PLANS.get(desc.full_name)
+    if plan is None:
+        plan = []
+        for f in sorted(desc.fields, key=lambda f: f.number):
+            kind = {
+                FieldDescriptor.TYPE_BYTES: _KIND_BYTES,
+                FieldDescriptor.TYPE_MESSAGE: _KIND_MESSAGE,
+                FieldDescriptor.TYPE_ENUM: _KIND_ENUM,
+            }.get(f.type, _KIND_PLAIN)
+            # optional scalars and every singular message (prost's Option) have presence
+            plan.append((f.name, kind, _is_repeated(f), bool(f.has_presence)))
+        _PLANS[desc.full_name] = plan
+    return plan
+
+
+def _out(kind: int, v: Any) -> Any:
+    if kind == _KIND_PLAIN:
+        return v
+    if kind == _KIND_BYTES:
         return bytes(v).hex()
-    if f.type == FieldDescriptor.TYPE_MESSAGE:
+    if kind == _KIND_MESSAGE:
         return message_to_obj(v)
-    if f.type == FieldDescriptor.TYPE_ENUM:
-        return int(v)
-    return v
+    return int(v)
 
 
 def message_to_obj(msg: Message, omit_empty: frozenset[str] = frozenset()) -> Any:
@@ -103,16 +124,16 @@ def message_to_obj(msg: Message, omit_empty: frozenset[str] = frozenset()) -> An
     if desc.full_name == EMPTY_FULL_NAME:
         return None
     out: dict[str, Any] = {}
-    for f in sorted(desc.fields, key=lambda f: f.number):
-        value = getattr(msg, f.name)
-        if _is_repeated(f):
-            out[f.name] = [_scalar_out(f, v) for v in value]
-        elif f.has_presence:  # optional scalars and every singular message (prost's Option)
-            out[f.name] = _scalar_out(f, value) if msg.HasField(f.name) else None
+    for name, kind, repeated, presence in _plan(desc):
+        value = getattr(msg, name)
+        if repeated:
+            out[name] = list(value) if kind == _KIND_PLAIN else [_out(kind, v) for v in value]
+        elif presence:
+            out[name] = _out(kind, value) if msg.HasField(name) else None
         else:
-            out[f.name] = _scalar_out(f, value)
-        if f.name in omit_empty and not value:
-            del out[f.name]
+            out[name] = _out(kind, value)
+        if name in omit_empty and not value:
+            del out[name]
     return out
 
 

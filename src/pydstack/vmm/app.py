@@ -37,7 +37,7 @@ from .backends import BootSpec, CvmBackend, make_backend
 from .config import VmmConfig
 from .errors import GuestUnavailable, InvalidState, Refused, VmmError, VmNotFound
 from .hostapi import serve_host_api
-from .images import Image, load_images
+from .images import Image, ImageCatalog
 from .runtime import VmRuntime
 from .supervisor import AutoRestart
 from .tasks import TaskOwner
@@ -66,6 +66,7 @@ class VmmApp:
         self.clock = clock
         self.vms: dict[str, Vm] = {}
         self.admission = Admission(config, self.backend, self.vms)
+        self._images = ImageCatalog(config.image_path, self.backend.capabilities.image_kinds)
         self.tasks = TaskOwner()
         self.supervisor = AutoRestart(self, clock)
         self._lock = asyncio.Lock()
@@ -91,7 +92,7 @@ class VmmApp:
         await self.backend.close()
 
     def images(self) -> dict[str, Image]:
-        return load_images(self.config.image_path, self.backend.capabilities.image_kinds)
+        return self._images.get()
 
     # ------------------------------------------------------------------ registry
     def get(self, vm_id: str) -> Vm:
@@ -112,8 +113,15 @@ class VmmApp:
     def status_of(self, vm: Vm) -> str:
         return status_of(vm, self.is_running(vm))
 
-    def vm_info(self, vm: Vm, brief: bool = False) -> pb.VmInfo:
-        image = self.images().get(vm.manifest.image)
+    def vm_infos(self, vms: list[Vm], brief: bool = False) -> list[pb.VmInfo]:
+        """VmInfo of many VMs (Status): the image catalog is looked at once, not per VM."""
+        images = self.images()
+        return [self.vm_info(vm, brief, images=images) for vm in vms]
+
+    def vm_info(
+        self, vm: Vm, brief: bool = False, *, images: dict[str, Image] | None = None
+    ) -> pb.VmInfo:
+        image = (images if images is not None else self.images()).get(vm.manifest.image)
         return vm_info(
             vm,
             status=self.status_of(vm),

@@ -42,3 +42,38 @@ def load_images(image_path: Path, kinds: Iterable[str]) -> dict[str, Image]:
         except (OSError, ValueError):
             continue
     return out
+
+
+class ImageCatalog:
+    """`load_images` answered from memory while the image directory is unchanged (its entries
+    and each `metadata.json`/`digest.txt` by mtime): a Status of hundreds of VMs asks for an
+    image per VM."""
+
+    def __init__(self, image_path: Path, kinds: Iterable[str]) -> None:
+        self.image_path = image_path
+        self.kinds = tuple(kinds)
+        self._key: tuple[tuple[str, int, int], ...] | None = None
+        self._images: dict[str, Image] = {}
+
+    def _signature(self) -> tuple[tuple[str, int, int], ...]:
+        out = []
+        try:
+            entries = sorted(self.image_path.iterdir())
+        except OSError:
+            return ()
+        for d in entries:
+            stamps = []
+            for name in ("metadata.json", "digest.txt"):
+                try:
+                    stamps.append((d / name).stat().st_mtime_ns)
+                except OSError:
+                    stamps.append(0)
+            out.append((d.name, stamps[0], stamps[1]))
+        return tuple(out)
+
+    def get(self) -> dict[str, Image]:
+        key = self._signature()
+        if key != self._key:
+            self._images = load_images(self.image_path, self.kinds)
+            self._key = key
+        return self._images

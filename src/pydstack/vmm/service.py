@@ -122,7 +122,7 @@ class VmmService:
             start = (req.page - 1) * req.page_size
             vms = vms[start : start + req.page_size]
         return pb.StatusResponse(
-            vms=[self.app.vm_info(v, brief=req.brief) for v in vms],
+            vms=self.app.vm_infos(vms, brief=req.brief),
             port_mapping_enabled=self.app.config.port_mapping_enabled,
             total=total,
         )

@@ -7,9 +7,6 @@ null) in a brief listing.
 
 from __future__ import annotations
 
-import contextlib
-import json
-
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.types import hostshare as hs
 
@@ -80,11 +77,9 @@ def vm_info(
         image_version=image_version,
         exited_at=humantime(now - vm.exited_at) if vm.exited_at else "never",
     )
-    raw_info = vm.workdir.read_shared(hs.INSTANCE_INFO)
-    with contextlib.suppress(ValueError, AttributeError, TypeError):
-        iid = json.loads(raw_info or b"{}").get("instance_id", "")
-        if iid:
-            info.instance_id = iid
+    iid = vm.workdir.instance_id()
+    if iid:
+        info.instance_id = iid
     for e in vm.runtime.events:
         info.events.append(pb.GuestEvent(event=e.event, body=e.payload, timestamp=e.timestamp_ms))
     for i in interfaces:

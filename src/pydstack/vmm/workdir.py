@@ -9,6 +9,7 @@ the VMM finishes (stopping the CVM first) when it finds one at start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,6 +149,8 @@ SHARED_FILES = hs.SHARED_NAMES
 class VmWorkDir:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._started: bool | None = None
+        self._instance: tuple[int, str] = (-1, "")
 
     @property
     def id(self) -> str:
@@ -198,13 +201,33 @@ class VmWorkDir:
         atomic_write(self.path / "vm-manifest.json", m.to_json().encode())
 
     def started(self) -> bool:
-        try:
-            return bool(json.loads((self.path / "vm-state.json").read_text()).get("started"))
-        except (OSError, ValueError, AttributeError):
-            return False
+        """the desired state; read from disk once, then kept (only this object writes it)."""
+        if self._started is None:
+            try:
+                doc = json.loads((self.path / "vm-state.json").read_text())
+                self._started = bool(doc.get("started"))
+            except (OSError, ValueError, AttributeError):
+                return False
+        return self._started
 
     def set_started(self, started: bool) -> None:
         atomic_write(self.path / "vm-state.json", json.dumps({"started": started}).encode())
+        self._started = started
+
+    def instance_id(self) -> str:
+        """the instance id the guest reported (`.instance_info`), reread only when it changes."""
+        path = self.shared / hs.INSTANCE_INFO
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return ""
+        if stamp != self._instance[0]:
+            iid = ""
+            with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+                value = json.loads(path.read_bytes() or b"{}").get("instance_id", "")
+                iid = value if isinstance(value, str) else ""
+            self._instance = (stamp, iid)
+        return self._instance[1]
 
     def write_shared(self, name: str, data: bytes) -> None:
         if name not in SHARED_FILES:
