@@ -1,95 +1,203 @@
-"""guest agent requests per second and latency over its unix socket.
+"""guest agent requests per second and latency, with load generators that are not the bottleneck.
 
-GetKey, GetQuote and Info against `dstack-simulator` at 1 and 32 concurrent clients, next to a
-trivial prpc method on the same HTTP stack (the floor: what the transport alone costs). Server
-processes run separately from the load generator.
+`dstack-simulator` serves the agent on its unix socket and on an HTTP listener. Two loads:
+
+* wrk (C, its own threads) against the HTTP listener;
+* a multi-process raw HTTP/1.1 keep-alive client on the unix socket (the SDKs' transport).
+
+Rows: `Version` (no work: the floor of the HTTP stack), `GetKey`, `Info`, `GetQuote`; each
+with its ratio to `Version`, and the in-process cost of the work itself (a key and its signature
+chain, a quote) as a second floor.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import multiprocessing as mp
 import os
+import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import pct
 
-HERE = Path(__file__).parent
+CALLS = {
+    "Version": b"{}",
+    "GetKey": b'{"path":"/bench","purpose":"signing"}',
+    "Info": b"{}",
+    "GetQuote": b'{"report_data":"01"}',
+}
 
 
-async def load(
-    label: str, sock: str, method: str, body: bytes, conc: int, seconds: float
-) -> tuple[int, list[float]]:
-    lat: list[float] = []
-    end = time.perf_counter() + seconds
-    errors = 0
-
-    async def worker() -> None:
-        nonlocal errors
-        conn = aiohttp.UnixConnector(path=sock, limit=1)
-        async with aiohttp.ClientSession(connector=conn) as s:
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                async with s.post(
-                    f"http://localhost/{method}",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                ) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                lat.append(time.perf_counter() - t)
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(conc)))
-    elapsed = time.perf_counter() - start
-    print(
-        f"{label:<8} {method:<10} conc {conc:>3}  {len(lat) / elapsed:9.1f} req/s   "
-        f"p50 {pct(lat, 50) * 1e3:7.2f} ms   p99 {pct(lat, 99) * 1e3:7.2f} ms   errors {errors}",
-        flush=True,
-    )
-    return errors, lat
-
-
-def start(cmd: list[str], ready: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+def start_simulator(d: str, port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.guest.simulator", "--dir", f"{d}/sim",
+         "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
-        if ready in line:
+        if "export TAPPD" in line:
             return proc
-    raise RuntimeError(f"{cmd[2]} did not start")
+    raise RuntimeError("dstack-simulator did not start")
 
 
-async def main() -> None:
-    secs = float(os.environ.get("BENCH_SECONDS", "3"))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wrk(port: int, method: str, body: bytes, conns: int, secs: float, d: str) -> tuple[float, ...]:
+    script = Path(d) / f"{method}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body.decode())}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{conns}", f"-d{int(secs)}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}/{method}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def ms(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        if m is None:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, ms("50"), ms("99"), float(errors.group(1)) if errors else 0.0
+
+
+def _unix_worker(sock: str, method: str, body: bytes, conns: int, secs: float, q: mp.Queue) -> None:
+    """`conns` keep-alive connections driven from one process with select-free round robin."""
+    request = (
+        f"POST /{method} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    socks = []
+    for _ in range(conns):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock)
+        socks.append(s)
+    lat: list[float] = []
+    errors = 0
+    end = time.perf_counter() + secs
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sent: dict[socket.socket, float] = {}
+    bufs: dict[socket.socket, bytes] = {}
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+        s.sendall(request)
+        sent[s] = time.perf_counter()
+        bufs[s] = b""
+    while time.perf_counter() < end:
+        for key, _ in sel.select(1):
+            s = key.fileobj  # type: ignore[assignment]
+            data = s.recv(65536)  # type: ignore[attr-defined]
+            if not data:
+                return
+            buf = bufs[s] + data  # type: ignore[index]
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if not sep:
+                bufs[s] = buf  # type: ignore[index]
+                continue
+            m = re.search(rb"content-length: (\d+)", head, re.I)
+            need = int(m.group(1)) if m else 0
+            if len(rest) < need:
+                bufs[s] = buf  # type: ignore[index]
+                continue
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors += 1
+            bufs[s] = rest[need:]  # type: ignore[index]
+            now = time.perf_counter()
+            lat.append(now - sent[s])  # type: ignore[index]
+            s.sendall(request)  # type: ignore[attr-defined]
+            sent[s] = now  # type: ignore[index]
+    q.put((lat, errors))
+
+
+def unix(sock: str, method: str, body: bytes, procs: int, conns: int, secs: float) -> tuple:
+    q: mp.Queue = mp.Queue()
+    workers = [
+        mp.Process(target=_unix_worker, args=(sock, method, body, conns, secs, q))
+        for _ in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    lat: list[float] = []
+    errors = 0
+    for _ in workers:
+        part, err = q.get(timeout=secs + 60)
+        lat += part
+        errors += err
+    for w in workers:
+        w.join()
+    return len(lat) / secs, pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, float(errors)
+
+
+def work_floor(d: str) -> dict[str, float]:
+    """the work itself, in process: per second."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+    from pydstack.crypto import k256
+    from pydstack.guest.simulator import boot, prepare
+
+    tdx, core = boot(prepare(Path(d) / "floor", bytes(32)))
+    out = {}
+    n = 300
+    t = time.perf_counter()
+    for i in range(n):
+        k256.get_key_chain(core.keys.k256_key, f"/p{i}", "signing", "secp256k1",
+                           core.keys.k256_signature)  # fmt: skip
+    out["GetKey"] = n / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(100):
+        tdx.get_quote(b"\x01")
+    out["GetQuote"] = 100 / (time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    secs = float(os.environ.get("BENCH_SECONDS", "5"))
+    conns = int(os.environ.get("BENCH_CONNS", "32"))
     with tempfile.TemporaryDirectory() as d:
-        sim = start(
-            [sys.executable, "-m", "pydstack.guest.simulator", "--dir", f"{d}/sim"], "export TAPPD"
-        )
-        triv = start([sys.executable, str(HERE / "trivial_server.py"), f"{d}/t.sock"], "ready")
+        port = free_port()
+        sim = start_simulator(d, port)
         try:
-            print(f"# unix socket, json mode, {secs:.0f} s per row, server and client processes")
-            for conc in (1, 32):
-                await load("trivial", f"{d}/t.sock", "Version", b"{}", conc, secs)
-                await load("agent", f"{d}/sim/dstack.sock", "Version", b"{}", conc, secs)
-                await load(
-                    "agent", f"{d}/sim/dstack.sock", "GetKey", b'{"path":"/bench"}', conc, secs
-                )
-                await load(
-                    "agent", f"{d}/sim/dstack.sock", "GetQuote", b'{"report_data":"01"}', conc, secs
-                )
-                await load("agent", f"{d}/sim/dstack.sock", "Info", b"{}", conc, secs)
+            floors = work_floor(d)
+            load = os.getloadavg()[0]
+            print(f"# dstack-simulator, {conns} connections, {secs:.0f} s per row, load {load:.1f}")
+            print(f"# the work alone, in process: key + chain {floors['GetKey']:.0f}/s, "
+                  f"quote {floors['GetQuote']:.0f}/s")  # fmt: skip
+            for label, run in (
+                ("wrk http", lambda m, b: wrk(port, m, b, conns, secs, d)),
+                (
+                    "unix x2 procs",
+                    lambda m, b: unix(f"{d}/sim/dstack.sock", m, b, 2, conns // 2, secs),
+                ),
+            ):
+                base = None
+                for method, body in CALLS.items():
+                    rps, p50, p99, errors = run(method, body)
+                    base = base or rps
+                    print(f"  {label:<14} {method:<9} {rps:9.0f} req/s  p50 {p50:6.2f} ms  "
+                          f"p99 {p99:6.2f} ms  {rps / base:5.2f}x Version  errors {errors:.0f}",
+                          flush=True)  # fmt: skip
         finally:
-            for p in (sim, triv):
-                p.terminate()
-                p.wait(10)
+            sim.terminate()
+            sim.wait(10)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
