@@ -23,6 +23,8 @@ from cryptography import x509
 
 from pydstack.errors import InputError
 
+from .tickets import set_ticket_keys
+
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -57,8 +59,10 @@ def server_context(
     key_pem: str,
     versions: tuple[ssl.TLSVersion, ssl.TLSVersion],
     alpn: list[str] | None = None,
+    ticket_keys: bytes | None = None,
 ) -> ssl.SSLContext:
-    """a server context for a PEM chain and key. CertStoreError when they do not load."""
+    """a server context for a PEM chain and key (and session-ticket keys shared by the worker
+    processes, when given). CertStoreError when they do not load."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version, ctx.maximum_version = versions
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -73,6 +77,8 @@ def server_context(
         raise CertStoreError(f"certificate or key does not load: {why}") from None
     finally:
         os.close(fd)
+    if ticket_keys is not None:
+        set_ticket_keys(ctx, ticket_keys)
     return ctx
 
 
@@ -84,8 +90,10 @@ class CertStore:
         tls_versions: Iterable[str] = ("1.2",),
         *,
         clock: Callable[[], float] | None = None,
+        ticket_keys: bytes | None = None,
     ) -> None:
         self.versions = tls_version_range(tls_versions)
+        self.ticket_keys = ticket_keys
         self._clock = clock or (lambda: dt.datetime.now(dt.UTC).timestamp())
         self._certs: dict[str, DomainCert] = {}
         self.version = 0
@@ -100,8 +108,8 @@ class CertStore:
         not_after = leaf.not_valid_after_utc.timestamp()
         if not_after <= self._clock():
             raise CertStoreError(f"certificate for {domain} has expired")
-        plain = server_context(chain_pem, key_pem, self.versions)
-        h2 = server_context(chain_pem, key_pem, self.versions, ["h2"])
+        plain = server_context(chain_pem, key_pem, self.versions, None, self.ticket_keys)
+        h2 = server_context(chain_pem, key_pem, self.versions, ["h2"], self.ticket_keys)
         entry = DomainCert(domain, chain_pem, key_pem, not_after, plain, h2)
         certs = dict(self._certs)
         certs[domain] = entry

@@ -12,6 +12,7 @@ compatibility and not used here: ``tls_crypto_provider`` (OpenSSL does the TLS),
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from collections.abc import Mapping
@@ -279,3 +280,21 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{self._key(key)} must be a list of strings")
         return list(value)
+
+
+def config_to_plain(config: ProxyConfig) -> dict[str, Any]:
+    """the config as JSON-able data (to hand to a worker process)."""
+    return dataclasses.asdict(config)
+
+
+def config_from_plain(data: Mapping[str, Any]) -> ProxyConfig:
+    """the inverse of :func:`config_to_plain` (ConfigError for a foreign shape)."""
+    try:
+        d = dict(data)
+        d["timeouts"] = Timeouts(**d["timeouts"])
+        d["port_policy_fetch"] = PortPolicyFetch(**d["port_policy_fetch"])
+        for key in ("tls_versions", "listen_ports", "app_address_dns_servers"):
+            d[key] = tuple(d[key])
+        return ProxyConfig(**d)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"bad worker config: {e}") from None

@@ -218,9 +218,9 @@ class ProxyServer:
         if self.config.inbound_pp_enabled:
             async with asyncio.timeout(t.pp_header):
                 header = await self._read_proxy_header(sock)
-            pp = header.to_v2()
+            pp: bytes | None = header.to_v2()
         else:
-            pp = encode_v2(_addr(sock.getpeername()), _addr(sock.getsockname()))
+            pp = None  # synthesised from the socket only for a backend that wants it
         async with asyncio.timeout(t.handshake):
             hello = await self._peek_hello(sock)
         domain = self.certs.for_sni(hello.sni)
@@ -248,7 +248,9 @@ class ProxyServer:
             ctx = domain.h2 if dest.mode is ingress.Mode.H2 else domain.plain
         return await self._connect(sock, candidates, dest.port, ctx, pp)
 
-    async def _custom_domain(self, sock: socket.socket, hello: ClientHello, pp: bytes) -> bool:
+    async def _custom_domain(
+        self, sock: socket.socket, hello: ClientHello, pp: bytes | None
+    ) -> bool:
         try:
             addr = await self.resolver.resolve(hello.sni)
         except AppAddressError as e:
@@ -279,7 +281,7 @@ class ProxyServer:
         candidates: list[Candidate],
         port: int,
         ctx: ssl.SSLContext | None,
-        pp: bytes,
+        pp: bytes | None,
     ) -> bool:
         loop = self._loop
         assert loop is not None
@@ -321,7 +323,9 @@ class ProxyServer:
         if chosen.instance is not None:
             relay.instance_id = chosen.instance.instance_id
             self.table.conn_opened(relay.instance_id)
-        relay.link(pp if chosen.pp else b"")
+        if chosen.pp and pp is None:
+            pp = encode_v2(_addr(sock.getpeername()), _addr(sock.getsockname()))
+        relay.link(pp if chosen.pp and pp is not None else b"")
         return True
 
     async def _connect_backend(

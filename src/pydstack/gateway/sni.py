@@ -110,33 +110,23 @@ def _need_more(buf: bytes) -> None:
         raise NotClientHelloError(f"client hello larger than {MAX_CLIENT_HELLO} bytes")
 
 
-class _Reader:
-    __slots__ = ("data", "end", "pos")
+def _u16(d: bytes, i: int, end: int, what: str) -> int:
+    if i + 2 > end:
+        raise NotClientHelloError(f"client hello truncated in {what}")
+    return (d[i] << 8) | d[i + 1]
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
 
-    def take(self, n: int, what: str) -> int:
-        """advance by n bytes; the start offset."""
-        start = self.pos
-        if n > self.end - start:
+def _vec(d: bytes, i: int, end: int, len_bytes: int, what: str) -> tuple[int, int]:
+    """(start, end) of the vector whose length prefix is at `i`, within `end`."""
+    if len_bytes == 1:
+        if i + 1 > end:
             raise NotClientHelloError(f"client hello truncated in {what}")
-        self.pos = start + n
-        return start
-
-    def uint(self, n: int, what: str) -> int:
-        start = self.take(n, what)
-        return int.from_bytes(self.data[start : start + n], "big")
-
-    def vector(self, len_bytes: int, what: str) -> _Reader:
-        n = self.uint(len_bytes, what)
-        start = self.take(n, what)
-        return _Reader(self.data, start, start + n)
-
-    def done(self) -> bool:
-        return self.pos >= self.end
+        n, start = d[i], i + 1
+    else:
+        n, start = _u16(d, i, end, what), i + 2
+    if start + n > end:
+        raise NotClientHelloError(f"client hello truncated in {what}")
+    return start, start + n
 
 
 def parse_client_hello(buf: bytes | bytearray | memoryview) -> ClientHello | None:
@@ -144,53 +134,55 @@ def parse_client_hello(buf: bytes | bytearray | memoryview) -> ClientHello | Non
 
     Raises :class:`NotClientHelloError` or :class:`NoSniError` (see the module doc)."""
     data = bytes(buf[:MAX_CLIENT_HELLO]) if len(buf) > MAX_CLIENT_HELLO else bytes(buf)
-    msg = _handshake_bytes(data)
-    if msg is None:
+    d = _handshake_bytes(data)
+    if d is None:
         return None
-    r = _Reader(msg, 4)
-    r.take(2 + 32, "version and random")
-    session = r.vector(1, "session id")
-    if session.end - session.pos > 32:
+    end = len(d)
+    i = 4 + 2 + 32
+    if i > end:
+        raise NotClientHelloError("client hello truncated in version and random")
+    s0, i = _vec(d, i, end, 1, "session id")
+    if i - s0 > 32:
         raise NotClientHelloError("session id longer than 32 bytes")
-    ciphers = r.vector(2, "cipher suites")
-    n_ciphers = ciphers.end - ciphers.pos
-    if n_ciphers == 0 or n_ciphers % 2:
+    c0, i = _vec(d, i, end, 2, "cipher suites")
+    if i == c0 or (i - c0) % 2:
         raise NotClientHelloError("bad cipher suites length")
-    if r.vector(1, "compression methods").done():
+    m0, i = _vec(d, i, end, 1, "compression methods")
+    if i == m0:
         raise NotClientHelloError("no compression methods")
-    if r.done():
+    if i == end:
         raise NoSniError("no sni found")
-    exts = r.vector(2, "extensions")
-    if not r.done():
+    i, ext_end = _vec(d, i, end, 2, "extensions")
+    if ext_end != end:
         raise NotClientHelloError("trailing bytes after the extensions")
     sni: str | None = None
     alpn: tuple[str, ...] = ()
     seen: set[int] = set()
-    while not exts.done():
-        etype = exts.uint(2, "extension type")
-        body = exts.vector(2, "extension body")
+    while i < ext_end:
+        etype = _u16(d, i, ext_end, "extension type")
+        b0, i = _vec(d, i + 2, ext_end, 2, "extension body")
         if etype in seen:
             raise NotClientHelloError(f"duplicate extension {etype}")
         seen.add(etype)
         if etype == _EXT_SERVER_NAME:
-            sni = _server_name(body)
+            sni = _server_name(d, b0, i)
         elif etype == _EXT_ALPN:
-            alpn = _alpn(body)
+            alpn = _alpn(d, b0, i)
     if sni is None:
         raise NoSniError("no sni found")
     return ClientHello(sni=sni, alpn=alpn)
 
 
-def _server_name(body: _Reader) -> str | None:
-    names = body.vector(2, "server name list")
-    if not body.done():
+def _server_name(d: bytes, i: int, end: int) -> str | None:
+    i, list_end = _vec(d, i, end, 2, "server name list")
+    if list_end != end:
         raise NotClientHelloError("trailing bytes in the server name extension")
     found: str | None = None
-    while not names.done():
-        ntype = names.uint(1, "server name type")
-        name = names.vector(2, "server name")
+    while i < list_end:
+        ntype = d[i]
+        n0, i = _vec(d, i + 1, list_end, 2, "server name")
         if ntype == _NAME_TYPE_HOST and found is None:
-            found = _host(name.data[name.pos : name.end])
+            found = _host(d[n0:i])
     return found
 
 
@@ -207,14 +199,14 @@ def _host(raw: bytes) -> str:
     return raw.decode("ascii").lower()
 
 
-def _alpn(body: _Reader) -> tuple[str, ...]:
-    protos = body.vector(2, "alpn list")
-    if not body.done():
+def _alpn(d: bytes, i: int, end: int) -> tuple[str, ...]:
+    i, list_end = _vec(d, i, end, 2, "alpn list")
+    if list_end != end:
         raise NotClientHelloError("trailing bytes in the alpn extension")
     out: list[str] = []
-    while not protos.done():
-        p = protos.vector(1, "alpn protocol")
-        if p.end == p.pos:
+    while i < list_end:
+        p0, i = _vec(d, i, list_end, 1, "alpn protocol")
+        if i == p0:
             raise NotClientHelloError("empty alpn protocol")
-        out.append(p.data[p.pos : p.end].decode("latin-1"))
+        out.append(d[p0:i].decode("latin-1"))
     return tuple(out)
