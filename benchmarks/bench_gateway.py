@@ -148,22 +148,29 @@ cert_key = "{t}/key.pem"
 [core.debug]
 insecure_localhost_backend = true
 """)
-        names = [f"localhost-{self.nginx_port}.{DOMAIN}", f"localhost-{self.nginx_tls_port}s.{DOMAIN}"]
+        names = [
+            f"localhost-{self.nginx_port}.{DOMAIN}",
+            f"localhost-{self.nginx_tls_port}s.{DOMAIN}",
+        ]
         (t / "hosts").write_text("127.0.0.1 localhost " + " ".join(names) + "\n")
 
     def start(self) -> None:
         t = self.tmp
         out = open(t / "procs.log", "ab")  # noqa: SIM115
         self.procs.append(
-            subprocess.Popen(["nginx", "-c", str(t / "nginx.conf"), "-e", str(t / "nginx-error.log")],
-                             stdout=out, stderr=out)
+            subprocess.Popen(
+                ["nginx", "-c", str(t / "nginx.conf"), "-e", str(t / "nginx-error.log")],
+                stdout=out,
+                stderr=out,
+            )
         )
         hap = subprocess.Popen(["haproxy", "-f", str(t / "haproxy.cfg")], stdout=out, stderr=out)
         self.procs.append(hap)
         self.haproxy_pid = hap.pid
         gw = subprocess.Popen(
             [sys.executable, "-m", "pydstack.gateway.serve", "-c", str(t / "gateway.toml")],
-            stdout=subprocess.PIPE, stderr=out,
+            stdout=subprocess.PIPE,
+            stderr=out,
         )
         self.procs.append(gw)
         assert gw.stdout is not None
@@ -196,10 +203,10 @@ insecure_localhost_backend = true
 
 def wrk(stack: Stack, url: str, conns: int, seconds: int, *extra: str) -> dict[str, float]:
     cmd = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", *extra, url]
-    inner = f"mount --bind {stack.tmp}/hosts /etc/hosts && exec " + " ".join(
-        f"'{c}'" for c in cmd
-    )
-    out = subprocess.run(["unshare", "-m", "sh", "-c", inner], capture_output=True, text=True).stdout
+    inner = f"mount --bind {stack.tmp}/hosts /etc/hosts && exec " + " ".join(f"'{c}'" for c in cmd)
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c", inner], capture_output=True, text=True
+    ).stdout
     with open(stack.tmp.parent / "bench-gateway-wrk.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n{out}\n")
     res: dict[str, float] = {}
@@ -261,8 +268,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--idle", type=int, default=9000,
-                    help="idle connections to hold (HAProxy needs 2 fds each, limit 20000)")
+    ap.add_argument(
+        "--idle",
+        type=int,
+        default=9000,
+        help="idle connections to hold (HAProxy needs 2 fds each, limit 20000)",
+    )
     args = ap.parse_args()
     for tool in ("nginx", "haproxy", "wrk", "unshare"):
         if shutil.which(tool) is None:
@@ -271,7 +282,7 @@ def main() -> None:
         raise SystemExit("run as root (wrk resolves the SNI names in a private mount namespace)")
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp:
@@ -320,10 +331,16 @@ def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, float
     return r
 
 
-def report(r: dict[str, dict[str, float]], args: argparse.Namespace, lb: tuple[float, ...],
-           la: tuple[float, ...]) -> None:
-    print(f"\ngateway data plane vs HAProxy 2.6 (workers={args.workers}, {args.seconds}s runs, "
-          f"best of {args.rounds}); load average before {lb[0]:.2f}, after {la[0]:.2f}")
+def report(
+    r: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    lb: tuple[float, ...],
+    la: tuple[float, ...],
+) -> None:
+    print(
+        f"\ngateway data plane vs HAProxy 2.6 (workers={args.workers}, {args.seconds}s runs, "
+        f"best of {args.rounds}); load average before {lb[0]:.2f}, after {la[0]:.2f}"
+    )
     print(f"{'figure':<34} {'haproxy':>12} {'gateway':>12} {'ratio':>8}")
     lower_better = ("added p99", "bytes per idle")
     for key, vals in r.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ async def tls_exchange(
     expect: int | None = None,
     prefix: bytes = b"",
 ) -> tuple[bytes, str | None]:
-    """open TLS to the proxy with `sni`, send `payload`, read the answer (expect bytes, or to EOF)."""
+    """TLS to the proxy with `sni`: send `payload`, read `expect` bytes (or to EOF)."""
     ctx = pki.client_context(alpn)
     if prefix:
         r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -201,8 +202,6 @@ async def tls_exchange(
         n = len(payload) if expect is None else expect
         data = await r.readexactly(n)
     w.close()
-    try:
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
         await w.wait_closed()
-    except (ConnectionError, ssl.SSLError):
-        pass
     return data, selected

@@ -135,8 +135,9 @@ async def test_passthrough_hands_the_tls_stream_to_the_app(pki) -> None:
     bport = server.sockets[0].getsockname()[1]
     srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
     try:
-        data, _ = await tls_exchange(port, f"a1-{bport}s.{DOMAIN}", app_pki, b"hi",
-                                     read_until_eof=True)
+        data, _ = await tls_exchange(
+            port, f"a1-{bport}s.{DOMAIN}", app_pki, b"hi", read_until_eof=True
+        )
         assert data == b"app says hi"
         # the gateway's own certificate is not what the client saw
         with pytest.raises(ssl.SSLCertVerificationError):
@@ -156,8 +157,9 @@ async def h2_backend(host: str = "127.0.0.1") -> tuple[asyncio.Server, int]:
                 if isinstance(ev, h2.events.RequestReceived):
                     path = dict(ev.headers)[b":path"]
                     body = b"h2 backend saw " + path
-                    conn.send_headers(ev.stream_id, [(":status", "200"),
-                                                     ("content-length", str(len(body)))])
+                    conn.send_headers(
+                        ev.stream_id, [(":status", "200"), ("content-length", str(len(body)))]
+                    )
                     conn.send_data(ev.stream_id, body, end_stream=True)
             w.write(conn.data_to_send())
             await w.drain()
@@ -172,14 +174,18 @@ async def test_h2_mode_negotiates_h2_and_speaks_cleartext_h2_to_the_app(pki) -> 
     srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
     try:
         ctx = pki.client_context(["h2", "http/1.1"])
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                             server_hostname=f"a1-{bport}g.{DOMAIN}")
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname=f"a1-{bport}g.{DOMAIN}"
+        )
         assert w.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         sid = conn.get_next_available_stream_id()
-        conn.send_headers(sid, [(":method", "GET"), (":path", "/hello"), (":scheme", "https"),
-                                (":authority", "a1")], end_stream=True)
+        conn.send_headers(
+            sid,
+            [(":method", "GET"), (":path", "/hello"), (":scheme", "https"), (":authority", "a1")],
+            end_stream=True,
+        )
         w.write(conn.data_to_send())
         body = b""
         done = False
@@ -196,8 +202,7 @@ async def test_h2_mode_negotiates_h2_and_speaks_cleartext_h2_to_the_app(pki) -> 
         assert body == b"h2 backend saw /hello"
         w.close()
         # the plain terminate mode advertises no ALPN
-        _, alpn = await tls_exchange(port, f"a1-{bport}.{DOMAIN}", pki, b"", alpn=["h2"],
-                                     expect=0)
+        _, alpn = await tls_exchange(port, f"a1-{bport}.{DOMAIN}", pki, b"", alpn=["h2"], expect=0)
         assert alpn is None
     finally:
         await srv.close(0)
@@ -233,11 +238,11 @@ async def test_gateway_and_health_ids(pki) -> None:
 async def test_pp_header_synthesised_only_where_the_policy_asks(pki) -> None:
     b = await Backend("pp", "echo").start()
     pp = PortPolicy(True, {b.port: True})
-    srv, port = await start_proxy(pki, table=table_with(app("withpp", "a1", pp),
-                                                        app("nopp", "a2")))
+    srv, port = await start_proxy(pki, table=table_with(app("withpp", "a1", pp), app("nopp", "a2")))
     try:
-        data, _ = await tls_exchange(port, f"withpp-{b.port}.{DOMAIN}", pki, b"payload",
-                                     expect=28 + 7)
+        data, _ = await tls_exchange(
+            port, f"withpp-{b.port}.{DOMAIN}", pki, b"payload", expect=28 + 7
+        )
         header, used = parse_proxy_header(data)  # type: ignore[misc]
         assert header.src is not None and header.src[0] == "127.0.0.1"
         assert header.dst == ("127.0.0.1", port)
@@ -256,8 +261,9 @@ async def test_inbound_pp_is_required_and_forwarded(pki) -> None:
     srv, port = await start_proxy(pki, table=table_with(app("i1", "a1", pp)), config=cfg)
     try:
         v1 = b"PROXY TCP4 192.0.2.7 198.51.100.9 4000 443\r\n"
-        data, _ = await tls_exchange(port, f"i1-{b.port}.{DOMAIN}", pki, b"x", prefix=v1,
-                                     expect=28 + 1)
+        data, _ = await tls_exchange(
+            port, f"i1-{b.port}.{DOMAIN}", pki, b"x", prefix=v1, expect=28 + 1
+        )
         assert data == encode_v2(("192.0.2.7", 4000), ("198.51.100.9", 443)) + b"x"
         # a stream without a header is closed
         with pytest.raises((ConnectionError, ssl.SSLError)):
@@ -269,8 +275,9 @@ async def test_inbound_pp_is_required_and_forwarded(pki) -> None:
 
 async def test_port_policy_fails_closed_and_asks_for_the_policy(pki) -> None:
     b = await Backend("p", "echo").start()
-    table = table_with(app("unknown", "a1", policy=None),
-                       app("strict", "a2", PortPolicy(True, {1: False})))
+    table = table_with(
+        app("unknown", "a1", policy=None), app("strict", "a2", PortPolicy(True, {1: False}))
+    )
     asked: list[str] = []
     table.on_policy_missing = asked.append
     srv, port = await start_proxy(pki, table=table)
@@ -328,19 +335,18 @@ async def test_bad_input_is_closed_and_everyone_else_is_served(pki) -> None:
     from tests.unit.gateway.hello import built, openssl_hello, sni_ext
 
     b = await Backend("ok", "echo").start()
-    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")),
-                                  resolver=StubResolver())
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")), resolver=StubResolver())
     reasons: list[str] = []
     srv.on_refused = reasons.append
     hello = openssl_hello(f"a1-{b.port}.{DOMAIN}")
     bad_inputs = [
-        openssl_hello(None),                      # no sni
-        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",     # not tls
-        b"\x16\x03\x01\xff\xff" + b"\x00" * 64,   # garbage record
-        hello[: len(hello) // 2],                 # truncated, then EOF
-        openssl_hello("app.unknown.example"),     # matches nothing (no txt record)
-        openssl_hello(f"a-b-c.{DOMAIN}"),         # not the grammar
-        openssl_hello(f"nobody-80.{DOMAIN}"),     # unknown id
+        openssl_hello(None),  # no sni
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",  # not tls
+        b"\x16\x03\x01\xff\xff" + b"\x00" * 64,  # garbage record
+        hello[: len(hello) // 2],  # truncated, then EOF
+        openssl_hello("app.unknown.example"),  # matches nothing (no txt record)
+        openssl_hello(f"a-b-c.{DOMAIN}"),  # not the grammar
+        openssl_hello(f"nobody-80.{DOMAIN}"),  # unknown id
         built(sni_ext((0, b"x" * 20 + b"\x00"))),  # a name that is no host name
     ]
     try:
@@ -412,8 +418,9 @@ async def test_idle_watchdog_closes_a_silent_relay(pki) -> None:
     srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")), config=cfg)
     try:
         ctx = pki.client_context()
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
-                                             server_hostname=f"a1-{b.port}.{DOMAIN}")
+        r, w = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname=f"a1-{b.port}.{DOMAIN}"
+        )
         w.write(b"x")
         assert await r.readexactly(1) == b"x"
         assert await closed_by_gateway(r)
@@ -431,7 +438,7 @@ async def test_tls_versions_are_enforced(pki) -> None:
         sni = f"a1-{b.port}.{DOMAIN}"
         ctx12 = pki.client_context()
         ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
-        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx12, server_hostname=sni)
+        _r, w = await asyncio.open_connection("127.0.0.1", port, ssl=ctx12, server_hostname=sni)
         assert w.get_extra_info("ssl_object").version() == "TLSv1.2"
         w.close()
         ctx13 = pki.client_context()
@@ -457,8 +464,9 @@ class TxtServer(asyncio.DatagramProtocol):
         name = q.question[0].name.to_text().rstrip(".")
         self.queries.append(name)
         if name in self.records:
-            resp.answer.append(dns.rrset.from_text(name + ".", 60, "IN", "TXT",
-                                                   f'"{self.records[name]}"'))
+            resp.answer.append(
+                dns.rrset.from_text(name + ".", 60, "IN", "TXT", f'"{self.records[name]}"')
+            )
         else:
             resp.set_rcode(dns.rcode.NXDOMAIN)
         self.transport.sendto(resp.to_wire(), addr)
@@ -467,11 +475,13 @@ class TxtServer(asyncio.DatagramProtocol):
 async def test_custom_domain_through_txt_is_passed_through(pki) -> None:
     b = await Backend("custom", "echo").start()
     loop = asyncio.get_running_loop()
-    dns_srv = TxtServer({
-        "_dstack-app-address.shop.example.org": f"a1:{b.port}",
-        "_tapp-address.legacy.example.org": f"i1:{b.port}",
-        "_dstack-app-address-wildcard.example.net": f"a1:{b.port}",
-    })
+    dns_srv = TxtServer(
+        {
+            "_dstack-app-address.shop.example.org": f"a1:{b.port}",
+            "_tapp-address.legacy.example.org": f"i1:{b.port}",
+            "_dstack-app-address-wildcard.example.net": f"a1:{b.port}",
+        }
+    )
     transport, _ = await loop.create_datagram_endpoint(lambda: dns_srv, ("127.0.0.1", 0))
     dport = transport.get_extra_info("sockname")[1]
     resolver = AppAddressResolver(dns_servers=[f"127.0.0.1:{dport}"], timeout=5)
@@ -487,7 +497,8 @@ async def test_custom_domain_through_txt_is_passed_through(pki) -> None:
             assert await asyncio.wait_for(r.readexactly(len(hello)), PATIENCE) == hello
             w.close()
         assert await resolver.resolve("shop.example.org") == await resolver.resolve(
-            "shop.example.org")
+            "shop.example.org"
+        )
         r, w = await asyncio.open_connection("127.0.0.1", port)
         w.write(openssl_hello("none.example.com"))
         assert await closed_by_gateway(r)

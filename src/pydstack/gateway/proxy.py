@@ -208,6 +208,10 @@ class ProxyServer:
             self._refuse(f"{type(e).__name__}: {e}")
         except asyncio.CancelledError:
             pass
+        except Exception:
+            # a bug must cost one connection, never the listener
+            log.exception("connection handler failed")
+            self._refuse("internal error")
         finally:
             if not handed_off:
                 sock.close()

@@ -107,11 +107,10 @@ class SpecialProtocol(asyncio.Protocol):
         self.app_info = app_info
         self.acme_info = acme_info
         self.buf = b""
-        self.transport: asyncio.Transport | None = None
+        self.transport: Any = None
         self.done = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:

@@ -15,7 +15,19 @@ def test_parse() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["", "abc", ":80", "abc:", "abc:0", "abc:65536", "a-b:80", "a.b:80", "abc:8o", "x" * 129 + ":1"]
+    "value",
+    [
+        "",
+        "abc",
+        ":80",
+        "abc:",
+        "abc:0",
+        "abc:65536",
+        "a-b:80",
+        "a.b:80",
+        "abc:8o",
+        "x" * 129 + ":1",
+    ],
 )
 def test_refusals(value: str) -> None:
     with pytest.raises(AppAddressError):

@@ -14,7 +14,9 @@ from pydstack.gateway.certstore import CertStore, CertStoreError, tls_version_ra
 from pydstack.gateway.tickets import set_ticket_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
-from gateway_env import make_pki  # noqa: E402
+import contextlib
+
+from gateway_env import make_pki
 
 
 def test_wildcard_matches_one_level_only() -> None:
@@ -78,17 +80,13 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLS
     s = server.wrap_bio(s_in, s_out, server_side=True)
     for _ in range(10):
         for obj in (c, s):
-            try:
+            with contextlib.suppress(ssl.SSLWantReadError):
                 obj.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
         s_in.write(c_out.read())
         c_in.write(s_out.read())
     # read the post-handshake tickets
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         c.read(1)
-    except ssl.SSLWantReadError:
-        pass
     return c
 
 
@@ -98,7 +96,11 @@ def test_shared_ticket_keys_resume_across_contexts(version: ssl.TLSVersion) -> N
     keys = os.urandom(80)
     a = CertStore(("1.2", "1.3"), ticket_keys=keys).set("t.test", pki.chain_pem, pki.key_pem).plain
     b = CertStore(("1.2", "1.3"), ticket_keys=keys).set("t.test", pki.chain_pem, pki.key_pem).plain
-    c = CertStore(("1.2", "1.3"), ticket_keys=os.urandom(80)).set("t.test", pki.chain_pem, pki.key_pem).plain
+    c = (
+        CertStore(("1.2", "1.3"), ticket_keys=os.urandom(80))
+        .set("t.test", pki.chain_pem, pki.key_pem)
+        .plain
+    )
     client = pki.client_context()
     client.minimum_version = client.maximum_version = version
     first = _handshake(a, client, None)

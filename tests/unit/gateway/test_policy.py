@@ -69,7 +69,9 @@ def test_malformed_policies(obj: object) -> None:
 
 
 def test_json_round_trip_and_duplicate_ports_merge_pp() -> None:
-    p = PortPolicy.from_json({"restrict_mode": True, "ports": [{"port": 1}, {"port": 1, "pp": True}]})
+    p = PortPolicy.from_json(
+        {"restrict_mode": True, "ports": [{"port": 1}, {"port": 1, "pp": True}]}
+    )
     assert p.ports == {1: True}
     assert PortPolicy.from_json(p.to_json()) == p
     assert hash(p) == hash(PortPolicy.from_json(p.to_json()))

@@ -112,9 +112,7 @@ def test_hello_larger_than_the_bound_is_refused_before_it_is_read() -> None:
 
 def test_many_small_records_stop_at_the_bound() -> None:
     msg = handshake(hello_body(ext(21, b"\x00" * 5000)))
-    data = b"".join(
-        b"\x16\x03\x01\x00\x10" + msg[i : i + 16] for i in range(0, len(msg), 16)
-    )
+    data = b"".join(b"\x16\x03\x01\x00\x10" + msg[i : i + 16] for i in range(0, len(msg), 16))
     with pytest.raises(NotClientHelloError, match="larger than 4096"):
         parse_client_hello(data)
 
