@@ -19,6 +19,8 @@ from pydstack.gateway.proxy import ProxyServer
 from pydstack.gateway.routes import RouteSettings, RouteTable
 
 DOMAIN = "gw.test"
+#: how long a test waits for an answer before it fails (never an assertion on time)
+PATIENCE = 30.0
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,10 @@ async def tls_exchange(
     w.write(payload)
     await w.drain()
     if read_until_eof:
-        data = await r.read()
+        data = await asyncio.wait_for(r.read(), PATIENCE)
     else:
         n = len(payload) if expect is None else expect
-        data = await r.readexactly(n)
+        data = await asyncio.wait_for(r.readexactly(n), PATIENCE)
     w.close()
     with contextlib.suppress(ConnectionError, ssl.SSLError):
         await w.wait_closed()
