@@ -73,7 +73,7 @@ class PolicyFetcher:
 
     def __call__(self, instance_id: str) -> None:
         """queue a fetch for the instance (no-op while one runs or when it is unknown)."""
-        if self.table.get(instance_id) is None:
+        if instance_id in self.in_flight or self.table.get(instance_id) is None:
             return
         task = asyncio.get_running_loop().create_task(self._fetch(instance_id))
         self.in_flight[instance_id] = task
@@ -91,12 +91,13 @@ class PolicyFetcher:
                     info = await self._get_info(inst.ip, self.agent_port, s.timeout)
                 policy = policy_from_agent_info(info)
             except PortPolicyError as e:
-                continue
+                log.warning("port policy of instance %s is malformed: %s", instance_id, e)
+                return
             except (OSError, TimeoutError, ValueError, aiohttp.ClientError) as e:
                 log.info("port policy fetch %d for %s failed: %s", attempt + 1, instance_id, e)
                 if attempt < s.max_retries:
                     await self._sleep(delay)
-                    delay = delay * 2
+                    delay = min(delay * 2, s.backoff_max)
                 continue
             if self.table.get(instance_id) is None:
                 return
