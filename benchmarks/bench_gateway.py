@@ -349,12 +349,11 @@ def report(
             continue
         h, g = vals["haproxy"], vals["gateway"]
         if any(key.startswith(x) for x in lower_better):
-            ratio = (h / g) if g > 0 else float("nan")
-            note = " (haproxy/gateway)"
+            ok = h > 0 and g > 0
+            ratio = f"{h / g:>7.2f}x (haproxy/gateway)" if ok else "    n/a (within noise)"
         else:
-            ratio = (g / h) if h > 0 else float("nan")
-            note = ""
-        print(f"{key:<34} {h:>12.1f} {g:>12.1f} {ratio:>7.2f}x{note}")
+            ratio = f"{g / h:>7.2f}x" if h > 0 else "    n/a"
+        print(f"{key:<34} {h:>12.1f} {g:>12.1f} {ratio}")
 
 
 if __name__ == "__main__":
