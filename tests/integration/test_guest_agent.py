@@ -18,8 +18,8 @@ import pytest
 from pydstack.attest.eventlog import RuntimeEvent, event_log_from_json
 from pydstack.attest.verify import verify_quote
 from pydstack.guest.agent import AgentConfig, build_core, run_agent
-from pydstack.guest.servers import ListenerOptions
 from pydstack.guest.http_routes import add_routes
+from pydstack.guest.servers import ListenerOptions
 from pydstack.guest.simulator import DEFAULT_COMPOSE, prepare
 from pydstack.rpc.server import PrpcServer, ServerLimits
 from pydstack.tee.real import ConfigfsTsm, RealTdx, RuntimeEventLog
