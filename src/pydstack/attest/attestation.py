@@ -272,7 +272,15 @@ def _decode_v1(data: bytes) -> Attestation:
 
 
 def decode_versioned(data: bytes) -> Attestation:
-    """decode a V0 or V1 versioned attestation."""
+    """decode a V0 or V1 versioned attestation.
+
+    Contract: ParseError for anything else: empty, over `MAX_ATTESTATION_SIZE` (10 MiB), an
+    unknown version byte or platform, malformed SCALE or msgpack, trailing bytes, more than
+    `MAX_ITEMS` events per list (V0 counts are checked against the bytes left before any
+    event is read; msgpack arrays are capped at `MAX_ARRAY` by the decoder), an event whose
+    imr, digest (at most 48 bytes) or name (`event_name`) is invalid, report_data not 64
+    bytes. Linear time and memory.
+    """
     if not isinstance(data, bytes | bytearray):
         raise ParseError("attestation must be bytes")
     data = bytes(data)

@@ -118,7 +118,10 @@ def key_provider_info_json(name: str, provider_id: bytes) -> bytes:
 
 
 def os_image_hash_from_config(config: str) -> bytes:
-    """os_image_hash of a vm_config (or of a whole sys-config carrying a nested vm_config)."""
+    """os_image_hash of a vm_config (or of a whole sys-config carrying a nested vm_config).
+
+    Never raises: anything malformed (not JSON within `jsonlimits`' bounds, no such field, not
+    hex) gives b"". Linear time and memory."""
     try:
         obj = jsonlimits.loads(config) if config else {}
     except ValueError:
@@ -152,7 +155,8 @@ class AppInfo:
     def from_attestation(
         cls, att: Attestation, *, boottime_mr: bool, ppid: bytes | None = None
     ) -> AppInfo:
-        """decode identity from an attestation (TDX); `ppid` comes from a verified quote."""
+        """decode identity from an attestation (TDX); `ppid` comes from a verified quote.
+        ParseError when its quote does not parse or is not a TDX quote; linear time."""
         quote = parse_quote(att.quote)
         report = quote.td_report
         if report is None:
@@ -201,6 +205,9 @@ class AppInfo:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> AppInfo:
+        """the app-info extension's msgpack array; ParseError if it is not one (over 1 MiB,
+        not msgpack, not an array of 8 or 9 items, an item of the wrong type or length).
+        msgpack's own limits follow the input's length; linear time and memory."""
         if len(data) > 1024 * 1024:
             raise ParseError("app info too large")
         try:
