@@ -38,6 +38,7 @@ _UNITS = re.compile(r"stat::number_of_executed_units: (\d+)")
 _EXECS = re.compile(r"stat::average_exec_per_sec:\s+(\d+)")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.MULTILINE)
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
+_PID = re.compile(r"==\d+==")
 _CRASH_KINDS = (
     ("ALARM: working on the last Unit", "timeout"),
     ("ERROR: libFuzzer: timeout", "timeout"),
@@ -136,15 +137,17 @@ def run_target(name: str, args: argparse.Namespace) -> Result:
         if proc.returncode == 0:
             break
         kind = next((k for marker, k in _CRASH_KINDS if marker in output), None)
+        if kind is None and proc.returncode < 0:  # killed by a signal libFuzzer did not see
+            kind = "crash"
         if kind is None:
             tail = "\n".join(output.strip().splitlines()[-15:])
             result.error = f"worker exited with status {proc.returncode}:\n{tail}"
             break
         artifact = _ARTIFACT.search(output)
         line = next((ln for ln in output.splitlines() if "ERROR" in ln or "ALARM" in ln), kind)
-        key = f"{kind}: {line.strip()[:160]}"
+        key = f"{kind}: {_PID.sub('', line).strip()[:160]}"
         found = result.findings.setdefault(
-            f"{kind}-{attempt}", {"kind": kind, "key": key, "hits": 0, "known": "", "file": ""}
+            f"{kind}:{key}", {"kind": kind, "key": key, "hits": 0, "known": "", "file": ""}
         )
         found["hits"] += 1
         found["file"] = Path(artifact.group(1)).name if artifact else ""
@@ -222,16 +225,24 @@ def row(r: Result) -> str:
     )
 
 
-def details(results: Sequence[Result]) -> list[str]:
+def details(results: Sequence[Result], findings_dir: Path) -> list[str]:
     lines = []
     for r in results:
         for f in r.findings.values():
             tag = f" (known: {f['known']})" if f.get("known") else ""
-            where = f"fuzz/findings/{r.target}/{f['file']}" if f.get("file") else "(no input)"
+            where = _shown(findings_dir / r.target / f["file"]) if f.get("file") else "(no input)"
             lines.append(f"  {r.target}: {f['kind']} x{f['hits']}: {f['key']}{tag}\n    {where}")
         if r.error:
             lines.append(f"  {r.target}: {r.error}")
     return lines
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is under it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -292,7 +303,7 @@ def main(argv: Sequence[str]) -> int:
             results[name] = futures[name].result()
             print(row(results[name]), flush=True)
     ordered = [results[n] for n in chosen]
-    lines = details(ordered)
+    lines = details(ordered, args.findings)
     if lines:
         print("\nfindings:\n" + "\n".join(lines), flush=True)
     if any(r.error for r in ordered):

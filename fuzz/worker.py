@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import faulthandler
 import importlib.util
 import logging
 import sys
@@ -118,6 +119,8 @@ def repro(target: Target, limits: Limits, files: list[Path]) -> int:
 def main(argv: list[str]) -> int:
     args, libfuzzer_args = _parser().parse_known_args(argv)
     if args.repro:
+        faulthandler.enable()  # a crash shows the python stack (under libFuzzer it would
+        # take the signal from libFuzzer's handler, which saves the input)
         return repro(load_target(args.target, args.module), _limits(args), args.repro)
 
     import atheris
