@@ -287,7 +287,8 @@ def parse_ccel(data: bytes) -> list[TdxEvent]:
             raise ParseError(f"ccel measurement register index {mr_index} out of range")
         if len(digests) != 1:
             raise ParseError(f"ccel event must carry exactly one digest, has {len(digests)}")
-        events.append(TdxEvent(mr_index - 1, event_type, digests[0][1], "", payload))
+        digest = event_digest(digests[0][1])  # a sha512 digest cannot extend an rtmr
+        events.append(TdxEvent(mr_index - 1, event_type, digest, "", payload))
     return label_acpi_events(events)
 
 
