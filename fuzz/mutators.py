@@ -380,8 +380,9 @@ def json_tree(data: bytes, rng: random.Random, pool: Sequence[bytes]) -> bytes:
     how = rng.randrange(4)
     if how == 0:
         parent[key] = rng.choice(_JSON_VALUES)
-    elif how == 1 and isinstance(parent, list):
-        parent.extend([parent[key]] * rng.choice((10, 1000, 70000)))
+    elif how == 1 and isinstance(parent, list):  # repeated, to about 128 KiB at most
+        size = len(json.dumps(parent[key])) + 1
+        parent.extend([parent[key]] * min(rng.choice((10, 1000, 70000)), (1 << 17) // size))
     elif how == 2 and isinstance(parent, dict):
         parent[str(key) + "\u0000"] = parent[key]
         parent[str(key).upper()] = parent[key]
