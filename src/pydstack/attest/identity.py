@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 from Crypto.Hash import keccak
 
-from pydstack.types import jsonlimits
+from pydstack.types import jsonlimits, msgpacklimits
 
 from .attestation import Attestation
 from .errors import ParseError
@@ -211,8 +211,8 @@ class AppInfo:
         if len(data) > 1024 * 1024:
             raise ParseError("app info too large")
         try:
-            doc = msgpack.unpackb(data, raw=False)
-        except Exception as e:
+            doc = msgpacklimits.loads(data, max_depth=4)
+        except msgpacklimits.MsgpackError as e:
             raise ParseError(f"app info is not valid msgpack: {e}") from e
         if not isinstance(doc, list) or len(doc) not in (8, 9):
             raise ParseError("app info must be a msgpack array of 8 or 9 items")
