@@ -38,7 +38,7 @@ _UNITS = re.compile(r"stat::number_of_executed_units: (\d+)")
 _EXECS = re.compile(r"stat::average_exec_per_sec:\s+(\d+)")
 _PROGRESS = re.compile(r"^#(\d+)\s", re.MULTILINE)
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
-_PID = re.compile(r"==\d+==")
+_NUMBERS = re.compile(r"\d+")
 _CRASH_KINDS = (
     ("ALARM: working on the last Unit", "timeout"),
     ("ERROR: libFuzzer: timeout", "timeout"),
@@ -145,7 +145,7 @@ def run_target(name: str, args: argparse.Namespace) -> Result:
             break
         artifact = _ARTIFACT.search(output)
         line = next((ln for ln in output.splitlines() if "ERROR" in ln or "ALARM" in ln), kind)
-        key = f"{kind}: {_PID.sub('', line).strip()[:160]}"
+        key = f"{kind}: {_NUMBERS.sub('N', line).strip()[:160]}"  # pids and sizes vary
         found = result.findings.setdefault(
             f"{kind}:{key}", {"kind": kind, "key": key, "hits": 0, "known": "", "file": ""}
         )
