@@ -6,7 +6,10 @@ its contract allows for bad input, its seeds, its mutators and a dictionary of t
 
 - ``exception``: an exception outside the allowed types (any ``BaseException`` but
   ``KeyboardInterrupt``), assertion failures of a target's own checks included;
-- ``slow``: an input that takes longer than ``ms_per_kib`` per KiB of input plus ``fixed_ms``;
+- ``slow``: an input that takes longer than ``ms_per_kib`` per KiB of input plus ``fixed_ms``
+  per parser call (a target that calls several parsers, or one parser on several forms of the
+  input, says how many in ``calls``); the time judged is the smaller of wall and CPU time
+  (of this thread), so a process the scheduler starves makes no finding;
 - ``memory``: an input whose peak traced Python memory (tracemalloc) exceeds ``mem_factor``
   times its size plus ``fixed_mem``.
 
@@ -75,6 +78,7 @@ class Target:
     tokens: tuple[bytes, ...] = ()  # libFuzzer dictionary, also inserted by token_insert
     max_len: int = 16 * 1024
     known: tuple[Known, ...] = ()
+    calls: int = 1  # parser calls per input: the time bound applies to each
 
 
 @dataclass(frozen=True)
@@ -97,9 +101,10 @@ class Limits:
 
 @dataclass
 class Outcome:
-    seconds: float
+    seconds: float  # per parser call: the smaller of wall and CPU time, over the target's calls
     peak: int
     error: BaseException | None
+    wall: float = 0.0  # the whole input's wall time
 
 
 @dataclass
@@ -200,6 +205,7 @@ class Guard:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
         error: BaseException | None = None
+        cpu = time.thread_time()
         start = time.perf_counter()
         try:
             self.call(data)
@@ -209,17 +215,18 @@ class Guard:
             raise
         except BaseException as e:
             error = e
-        seconds = time.perf_counter() - start
+        wall = time.perf_counter() - start
+        cpu = time.thread_time() - cpu
         peak = max(tracemalloc.get_traced_memory()[1] - base, 0)
-        return Outcome(seconds, peak, error)
+        return Outcome(min(wall, cpu) / self.target.calls, peak, error, wall)
 
     def _again(self, data: bytes, first: Outcome) -> Outcome:
         """the smallest time and memory of `first` and `confirm` more runs."""
-        seconds, peak = first.seconds, first.peak
+        seconds, peak, wall = first.seconds, first.peak, first.wall
         for _ in range(self.confirm):
             o = self.measure(data)
-            seconds, peak = min(seconds, o.seconds), min(peak, o.peak)
-        return Outcome(seconds, peak, first.error)
+            seconds, peak, wall = min(seconds, o.seconds), min(peak, o.peak), min(wall, o.wall)
+        return Outcome(seconds, peak, first.error, wall)
 
     def __call__(self, data: bytes) -> None:
         """libFuzzer's TestOneInput."""
@@ -281,7 +288,8 @@ class Guard:
         budget = self.limits.time_budget(len(data))
         key = f"slow in {_fmt(where) if where else 'code outside pydstack'}"
         detail = (
-            f"{o.seconds * 1000:.1f} ms for {len(data)} bytes "
+            f"{o.seconds * 1000:.1f} ms per parser call ({self.target.calls} per input, "
+            f"{o.wall * 1000:.1f} ms of wall time in all) for {len(data)} bytes "
             f"(bound {budget * 1000:.1f} ms)\n\n{profile}"
         )
         self.record("slow", key, data, detail, self._known("slow", where))

@@ -104,7 +104,7 @@ def repro(target: Target, limits: Limits, files: list[Path]) -> int:
         if o.peak > limits.mem_budget(len(data)):
             verdict.append("memory")
         print(
-            f"{path}: {len(data)} bytes, {o.seconds * 1000:.2f} ms "
+            f"{path}: {len(data)} bytes, {o.seconds * 1000:.2f} ms per call "
             f"(bound {limits.time_budget(len(data)) * 1000:.1f}), peak {o.peak} bytes "
             f"(bound {limits.mem_budget(len(data))}): {', '.join(verdict) or 'ok'}"
         )

@@ -109,6 +109,7 @@ QUOTE_VERIFY = Target(
     mutators=(*m.BINARY, m.length_inflate, m.length_shrink),
     tokens=QUOTE_TOKENS,
     max_len=12 * 1024,
+    calls=2,
 )
 
 # -- event logs ----------------------------------------------------------------------------
@@ -186,6 +187,7 @@ EVENT_LOG_JSON = Target(
     mutators=m.JSON,
     tokens=EVENT_FIELDS,
     max_len=64 * 1024,
+    calls=4,
 )
 
 
@@ -209,6 +211,7 @@ RUNTIME_EVENT_LINE = Target(
     mutators=m.JSON,
     tokens=(b'"event"', b'"payload"', b'"version"', b"==", b"\\/"),
     max_len=8 * 1024,
+    calls=2,
 )
 
 # -- versioned attestations and identity ---------------------------------------------------
@@ -256,6 +259,7 @@ ATTESTATION = Target(
         b"preimage",
     ),
     max_len=24 * 1024,
+    calls=3,
 )
 
 
@@ -280,6 +284,7 @@ APP_INFO = Target(
     seeds=_app_info_seeds,
     mutators=m.MSGPACK,
     max_len=4 * 1024,
+    calls=2,
 )
 
 
@@ -309,6 +314,7 @@ VM_CONFIG = Target(
     mutators=m.JSON,
     tokens=(b'"os_image_hash"', b'"vm_config"', b'"0x'),
     max_len=8 * 1024,
+    calls=4,
 )
 
 # -- RA-TLS certificates ---------------------------------------------------------------------
@@ -369,6 +375,7 @@ RATLS_CERT = Target(
     mutators=(*m.DER, m.compact_length),
     tokens=(*tuple(_oid_token(a) for a in (1, 2, 3, 4, 8, 9)), GZIP_MAGIC, gzip.compress(b"[]")),
     max_len=32 * 1024,
+    calls=3,
 )
 
 TARGETS: Sequence[Target] = (

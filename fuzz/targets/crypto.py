@@ -119,6 +119,7 @@ ENVCRYPT = Target(
     mutators=m.JSON,
     tokens=(b'"env"', b'"key"', b'"value"'),
     max_len=16 * 1024,
+    calls=2,
 )
 
 TARGETS: Sequence[Target] = (CSR, ENVCRYPT)

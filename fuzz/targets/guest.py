@@ -35,6 +35,7 @@ INSTANCE_INFO = Target(
     mutators=m.JSON,
     tokens=(b'"instance_id_seed"', b'"instance_id"', b'"app_id"', b'"0x'),
     max_len=8 * 1024,
+    calls=4,
 )
 
 
@@ -91,6 +92,7 @@ APPKEYS = Target(
         )
     ),
     max_len=16 * 1024,
+    calls=4,
 )
 
 
@@ -126,6 +128,7 @@ HOSTTD_RESPONSE = Target(
     mutators=m.JSON,
     tokens=(b'"quote"', b'"event_log"', b'"error"', b'"imr"', b'"digest"'),
     max_len=32 * 1024,
+    calls=6,
 )
 
 TARGETS: Sequence[Target] = (INSTANCE_INFO, APPKEYS, HOSTTD_RESPONSE)

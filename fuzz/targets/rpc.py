@@ -106,6 +106,7 @@ PRPC_JSON = Target(
     mutators=m.JSON,
     tokens=FIELD_TOKENS,
     max_len=16 * 1024,
+    calls=21,
 )
 
 
@@ -131,6 +132,7 @@ PRPC_QUERY = Target(
     mutators=(*m.QUERY, m.reencode),
     tokens=(*tuple(t.strip(b'"') + b"=" for t in FIELD_TOKENS[:40]), b"[]=", b"&", b"%"),
     max_len=8 * 1024,
+    calls=7,
 )
 
 TARGETS: Sequence[Target] = (PRPC_JSON, PRPC_QUERY)

@@ -68,6 +68,7 @@ JSONLIMITS = Target(
     mutators=m.JSON,
     tokens=(b'"\\u', b"\\\\", b'\\"', b"[", b"{", b"]", b"}", b",", b"1e999", b"NaN", b"-Infinity"),
     max_len=16 * 1024,
+    calls=4,
 )
 
 # -- YAML ----------------------------------------------------------------------------------
@@ -117,6 +118,7 @@ YAMLLIMITS = Target(
     mutators=m.YAML,
     tokens=(b"&a", b"*a", b"<<: ", b"!!", b"- ", b": ", b"? ", b"|", b">", b"---", b"\n  "),
     max_len=16 * 1024,
+    calls=4,
 )
 
 # -- docker compose ------------------------------------------------------------------------
@@ -200,6 +202,7 @@ COMPOSE = Target(
         *(b"${", b"$$", b":-", b":?", b":+", b"host", b"SYS_ADMIN", b"/:/host", b"../"),
     ),
     max_len=16 * 1024,
+    calls=2,
 )
 
 # -- app-compose and sys-config ------------------------------------------------------------
@@ -210,7 +213,8 @@ def _app_compose(data: bytes) -> None:
         app = c.refusing((AppComposeError,), AppCompose.parse, raw)
         if app is None:
             continue
-        _ = app.compose_hash, app.name, app.runner, app.key_provider, app.init_scripts
+        _ = app.compose_hash, app.name, app.runner, app.key_provider
+        c.refusing((AppComposeError,), lambda a=app: a.init_scripts)
         c.refusing((AppComposeError,), lambda a=app: a.docker_compose_file)
         c.refusing((AppComposeError,), lambda a=app: a.key_provider_id)
         c.refusing((AppComposeError,), lambda a=app: a.allowed_envs)
@@ -267,6 +271,7 @@ APP_COMPOSE = Target(
         )
     ),
     max_len=16 * 1024,
+    calls=2,
 )
 
 
@@ -303,6 +308,7 @@ SYS_CONFIG = Target(
         )
     ),
     max_len=16 * 1024,
+    calls=4,
 )
 
 TARGETS: Sequence[Target] = (JSONLIMITS, YAMLLIMITS, COMPOSE, APP_COMPOSE, SYS_CONFIG)
