@@ -105,3 +105,37 @@ def test_depth_check_is_not_quadratic_in_unterminated_strings():
 def test_every_refusal_is_a_json_error(doc: bytes):
     with pytest.raises(jsonlimits.JsonError):
         jsonlimits.loads(doc)
+
+
+LONE = [
+    b'{"kms_urls": ["\\ud83d\\u00e9"]}',  # a high surrogate, then no low one
+    b'{"name": "\\udfff"}',  # a low surrogate alone
+    '{"name": "\udce9"}',  # a str document with a raw lone surrogate
+    b'{"\\ud800": 1}',  # in a key
+]
+
+
+@pytest.mark.parametrize("doc", LONE)
+def test_documents_refuse_lone_surrogates(doc):
+    # a fuzzing finding: a sys-config holding "\ud83d" + "\udce9" parsed, and its own json
+    # form read back as one astral character (serde_json, upstream, refuses them outright)
+    from pydstack.guest.appkeys import AppKeys, AppKeysError
+    from pydstack.guest.instance import InstanceInfo, InstanceInfoError
+    from pydstack.types.app_compose import AppCompose, AppComposeError
+
+    for parse, error in (
+        (SysConfig.from_json, SysConfigError),
+        (AppCompose.parse, AppComposeError),
+        (AppKeys.from_json, AppKeysError),
+        (InstanceInfo.from_json, InstanceInfoError),
+    ):
+        if parse is AppCompose.parse and isinstance(doc, str):
+            continue  # refused before json (its hash is over utf-8 bytes)
+        with pytest.raises(error, match="lone surrogate"):
+            parse(doc)
+
+
+def test_paired_surrogate_escapes_are_text():
+    doc = jsonlimits.loads(b'{"a": "\\ud83d\\ude00"}', surrogates=False)
+    assert doc == {"a": "\U0001f600"}
+    assert jsonlimits.loads(b'"\\udfff"') == "\udfff"  # loads alone keeps them by default

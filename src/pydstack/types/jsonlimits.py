@@ -17,7 +17,9 @@ The contract of `loads`:
 - every failure is a `JsonError` (an `InputError`, so a ValueError): malformed JSON, an
   integer of more digits than Python converts, and every limit above.
 - escaped lone surrogates (`"\\udfff"`) are legal JSON and come back as lone surrogates in the
-  resulting str; callers that encode such strings (hashing, printing) must handle that.
+  resulting str; callers that encode such strings (hashing, printing) must handle that, or
+  pass `surrogates=False` to have them refused (as serde_json, upstream's parser, refuses
+  them). `load_object`, for documents, always refuses them.
 
 Cost: linear. The depth is measured by regular expressions and C iterators (no Python loop
 per character), then the C parser runs; no recursion deeper than `max_depth`. Memory: about
@@ -87,17 +89,29 @@ def loads(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_items: int = DEFAULT_MAX_ITEMS,
+    *,
+    surrogates: bool = True,
 ) -> Any:
-    """json.loads under the contract in the module docstring; JsonError for bad input."""
+    """json.loads under the contract in the module docstring; JsonError for bad input (with
+    `surrogates=False`, also for a string or key holding a lone surrogate)."""
     text = decode(data, max_bytes)
     if text.count("{") + text.count("[") + text.count(",") > max_items:
         raise JsonError(f"json holds more than {max_items} values")
     if nesting_depth(text) > max_depth:
         raise JsonError(f"json nested deeper than {max_depth} levels")
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except ValueError as e:  # JSONDecodeError, and int() refusing more than 4300 digits
         raise JsonError(str(e)) from None
+    if not surrogates:
+        try:  # escapes can pair into valid text or not; raw characters were checked as text
+            if "\\u" in text:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            else:
+                text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonError("json holds a lone surrogate (an unpaired \\ud800-\\udfff)") from None
+    return obj
 
 
 def load_object(
@@ -108,14 +122,15 @@ def load_object(
     error: Callable[[str], Exception] = JsonError,
     allow_empty: bool = False,
 ) -> dict[str, Any]:
-    """a JSON object document (a file or message body) under `loads`' contract, or
-    `error(message)` naming `what`; with `allow_empty`, blank input is an empty object."""
+    """a JSON object document (a file or message body) under `loads`' contract, lone
+    surrogates refused, or `error(message)` naming `what`; with `allow_empty`, blank input is
+    an empty object."""
     if len(data) > max_bytes:
         raise error(f"{what} too large ({len(data)} bytes, max {max_bytes})")
     if allow_empty and not data.strip():
         return {}
     try:
-        obj = loads(data, max_bytes=max_bytes)
+        obj = loads(data, max_bytes=max_bytes, surrogates=False)
     except ValueError as e:
         raise error(f"{what} is not valid json: {e}") from e
     if not isinstance(obj, dict):
