@@ -512,7 +512,7 @@ def test_the_vmm_and_the_guest_refuse_the_same(tmp_path):
     with pytest.raises(RpcError, match="lone surrogate"):
         validate_app_compose('{"docker_compose_file": "\udfff"}')
     # an escaped one: the app-compose json refuses it before the yaml sees it
-    with pytest.raises(RpcError, match="invalid app compose: .*lone surrogate"):
+    with pytest.raises(RpcError, match=r"invalid app compose: .*lone surrogate"):
         validate_app_compose('{"docker_compose_file": "a: \\udfff"}')
 
 
