@@ -24,6 +24,7 @@ from pydstack.attest.eventlog import (
 )
 from pydstack.errors import UnavailableError
 from pydstack.rpc.unixpath import SocketPath
+from pydstack.types import jsonlimits
 
 MAX_RESPONSE = 8 * 1024 * 1024
 SERVICE_PREFIX = "/tdx"
@@ -112,17 +113,23 @@ class HostTdx:
 
 
 def parse_response(method: str, status: int, data: bytes) -> dict[str, object]:
-    """the JSON object the host's TD answered `method` with (HTTP `status`, body `data`);
-    HostTdError when it refused, or the answer is too large or not an object."""
+    """the JSON object the host's TD answered `method` with (HTTP `status`, body `data`;
+    `null` or nothing: an empty object). HostTdError when it refused (its error quoted, cut to
+    200 characters), or the answer is over `MAX_RESPONSE`, not JSON within `jsonlimits`'
+    bounds, or not an object. Linear time."""
     if len(data) > MAX_RESPONSE:
         raise HostTdError(f"the host's td answered {method} with too much data")
     try:
-        obj = json.loads(data) if data.strip() else {}
-    except ValueError:
-        obj = None
+        obj = jsonlimits.loads(data) if data.strip() else {}
+        valid = True
+    except jsonlimits.JsonError:
+        obj, valid = None, False
     if status != 200:
         err = obj.get("error") if isinstance(obj, dict) else None
-        raise HostTdError(f"the host's td refused {method}: {err or f'http {status}'}")
+        why = str(err)[:200] if err else f"http {status}"
+        raise HostTdError(f"the host's td refused {method}: {why}")
+    if not valid:
+        raise HostTdError(f"the host's td answered {method} with invalid json")
     if obj is None:
         return {}
     if not isinstance(obj, dict):
