@@ -12,8 +12,8 @@ if [ "${1:-}" = "--unit" ]; then
 fi
 bash scripts/setup.sh
 echo "== ruff"
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks fuzz
+.venv/bin/ruff format --check src tests benchmarks fuzz
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

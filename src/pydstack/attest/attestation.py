@@ -20,6 +20,8 @@ from typing import Any
 
 import msgpack
 
+from pydstack.types import msgpacklimits
+
 from .errors import ParseError
 from .eventlog import RuntimeEvent, TdxEvent, event_digest, event_name, strip_for_certificate
 from .scale import Reader, Writer
@@ -210,17 +212,9 @@ def _list(obj: Any, what: str) -> list[Any]:
 
 def _decode_v1(data: bytes) -> Attestation:
     try:
-        doc = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_bin_len=len(data),
-            max_str_len=len(data),
-            max_array_len=MAX_ARRAY,
-            max_map_len=64,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several exception types on malformed input
+        # counts checked against the bytes left before msgpack allocates for them
+        doc = msgpacklimits.loads(data, max_depth=16, max_array=MAX_ARRAY, max_map=64)
+    except msgpacklimits.MsgpackError as exc:
         raise ParseError(f"attestation is not valid msgpack: {exc}") from exc
     doc = _map(doc, "attestation")
     if doc.get("version") != 1:
@@ -272,7 +266,15 @@ def _decode_v1(data: bytes) -> Attestation:
 
 
 def decode_versioned(data: bytes) -> Attestation:
-    """decode a V0 or V1 versioned attestation."""
+    """decode a V0 or V1 versioned attestation.
+
+    Contract: ParseError for anything else: empty, over `MAX_ATTESTATION_SIZE` (10 MiB), an
+    unknown version byte or platform, malformed SCALE or msgpack, trailing bytes, more than
+    `MAX_ITEMS` events per list (V0 counts are checked against the bytes left before any
+    event is read; msgpack arrays are capped at `MAX_ARRAY` by the decoder), an event whose
+    imr, digest (at most 48 bytes) or name (`event_name`) is invalid, report_data not 64
+    bytes. Linear time and memory.
+    """
     if not isinstance(data, bytes | bytearray):
         raise ParseError("attestation must be bytes")
     data = bytes(data)

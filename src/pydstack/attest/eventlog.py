@@ -64,6 +64,7 @@ class TdxEvent:
 
     @classmethod
     def from_json_obj(cls, obj: Any) -> TdxEvent:
+        """one decoded JSON event; ParseError if a field is missing or out of range."""
         if not isinstance(obj, dict):
             raise ParseError("event log entry must be an object")
         imr = obj.get("imr")
@@ -140,6 +141,9 @@ class RuntimeEvent:
 
     @classmethod
     def from_log_line(cls, line: str) -> RuntimeEvent:
+        """one line of the runtime-event log file; ParseError if it is not one (the JSON
+        through `jsonlimits.loads`, the name through `event_name`, the payload strict base64).
+        Linear time and memory."""
         try:
             obj = jsonlimits.loads(line)
         except ValueError as e:
@@ -223,7 +227,13 @@ def runtime_events_of(events: Iterable[TdxEvent]) -> list[RuntimeEvent]:
 
 
 def parse_ccel(data: bytes) -> list[TdxEvent]:
-    """parse a CCEL table (TCG crypto-agile log) into TDX events."""
+    """parse a CCEL table (TCG crypto-agile log) into TDX events.
+
+    Contract: ParseError for a malformed log (no spec-ID header, more than 16 algorithms, an
+    unknown digest algorithm, a truncated record, an event over `MAX_EVENT_SIZE`, more than
+    `MAX_EVENTS` events, a register index over 4, a measured event without exactly one
+    digest). Lengths are checked before slicing; linear time and memory.
+    """
     data = bytes(data)
     pos = 0
 
@@ -277,7 +287,8 @@ def parse_ccel(data: bytes) -> list[TdxEvent]:
             raise ParseError(f"ccel measurement register index {mr_index} out of range")
         if len(digests) != 1:
             raise ParseError(f"ccel event must carry exactly one digest, has {len(digests)}")
-        events.append(TdxEvent(mr_index - 1, event_type, digests[0][1], "", payload))
+        digest = event_digest(digests[0][1])  # a sha512 digest cannot extend an rtmr
+        events.append(TdxEvent(mr_index - 1, event_type, digest, "", payload))
     return label_acpi_events(events)
 
 
@@ -355,6 +366,13 @@ def event_log_to_json(events: Iterable[TdxEvent]) -> str:
 
 
 def event_log_from_json(text: str | bytes) -> list[TdxEvent]:
+    """a JSON event log (a list of upstream `TdxEvent` objects); ParseError if it is not one.
+
+    Bounds: at most `MAX_EVENT_LOG_JSON` (32 MiB) of text and `MAX_EVENTS` events, counted
+    before parsing; nesting and item count by `jsonlimits`; each event checked as
+    `TdxEvent.from_json_obj` does (imr 0..3, u32 type, digest at most 48 bytes, name through
+    `event_name`, hex payload, version 1 or 2). Linear time and memory.
+    """
     if len(text) > MAX_EVENT_LOG_JSON:
         raise ParseError("event log json too large")
     # one object per event: refuse a log of too many before building any of them

@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 from Crypto.Hash import keccak
 
-from pydstack.types import jsonlimits
+from pydstack.types import jsonlimits, msgpacklimits
 
 from .attestation import Attestation
 from .errors import ParseError
@@ -118,7 +118,10 @@ def key_provider_info_json(name: str, provider_id: bytes) -> bytes:
 
 
 def os_image_hash_from_config(config: str) -> bytes:
-    """os_image_hash of a vm_config (or of a whole sys-config carrying a nested vm_config)."""
+    """os_image_hash of a vm_config (or of a whole sys-config carrying a nested vm_config).
+
+    Never raises: anything malformed (not JSON within `jsonlimits`' bounds, no such field, not
+    hex) gives b"". Linear time and memory."""
     try:
         obj = jsonlimits.loads(config) if config else {}
     except ValueError:
@@ -159,7 +162,8 @@ class AppInfo:
     ) -> AppInfo:
         """decode identity from an attestation (TDX); `ppid` comes from a verified quote.
         `report`: the TD report of `att.quote` when the caller parsed it and checked that its
-        RTMR3 is the replay of the runtime events (both are then not done again)."""
+        RTMR3 is the replay of the runtime events (both are then not done again). ParseError
+        when its quote does not parse or is not a TDX quote; linear time."""
         replayed = report is not None
         if report is None:
             report = parse_quote(att.quote).td_report
@@ -209,11 +213,14 @@ class AppInfo:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> AppInfo:
+        """the app-info extension's msgpack array; ParseError if it is not one (over 1 MiB,
+        not msgpack, not an array of 8 or 9 items, an item of the wrong type or length).
+        msgpack's own limits follow the input's length; linear time and memory."""
         if len(data) > 1024 * 1024:
             raise ParseError("app info too large")
         try:
-            doc = msgpack.unpackb(data, raw=False)
-        except Exception as e:
+            doc = msgpacklimits.loads(data, max_depth=4)
+        except msgpacklimits.MsgpackError as e:
             raise ParseError(f"app info is not valid msgpack: {e}") from e
         if not isinstance(doc, list) or len(doc) not in (8, 9):
             raise ParseError("app info must be a msgpack array of 8 or 9 items")

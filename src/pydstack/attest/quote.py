@@ -242,7 +242,13 @@ class Quote:
 
 
 def parse_quote(data: bytes) -> Quote:
-    """parse a v3, v4 or v5 quote; trailing bytes after the auth data are ignored."""
+    """parse a v3, v4 or v5 quote; trailing bytes after the auth data are ignored.
+
+    Contract: ParseError for anything that is not such a quote (wrong type, over
+    `MAX_QUOTE_LEN` = 64 KiB, truncated, a length field pointing past its container, unknown
+    version, body or certification data type). Every length is checked against the bytes
+    that remain before anything is sliced; time and memory are linear in the input.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ParseError("quote must be bytes")
     data = bytes(data)

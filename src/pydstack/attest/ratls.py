@@ -118,6 +118,14 @@ class RaTlsCertInfo:
 
 
 def parse_ratls_cert(cert: x509.Certificate) -> RaTlsCertInfo:
+    """the dstack extensions of a certificate (raw, unverified).
+
+    Contract: ParseError when the certificate's extensions cannot be read (duplicates,
+    malformed standard extensions, unsupported general names), a dstack extension is not a
+    DER OCTET STRING of minimal length filling its value, is over `MAX_EXTENSION_SIZE`
+    (1 MiB), or the legacy event log does not decompress within `MAX_DECOMPRESSED` (16 KiB).
+    Linear in the certificate's size.
+    """
     usage = get_extension_bytes(cert, OID_SPECIAL_USAGE)
     try:
         usage_str = usage.decode() if usage is not None else None
@@ -135,7 +143,9 @@ def parse_ratls_cert(cert: x509.Certificate) -> RaTlsCertInfo:
 
 
 def cert_attestation(cert: x509.Certificate) -> Attestation | None:
-    """the attestation a certificate carries (`.8`, else legacy `.1` + `.2`), or None."""
+    """the attestation a certificate carries (`.8`, else legacy `.1` + `.2`), or None;
+    ParseError (an AttestError) as `parse_ratls_cert`, `decode_versioned`, `parse_quote` and
+    `event_log_from_json` raise it."""
     info = parse_ratls_cert(cert)
     if info.attestation is not None:
         return decode_versioned(info.attestation)
@@ -153,6 +163,8 @@ def verify_cert_binding(cert: x509.Certificate) -> Attestation:
 
     Both the attestation's report_data and its quote's report_data must equal
     sha512("ratls-cert:" || SPKI DER). The quote itself still needs DCAP verification.
+    AttestError for every refusal: ParseError for what cannot be read, VerifyError for an
+    attestation that is absent or not bound to the key. Linear in the certificate's size.
     """
     att = cert_attestation(cert)
     if att is None:

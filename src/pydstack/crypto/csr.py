@@ -67,6 +67,10 @@ class CertSigningRequestV2:
 
     @classmethod
     def decode(cls, data: bytes) -> CertSigningRequestV2:
+        """the request in `data`; ParseError if it is not one: over `MAX_CSR_SIZE`, or SCALE
+        that is truncated, non-canonical (compact integers, bools, option tags), not UTF-8, or
+        declares a length or count beyond the bytes left (checked before reading). Canonical:
+        a request that decodes encodes to the same bytes. Linear time and memory."""
         if len(data) > MAX_CSR_SIZE:
             raise ParseError("csr too large")
         r = Reader(data)

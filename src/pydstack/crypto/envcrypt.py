@@ -85,7 +85,12 @@ def encrypt_env(envs: EnvItems, public_key: bytes) -> bytes:
 
 
 def decrypt_env(secret: bytes, blob: bytes) -> list[tuple[str, str]]:
-    """decrypt and validate; every limit is checked before the values are used."""
+    """decrypt and validate; every limit is checked before the values are used.
+
+    Contract: EnvError for a secret that is not 32 bytes, a blob over `MAX_ENCRYPTED_ENV`
+    (8 MiB) or too short, a low-order ephemeral key, a failed decryption, and whatever
+    `parse_env_json` refuses. Linear time and memory.
+    """
     if len(secret) != 32:
         raise EnvError("the env decryption secret must be 32 bytes")
     if len(blob) > MAX_ENCRYPTED_ENV:
@@ -113,7 +118,8 @@ def parse_env_json(plaintext: bytes) -> list[tuple[str, str]]:
 
     Limits apply to every entry (upstream checks sizes only on allowed ones): at most 1024
     entries, keys up to 255 bytes, values up to 128 KiB, keys and values together up to 1 MiB.
-    Key names are checked by `filter_allowed_envs`.
+    Key names are checked by `filter_allowed_envs`. EnvError for anything refused (the JSON
+    through `jsonlimits.loads`, lone surrogates included); linear time and memory.
     """
     if len(plaintext) > MAX_ENCRYPTED_ENV:
         raise EnvError("decrypted env too large")

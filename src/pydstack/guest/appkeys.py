@@ -57,6 +57,9 @@ class AppKeys:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> AppKeys:
+        """AppKeysError unless `data` is a JSON object (within `jsonlimits`' bounds, at most
+        `MAX_APPKEYS_SIZE`) with hex keys, string fields and one known key provider whose
+        fields are strings; linear time."""
         obj = jsonlimits.load_object(
             data, "appkeys", max_bytes=MAX_APPKEYS_SIZE, error=AppKeysError
         )

@@ -30,6 +30,8 @@ class InstanceInfo:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> InstanceInfo:
+        """InstanceInfoError unless `data` is blank or a JSON object (within `jsonlimits`'
+        bounds, at most `MAX_INSTANCE_INFO_SIZE`) whose fields are hex; linear time."""
         obj = jsonlimits.load_object(
             data,
             "instance info",

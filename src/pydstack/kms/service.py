@@ -209,6 +209,11 @@ class KmsService:
         )
 
     async def SignCert(self, req: pb.SignCertRequest, ctx: CallContext) -> pb.SignCertResponse:
+        """a certificate for the CSR's key, signed by the app's CA, when the CSR (SCALE, at most
+        `MAX_CSR_SIZE`) is signed by its key and carries an attestation bound to that key that
+        verifies and is allowed. Every refusal is an RpcError naming why; the cost is one CSR
+        decode, two ECDSA verifications, the attestation's verification (cached PCK chains and
+        collateral) and one certificate, linear in the CSR's size."""
         if req.api_version != 2:
             raise RpcError(f"unsupported csr api version {req.api_version} (only 2)")
         await self.s.ensure_self_allowed()
@@ -253,7 +258,10 @@ class KmsService:
             attestation=csr.attestation if c.ext_quote else None,
             app_info=app_info,
         )
-        leaf = issue_cert(cert_req, pub, ca_key, ca_cert)  # type: ignore[arg-type]
+        try:
+            leaf = issue_cert(cert_req, pub, ca_key, ca_cert)  # type: ignore[arg-type]
+        except ValueError as e:  # the csr asks for validity times or names no cert can carry
+            raise RpcError(f"invalid csr: {e}") from e
         return pb.SignCertResponse(certificate_chain=[cert_pem(leaf), cert_pem(ca_cert), k.ca_pem])
 
 

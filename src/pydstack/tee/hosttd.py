@@ -24,6 +24,7 @@ from pydstack.attest.eventlog import (
 )
 from pydstack.errors import UnavailableError
 from pydstack.rpc.unixpath import SocketPath
+from pydstack.types import jsonlimits
 
 MAX_RESPONSE = 8 * 1024 * 1024
 SERVICE_PREFIX = "/tdx"
@@ -72,28 +73,7 @@ class HostTdx:
             raise HostTdError(f"the host's td is unreachable: {e}") from e
         finally:
             conn.close()
-        if len(data) > MAX_RESPONSE:
-            raise HostTdError(f"the host's td answered {method} with too much data")
-        try:
-            obj = json.loads(data) if data.strip() else {}
-        except ValueError:
-            obj = None
-        if resp.status != 200:
-            err = obj.get("error") if isinstance(obj, dict) else None
-            raise HostTdError(f"the host's td refused {method}: {err or f'http {resp.status}'}")
-        if obj is None:
-            return {}
-        if not isinstance(obj, dict):
-            raise HostTdError(f"the host's td answered {method} with a non-object")
-        return obj
-
-    def _parse_log(self, text: object) -> list[TdxEvent]:
-        if not isinstance(text, str):
-            raise HostTdError("the host's td sent no event log")
-        try:
-            return event_log_from_json(text)
-        except ParseError as e:
-            raise HostTdError(f"the host's td sent an invalid event log: {e}") from e
+        return parse_response(method, resp.status, data)
 
     # ---------------------------------------------------------------- the platform surface
     def extend_rtmr3(self, event: RuntimeEvent) -> None:
@@ -112,12 +92,9 @@ class HostTdx:
     def get_quote(self, report_data: bytes) -> bytes:
         if len(report_data) > 64:
             raise ValueError("report data is longer than 64 bytes")
-        resp = self._call("GetQuote", {"report_data": report_data.hex()})
-        try:
-            quote = bytes.fromhex(str(resp.get("quote", "")))
-        except ValueError as e:
-            raise HostTdError("the host's td sent a quote that is not hex") from e
-        log = self._parse_log(resp.get("event_log"))
+        quote, log = parse_quote_response(
+            self._call("GetQuote", {"report_data": report_data.hex()})
+        )
         with self._lock:
             self._log = log
         return quote
@@ -126,10 +103,54 @@ class HostTdx:
         with self._lock:
             if self._log is not None:
                 return list(self._log)
-        log = self._parse_log(self._call("GetEventLog", {}).get("event_log"))
+        log = parse_event_log(self._call("GetEventLog", {}).get("event_log"))
         with self._lock:
             self._log = log
         return list(log)
 
     def runtime_events(self) -> list[RuntimeEvent]:
         return runtime_events_of(self.event_log())
+
+
+def parse_response(method: str, status: int, data: bytes) -> dict[str, object]:
+    """the JSON object the host's TD answered `method` with (HTTP `status`, body `data`;
+    `null` or nothing: an empty object). HostTdError when it refused (its error quoted, cut to
+    200 characters), or the answer is over `MAX_RESPONSE`, not JSON within `jsonlimits`'
+    bounds, or not an object. Linear time."""
+    if len(data) > MAX_RESPONSE:
+        raise HostTdError(f"the host's td answered {method} with too much data")
+    try:
+        obj = jsonlimits.loads(data) if data.strip() else {}
+        valid = True
+    except jsonlimits.JsonError:
+        obj, valid = None, False
+    if status != 200:
+        err = obj.get("error") if isinstance(obj, dict) else None
+        why = str(err)[:200] if err else f"http {status}"
+        raise HostTdError(f"the host's td refused {method}: {why}")
+    if not valid:
+        raise HostTdError(f"the host's td answered {method} with invalid json")
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise HostTdError(f"the host's td answered {method} with a non-object")
+    return obj
+
+
+def parse_event_log(text: object) -> list[TdxEvent]:
+    """the event log of a GetQuote or GetEventLog answer; HostTdError if it is not one."""
+    if not isinstance(text, str):
+        raise HostTdError("the host's td sent no event log")
+    try:
+        return event_log_from_json(text)
+    except ParseError as e:
+        raise HostTdError(f"the host's td sent an invalid event log: {e}") from e
+
+
+def parse_quote_response(resp: dict[str, object]) -> tuple[bytes, list[TdxEvent]]:
+    """the quote and event log of a GetQuote answer; HostTdError if they are malformed."""
+    try:
+        quote = bytes.fromhex(str(resp.get("quote", "")))
+    except ValueError as e:
+        raise HostTdError("the host's td sent a quote that is not hex") from e
+    return quote, parse_event_log(resp.get("event_log"))

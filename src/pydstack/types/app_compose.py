@@ -34,7 +34,9 @@ class AppCompose:
 
     @classmethod
     def parse(cls, raw: bytes | str, *, max_bytes: int = MAX_APP_COMPOSE) -> AppCompose:
-        """a JSON object of at most `max_bytes`, in UTF-8; AppComposeError otherwise."""
+        """a JSON object of at most `max_bytes`, in UTF-8 (within `jsonlimits`' bounds);
+        AppComposeError otherwise, and from the accessors and `check_policy` for fields of the
+        wrong type. Linear time."""
         if isinstance(raw, str):
             try:
                 raw = raw.encode("utf-8")

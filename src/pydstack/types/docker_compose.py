@@ -15,8 +15,8 @@ The contract of `ComposeProject.parse(text, project, env, policy=STRICT)`:
   the env (those may be secrets).
 
 Worst case: linear in the input size (YAML loading, interpolation and command splitting are
-single passes) plus linear in the expanded node count (bounded by `MAX_NODES`); a 4 MiB file
-packed with `$` takes about a second.
+single passes, and interpolation visits a node an alias shares once); a 4 MiB file packed with
+`$` takes about a second. The result shares aliased nodes as the YAML loader's does.
 """
 
 from __future__ import annotations
@@ -203,15 +203,31 @@ def interpolate(text: str, env: Mapping[str, str], budget: _Budget | None = None
     return Interpolated(out) if scanner.substituted else out
 
 
-def _interpolate_values(value: YamlValue, env: Mapping[str, str], budget: _Budget) -> YamlValue:
-    """a copy of the document with every string value interpolated (keys untouched)."""
+def _interpolate_values(
+    value: YamlValue,
+    env: Mapping[str, str],
+    budget: _Budget,
+    done: dict[int, YamlValue] | None = None,
+) -> YamlValue:
+    """a copy of the document with every string value interpolated (keys untouched).
+
+    A list or mapping the YAML shares through an alias is interpolated once and the copy
+    shared the same way (`done`, by identity), so the walk is linear in the document's text:
+    a few hundred bytes of nested aliases expand to 100,000 nodes, which copying each time
+    would visit one by one."""
     if isinstance(value, str):
         return interpolate(value, env, budget)
-    if isinstance(value, list):
-        return [_interpolate_values(v, env, budget) for v in value]
-    if isinstance(value, dict):
-        return {k: _interpolate_values(v, env, budget) for k, v in value.items()}
-    return value
+    if not isinstance(value, list | dict):
+        return value
+    done = {} if done is None else done
+    copy = done.get(id(value))
+    if copy is None:
+        if isinstance(value, list):
+            copy = [_interpolate_values(v, env, budget, done) for v in value]
+        else:
+            copy = {k: _interpolate_values(v, env, budget, done) for k, v in value.items()}
+        done[id(value)] = copy
+    return copy
 
 
 def load_document(text: str, env: Mapping[str, str]) -> dict[str, YamlValue]:

@@ -29,6 +29,8 @@ class SysConfig:
 
     @classmethod
     def from_json(cls, data: bytes | str) -> SysConfig:
+        """SysConfigError unless `data` is a JSON object (within `jsonlimits`' bounds, at
+        most `MAX_SYS_CONFIG_SIZE`) whose known fields have their types; linear time."""
         obj = jsonlimits.load_object(
             data, "sys-config", max_bytes=MAX_SYS_CONFIG_SIZE, error=SysConfigError
         )

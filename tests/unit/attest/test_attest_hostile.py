@@ -4,6 +4,7 @@ building objects (findings of a fuzzing run: they failed later, or allocated wit
 from __future__ import annotations
 
 import json
+import struct
 import tracemalloc
 
 import msgpack
@@ -22,6 +23,7 @@ from pydstack.attest.eventlog import (
     RuntimeEvent,
     TdxEvent,
     event_log_from_json,
+    parse_ccel,
 )
 from pydstack.attest.scale import Writer
 
@@ -83,3 +85,19 @@ def test_json_event_log_with_too_many_events_is_refused_before_parsing():
     finally:
         tracemalloc.stop()
     assert peak < len(text)  # refused before a single event object was built
+
+
+def _ccel(alg: int, size: int) -> bytes:
+    """a CCEL whose spec-ID header lists one algorithm, then one RTMR0 event digested by it."""
+    spec = b"Spec ID Event03\0" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 1)
+    spec += struct.pack("<HH", alg, size) + b"\0"
+    header = struct.pack("<II", 1, 3) + bytes(20) + struct.pack("<I", len(spec)) + spec
+    event = struct.pack("<IIIH", 1, 1, 1, alg) + b"\x11" * size + struct.pack("<I", 2) + b"ev"
+    return header + event + b"\xff" * 8
+
+
+def test_ccel_digests_longer_than_48_bytes_are_refused_when_parsed():
+    # a fuzzing finding: a sha512 digest parsed, then replay raised ValueError
+    assert parse_ccel(_ccel(0xC, 48))[0].digest == b"\x11" * 48
+    with pytest.raises(ParseError, match="longer than 48"):
+        parse_ccel(_ccel(0xD, 64))
