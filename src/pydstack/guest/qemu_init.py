@@ -93,10 +93,15 @@ def main() -> int:
         print("dstack-init must run as pid 1", file=sys.stderr)
         return 2
     os.environ.update({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
-    system_mounts()
-    network()
-    host_share()
-    child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.qemu"])
+    try:
+        system_mounts()
+        network()
+        host_share()
+        child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.qemu"])
+    except Exception as e:  # the vm cannot come up: say why on the console, then power off
+        print(f"dstack-init: {type(e).__name__}: {e}; powering off", flush=True)
+        power_off()
+        return 1
 
     def forward(sig: int, _: object) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -76,7 +76,8 @@ def kvm_works(qemu: str) -> bool:
     with tempfile.NamedTemporaryFile(suffix=".bin") as f:
         f.write(bios)
         f.flush()
-        args = [qemu, "-accel", "kvm", "-machine", "q35", "-nodefaults", "-display", "none"]
+        args = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults"]
+        args += ["-display", "none"]
         args += ["-bios", f.name, "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
         try:
             proc = subprocess.run(args, capture_output=True, timeout=20, check=False)

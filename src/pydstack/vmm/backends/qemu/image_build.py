@@ -54,6 +54,7 @@ PACKAGES = (
     "ovmf",
     "busybox-static",
     "kmod",
+    "mount",
     "python3",
     "podman",
     "crun",
@@ -93,6 +94,35 @@ PRUNE = (
     "var/cache/ldconfig/aux-cache",
     "usr/share/ovmf",
     "usr/share/qemu",
+)
+#: kernel module trees a VM never needs (lib/modules/<kver>/kernel/...)
+PRUNE_MODULES = (
+    "sound",
+    "drivers/gpu",
+    "drivers/media",
+    "drivers/net/wireless",
+    "drivers/net/ethernet",
+    "drivers/infiniband",
+    "drivers/staging",
+    "drivers/bluetooth",
+    "net/bluetooth",
+    "net/wireless",
+    "net/mac80211",
+    "drivers/usb",
+    "drivers/hid",
+    "drivers/isdn",
+    "drivers/iio",
+    "drivers/scsi",
+    "drivers/ata",
+    "drivers/mmc",
+    "drivers/nfc",
+    "drivers/input/touchscreen",
+    "drivers/input/joystick",
+    "drivers/video",
+    "fs/ocfs2",
+    "fs/gfs2",
+    "fs/xfs",
+    "fs/btrfs",
 )
 CONTAINERS_CONF = """[containers]
 log_driver = "k8s-file"
@@ -355,6 +385,8 @@ def build(out: Path, flavour: str, cache: Path, epoch: int, say: Progress) -> st
                 p.unlink(missing_ok=True)
         for p in (rootfs / "boot").iterdir():
             p.unlink()
+        for rel in PRUNE_MODULES:
+            shutil.rmtree(rootfs / "lib" / "modules" / kver / "kernel" / rel, ignore_errors=True)
         for name in ("var/log", "var/cache/apt"):
             (rootfs / name).mkdir(parents=True, exist_ok=True)
         _normalize(rootfs, epoch)
@@ -362,7 +394,8 @@ def build(out: Path, flavour: str, cache: Path, epoch: int, say: Progress) -> st
         _run(
             "squashfs",
             ["mksquashfs", str(rootfs), str(staging / "rootfs.squashfs"), "-noappend",
-             "-reproducible", "-comp", "zstd", "-quiet", "-no-progress"],
+             "-reproducible", "-comp", "zstd", "-Xcompression-level", "3", "-quiet",
+             "-no-progress"],
             env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)},
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -393,6 +426,16 @@ def build(out: Path, flavour: str, cache: Path, epoch: int, say: Progress) -> st
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
 
 
+def build_main(out: Path, flavour: str, cache: Path | None = None) -> str:
+    """build with progress on stderr, SOURCE_DATE_EPOCH from the environment (else the fixed
+    default), the default cache unless given; returns the os_image_hash."""
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
+    cache = (cache or default_cache()).resolve()
+    return build(
+        out.resolve(), flavour, cache, epoch, lambda s: print(s, file=sys.stderr, flush=True)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dstack image build", description="build a qemu guest os image from debian packages"
@@ -401,11 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the image directory to create")
     parser.add_argument("--cache", type=Path, default=None, help="download cache")
     args = parser.parse_args(argv)
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
     try:
-        cache = args.cache or default_cache()
-        build(args.out.resolve(), args.flavour, cache.resolve(), epoch, lambda s: print(
-            s, file=sys.stderr, flush=True))  # fmt: skip
+        build_main(args.out, args.flavour, args.cache)
     except ImageBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
