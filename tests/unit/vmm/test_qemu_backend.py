@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -302,3 +303,87 @@ def test_a_luks_header_with_another_cipher_is_refused() -> None:
         check_header("{not json")
     with pytest.raises(BootError):
         check_header(json.dumps({"keyslots": {}, "segments": {}}))
+
+
+# ------------------------------------------------------------------ the vmm around it
+COMPOSE = json.dumps(
+    {
+        "name": "a",
+        "runner": "docker-compose",
+        "docker_compose_file": "services:\n  w:\n    image: i\n",
+    }
+)
+
+
+async def test_a_cvm_that_exits_during_boot_gets_a_boot_error_naming_why(make_app) -> None:
+    from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+
+    from .fakes import IMAGE
+
+    backend = FakeBackend()
+    app = await make_app(backend)
+    req = pb.VmConfiguration(name="a", image=IMAGE, compose_file=COMPOSE)
+    vm_id = await app.create_vm(req)
+    vm = app.get(vm_id)
+    vm.runtime.notify("boot.progress", "requesting app keys")
+    backend.exit_details[vm_id] = "qemu: terminating on signal 9"
+    backend.crash(vm_id)
+    info = app.vm_info(vm)
+    assert info.status == "exited"
+    assert info.boot_error == (
+        "the cvm exited during boot (at 'requesting app keys'): qemu: terminating on signal 9"
+    )
+    # a booted cvm that stops, or one stopped on request, is no boot error
+    await app.start_vm(vm_id)
+    vm.runtime.notify("boot.progress", "done")
+    backend.crash(vm_id)
+    assert app.vm_info(vm).boot_error == ""
+    await app.start_vm(vm_id)
+    await app.stop_vm(vm_id)
+    assert app.vm_info(vm).boot_error == ""
+
+
+async def test_a_boot_past_the_timeout_is_an_error_and_the_cvm_is_stopped(make_app) -> None:
+    from dataclasses import replace
+
+    from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+
+    from .fakes import IMAGE, FakeClock
+
+    clock = FakeClock()
+    backend = FakeBackend(replace(CAPS, boot_timeout=120))
+    app = await make_app(backend, clock)
+    vm_id = await app.create_vm(pb.VmConfiguration(name="a", image=IMAGE, compose_file=COMPOSE))
+    vm = app.get(vm_id)
+    vm.runtime.notify("boot.progress", "requesting app keys")
+    clock.now += 119
+    await app.check_boot_timeouts()
+    assert backend.is_alive(vm) and not vm.runtime.boot_error
+    clock.now += 2
+    await app.check_boot_timeouts()
+    assert not backend.is_alive(vm) and backend.stops[-1] == (vm_id, 0.0)
+    assert vm.runtime.boot_error.startswith("the cvm did not boot in 120 s (at 'requesting")
+    # a boot that finished is left alone however long it runs
+    await app.start_vm(vm_id)
+    vm.runtime.notify("boot.progress", "done")
+    clock.now += 10_000
+    await app.check_boot_timeouts()
+    assert backend.is_alive(vm)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_no_disk(tmp_path: Path, monkeypatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-img"
+    fake.write_text(
+        "#!/bin/sh\nfor a; do last=$a; done\n"
+        'echo x > "$4"\necho "qemu-img: $4: No space left on device" >&2\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    (tmp_path / "run").mkdir()
+    b = backend(tmp_path)
+    vm = _vm(tmp_path)
+    with pytest.raises(BackendError, match=r"cannot create the data disk: .*No space left"):
+        b._data_disk(vm)
+    assert sorted(p.name for p in vm.workdir.path.iterdir() if "hda" in p.name) == []
