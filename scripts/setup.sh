@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 # system packages the stack and its tests use (real components, no mocks)
 # podman/runc run the apps' containers, gocryptfs+fuse3 encrypt sandbox CVM disks, busybox-static
 # builds the test images, chromium drives the web UI test, iptables NATs the CVM bridge,
-# docker-registry (CNCF distribution) holds the images CVMs pull.
+# docker-registry (CNCF distribution) holds the images CVMs pull; qemu-system-x86, qemu-utils and
+# socat run qemu CVMs, mmdebstrap and squashfs-tools build their guest image.
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
-    iptables uidmap util-linux docker-registry)
+    iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
+    squashfs-tools)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
