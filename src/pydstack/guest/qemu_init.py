@@ -13,14 +13,18 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-#: QEMU's user-mode network: the guest's address, the host (gateway) and the DNS forwarder
-GUEST_IP = "10.0.2.15/24"
+#: QEMU's user-mode network as upstream configures it: the address its DHCP gives first (where
+#: `hostfwd` forwards to) and the host; used when DHCP does not answer
+GUEST_IP = "10.0.2.10/24"
 GATEWAY = "10.0.2.2"
+#: applies a DHCP lease (written into the image by its build)
+UDHCPC_SCRIPT = "/usr/lib/dstack/udhcpc.sh"
 HOST_SHARED = Path("/run/dstack/host-shared")
 HOST_SHARE_TAG = "host-shared"
 #: the FAT label of a vvfat host share (upstream's)
@@ -59,10 +63,28 @@ def system_mounts() -> None:
 
 
 def network() -> None:
+    with contextlib.suppress(OSError):
+        socket.sethostname(Path("/etc/hostname").read_text().strip() or "dstack-cvm")
     _run("ip", "link", "set", "lo", "up")
     _run("ip", "link", "set", "eth0", "up")
-    _run("ip", "addr", "add", GUEST_IP, "dev", "eth0")
-    _run("ip", "route", "add", "default", "via", GATEWAY)
+    dhcp = [
+        "busybox",
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-n",
+        "-q",
+        "-t",
+        "5",
+        "-T",
+        "1",
+        "-s",
+        UDHCPC_SCRIPT,
+    ]
+    if _run(*dhcp) != 0:
+        print("dstack-init: no dhcp answer; using upstream's user-mode address", flush=True)
+        _run("ip", "addr", "add", GUEST_IP, "dev", "eth0")
+        _run("ip", "route", "add", "default", "via", GATEWAY)
 
 
 def host_share() -> None:

@@ -132,6 +132,18 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 runtime = "crun"
 """
+UDHCPC_SCRIPT = """#!/bin/sh
+# apply a dhcp lease (busybox udhcpc): address, default route, name servers
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+    : > /etc/resolv.conf
+    for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    ;;
+esac
+"""
 IMAGE_FILES = (
     "metadata.json",
     "bzImage",
@@ -290,6 +302,10 @@ def _guest_files(rootfs: Path, flavour: str) -> None:
     (etc / "containers" / "containers.conf").write_text(CONTAINERS_CONF)
     (etc / "hostname").write_text("dstack-cvm\n")
     (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n")
+    lib = rootfs / "usr" / "lib" / "dstack"
+    lib.mkdir(parents=True, exist_ok=True)
+    (lib / "udhcpc.sh").write_text(UDHCPC_SCRIPT)
+    (lib / "udhcpc.sh").chmod(0o755)
     (etc / "resolv.conf").unlink(missing_ok=True)
     (etc / "resolv.conf").write_text("nameserver 10.0.2.3\n")
 
