@@ -130,7 +130,16 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         stack.allow({app_id: [compose_hash]})
 
         _step(f"deploying through `dstack deploy` (port 127.0.0.1:{port} -> 8080)")
-        vm_args = ["--simulated-tee", "dstack-tdx", "--memory", "1024", "--disk", "2"]
+        vm_args = [
+            "--simulated-tee",
+            "dstack-tdx",
+            "--vcpu",
+            "2",
+            "--memory",
+            "1024",
+            "--disk",
+            "2",
+        ]
         out = _cli(
             "deploy", "--name", "hello", "--image", stack.image_name,
             "--compose", str(app_dir / "app-compose.json"), "--env-file", str(env),
@@ -153,8 +162,13 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         if backend == "qemu":
             time.sleep(5)  # idle
             rss = _qemu_rss_mib(stack, vm_id)
-            accel = "tcg" if "tcg" in (stack.dir / "vmm.log").read_text() else "kvm"
-            print(f"    idle memory of the vm: {rss or 0:.0f} MiB rss (qemu, {accel}, 1024 MiB vm)")
+            accel = "tcg" if "runs under tcg" in (stack.dir / "vmm.log").read_text() else "kvm"
+            sysinfo = stack.guest("SysInfo", vm_id)
+            used = (int(sysinfo["total_memory"]) - int(sysinfo["available_memory"])) >> 20
+            print(
+                f"    idle memory: {used} MiB used in the vm, {rss or 0:.0f} MiB rss of its qemu "
+                f"({accel}, a 1024 MiB vm)"
+            )
         print(_cli("lsvm"), end="")
 
         _step("asking the app (inside the cvm) for a key and a quote")

@@ -528,6 +528,21 @@ class DevStack:
                     raise
                 time.sleep(0.1)
 
+    def guest(self, method: str, vm_id: str) -> dict[str, Any]:
+        """call the vm's guest API through the VMM's /guest proxy; StackError on failure."""
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        try:
+            r = httpx.post(
+                f"{self.vmm_url}/guest/{method}?json", json={"id": vm_id}, headers=headers,
+                timeout=30,
+            )  # fmt: skip
+        except httpx.HTTPError as e:
+            raise StackError(f"guest {method}: {e}") from e
+        if r.status_code != 200:
+            raise StackError(f"guest {method}: {r.text[:200]}")
+        out = r.json()
+        return out if isinstance(out, dict) else {}
+
     def logs(self, vm_id: str, lines: int = 100) -> str:
         """the last `lines` of the vm's serial log (the VMM's refusal text if it refuses)."""
         params = {"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)}

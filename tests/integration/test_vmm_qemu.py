@@ -39,7 +39,8 @@ from .test_vmm_sandbox import compose, dstack, get, port_open, vm_id_of, wait_fo
 
 pytestmark = pytest.mark.integration
 
-BRIDGE, SUBNET = "dstacktest5", "10.214.0.0/16"
+#: a bridge and subnet no other test uses (its KMS and registry listen there)
+BRIDGE, SUBNET = "dstackqemu0", "10.207.0.0/16"
 IMAGE = "pydstack-qemu-dev"
 #: a TCG boot on a loaded 2-core host; KVM boots in a fraction of it
 BOOT_TIMEOUT = 400
@@ -75,8 +76,8 @@ def image(stack: DevStack) -> str:
 def deploy(stack: DevStack, d: Path, name: str, *extra: str, image: str = IMAGE, check=True):
     return dstack(
         stack, "deploy", "--name", name, "--image", image, "--compose",
-        str(d / "app-compose.json"), "--simulated-tee", "dstack-tdx", "--memory", "1024",
-        "--disk", "2", *extra, check=check,
+        str(d / "app-compose.json"), "--simulated-tee", "dstack-tdx", "--vcpu", "2",
+        "--memory", "1024", "--disk", "2", *extra, check=check,
     )  # fmt: skip
 
 
@@ -120,8 +121,12 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     accel = cmdline[cmdline.index(b"-accel") + 1].decode()
     time.sleep(5)  # idle
-    print(f"\nqemu cvm ({accel}): boot to app running {boot_s:.1f} s; idle memory "
-          f"{rss_mib(pid):.0f} MiB rss of 1024 MiB")  # fmt: skip
+    sysinfo = httpx.post(f"{stack.vmm_url}/guest/SysInfo?json", json={"id": vm}, timeout=30).json()
+    used = (int(sysinfo["total_memory"]) - int(sysinfo["available_memory"])) >> 20
+    print(
+        f"\nqemu cvm ({accel}): boot to app running {boot_s:.1f} s; idle memory: {used} MiB used "
+        f"in the vm, {rss_mib(pid):.0f} MiB rss of its qemu (1024 MiB vm)"
+    )
     instance_id = info["instance_id"]
     assert info["app_id"] == app_id and len(instance_id) == 40
     lsvm = dstack(stack, "lsvm").stdout
@@ -129,7 +134,6 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(
 
     g = httpx.post(f"{stack.vmm_url}/guest/Info?json", json={"id": vm}, timeout=30).json()
     assert (g["app_id"], g["instance_id"]) == (app_id, instance_id)
-    sysinfo = httpx.post(f"{stack.vmm_url}/guest/SysInfo?json", json={"id": vm}, timeout=30).json()
     assert sysinfo["os_name"] == "pydstack-qemu" and int(sysinfo["total_memory"]) > 0
 
     # GetKey from inside the container equals the KMS derivation

@@ -387,3 +387,29 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_disk(tmp_path: Path, monkeyp
     with pytest.raises(BackendError, match=r"cannot create the data disk: .*No space left"):
         b._data_disk(vm)
     assert sorted(p.name for p in vm.workdir.path.iterdir() if "hda" in p.name) == []
+
+
+def test_the_guest_uses_the_hosts_td_only_on_a_dev_image_asked_to(monkeypatch) -> None:
+    from pydstack.guest import qemu as guest
+    from pydstack.tee import real
+    from pydstack.tee.hosttd import HostTdx
+    from pydstack.types.sysconfig import SysConfig
+
+    monkeypatch.setattr(real, "tdx_available", lambda: False)
+    asked = SysConfig(host_api_url="http://10.0.2.100:8000/api", simulated_tee="dstack-tdx")
+    monkeypatch.setattr(guest, "image_flavour", lambda: "dev")
+    tdx = guest.find_tdx(asked)
+    assert isinstance(tdx, HostTdx) and tdx._http == ("10.0.2.100", 8000)
+    with pytest.raises(BootError, match="asked for no simulated tee"):
+        guest.find_tdx(SysConfig(host_api_url="http://10.0.2.100:8000/api"))
+    monkeypatch.setattr(guest, "image_flavour", lambda: "prod")
+    with pytest.raises(BootError, match="a prod image has no tee simulator"):
+        guest.find_tdx(asked)
+
+
+def test_a_prod_image_drops_every_simulator_module() -> None:
+    from pydstack.vmm.backends.qemu.image_build import SIMULATOR_MODULES, checkout_root
+
+    src = checkout_root() / "src"
+    assert all((src / m).is_file() for m in SIMULATOR_MODULES)  # the names are still right
+    assert "pydstack/tee/hosttd.py" in SIMULATOR_MODULES
