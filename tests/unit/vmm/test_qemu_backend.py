@@ -377,7 +377,7 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_disk(tmp_path: Path, monkeyp
     fake = bin_dir / "qemu-img"
     fake.write_text(
         "#!/bin/sh\nfor a; do last=$a; done\n"
-        'echo x > "$4"\necho "qemu-img: $4: No space left on device" >&2\nexit 1\n'
+        'echo x > "$5"\necho "qemu-img: $5: No space left on device" >&2\nexit 1\n'
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")

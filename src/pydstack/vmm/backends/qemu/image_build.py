@@ -230,12 +230,21 @@ def _python(rootfs: Path, cache: Path, flavour: str, say: Progress) -> list[str]
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         say("building the pydstack wheel from this checkout")
+        # from a clean copy of the sources: setuptools' build/ in the checkout may hold modules
+        # the sources no longer have
+        root = checkout_root()
+        tree = t / "tree"
+        shutil.copytree(
+            root / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+        )
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / name).exists():
+                shutil.copy(root / name, tree / name)
         _run(
             "wheel",
-            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(t),
-             str(checkout_root())],
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(t), str(tree)],
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         wheel = next(t.glob("pydstack-*.whl"))
         frozen = _run(
             "freeze",
