@@ -413,3 +413,21 @@ def test_a_prod_image_drops_every_simulator_module() -> None:
     src = checkout_root() / "src"
     assert all((src / m).is_file() for m in SIMULATOR_MODULES)  # the names are still right
     assert "pydstack/tee/hosttd.py" in SIMULATOR_MODULES
+
+
+async def test_a_bridge_only_vm_is_refused_for_want_of_a_host_api_channel(tmp_path: Path) -> None:
+    from pydstack.vmm.backends import BootSpec
+    from pydstack.vmm.workdir import NetworkSpec
+
+    (tmp_path / "run").mkdir()
+    make_image(tmp_path / "images" / "dev")
+    image = load_images(tmp_path / "images", ("tdx",))["dev"]
+    b = backend(tmp_path)
+    vm = _vm(tmp_path)
+    b.attach(vm)
+    spec = BootSpec(image=image, hostname="a", vcpu=1, memory_mb=256,
+                    networks=(NetworkSpec("bridge", "br0"),))  # fmt: skip
+    with pytest.raises(BackendError, match="no host-api channel"):
+        b.launch_spec(vm, spec, 41000)
+    user = b.launch_spec(vm, BootSpec(image=image, hostname="a", vcpu=1, memory_mb=256), 41000)
+    assert user.nics[0].mode == "user" and user.host_api_socket is not None

@@ -324,6 +324,11 @@ class QemuBackend:
         nics = tuple(
             Nic(n.mode or s.networking_mode, n.bridge_name or s.bridge) for n in spec.networks
         ) or (Nic(s.networking_mode, s.bridge),)
+        if not any(n.mode == "user" for n in nics):
+            raise BackendError(
+                "a vm on a bridge alone has no host-api channel on this host (no vsock): "
+                'it needs a user-mode network ([cvm.qemu] networking_mode = "user")'
+            )
         kernel = self._image_file(image, "kernel")
         initrd = self._image_file(image, "initrd")
         assert kernel is not None and initrd is not None
