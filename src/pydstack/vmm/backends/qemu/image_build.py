@@ -272,8 +272,18 @@ def _python(rootfs: Path, cache: Path, flavour: str, say: Progress) -> list[str]
              str(t / "constraints.txt"), req],
             stderr=subprocess.PIPE,
         )  # fmt: skip
-    for junk in target.glob("*.dist-info/direct_url.json"):
+    for junk in target.glob("*.dist-info/direct_url.json"):  # names the temporary wheel path
         junk.unlink()
+        record = junk.with_name("RECORD")
+        lines = record.read_text().splitlines(keepends=True)
+        record.write_text(
+            "".join(
+                x
+                for x in lines
+                if not x.startswith(f"{junk.parent.name}/")
+                or not x.split(",", 1)[0].endswith("/direct_url.json")
+            )
+        )
     shutil.rmtree(target / "bin", ignore_errors=True)
     if flavour == "prod":
         for rel in SIMULATOR_MODULES:
