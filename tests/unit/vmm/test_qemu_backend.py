@@ -431,3 +431,26 @@ async def test_a_bridge_only_vm_is_refused_for_want_of_a_host_api_channel(tmp_pa
         b.launch_spec(vm, spec, 41000)
     user = b.launch_spec(vm, BootSpec(image=image, hostname="a", vcpu=1, memory_mb=256), 41000)
     assert user.nics[0].mode == "user" and user.host_api_socket is not None
+
+
+def test_the_data_disk_is_made_once_and_grown_by_a_resize(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "run").mkdir()
+    b = backend(tmp_path)
+    vm = _vm(tmp_path)
+    hda = vm.workdir.path / "hda.img"
+
+    def size() -> int:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output", "json", str(hda)], capture_output=True, check=True
+        ).stdout
+        return int(json.loads(out)["virtual-size"])
+
+    b._data_disk(vm)
+    assert size() == 1 << 30
+    vm.manifest.disk_size = 3  # ResizeVm of the stopped vm
+    b._data_disk(vm)
+    assert size() == 3 << 30
+    b._data_disk(vm)  # nothing to do: never shrunk, never recreated
+    assert size() == 3 << 30

@@ -217,6 +217,9 @@ def _rootfs(rootfs: Path, cache: Path, epoch: int, say: Progress) -> None:
             stdin=subprocess.DEVNULL,
         )
         os.replace(partial, tarball)
+        for old in cache.glob(f"rootfs-{SUITE}-*.tar"):  # of other package lists or dates
+            if old != tarball:
+                old.unlink()
     else:
         say(f"unpacking the cached {SUITE} rootfs {tarball.name}")
     rootfs.mkdir(parents=True)
