@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 # system packages the stack and its tests use (real components, no mocks)
 # podman/runc run the apps' containers, gocryptfs+fuse3 encrypt sandbox CVM disks, busybox-static
 # builds the test images, chromium drives the web UI test, iptables NATs the CVM bridge,
-# docker-registry (CNCF distribution) holds the images CVMs pull; haproxy, nginx and wrk are
-# what benchmarks/bench_gateway.py measures the gateway against.
+# docker-registry (CNCF distribution) holds the images CVMs pull; qemu-system-x86, qemu-utils and
+# socat run qemu CVMs, mmdebstrap and squashfs-tools build their guest image; haproxy, nginx and
+# wrk are what benchmarks/bench_gateway.py measures the gateway against.
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
-    iptables uidmap util-linux docker-registry haproxy nginx wrk)
+    iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
+    squashfs-tools haproxy nginx wrk)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,6 +1,6 @@
 """the main job: a local dstack (mock PCCS, KMS, dstack-vmm) deploying a sample app end to end.
 
-    python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve]
+    python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve] [--backend qemu]
 
 1. a mock PCCS, a KMS, an image registry and dstack-vmm start as real processes under DIR
    (whatever an earlier, killed run left there is stopped first);
@@ -13,6 +13,9 @@
    storage, the app's container;
 5. as a remote verifier would, we ask the app for a key and a quote through the forwarded port,
    verify the quote against the mock root and replay its event log to the compose hash.
+With `--backend qemu` the CVM is a QEMU VM booting the guest image built from Debian packages
+(built once, cached in .cache/guest-image), under KVM where it works, else TCG; the boot time
+and the VM's idle memory are printed.
 With `--serve` everything keeps running (web UI on the VMM's address) until Ctrl-C or SIGTERM;
 either way the CVM is removed, the processes stopped and the CVM bridge with its firewall and
 NAT rules removed at the end.
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -38,6 +42,9 @@ from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
 from pydstack.attest.verify import CollateralCache, verify_quote
 from pydstack.devstack import DevStack, StackError
 from pydstack.vmm import cli
+from pydstack.vmm.backends.qemu.backend import STATE_FILE as QEMU_STATE
+from pydstack.vmm.backends.qemu.image_build import ImageBuildError
+from pydstack.vmm.backends.qemu.image_cache import cached_image
 
 COMPOSE = """services:
   hello:
@@ -71,8 +78,29 @@ def _cli(*args: str) -> str:
     return out.getvalue()
 
 
-def run(directory: Path, port: int, keep_serving: bool) -> int:
-    stack = DevStack(directory)
+def _qemu_rss_mib(stack: DevStack, vm_id: str) -> float | None:
+    """the resident memory of the vm's QEMU process, MiB (None when it cannot be read)."""
+    try:
+        state = json.loads((stack.dir / "run" / "vm" / vm_id / QEMU_STATE).read_text())
+        for line in Path(f"/proc/{int(state['pid'])}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox") -> int:
+    qemu_image = None
+    if backend == "qemu":
+        _step("building (or reusing) the qemu guest image from debian packages")
+        try:
+            qemu_image = cached_image("dev", say=lambda s: print(f"    {s}", flush=True))
+        except ImageBuildError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"    {qemu_image}")
+    stack = DevStack(directory, backend=backend, qemu_image=qemu_image)
     try:
         _step(f"starting a local pccs, kms, image registry and dstack-vmm in {directory}")
         stack.start(progress=sys.stdout)
@@ -102,18 +130,45 @@ def run(directory: Path, port: int, keep_serving: bool) -> int:
         stack.allow({app_id: [compose_hash]})
 
         _step(f"deploying through `dstack deploy` (port 127.0.0.1:{port} -> 8080)")
+        vm_args = [
+            "--simulated-tee",
+            "dstack-tdx",
+            "--vcpu",
+            "2",
+            "--memory",
+            "1024",
+            "--disk",
+            "2",
+        ]
         out = _cli(
-            "deploy", "--name", "hello", "--image", "pydstack-sandbox",
+            "deploy", "--name", "hello", "--image", stack.image_name,
             "--compose", str(app_dir / "app-compose.json"), "--env-file", str(env),
             "--kms-encrypt-url", stack.kms_url, "--port", f"tcp:127.0.0.1:{port}:8080",
+            *(vm_args if backend == "qemu" else []),
         )  # fmt: skip
         vm_id = out.split("Created VM with ID:")[1].split()[0]
         print(f"    vm {vm_id}")
         t0 = time.monotonic()
         info = stack.wait_vm(
-            vm_id, timeout=180, on_progress=lambda p: print(f"    boot: {p}", flush=True)
+            vm_id,
+            timeout=600 if backend == "qemu" else 180,
+            on_progress=lambda p: print(f"    boot: {p}", flush=True),
         )
-        print(f"    booted in {time.monotonic() - t0:.1f} s; instance {info.get('instance_id')}")
+        stack.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        print(
+            f"    boot to app running: {time.monotonic() - t0:.1f} s; "
+            f"instance {info.get('instance_id')}"
+        )
+        if backend == "qemu":
+            time.sleep(5)  # idle
+            rss = _qemu_rss_mib(stack, vm_id)
+            accel = "tcg" if "runs under tcg" in (stack.dir / "vmm.log").read_text() else "kvm"
+            sysinfo = stack.guest("SysInfo", vm_id)
+            used = (int(sysinfo["total_memory"]) - int(sysinfo["available_memory"])) >> 20
+            print(
+                f"    idle memory: {used} MiB used in the vm, {rss or 0:.0f} MiB rss of its qemu "
+                f"({accel}, a 1024 MiB vm)"
+            )
         print(_cli("lsvm"), end="")
 
         _step("asking the app (inside the cvm) for a key and a quote")
@@ -182,15 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path("run/demo"))
     parser.add_argument("--port", type=int, default=18080, help="host port for the app")
     parser.add_argument("--serve", action="store_true", help="keep everything running")
+    parser.add_argument("--backend", choices=("sandbox", "qemu"), default="sandbox")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("error: the sandbox backend needs root (network namespaces, mounts)", file=sys.stderr)
+        print("error: the dev stack needs root (its cvm bridge; namespaces, mounts, mmdebstrap)",
+              file=sys.stderr)  # fmt: skip
         return 2
     # SIGTERM ends --serve like ctrl-c does (a blocked signal mask would be inherited by the
     # stack's processes and the cvms, which then could not be stopped)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return run(args.dir.resolve(), args.port, args.serve)
+        return run(args.dir.resolve(), args.port, args.serve, args.backend)
     except KeyboardInterrupt:  # before serving: the stack is already down (run's finally)
         return 130
 

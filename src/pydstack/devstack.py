@@ -34,6 +34,9 @@ from pydstack.errors import DstackError
 from pydstack.rpc.proto import vmm_rpc_pb2
 from pydstack.rpc.sync_client import PrpcCallError, PrpcUnreachable, SyncPrpcClient
 from pydstack.vmm.app import rmtree_vm_dir
+from pydstack.vmm.backends.qemu.backend import STATE_FILE as QEMU_STATE
+from pydstack.vmm.backends.qemu.backend import is_qemu_of
+from pydstack.vmm.backends.qemu.image_cache import IMAGE_NAMES, install_image
 from pydstack.vmm.backends.sandbox.cgroups import remove_cgroup
 from pydstack.vmm.backends.sandbox.config import SandboxConfig
 from pydstack.vmm.backends.sandbox.image import sandbox_image_digest
@@ -215,10 +218,18 @@ def vmm_toml(
     bridge: str = "dstack0",
     subnet: str = "10.213.0.0/16",
     registry: str = "",
+    backend: str = "sandbox",
+    boot_timeout: float = 300.0,
 ) -> str:
     """the stack's vmm.toml; `registry` (`host:port`, plain http) is the CVMs' docker.io mirror
-    and holds the OS images (`dstack/guest`)."""
+    and holds the OS images (`dstack/guest`). `backend`: sandbox or qemu (QEMU's user-mode
+    network reaches the KMS and registry on the bridge address through the host)."""
     auth = f'\n[auth]\nenabled = true\ntokens = ["{auth_token}"]\n' if auth_token else ""
+    qemu = (
+        f'\n[cvm.qemu]\naccel = "auto"\nboot_timeout = {boot_timeout}\n'
+        if backend == "qemu"
+        else ""
+    )
     return f"""# local dstack-vmm for the dev stack
 address = "tcp:127.0.0.1:{port}"
 kms_url = "{kms_url}"
@@ -229,6 +240,7 @@ path = "{d / "images"}"
 registry = "{f"http://{registry}/{OS_IMAGE_REPO}" if registry else ""}"
 
 [cvm]
+backend = "{backend}"
 kms_urls = ["{cvm_kms_url}"]
 gateway_urls = []
 docker_registry = "{f"http://{registry}" if registry else ""}"
@@ -252,7 +264,7 @@ mock_attestation_seed_file = "{seed_file}"
 bridge = "{bridge}"
 subnet = "{subnet}"
 scrypt_n = 10
-{auth}"""
+{qemu}{auth}"""
 
 
 @dataclass
@@ -272,6 +284,26 @@ class DevStack:
     #: http, read-only), and where the host pushes, on loopback (same storage)
     registry: str = ""
     registry_push: str = ""
+    #: the CVM backend: sandbox, or qemu with `qemu_image` (a built guest image directory,
+    #: installed into the stack's images as `pydstack-qemu-<flavour>`)
+    backend: str = "sandbox"
+    qemu_image: Path | None = None
+    boot_timeout: float = 300.0
+
+    @property
+    def os_images(self) -> list[str]:
+        """the os image hashes the KMS's allowlist admits: the images this stack boots."""
+        images = [sandbox_image_digest()]
+        if self.qemu_image is not None:
+            images.append((self.qemu_image / "digest.txt").read_text().strip())
+        return images
+
+    @property
+    def image_name(self) -> str:
+        """the image a deploy on this stack names."""
+        if self.backend == "qemu":
+            return IMAGE_NAMES["dev"]
+        return "pydstack-sandbox"
 
     @property
     def allowlist(self) -> Path:
@@ -376,8 +408,10 @@ class DevStack:
         self.pccs_url = f"http://127.0.0.1:{pccs_port}"
         say(f"mock pccs on {self.pccs_url}")
 
+        if self.qemu_image is not None:
+            install_image(self.qemu_image, d / "images")
         if not self.allowlist.exists():
-            write_allowlist(self.allowlist, {}, [sandbox_image_digest()])
+            write_allowlist(self.allowlist, {}, self.os_images)
         kms_port = free_port()
         write_private(
             d / "kms.toml",
@@ -401,6 +435,8 @@ class DevStack:
                 bridge=self.bridge,
                 subnet=self.subnet,
                 registry=self.registry,
+                backend=self.backend,
+                boot_timeout=self.boot_timeout,
             ),
         )
         self.vmm_url = f"http://127.0.0.1:{vmm_port}"
@@ -434,7 +470,7 @@ class DevStack:
             raise StackError(str(e)) from e
 
     def allow(self, apps: dict[str, list[str]]) -> None:
-        write_allowlist(self.allowlist, apps, [sandbox_image_digest()])
+        write_allowlist(self.allowlist, apps, self.os_images)
 
     def client(self) -> SyncPrpcClient:
         """a typed prpc client of this stack's VMM (with its token)."""
@@ -492,6 +528,21 @@ class DevStack:
                     raise
                 time.sleep(0.1)
 
+    def guest(self, method: str, vm_id: str) -> dict[str, Any]:
+        """call the vm's guest API through the VMM's /guest proxy; StackError on failure."""
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        try:
+            r = httpx.post(
+                f"{self.vmm_url}/guest/{method}?json", json={"id": vm_id}, headers=headers,
+                timeout=30,
+            )  # fmt: skip
+        except httpx.HTTPError as e:
+            raise StackError(f"guest {method}: {e}") from e
+        if r.status_code != 200:
+            raise StackError(f"guest {method}: {r.text[:200]}")
+        out = r.json()
+        return out if isinstance(out, dict) else {}
+
     def logs(self, vm_id: str, lines: int = 100) -> str:
         """the last `lines` of the vm's serial log (the VMM's refusal text if it refuses)."""
         params = {"id": vm_id, "follow": "false", "ansi": "false", "lines": str(lines)}
@@ -526,6 +577,11 @@ class DevStack:
                 os.killpg(pid, signal.SIGKILL)
         for vm_dir in vm_dirs:  # a launcher killed before its cleanup leaves its netns behind
             teardown_network(*names_for(vm_dir.name))
+        for state in (self.dir / "run" / "vm").glob(f"*/{QEMU_STATE}"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pid = int(json.loads(state.read_text())["pid"])
+                if is_qemu_of(pid, state.parent):
+                    os.killpg(pid, signal.SIGKILL)
 
     def stop(self, remove_vms: bool = True, remove_bridge: bool = False) -> None:
         vmm = self.procs.get("vmm")

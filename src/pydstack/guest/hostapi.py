@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 
 
 class HostApi:
-    """the VMM's host API over the socket the VMM serves for this CVM; failures are logged."""
+    """the VMM's host API over the channel the VMM serves for this CVM (a Unix socket path, or
+    an `http://host:port` base); failures are logged."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path | str) -> None:
         self.client = PrpcClient(str(socket_path), prefix="/api", timeout=30)
 
     async def notify(self, event: str, payload: str) -> None:

@@ -44,6 +44,10 @@ METADATA = "metadata.json"
 DIGEST_FILE = "digest.txt"
 SANDBOX_KIND = "sandbox"
 SANDBOX_MEASUREMENT = "measurement.sandbox.json"
+#: a qemu development image's expected registers under the VMM's simulated TD (its firmware
+#: has no TDVF, so dstack-mr cannot measure it for real TDX)
+SIMULATED_KIND = "simulated"
+SIMULATED_MEASUREMENT = "measurement.simulated.json"
 MAX_INITRD = 1024 * 1024 * 1024
 MAX_SMALL_FILE = 1024 * 1024
 
@@ -98,6 +102,12 @@ def sandbox_measurements(digest_hex: str) -> TdxMeasurements:
     return TdxMeasurements(*synthetic_measurements(digest_hex))
 
 
+def simulated_measurement_doc(digest_hex: str) -> bytes:
+    """the `measurement.simulated.json` a qemu development image ships: what the VMM's
+    simulated TD measures for it (the same derivation as a sandbox image's)."""
+    return sandbox_measurement_doc(digest_hex)
+
+
 def sandbox_measurement_doc(digest_hex: str) -> bytes:
     """the `measurement.sandbox.json` a sandbox image ships."""
     doc = {
@@ -134,7 +144,13 @@ class ImageDir:
 
     @property
     def kind(self) -> str:
-        return SANDBOX_KIND if self.metadata.get("kind") == SANDBOX_KIND else "tdx"
+        """`sandbox`, `simulated` (an image shipping the registers of the VMM's simulated TD,
+        which a quote of real TDX never has) or `tdx`."""
+        if self.metadata.get("kind") == SANDBOX_KIND:
+            return SANDBOX_KIND
+        if (self.path / SIMULATED_MEASUREMENT).exists():
+            return SIMULATED_KIND
+        return "tdx"
 
     @property
     def version(self) -> str | None:
@@ -237,10 +253,12 @@ class ImageDir:
         )
 
     def sandbox_measurements(self) -> TdxMeasurements:
-        """the expected registers of a sandbox image: its `measurement.sandbox.json` when it
-        ships one (it must be for this image), else computed from its digest."""
+        """the expected registers of a sandbox (or simulated) image: its
+        `measurement.sandbox.json` (`measurement.simulated.json`) when it ships one (it must be
+        for this image), else computed from its digest."""
         digest_hex = self.identity.hex()
-        path = self.path / SANDBOX_MEASUREMENT
+        name = SIMULATED_MEASUREMENT if self.kind == SIMULATED_KIND else SANDBOX_MEASUREMENT
+        path = self.path / name
         if not path.exists():
             return sandbox_measurements(digest_hex)
         raw = _read(path, MAX_SMALL_FILE)
@@ -249,9 +267,9 @@ class ImageDir:
             owner = doc.get("os_image_hash")
             values = [bytes.fromhex(doc[k]) for k in ("mrtd", "rtmr0", "rtmr1", "rtmr2")]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is malformed") from e
+            raise ImageError(f"{name} of {self.path.name} is malformed") from e
         if owner != digest_hex:
-            raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is for another image")
+            raise ImageError(f"{name} of {self.path.name} is for another image")
         if any(len(v) != 48 for v in values):
-            raise ImageError(f"{SANDBOX_MEASUREMENT} of {self.path.name} is malformed")
+            raise ImageError(f"{name} of {self.path.name} is malformed")
         return TdxMeasurements(*values)

@@ -6,9 +6,10 @@ Selected by `vm_config.tdx_attestation_variant`:
   without the image (:mod:`.lite`); ACPI table contents are not verified;
 * `legacy` (the default) — the image named by `os_image_hash` from the :class:`ImageStore`
   (cache directory or download): a TDX image is measured with dstack-mr for the VM's memory and
-  QEMU version, RTMR0 with the event log's ACPI digests; a sandbox image gives the measurement
-  its simulated TD has. What an image measures is kept in memory by image and configuration
-  (bounded; the store also keeps tdx measurements on disk), so an image is read once.
+  QEMU version, RTMR0 with the event log's ACPI digests; a sandbox image, or a qemu development
+  image shipping `measurement.simulated.json`, gives the measurement the simulated TD has.
+  What an image measures is kept in memory by image and configuration (bounded; the store also
+  keeps tdx measurements on disk), so an image is read once.
 
 The expected MRTD and RTMR0-2 must equal the quote's; a mismatch names every register that
 differs.
@@ -24,7 +25,7 @@ from pydstack.attest.errors import ParseError, VerifyError
 from pydstack.attest.eventlog import ACPI_DATA, ACPI_LABELS, EV_PLATFORM_CONFIG_FLAGS, TdxEvent
 from pydstack.attest.evidence import OsImageResult, TdRegisters
 
-from .image import SANDBOX_KIND, PartialMeasurements
+from .image import SANDBOX_KIND, SIMULATED_KIND, PartialMeasurements
 from .lite import TdxMeasurements, lite_measurements
 from .machine import LITE, VmMeasureConfig
 from .store import ImageStore
@@ -94,7 +95,7 @@ class OsImageVerifier:
         image = await self.store.get(vm.os_image_hash)
         info = OsImageResult(is_dev=image.is_dev, version=image.version)
         expected: _Expected
-        if image.kind == SANDBOX_KIND:
+        if image.kind in (SANDBOX_KIND, SIMULATED_KIND):
             expected = image.sandbox_measurements()
         else:
             expected = await self.store.partial(image, vm)

@@ -4,7 +4,9 @@ A CVM without TDX hardware has its simulated TD in its VMM (:mod:`pydstack.vmm.t
 how the guest uses it, over its own host-API socket: extend RTMR3, get a quote over report data,
 read the event log. It offers the same surface as the other TDX backends, so the boot flow and
 the guest agent do not know where their TD lives. Calls are synchronous (the boot flow and the
-agent call their platform from worker threads) and use the prpc JSON encoding.
+agent call their platform from worker threads) and use the prpc JSON encoding. The channel is a
+Unix socket path (sandbox CVMs) or an `http://host:port` base (a VM's per-VM forward to its
+VMM's socket).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import http.client
 import json
 import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
 from pydstack.attest.errors import ParseError
@@ -52,14 +55,27 @@ class HostTdx:
 
     simulated = True
 
-    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
+    def __init__(self, socket_path: Path | str, timeout: float = 30.0) -> None:
+        """`socket_path`: a Unix socket, or an `http://host:port` base; ValueError for another
+        URL."""
         self.socket_path = socket_path
         self.timeout = timeout
         self._lock = threading.Lock()
         self._log: list[TdxEvent] | None = None  # valid until the next extend
+        self._http: tuple[str, int] | None = None
+        if isinstance(socket_path, str):
+            parsed = urllib.parse.urlsplit(socket_path)
+            if parsed.scheme != "http" or not parsed.hostname or not parsed.port:
+                raise ValueError(f"the host td address must be http://host:port: {socket_path!r}")
+            self._http = (parsed.hostname, parsed.port)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._http is not None:
+            return http.client.HTTPConnection(*self._http, timeout=self.timeout)
+        return _UnixConnection(Path(self.socket_path), self.timeout)
 
     def _call(self, method: str, body: dict[str, object]) -> dict[str, object]:
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = self._connection()
         try:
             conn.request(
                 "POST",

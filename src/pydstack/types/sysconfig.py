@@ -26,6 +26,10 @@ class SysConfig:
     host_api_url: str = ""
     #: the vm_config JSON *string*, echoed verbatim by Info and GetQuote
     vm_config: str = ""
+    #: a pydstack extension: the VMM plays this TEE for the VM (`dstack-tdx`: its TD is reached
+    #: over the host API channel); a dev image uses it only when it is set, as upstream's
+    #: no-TEE mode uses `.tee-simulator.json`
+    simulated_tee: str = ""
 
     @classmethod
     def from_json(cls, data: bytes | str) -> SysConfig:
@@ -46,6 +50,7 @@ class SysConfig:
             docker_registry=_opt_str(obj, "docker_registry"),
             host_api_url=_opt_str(obj, "host_api_url"),
             vm_config=vm_config,
+            simulated_tee=_opt_str(obj, "simulated_tee"),
         )
 
     @classmethod

@@ -285,8 +285,14 @@ class Admission:
             if no_tee and not caps.no_tee:
                 raise Unsupported("no_tee", f"{self._who} runs every cvm under a tee")
             return no_tee, None
-        if "simulated-tdx" in caps.tee_kinds:
+        if "simulated-tdx" in caps.tee_kinds and caps.simulate_tee_requests:
             return True, "dstack-tdx"
+        if not no_tee:
+            raise Unsupported(
+                "no_tee",
+                f"this host has no tdx for {self._who}: deploy with --simulated-tee dstack-tdx "
+                "(the vmm's simulated td) or --no-tee",
+            )
         if not no_tee:
             raise Unsupported("no_tee", f"{self._who} has no tee: set no_tee")
         return True, None

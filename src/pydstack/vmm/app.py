@@ -81,6 +81,8 @@ class VmmApp:
         await self.reload()
         if c.auto_restart_enabled:
             self.tasks.spawn(self.supervisor.run(), name="auto-restart")
+        if self.backend.capabilities.boot_timeout:
+            self.tasks.spawn(self._boot_watchdog(), name="boot-watchdog")
 
     async def close(self) -> None:
         """cancel and await background work, stop serving host APIs; CVMs keep running."""
@@ -102,13 +104,49 @@ class VmmApp:
         return vm
 
     def is_running(self, vm: Vm) -> bool:
-        """whether the CVM runs; the first look after it stopped records its exit time."""
+        """whether the CVM runs; the first look after it stopped records its exit time, and a
+        CVM that ended during its boot unasked, with no error of its own, gets one (with what
+        its process last said)."""
         alive = self.backend.is_alive(vm)
         if vm.alive and not alive:
             vm.exited_at = self.clock()
+            r = vm.runtime
+            if vm.workdir.started() and r.boot_progress != "done" and not r.boot_error:
+                detail = self.backend.exit_detail(vm)
+                r.notify(
+                    "boot.error",
+                    f"the cvm exited during boot (at {r.boot_progress or 'start'!r})"
+                    + (f": {detail}" if detail else "; see its serial log"),
+                )
             save_runtime(vm)
         vm.alive = alive
         return alive
+
+    async def check_boot_timeouts(self) -> None:
+        """a CVM still booting past the backend's boot_timeout gets a boot error and is stopped
+        (a started one is then restarted with backoff, when auto-restart is on)."""
+        limit = self.backend.capabilities.boot_timeout
+        if not limit:
+            return
+        now = self.clock()
+        for vm in list(self.vms.values()):
+            r = vm.runtime
+            if vm.removing or not vm.alive or r.boot_progress == "done" or r.boot_error:
+                continue
+            if vm.started_at and now - vm.started_at > limit:
+                r.notify(
+                    "boot.error",
+                    f"the cvm did not boot in {limit:.0f} s (at {r.boot_progress!r}); "
+                    "see its serial log",
+                )
+                save_runtime(vm)
+                log.error("vm %s did not boot in %.0f s; stopping it", vm.id, limit)
+                await self._halt(vm, 0.0)
+
+    async def _boot_watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.check_boot_timeouts()
 
     def status_of(self, vm: Vm) -> str:
         return status_of(vm, self.is_running(vm))

@@ -48,7 +48,7 @@ def sys_config(config: VmmConfig, m: VmManifest, image: Image, host_api_url: str
         "memory_size": m.memory * 1024 * 1024,
         "image": m.image,
     }
-    return {
+    doc: dict[str, Any] = {
         "kms_urls": m.kms_urls or list(config.kms_urls),
         "gateway_urls": m.gateway_urls or list(config.gateway_urls),
         "pccs_url": config.pccs_url,
@@ -57,6 +57,9 @@ def sys_config(config: VmmConfig, m: VmManifest, image: Image, host_api_url: str
         "host_api_url": host_api_url,
         "vm_config": json.dumps(vm_config, separators=(",", ":")),
     }
+    if m.simulated_tee:  # the guest's td lives in the vmm, on its host api channel
+        doc["simulated_tee"] = m.simulated_tee
+    return doc
 
 
 def write_boot_config(

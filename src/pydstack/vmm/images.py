@@ -1,7 +1,8 @@
 """guest images in `[image] path`: one directory each with `metadata.json` and `digest.txt`.
 
-An image's `kind` in its metadata says which backend can boot it; the VMM lists only the kinds
-its backend boots (`Capabilities.image_kinds`).
+An image's `kind` in its metadata says which backend can boot it (`tdx` when it has none: an
+image of upstream's layout, which the qemu backend boots); the VMM lists only the kinds its
+backend boots (`Capabilities.image_kinds`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+#: the kind of an image whose metadata names none (upstream's layout)
+DEFAULT_KIND = "tdx"
 
 
 @dataclass
@@ -36,7 +40,7 @@ def load_images(image_path: Path, kinds: Iterable[str]) -> dict[str, Image]:
         try:
             meta = json.loads((d / "metadata.json").read_text())
             digest = (d / "digest.txt").read_text().strip()
-            if not isinstance(meta, dict) or meta.get("kind") not in wanted:
+            if not isinstance(meta, dict) or meta.get("kind", DEFAULT_KIND) not in wanted:
                 continue  # an image another backend boots
             out[d.name] = Image(d.name, d, meta, digest)
         except (OSError, ValueError):

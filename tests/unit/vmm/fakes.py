@@ -58,6 +58,8 @@ class FakeBackend:
     closed: bool = False
     #: check_start refuses with this message
     refuse_start: str = ""
+    #: what exit_detail says of a vm
+    exit_details: dict[str, str] = field(default_factory=dict)
     #: stop() waits for this gate once it has set `stop_entered`
     stop_gate: asyncio.Event | None = None
     stop_entered: asyncio.Event = field(default_factory=asyncio.Event)
@@ -109,6 +111,9 @@ class FakeBackend:
 
     async def cleanup(self, vm: Vm) -> None:
         self.cleanups.append(vm.id)
+
+    def exit_detail(self, vm: Vm) -> str:
+        return self.exit_details.get(vm.id, "")
 
     def interfaces(self, vm: Vm) -> list[InterfaceStatus]:
         return [InterfaceStatus("bridge", "fake", "02:00:00:00:00:01", "br0", "fake0")]

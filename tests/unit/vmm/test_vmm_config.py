@@ -55,7 +55,10 @@ min_free_memory_mb = 1024
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[cvm]\nbackend = 'qemu'\n", "'qemu' is not available yet"),
+        ("[cvm]\nbackend = 'qemu'\n[cvm.qemu]\naccel = 'xen'\n", "cvm.qemu.accel must be"),
+        ("[cvm]\nbackend = 'qemu'\n[cvm.qemu]\nhost_share_mode = 'vhd'\n", "host_share_mode"),
+        ("[cvm]\nbackend = 'qemu'\n[cvm.qemu]\nnetworking_mode = 'bridge'\n", "bridge is required"),
+        ("[cvm]\nbackend = 'qemu'\n[cvm.qemu]\nboot_timeout = 0\n", "boot_timeout must be"),
         ("[cvm]\nbackend = 'xen'\n", "unknown cvm.backend 'xen'"),
         ("[cvm.sandbox]\nbridge = 'a-very-long-bridge-name'\n", "1-15 character"),
         ("[cvm.sandbox]\nhost_ports = [0]\n", "must be ports"),

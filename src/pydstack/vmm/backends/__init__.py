@@ -1,7 +1,7 @@
 """CVM backends: the :class:`~.base.CvmBackend` protocol and the factory that picks one from
 vmm.toml (`[cvm] backend`, settings in `[cvm.<backend>]`, parsed by the backend itself).
 
-Available: `sandbox`. Planned: `qemu` (refused with a clear error until it lands).
+Available: `sandbox` and `qemu`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ __all__ = [
     "parse_backend_config",
 ]
 
-AVAILABLE = ("sandbox",)
-PLANNED = ("qemu",)
+AVAILABLE = ("sandbox", "qemu")
+PLANNED: tuple[str, ...] = ()
 
 
 def parse_backend_config(name: str, table: Mapping[str, Any]) -> Any:
@@ -48,6 +48,10 @@ def parse_backend_config(name: str, table: Mapping[str, Any]) -> Any:
         from .sandbox.config import SandboxConfig
 
         return SandboxConfig.from_table(table)
+    if name == "qemu":
+        from .qemu.config import QemuConfig
+
+        return QemuConfig.from_table(table)
     if name in PLANNED:
         raise ConfigError(
             f"cvm.backend {name!r} is not available yet: this build runs CVMs in the sandbox "
@@ -66,5 +70,13 @@ def make_backend(config: VmmConfig) -> CvmBackend:
         if not isinstance(settings, SandboxConfig):
             raise ConfigError("cvm.backend is sandbox but the config holds no [cvm.sandbox]")
         return SandboxBackend(config, settings)
+    if config.backend == "qemu":
+        from .qemu.backend import QemuBackend
+        from .qemu.config import QemuConfig
+
+        qemu = config.backend_config
+        if not isinstance(qemu, QemuConfig):
+            raise ConfigError("cvm.backend is qemu but the config holds no [cvm.qemu]")
+        return QemuBackend(config, qemu)
     parse_backend_config(config.backend, {})  # raises: unknown or planned
     raise ConfigError(f"cvm.backend {config.backend!r} has no implementation")

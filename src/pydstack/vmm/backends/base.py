@@ -8,7 +8,7 @@ what it leaves, and says where the CVM's host API and guest API are reached. Wha
 its :class:`Capabilities`; the VMM refuses anything outside them before calling it.
 
 Backends: `sandbox` (Linux namespaces, :mod:`.sandbox`); `qemu` (a QEMU process per CVM, TDX or
-a development VM, a per-VM host-API channel, QMP for a graceful power-off) fits the same shape.
+a development VM, a per-VM host-API channel, QMP for a graceful power-off, :mod:`.qemu`).
 
 Errors: a host failure is a :class:`~pydstack.vmm.errors.BackendError`; a request the host
 cannot take now (no free address, too little memory) is a :class:`~pydstack.vmm.errors.Refused`.
@@ -61,6 +61,12 @@ class Capabilities:
     image_kinds: tuple[str, ...] = ()
     #: image directories the backend provides itself (never deleted through the API)
     builtin_images: frozenset[str] = frozenset()
+    #: without a hardware TEE, a CVM that asks for one gets the simulated TD instead (a
+    #: development backend); False: such a request is refused, the simulated TD must be asked
+    #: for (`simulated_tee`)
+    simulate_tee_requests: bool = True
+    #: seconds a boot may take before it is a boot error and the CVM is stopped (0: no limit)
+    boot_timeout: float = 0.0
 
     @property
     def default_networking_mode(self) -> str:
@@ -190,6 +196,10 @@ class CvmBackend(Protocol):
 
     async def cleanup(self, vm: Vm) -> None:
         """remove what a stopped CVM leaves on the host (network, cgroup); idempotent."""
+        ...
+
+    def exit_detail(self, vm: Vm) -> str:
+        """why the CVM's process ended, in its own last words (QEMU's error), or ""."""
         ...
 
     def interfaces(self, vm: Vm) -> list[InterfaceStatus]: ...

@@ -4,7 +4,8 @@
 as an OCI image of one tar layer, straight over the registry v2 API (no VMM involved; `REF` is
 `[http://]host[:port]/repo:tag`). `registry` lists the tags of the VMM's `[image] registry`,
 `pull TAG` makes the VMM fetch one into its image directory (`dstack-TAG`), `rm NAME` deletes
-an image directory no VM uses.
+an image directory no VM uses. `build --flavour dev|prod --out DIR` builds a guest image for the
+qemu backend from Debian packages (local; see :mod:`pydstack.vmm.backends.qemu.image_build`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def cmd_rm(c: VmmClient, a: argparse.Namespace) -> None:
     print(f"deleted image {a.name}")
 
 
+def cmd_build(c: VmmClient | None, a: argparse.Namespace) -> None:
+    from ..backends.qemu.image_build import ImageBuildError, build_main
+
+    try:
+        digest = build_main(Path(a.out), a.flavour, Path(a.cache) if a.cache else None)
+    except ImageBuildError as e:
+        raise CliError(str(e)) from e
+    print(f"built {a.out} (os_image_hash {digest})")
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("image", help="guest images: push to a registry, pull into the vmm")
     cmds = s.add_subparsers(dest="image_command", required=True)
@@ -91,6 +102,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("tag")
     p.add_argument("--wait", action="store_true", help="until the pull has ended")
     p.set_defaults(func=cmd_pull)
+    p = cmds.add_parser("build", help="build a qemu guest image from debian packages (local)")
+    p.add_argument("--flavour", choices=("dev", "prod"), default="dev")
+    p.add_argument("--out", required=True, help="the image directory to create")
+    p.add_argument("--cache", help="download cache (default .cache/guest-image)")
+    p.set_defaults(func=cmd_build, local=True)
     p = cmds.add_parser("rm", help="delete an image directory no vm uses")
     p.add_argument("name")
     p.set_defaults(func=cmd_rm)

@@ -250,6 +250,10 @@ class SandboxBackend:
         await asyncio.to_thread(network.teardown_network, netns, veth)
         await cgroups.remove_cgroup(vm.workdir.path)
 
+    def exit_detail(self, vm: Vm) -> str:
+        """nothing: a sandbox guest reports its own errors."""
+        return ""
+
     # ------------------------------------------------------------------ views
     def interfaces(self, vm: Vm) -> list[InterfaceStatus]:
         _, veth = network.names_for(vm.id)
