@@ -3,18 +3,14 @@ fuzzing finding: nested array headers made msgpack preallocate 80 MB from 3 KB).
 
 from __future__ import annotations
 
-import tracemalloc
-
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pydstack.attest.attestation import decode_versioned
-from pydstack.attest.errors import ParseError
-from pydstack.attest.identity import AppInfo
 from pydstack.types import msgpacklimits
 from pydstack.types.msgpacklimits import MsgpackError
+from tests.peak import allocation_peak
 
 SCALARS = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
@@ -36,20 +32,32 @@ def test_documents_decode_as_msgpack_decodes_them(doc):
     assert msgpacklimits.loads(data) == msgpack.unpackb(data, raw=False)
 
 
-def _peak(fn, data: bytes) -> int:
-    tracemalloc.start()
-    try:
-        with pytest.raises((MsgpackError, ParseError), match="too long"):
+_CALLS = {
+    "loads": "from pydstack.types.msgpacklimits import loads as fn",
+    "decode_versioned": "from pydstack.attest.attestation import decode_versioned as fn",
+    "AppInfo.from_msgpack": (
+        "from pydstack.attest.identity import AppInfo; fn = AppInfo.from_msgpack"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CALLS))
+def test_counts_beyond_the_input_are_refused_before_allocation(name):
+    data = NESTED_HEADERS if name != "AppInfo.from_msgpack" else NESTED_HEADERS[3:]
+    peak = allocation_peak(
+        f"""
+        {_CALLS[name]}
+        data = {data!r}
+        """,
+        """
+        try:
             fn(data)
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-@pytest.mark.parametrize("fn", [msgpacklimits.loads, decode_versioned, AppInfo.from_msgpack])
-def test_counts_beyond_the_input_are_refused_before_allocation(fn):
-    data = NESTED_HEADERS if fn is not AppInfo.from_msgpack else NESTED_HEADERS[3:]
-    assert _peak(fn, data) < 64 * len(data)
+            raise SystemExit("accepted")
+        except ValueError as e:
+            assert "too long" in str(e), e
+        """,
+    )
+    assert peak < 64 * len(data)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tracemalloc
 
 import pytest
 
@@ -12,6 +11,7 @@ from pydstack.errors import DstackError, InputError
 from pydstack.types import hostshare as hs
 from pydstack.types import jsonlimits
 from pydstack.types.app_compose import AppCompose, AppComposeError
+from tests.peak import allocation_peak
 
 DOC = {"manifest_version": 2, "name": "a", "runner": "docker-compose", "kms_enabled": True}
 
@@ -64,13 +64,19 @@ def test_host_share_names_and_caps_are_upstreams():
 
 
 def test_item_count_is_bounded_before_anything_is_built():
-    body = ("[" + "{}," * 300_000 + "{}]").encode()
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match="more than"):
+    body_len = len("[" + "{}," * 300_000 + "{}]")
+    peak = allocation_peak(
+        """
+        from pydstack.types import jsonlimits
+        body = ("[" + "{}," * 300_000 + "{}]").encode()
+        """,
+        """
+        try:
             jsonlimits.loads(body)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * len(body)  # the text once (decoded), never 300k dicts
+            raise SystemExit("accepted")
+        except ValueError as e:
+            assert "more than" in str(e), e
+        """,
+    )
+    assert peak < 3 * body_len  # the text once (decoded), never 300k dicts
     assert jsonlimits.loads(b"[1,2,3]", max_items=3) == [1, 2, 3]  # 2 commas + 1 bracket

@@ -7,13 +7,13 @@ Each case below once escaped as SystemError, AttributeError, UnicodeEncodeError 
 from __future__ import annotations
 
 import json
-import tracemalloc
 
 import pytest
 
 from pydstack.rpc.json_codec import CodecError, json_to_message, query_to_message
 from pydstack.rpc.proto import agent_rpc_pb2 as apb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+from tests.peak import allocation_peak
 
 
 def test_lone_surrogate_key_is_an_unknown_field():
@@ -53,15 +53,22 @@ def test_json_keys_that_only_resemble_a_field_are_unknown():
 
 
 def test_bodies_of_countless_items_are_refused_before_parsing():
-    body = b"[" + b"{}," * 2_000_000 + b"{}]"  # 6 MiB, under the servers' body cap
-    tracemalloc.start()
-    try:
-        with pytest.raises(CodecError, match="more than"):
+    body_len = len(b"[" + b"{}," * 2_000_000 + b"{}]")  # 6 MiB, under the servers' body cap
+    peak = allocation_peak(
+        """
+        from pydstack.rpc.json_codec import CodecError, json_to_message
+        from pydstack.rpc.proto import vmm_rpc_pb2 as pb
+        body = b"[" + b"{}," * 2_000_000 + b"{}]"
+        """,
+        """
+        try:
             json_to_message(body, pb.VmConfiguration())
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 3 * len(body)
+            raise SystemExit("accepted")
+        except CodecError as e:
+            assert "more than" in str(e), e
+        """,
+    )
+    assert peak < 3 * body_len
 
 
 def test_utf16_bodies_are_refused():
