@@ -14,10 +14,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from pydstack.certbot.acme_client import AcmeOptions
 from pydstack.certbot.certbot import Certbot, LibAcmeBackend, Outcome, RetryPolicy, cert_lock
 from pydstack.certbot.cfmock import CfMock, zone_id
-from pydstack.certbot.devdns import DevBind, DevPebble
+from pydstack.certbot.devdns import DevPebble
 from pydstack.certbot.errors import AcmeUnavailableError, DnsProviderError
 from pydstack.certbot.lock import FileDomainLock, MemoryDomainLock
 from pydstack.certbot.model import (
@@ -31,26 +30,11 @@ from pydstack.certbot.rfc2136 import Rfc2136Dns
 from pydstack.certbot.storage import FileKv, KvCertStorage, MemoryKv
 
 from ..unit.certbot.sim import SimAttester
-
-ZONES = ("example.test", "cf.test", "down.test", "lock.test")
-
-
-@pytest.fixture(scope="module")
-def bind(tmp_path_factory):
-    b = DevBind.start(tmp_path_factory.mktemp("bind"), ZONES)
-    yield b
-    b.stop()
+from .conftest import acme_options
 
 
-@pytest.fixture(scope="module")
-def pebble(bind, tmp_path_factory):
-    p = DevPebble.start(tmp_path_factory.mktemp("pebble"), bind.server)
-    yield p
-    p.stop()
-
-
-def _options(bind, pebble) -> AcmeOptions:
-    return AcmeOptions(ca_bundle=str(pebble.ca_bundle), dns_servers=(bind.server,))
+def _options(bind, pebble):
+    return acme_options(bind, pebble)
 
 
 async def _setup(storage, domain, provider, pebble, *, cred_id="c1"):
