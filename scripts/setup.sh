@@ -9,10 +9,12 @@ cd "$(dirname "$0")/.."
 # builds the test images, chromium drives the web UI test, iptables NATs the CVM bridge,
 # docker-registry (CNCF distribution) holds the images CVMs pull; qemu-system-x86, qemu-utils and
 # socat run qemu CVMs, mmdebstrap and squashfs-tools build their guest image; haproxy, nginx and
-# wrk are what benchmarks/bench_gateway.py measures the gateway against.
+# wrk are what benchmarks/bench_gateway.py measures the gateway against; pebble (an ACME server)
+# and bind9 (an authoritative DNS server taking RFC 2136 updates) are what the certbot gets its
+# DNS-01 certificates from in tests and the dev stack, bind9-dnsutils for looking at them.
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
     iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
-    squashfs-tools haproxy nginx wrk)
+    squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
