@@ -14,31 +14,20 @@ left). Keys are base64 of 32 bytes (Curve25519, what ``wg genkey``/``wg pubkey``
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
-
-from pydstack.errors import ConfigError, DstackError, InputError
+from pydstack.crypto.wgkeys import WgKeyError, decode_key, generate_private_key, public_key_of
+from pydstack.errors import ConfigError, DstackError
 
 #: the keepalive every peer gets (seconds), as upstream's template
 PERSISTENT_KEEPALIVE = 25
 #: the most peers ``wg show`` output is read for (a bound on what is parsed)
 MAX_HANDSHAKE_LINES = 1 << 20
 
-
-class WgKeyError(InputError):
-    """a WireGuard key is not base64 of 32 bytes."""
+__all__ = ["WgKeyError", "generate_private_key", "public_key_of"]
 
 
 class IpPoolExhausted(DstackError):
@@ -106,38 +95,8 @@ def check_public_key(key: str) -> str:
     """`key` when it is base64 of 32 bytes; WgKeyError otherwise."""
     if not isinstance(key, str) or len(key) != 44:
         raise WgKeyError("invalid wireguard public key: expected base64 of 32 bytes")
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError):
-        raise WgKeyError("invalid wireguard public key: expected base64 of 32 bytes") from None
-    if len(raw) != 32:
-        raise WgKeyError("invalid wireguard public key: expected base64 of 32 bytes")
+    decode_key(key, "public key")
     return key
-
-
-def generate_private_key() -> str:
-    """a fresh private key, as ``wg genkey`` prints it."""
-    raw = X25519PrivateKey.generate().private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    return base64.b64encode(_clamp(raw)).decode()
-
-
-def public_key_of(private_key: str) -> str:
-    """the public key of a private one, as ``wg pubkey`` prints it (WgKeyError when malformed)."""
-    try:
-        raw = base64.b64decode(private_key.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise WgKeyError("invalid wireguard private key: expected base64 of 32 bytes") from None
-    if len(raw) != 32:
-        raise WgKeyError("invalid wireguard private key: expected base64 of 32 bytes")
-    pub = X25519PrivateKey.from_private_bytes(raw).public_key()
-    return base64.b64encode(pub.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
-
-
-def _clamp(raw: bytes) -> bytes:
-    b = bytearray(raw)
-    b[0] &= 248
-    b[31] = (b[31] & 127) | 64
-    return bytes(b)
 
 
 @dataclass(frozen=True)
