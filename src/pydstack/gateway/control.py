@@ -279,6 +279,7 @@ class GatewayControl:
         current = self.handshakes.current()
         if value is not None or current is None:
             self.table.set_handshakes(current)
+            await self._publish()
 
     def latest_handshake(self, public_key: str) -> float:
         hs = self.handshakes.current() or {}

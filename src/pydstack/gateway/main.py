@@ -121,9 +121,9 @@ class Gateway:
             wg_listen_port=cfg.wg.listen_port,
             uuid=node_uuid(cfg.sync.data_dir),
         )
+        table, certs = load_static(cfg.proxy)
         self.device = WgDevice(cfg.wg.interface, str(cfg.wg.network.ip), cfg.wg.config_path)
         await self.device.ensure()
-        table, certs = load_static(cfg.proxy)
         control = GatewayControl(
             store, table, cfg.wg.network, node, self.device, handshakes=HandshakeCache()
         )

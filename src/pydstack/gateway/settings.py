@@ -20,11 +20,15 @@ plane's :class:`~.config.ProxyConfig`, upstream's names and defaults.
 * ``[core.sync] node_id, my_url, bootnode, data_dir`` (the state lives in ``data_dir``);
   ``enabled = true`` (cluster sync) is refused: this gateway is a single node.
 
+Relative paths (``[tls]``, ``core.wg.config_path``, ``core.sync.data_dir``, ``core.proxy``'s
+``cert_chain``/``cert_key``...) are taken from the config file's directory.
+
 A bad value is a :class:`~pydstack.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
@@ -147,11 +151,15 @@ class GatewayConfig:
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any], *, base: Path = Path(".")) -> GatewayConfig:
         """the config of a parsed gateway.toml; relative paths are taken from `base`."""
-        proxy = ProxyConfig.from_dict(doc)
-
         def path(value: str) -> Path:
             p = Path(value)
             return p if p.is_absolute() else base / p
+
+        proxy = ProxyConfig.from_dict(doc)
+        if proxy.base_domain:
+            proxy = dataclasses.replace(
+                proxy, cert_chain=str(path(proxy.cert_chain)), cert_key=str(path(proxy.cert_key))
+            )
 
         top = _Reader(doc, "")
         core = _table(doc, "core", "core")
