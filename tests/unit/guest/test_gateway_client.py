@@ -129,3 +129,90 @@ def test_keep_alive_decisions() -> None:
     for _ in range(5):
         k.failed()
     assert k.backoff == 120  # capped
+
+
+class FakeWg:
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, str]] = []
+
+    def present(self) -> bool:
+        return bool(self.applied)
+
+    async def apply(self, config: str, client_ip: str, peers) -> None:
+        self.applied.append((config, client_ip))
+
+    async def newest_handshake(self) -> float | None:
+        return None
+
+
+class FakeCore:
+    def __init__(self) -> None:
+        self.app_compose = {
+            "gateway_enabled": True,
+            "port_policy": {"restrict_mode": True, "ports": [{"port": 8080}]},
+        }
+
+
+class FakeRpc:
+    def __init__(self, url: str, answers: dict, seen: list) -> None:
+        self.url, self.answers, self.seen = url, answers, seen
+
+    async def __aenter__(self) -> FakeRpc:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        pass
+
+    async def call(self, method: str, req, resp_type):
+        self.seen.append((self.url, method, req))
+        answer = self.answers[self.url]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+async def test_registration_fails_over_in_order_and_starts_again_from_the_first() -> None:
+    import socket
+
+    from pydstack.guest import gateway_client as gc
+    from pydstack.guest.appkeys import AppKeys, KeyProvider
+    from pydstack.types.sysconfig import SysConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        agent_port = s.getsockname()[1]
+    ok = response(gpb.WireGuardPeer(pk=GW_KEY, ip="10.0.0.1/24", endpoint="10.213.0.1:51820"),
+                  client_ip="127.0.0.1")  # fmt: skip
+    ok.agent.internal_port = agent_port
+    answers: dict = {"https://a": RpcError("down"), "https://b": ok}
+    seen: list = []
+    keys = AppKeys(b"", b"", b"", b"", "11" * 20, "", KeyProvider("Kms", {}))
+
+    class Client(gc.GatewayClient):
+        async def _credentials(self):
+            return gc._Credentials("priv", public_key_of(generate_private_key()), ["c"], "k", 1e12)
+
+        def _client(self, url, creds):
+            return FakeRpc(url, answers, seen)
+
+    wg = FakeWg()
+    client = Client(
+        FakeCore(),  # type: ignore[arg-type]
+        keys,
+        SysConfig(gateway_urls=("https://a", "https://b")),
+        wg=wg,  # type: ignore[arg-type]
+    )
+    try:
+        assert await client.register(force=True) == "https://b"
+        assert [u for u, _, _ in seen] == ["https://a", "https://b"]
+        req = seen[-1][2]
+        assert req.port_policy.restrict_mode and [p.port for p in req.port_policy.ports] == [8080]
+        assert wg.applied[-1][1] == "127.0.0.1" and "Address = 127.0.0.1/32" in wg.applied[-1][0]
+        answers["https://a"] = ok  # the first is back: the next registration goes there
+        assert await client.register(force=False) == "https://a"
+        assert len(wg.applied) == 1  # same config, not re-applied
+        answers["https://a"] = answers["https://b"] = RpcError("gone")
+        with pytest.raises(GatewayClientError, match="https://a: gone; https://b: gone"):
+            await client.register(force=False)
+    finally:
+        await client.close()
