@@ -422,3 +422,42 @@ def test_a_bad_config_stops_the_start_with_one_line(tmp_path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "the admin server needs core.admin.auth_token" in out.stderr
+
+
+async def test_reload_cert_serves_the_new_certificate_and_exit_stops_the_gateway(
+    gateway: Gateway,
+) -> None:
+    def served_cert() -> bytes:
+        import socket
+
+        raw = socket.create_connection(("127.0.0.1", gateway.proxy_port), timeout=30)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with ctx.wrap_socket(raw, server_hostname=f"health.{DOMAIN}") as s:
+            return s.getpeercert(binary_form=True) or b""
+
+    before = served_cert()
+    new = make_pki()
+    (gateway.dir / "proxy.crt").write_text(new.chain_pem)
+    (gateway.dir / "proxy.key").write_text(new.key_pem)
+    assert gateway.admin("ReloadCert").status_code == 200
+
+    async def switched() -> bool:  # the workers take it with the next publish
+        return served_cert() != before
+
+    await until(switched, "the reloaded certificate")
+    body, _ = await tls_exchange_ok(gateway, new)
+    assert body.startswith(b"HTTP/1.1 200")
+    (gateway.dir / "proxy.key").write_text("not a key")
+    r = gateway.admin("ReloadCert")
+    assert r.status_code == 400 and "certificate not reloaded" in r.text
+    assert gateway.admin("Exit", {"force": False}).status_code == 200
+    assert gateway.proc is not None and gateway.proc.wait(timeout=PATIENCE) == 0
+
+
+async def tls_exchange_ok(gateway: Gateway, pki) -> tuple[bytes, str | None]:
+    """GET / of the `health` id, verified against `pki`."""
+    from .gateway_env import tls_exchange
+
+    req = f"GET / HTTP/1.1\r\nhost: health.{DOMAIN}\r\n\r\n".encode()
+    return await tls_exchange(gateway.proxy_port, f"health.{DOMAIN}", pki, req, read_until_eof=True)

@@ -35,6 +35,7 @@ from pydstack.rpc.server import PrpcServer
 from .certstore import CertStoreError
 from .control import GatewayControl, NodeIdentity
 from .dashboard import render_dashboard
+from .identity import AuthWebhook
 from .policy_fetch import PolicyFetcher
 from .serve import load_static
 from .service import GatewayContext, admin_services, debug_service, gateway_service
@@ -177,9 +178,7 @@ class Gateway:
             log.warning("accepting quotes under the external trust anchor %s", a.root_ca_tdx)
         return EvidenceVerifier(CollateralCache(a.pccs_url, a.cache_dir), root_ca_der=root)
 
-    def _webhook(self) -> Any:
-        from .identity import AuthWebhook
-
+    def _webhook(self) -> AuthWebhook | None:
         a = self.cfg.auth
         return AuthWebhook(a.url, a.timeout) if a.enabled else None
 
