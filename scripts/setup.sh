@@ -11,21 +11,34 @@ cd "$(dirname "$0")/.."
 # socat run qemu CVMs, mmdebstrap and squashfs-tools build their guest image; haproxy, nginx and
 # wrk are what benchmarks/bench_gateway.py measures the gateway against; pebble (an ACME server)
 # and bind9 (an authoritative DNS server taking RFC 2136 updates) are what the certbot gets its
-# DNS-01 certificates from in tests and the dev stack, bind9-dnsutils for looking at them.
+# DNS-01 certificates from in tests and the dev stack, bind9-dnsutils for looking at them;
+# wireguard-tools (wg) and wireguard-go (userspace, for kernels without the module) carry the
+# gateway's tunnels to CVMs, installed without recommends (those would pull a kernel image in).
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
     iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
     squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils)
+APT_BARE=(wireguard-tools wireguard-go)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
-if [ "${#missing[@]}" -gt 0 ]; then
+missing_bare=()
+for p in "${APT_BARE[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing_bare+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ] || [ "${#missing_bare[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        echo "setup: installing ${missing[*]}"
+        echo "setup: installing ${missing[*]} ${missing_bare[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        if [ "${#missing[@]}" -gt 0 ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        fi
+        if [ "${#missing_bare[@]}" -gt 0 ]; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                "${missing_bare[@]}" >/dev/null
+        fi
     else
-        echo "setup: missing system packages ${missing[*]} (run as root to install)" >&2
+        echo "setup: missing system packages ${missing[*]} ${missing_bare[*]} (run as root to install)" >&2
     fi
 fi
 

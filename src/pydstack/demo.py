@@ -1,22 +1,28 @@
-"""the main job: a local dstack (mock PCCS, KMS, dstack-vmm) deploying a sample app end to end.
+"""the main job: a local dstack (mock PCCS, KMS, dstack-gateway, dstack-vmm) deploying a sample
+app end to end and reaching it the way users do, through the gateway.
 
     python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve] [--backend qemu]
 
-1. a mock PCCS, a KMS, an image registry and dstack-vmm start as real processes under DIR
-   (whatever an earlier, killed run left there is stopped first);
+1. a mock PCCS, a KMS, an image registry, dstack-gateway and dstack-vmm start as real processes
+   under DIR (whatever an earlier, killed run left there is stopped first); the gateway has a
+   wildcard certificate for `*.dstack.localhost` from a local CA the stack made;
 2. the sample app's image is built locally (podman) and pushed once to the registry, which the
    CVM pulls it from; its docker-compose file becomes an app-compose with the KMS as key
    provider and one encrypted secret;
 3. the KMS's allowlist admits that compose hash; `dstack deploy` encrypts the secret to the app's
-   env key (after checking the KMS's signature on it) and creates the CVM with a port mapping;
+   env key (after checking the KMS's signature on it) and creates the CVM (gateway enabled, and a
+   port mapping for debugging);
 4. the CVM boots (progress shown): RTMR3 measurement, keys from the KMS over RA-TLS, encrypted
-   storage, the app's container;
-5. as a remote verifier would, we ask the app for a key and a quote through the forwarded port,
+   storage, registration with the gateway over RA-TLS and a WireGuard tunnel, the app's
+   container;
+5. as a user would, we reach the app at `https://<app_id>-8080.dstack.localhost:<proxy port>`
+   through the gateway (TLS verified against the stack's CA), ask it for a key and a quote,
    verify the quote against the mock root and replay its event log to the compose hash.
 With `--backend qemu` the CVM is a QEMU VM booting the guest image built from Debian packages
 (built once, cached in .cache/guest-image), under KVM where it works, else TCG; the boot time
 and the VM's idle memory are printed.
-With `--serve` everything keeps running (web UI on the VMM's address) until Ctrl-C or SIGTERM;
+With `--serve` everything keeps running (web UI on the VMM's address, the app's gateway URL
+printed) until Ctrl-C or SIGTERM;
 either way the CVM is removed, the processes stopped and the CVM bridge with its firewall and
 NAT rules removed at the end.
 """
@@ -40,6 +46,7 @@ import httpx
 from pydstack.apps.image import ImageError, hello_image
 from pydstack.attest.eventlog import event_log_from_json, replay_rtmrs
 from pydstack.attest.verify import CollateralCache, verify_quote
+from pydstack.devgateway import GatewayHttp
 from pydstack.devstack import DevStack, StackError
 from pydstack.vmm import cli
 from pydstack.vmm.backends.qemu.backend import STATE_FILE as QEMU_STATE
@@ -100,9 +107,13 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"    {qemu_image}")
-    stack = DevStack(directory, backend=backend, qemu_image=qemu_image)
+    stack = DevStack(directory, backend=backend, qemu_image=qemu_image, gateway=True)
+    web: GatewayHttp | None = None
     try:
-        _step(f"starting a local pccs, kms, image registry and dstack-vmm in {directory}")
+        _step(
+            f"starting a local pccs, kms, image registry, dstack-gateway and dstack-vmm in "
+            f"{directory}"
+        )
         stack.start(progress=sys.stdout)
         os.environ["DSTACK_VMM_URL"] = stack.vmm_url
         _step("building the sample app's image locally with podman, pushing it to the registry")
@@ -118,10 +129,11 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         env = app_dir / "secrets.env"
         env.write_text("GREETING=hello from an encrypted env\n")
         os.chmod(env, 0o600)
-        _step("writing the app-compose (kms key provider, GREETING allowed)")
+        _step("writing the app-compose (kms key provider, gateway, GREETING allowed)")
         out = _cli(
             "compose", "--name", "hello", "--docker-compose", str(app_dir / "docker-compose.yml"),
-            "--kms", "--env-file", str(env), "--output", str(app_dir / "app-compose.json"),
+            "--kms", "--gateway", "--env-file", str(env),
+            "--output", str(app_dir / "app-compose.json"),
         )  # fmt: skip
         compose_hash = out.split("Compose hash:")[1].split()[0]
         app_id = compose_hash[:40]
@@ -171,15 +183,19 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
             )
         print(_cli("lsvm"), end="")
 
-        _step("asking the app (inside the cvm) for a key and a quote")
-        base = f"http://127.0.0.1:{port}"
-        stack.wait_http(f"{base}/health").raise_for_status()
-        key = httpx.get(f"{base}/key", params={"path": "demo/wallet", "purpose": "signing"})
+        name = f"{app_id}-8080"
+        web = GatewayHttp(stack.gateway_files.proxy_ca, stack.gateway_proxy_port)
+        _step(f"reaching the app through the gateway at {web.url(name)}/")
+        health = web.wait(name)
+        print(f"    https, verified against {stack.gateway_files.proxy_ca}: {health.status_code}")
+        by_instance = web.get(f"{info.get('instance_id')}-8080", "/health")
+        _step("asking the app (inside the cvm) for a key and a quote, through the gateway")
+        key = web.get(name, "/key", {"path": "demo/wallet", "purpose": "signing"})
         key.raise_for_status()
         nonce = hashlib.sha256(b"demo nonce").digest()
-        quote = httpx.get(f"{base}/quote", params={"report_data": nonce.hex()}, timeout=30)
+        quote = web.get(name, "/quote", {"report_data": nonce.hex()})
         quote.raise_for_status()
-        greeting = httpx.get(f"{base}/env", params={"name": "GREETING"}).json().get("value")
+        greeting = web.get(name, "/env", {"name": "GREETING"}).json().get("value")
         print(f"    key for demo/wallet: {key.json()['key'][:16]}... (derived by the kms)")
 
         _step("verifying the quote as a remote verifier would")
@@ -194,6 +210,9 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         measured = {e.event: e.event_payload for e in events if e.imr == 3}
         want = hashlib.sha256((app_dir / "app-compose.json").read_bytes()).digest()
         checks = {
+            "the app answered through the gateway by app id (tls verified)": health.status_code
+            == 200,
+            "and by instance id": by_instance.status_code == 200,
             f"dcap signature chain and tcb ({verified.status})": True,
             "report_data carries our nonce": report.report_data[:32] == nonce,
             "event log replays to RTMR0-3": replay_rtmrs(events) == report.rtmrs,
@@ -208,7 +227,20 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
             # from here a ctrl-c or SIGTERM is the way to stop: the teardown below follows
             with contextlib.suppress(KeyboardInterrupt):
                 print(f"web ui:  {stack.vmm_url}/", flush=True)
-                print(f"the app: {base}/  (also /key?path=..., /quote?report_data=...)", flush=True)
+                print(
+                    f"the app: {web.url(name)}/  (also /key?path=..., /quote?report_data=...)",
+                    flush=True,
+                )
+                print(
+                    f"         curl --cacert {stack.gateway_files.proxy_ca} {web.url(name)}/health"
+                    f"  (direct, for debugging: http://127.0.0.1:{port}/)",
+                    flush=True,
+                )
+                print(
+                    f"gateway: {stack.gateway_admin}/ "
+                    f"(admin token in {stack.gateway_files.config})",
+                    flush=True,
+                )
                 print(f"cli:     DSTACK_VMM_URL={stack.vmm_url} .venv/bin/dstack lsvm", flush=True)
                 print("press ctrl-c to stop", flush=True)
                 while True:
@@ -226,6 +258,8 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         # inherit the ignored dispositions, which is harmless for them)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if web is not None:
+            web.close()
         _step("removing the cvm and stopping the stack")
         stack.stop(remove_bridge=True)
 

@@ -1,4 +1,5 @@
-"""a local dstack on one machine: mock PCCS, KMS and dstack-vmm as real processes.
+"""a local dstack on one machine: mock PCCS, KMS, dstack-vmm and (optionally) dstack-gateway as
+real processes.
 
 Used by the main job (`pydstack.demo`), the VMM benchmarks and the end-to-end tests. Everything
 lives under one directory: `kms.toml`, `allow.json` (the KMS's auth-simple allowlist),
@@ -8,6 +9,12 @@ The stack keeps to this host: its mock attestation seed is random per stack (`se
 kept across restarts of the same directory; only the VMM and the mock PCCS read it), the
 configuration files are 0600, the PCCS and the VMM listen on loopback and the KMS on the CVM
 bridge's host address only (CVMs reach it there, and so does the host; nothing else does).
+
+With `gateway=True` the stack also runs dstack-gateway (:mod:`pydstack.devgateway`: its rpc
+certificate from the KMS's app CA for a gateway app id the KMS allowlist names, a wildcard
+`*.dstack.localhost` from a local CA for the proxy): its RPC on the bridge address, WireGuard on
+a UDP port of the host (its interface named after the bridge, in `100.100.<n>.0/24`), the proxy
+and the admin API on loopback; the VMM gives CVMs its URL and opens its UDP port to them.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import IO, Any
 
 import httpx
 
-from pydstack import devregistry
+from pydstack import devgateway, devregistry
 from pydstack.apps.image import ImageError, push_image
 from pydstack.errors import DstackError
 from pydstack.rpc.proto import vmm_rpc_pb2
@@ -136,10 +143,13 @@ def _stop_group(pid: int, timeout: float = 15) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def write_allowlist(path: Path, apps: dict[str, list[str]], os_images: list[str]) -> None:
-    """auth-simple's allowlist: these app ids may boot with these compose hashes (hex)."""
+def write_allowlist(
+    path: Path, apps: dict[str, list[str]], os_images: list[str], gateway_app_id: str = ""
+) -> None:
+    """auth-simple's allowlist: these app ids may boot with these compose hashes (hex), and
+    trust the gateway of this app id."""
     doc = {
-        "gatewayAppId": "",
+        "gatewayAppId": gateway_app_id,
         "osImages": os_images,
         "allowedTcbStatuses": ["UpToDate"],
         "kms": {"mrAggregated": [], "allowAnyDevice": True},
@@ -220,11 +230,22 @@ def vmm_toml(
     registry: str = "",
     backend: str = "sandbox",
     boot_timeout: float = 300.0,
+    gateway_url: str = "",
+    wireguard_port: int = 0,
+    gateway_base_domain: str = "",
+    gateway_port: int = 0,
 ) -> str:
     """the stack's vmm.toml; `registry` (`host:port`, plain http) is the CVMs' docker.io mirror
-    and holds the OS images (`dstack/guest`). `backend`: sandbox or qemu (QEMU's user-mode
-    network reaches the KMS and registry on the bridge address through the host)."""
+    and holds the OS images (`dstack/guest`); `gateway_url` the gateway CVMs register with
+    (its WireGuard on udp `wireguard_port`). `backend`: sandbox or qemu (QEMU's user-mode
+    network reaches the KMS, registry and gateway on the bridge address through the host)."""
     auth = f'\n[auth]\nenabled = true\ntokens = ["{auth_token}"]\n' if auth_token else ""
+    gw_urls = f'"{gateway_url}"' if gateway_url else ""
+    gw_section = (
+        f'\n[gateway]\nbase_domain = "{gateway_base_domain}"\nport = {gateway_port}\n'
+        if gateway_url
+        else ""
+    )
     qemu = (
         f'\n[cvm.qemu]\naccel = "auto"\nboot_timeout = {boot_timeout}\n'
         if backend == "qemu"
@@ -242,7 +263,7 @@ registry = "{f"http://{registry}/{OS_IMAGE_REPO}" if registry else ""}"
 [cvm]
 backend = "{backend}"
 kms_urls = ["{cvm_kms_url}"]
-gateway_urls = []
+gateway_urls = [{gw_urls}]
 docker_registry = "{f"http://{registry}" if registry else ""}"
 
 [cvm.port_mapping]
@@ -264,7 +285,8 @@ mock_attestation_seed_file = "{seed_file}"
 bridge = "{bridge}"
 subnet = "{subnet}"
 scrypt_n = 10
-{qemu}{auth}"""
+wireguard_ports = [{wireguard_port or 51820}]
+{qemu}{auth}{gw_section}"""
 
 
 @dataclass
@@ -305,6 +327,15 @@ class DevStack:
             return IMAGE_NAMES["dev"]
         return "pydstack-sandbox"
 
+    #: run dstack-gateway too (CVMs of gateway-enabled apps register with it)
+    gateway: bool = False
+    #: the gateway's rpc url as cvms reach it, its admin api, admin token and proxy port
+    gateway_url: str = ""
+    gateway_admin: str = ""
+    gateway_admin_token: str = ""
+    gateway_proxy_port: int = 0
+    gateway_wg_port: int = 0
+
     @property
     def allowlist(self) -> Path:
         return self.dir / "allow.json"
@@ -325,6 +356,22 @@ class DevStack:
     def host_ip(self) -> str:
         """the host's address on this stack's cvm bridge."""
         return SandboxConfig(subnet=self.subnet).host_ip
+
+    @property
+    def gateway_files(self) -> devgateway.GatewayFiles:
+        return devgateway.GatewayFiles(self.dir / "gateway")
+
+    @property
+    def gateway_app_id(self) -> str:
+        return self.gateway_files.app_id() if self.gateway else ""
+
+    @property
+    def gateway_interface(self) -> str:
+        return devgateway.interface_for(self.bridge)
+
+    @property
+    def base_domain(self) -> str:
+        return devgateway.BASE_DOMAIN
 
     @property
     def pid_dir(self) -> Path:
@@ -356,6 +403,8 @@ class DevStack:
                     _stop_group(pid)
                     stopped.append(pid_file.stem)
             pid_file.unlink(missing_ok=True)
+        if self.gateway and devgateway.remove_interface(self.gateway_interface):
+            stopped.append(f"interface {self.gateway_interface}")
         vm_root = self.dir / "run" / "vm"
         vm_dirs = [p for p in vm_root.iterdir() if p.is_dir()] if vm_root.is_dir() else []
         if vm_dirs:
@@ -410,8 +459,14 @@ class DevStack:
 
         if self.qemu_image is not None:
             install_image(self.qemu_image, d / "images")
-        if not self.allowlist.exists():
-            write_allowlist(self.allowlist, {}, self.os_images)
+        if not self.allowlist.exists() or self.gateway:
+            apps = {}
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                apps = {
+                    k: list(v.get("composeHashes", []))
+                    for k, v in json.loads(self.allowlist.read_text()).get("apps", {}).items()
+                }
+            self.allow(apps)
         kms_port = free_port()
         write_private(
             d / "kms.toml",
@@ -420,6 +475,10 @@ class DevStack:
         self.start_kms()
         say(f"kms on {self.kms_url}")
 
+        wg_port = 0
+        if self.gateway:
+            wg_port = self.start_gateway()
+            say(f"dstack-gateway on {self.gateway_url} (admin {self.gateway_admin})")
         vmm_port = free_port()
         write_private(
             self.vmm_config,
@@ -437,6 +496,10 @@ class DevStack:
                 registry=self.registry,
                 backend=self.backend,
                 boot_timeout=self.boot_timeout,
+                gateway_url=self.gateway_url,
+                wireguard_port=wg_port,
+                gateway_base_domain=self.base_domain,
+                gateway_port=self.gateway_proxy_port,
             ),
         )
         self.vmm_url = f"http://127.0.0.1:{vmm_port}"
@@ -454,6 +517,62 @@ class DevStack:
         line = _wait_line(proc, log, "dstack-kms listening on", 60, offset)
         self.kms_url = line.split()[-1]
 
+    def start_gateway(self, *, restart: bool = False) -> int:
+        """dstack-gateway (certificates issued first time, ports kept on a restart); returns
+        its WireGuard udp port."""
+        files = self.gateway_files
+        log = self.dir / "gateway.log"
+        if not restart:
+            files.app_id()
+            files.issue_rpc_cert(self.dir / "kms-certs", self.host_ip)
+            files.issue_proxy_cert()
+            self.gateway_admin_token = self.gateway_admin_token or os.urandom(16).hex()
+            self.gateway_proxy_port = free_port()
+            self.gateway_wg_port = devgateway.free_udp_port()
+            write_private(
+                files.config,
+                devgateway.gateway_toml(
+                    files,
+                    rpc_address=self.host_ip,
+                    rpc_port=free_port(),
+                    admin_port=free_port(),
+                    admin_token=self.gateway_admin_token,
+                    proxy_port=self.gateway_proxy_port,
+                    wg_port=self.gateway_wg_port,
+                    wg_subnet=devgateway.wg_subnet_for(self.subnet),
+                    interface=self.gateway_interface,
+                    pccs_url=self.pccs_url,
+                    root_ca=self.root_ca,
+                ),
+            )
+        offset = log.stat().st_size if log.exists() else 0
+        proc = _spawn([sys.executable, "-m", "pydstack.gateway.main", "-c", str(files.config)], log)
+        self._track("gateway", proc, log)
+        self.gateway_url = _wait_line(proc, log, "dstack-gateway listening on", 60, offset).split()[
+            -1
+        ]
+        self.gateway_admin = _wait_line(proc, log, "dstack-gateway admin on", 5, offset).split()[-1]
+        return self.gateway_wg_port
+
+    def stop_gateway(self) -> None:
+        self._forget("gateway")
+
+    def gateway_rpc(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """call a gateway Admin method (JSON); StackError on any failure."""
+        try:
+            r = httpx.post(
+                f"{self.gateway_admin}/prpc/{method}?json",
+                json=body or {},
+                headers={"Authorization": f"Bearer {self.gateway_admin_token}"},
+                timeout=30,
+            )
+        except httpx.HTTPError as e:
+            raise StackError(f"gateway {method}: {e}") from e
+        if r.status_code != 200:
+            raise StackError(f"gateway {method}: http {r.status_code}: {r.text[:300]}")
+        out = r.json()
+        return out if isinstance(out, dict) else {}
+
     def start_vmm(self) -> None:
         log = self.dir / "vmm.log"
         offset = log.stat().st_size if log.exists() else 0
@@ -470,7 +589,7 @@ class DevStack:
             raise StackError(str(e)) from e
 
     def allow(self, apps: dict[str, list[str]]) -> None:
-        write_allowlist(self.allowlist, apps, self.os_images)
+        write_allowlist(self.allowlist, apps, self.os_images, self.gateway_app_id)
 
     def client(self) -> SyncPrpcClient:
         """a typed prpc client of this stack's VMM (with its token)."""
@@ -590,7 +709,9 @@ class DevStack:
                 self.remove_all()
         if remove_vms:
             self._kill_leftover_cvms()
-        for name in ("vmm", "kms", "pccs", "registry", "registry-ro"):
+        for name in ("vmm", "gateway", "kms", "pccs", "registry", "registry-ro"):
             self._forget(name)
+        if self.gateway:
+            devgateway.remove_interface(self.gateway_interface)
         if remove_bridge:
             teardown_bridge(self.bridge, self.subnet)

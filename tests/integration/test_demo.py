@@ -25,8 +25,9 @@ def test_demo_main_job(tmp_path):
         timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("[ok]") == 5 and "FAILED" not in out.stdout
+    assert out.stdout.count("[ok]") == 7 and "FAILED" not in out.stdout
     assert "boot: done" in out.stdout and "Created VM" not in out.stderr
+    assert "[ok] the app answered through the gateway by app id (tls verified)" in out.stdout
     assert (tmp_path / "demo/mock-root-ca.der").is_file()
     # the stack cleaned up after itself: no cvm left behind
     assert not any((tmp_path / "demo/run/vm").iterdir())
@@ -64,6 +65,9 @@ def _nothing_of_the_stack_left(d: Path, vm_ids: list[str]) -> None:
     for vm in vm_ids:
         assert names_for(vm)[0] not in netns
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True).returncode != 0
+    # nor the gateway's wireguard interface (its wireguard-go went with it)
+    gw = subprocess.run(["ip", "link", "show", f"gw{BRIDGE}"], capture_output=True)
+    assert gw.returncode != 0
     rules = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True).stdout
     assert f"DS-IN-{BRIDGE}" not in rules and f"DS-FWD-{BRIDGE}" not in rules
     nat = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True)
@@ -84,7 +88,7 @@ def test_a_killed_main_job_is_cleaned_up_by_the_next_run(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "stopped what an earlier run left behind" in out.stdout
     assert f"vm {vm}" in out.stdout
-    assert out.stdout.count("[ok]") == 5
+    assert out.stdout.count("[ok]") == 7
     second = out.stdout.split("    vm ")[1].split()[0]
     _nothing_of_the_stack_left(d, [vm, second])
 
@@ -94,6 +98,7 @@ def test_serve_takes_everything_down_on_sigterm(tmp_path):
     proc = subprocess.Popen(_demo(d, port, "--serve"), stdout=subprocess.PIPE, text=True)
     try:
         vm = _read_until(proc, "    vm ").split()[-1]
+        assert "dstack.localhost" in _read_until(proc, "the app: https://")
         _read_until(proc, "press ctrl-c")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0

@@ -249,7 +249,7 @@ class _Reader:
         self.where = where
 
     def _key(self, key: str) -> str:
-        return f"{self.where}.{key}"
+        return f"{self.where}.{key}" if self.where else key
 
     def get_str(self, key: str, default: str) -> str:
         value = self.table.get(key, default)

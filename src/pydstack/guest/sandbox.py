@@ -12,7 +12,9 @@ Started by the VMM's launcher inside fresh network, mount and PID namespaces
 3. opens the persistent storage: a gocryptfs volume keyed by the KMS disk key (FUSE, since the
    host has no dm-crypt), created on first boot and reopened afterwards;
 4. serves the guest agent on /var/run/dstack.sock and /var/run/tappd.sock and the guest API
-   for the VMM, then runs the docker-compose app with podman;
+   for the VMM, registers with dstack-gateway when the app asks for it
+   (:mod:`pydstack.guest.gateway_client`: WireGuard inside the CVM's network namespace), then
+   runs the docker-compose app with podman;
 5. reports every step to the VMM over the host API; on failure reports boot.error and exits.
 
 SIGTERM or the guest API's Shutdown stop the containers and end the CVM.
@@ -41,6 +43,7 @@ from pydstack.types.app_compose import AppCompose, AppComposeError
 from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
 from pydstack.types.sysconfig import SysConfig
 
+from . import gateway_client
 from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
 from .core import GuestCore
@@ -230,6 +233,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     servers: list[PrpcServer] = []
     compose: PodmanCompose | None = None
     api: GuestApi | None = None
+    gateway: gateway_client.GatewayClient | None = None
     reported = False
     try:
         try:
@@ -286,6 +290,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             ],
         )
         servers.extend(agent.servers)
+        gateway = await gateway_client.start(core, result.keys, sys_config, host.notify)
         app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
@@ -335,6 +340,8 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             await compose.down(timeout=2)
         return 1
     finally:
+        if gateway is not None:
+            await gateway.close()
         for s in servers:
             await s.close()
         await host.client.close()

@@ -3,20 +3,17 @@
 Token auth (when `[auth] enabled`) guards every route: `Authorization: Bearer <t>`,
 `X-Admin-Token: <t>`, Basic with the token as password (or as user with an empty password), or
 `?token=<t>` on GET. Tokens are compared by SHA-256 digest in constant time. With `[auth]
-htpasswd_file`, Basic auth also accepts that file's users (bcrypt, :mod:`.htpasswd`).
+htpasswd_file`, Basic auth also accepts that file's users (bcrypt, :mod:`pydstack.rpc.auth`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
 import importlib.resources
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
 from html import escape
 from pathlib import Path
 
@@ -24,6 +21,8 @@ from aiohttp import web
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack import UPSTREAM_VERSION, __version__
+from pydstack.rpc.auth import Htpasswd, Middleware
+from pydstack.rpc.auth import auth_middleware as shared_auth_middleware
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
@@ -31,7 +30,6 @@ from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
 
 from .app import VmmApp
 from .errors import KMS_NOT_CONFIGURED, InvalidState, KmsUnavailable, Refused
-from .htpasswd import Htpasswd
 from .image_store import ImageStore
 from .validate import validate_app_compose
 
@@ -272,52 +270,9 @@ class ProxiedGuest:
 
 
 # ---------------------------------------------------------------------- auth
-def auth_middleware(
-    tokens: tuple[str, ...], htpasswd: Htpasswd | None = None
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    digests = [hashlib.sha256(t.encode()).digest() for t in tokens]
-
-    def ok(candidate: str) -> bool:
-        d = hashlib.sha256(candidate.encode()).digest()
-        return any(hmac.compare_digest(d, x) for x in digests)
-
-    @web.middleware
-    async def middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        auth = request.headers.get("Authorization", "")
-        cands: list[str] = []
-        basic: tuple[str, str] | None = None
-        if auth.startswith("Bearer "):
-            cands.append(auth[7:].strip())
-        elif auth.startswith("Basic "):
-            try:
-                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
-                cands += [password] if password else [user]
-                basic = (user, password)
-            except (ValueError, UnicodeDecodeError):
-                pass
-        if "X-Admin-Token" in request.headers:
-            cands.append(request.headers["X-Admin-Token"])
-        if request.method == "GET" and "token" in request.query:
-            cands.append(request.query["token"])
-        if any(ok(c) for c in cands if c):
-            return await handler(request)
-        if basic is not None and await _htpasswd_ok(htpasswd, *basic):
-            return await handler(request)
-        return web.Response(
-            status=401,
-            text="unauthorized\n",
-            headers={"WWW-Authenticate": 'Basic realm="dstack-vmm API"'},
-        )
-
-    return middleware
-
-
-async def _htpasswd_ok(htpasswd: Htpasswd | None, user: str, password: str) -> bool:
-    if htpasswd is None or not user or not password:
-        return False
-    return await asyncio.to_thread(htpasswd.verify, user, password)
+def auth_middleware(tokens: tuple[str, ...], htpasswd: Htpasswd | None = None) -> Middleware:
+    """the VMM's token and htpasswd auth (:func:`pydstack.rpc.auth.auth_middleware`)."""
+    return shared_auth_middleware(tokens, htpasswd, realm="dstack-vmm API")
 
 
 # ---------------------------------------------------------------------- logs

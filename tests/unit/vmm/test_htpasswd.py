@@ -12,8 +12,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from pydstack.errors import ConfigError
+from pydstack.rpc.auth import Htpasswd
 from pydstack.vmm.backends.sandbox.network import teardown_bridge
-from pydstack.vmm.htpasswd import Htpasswd
 from pydstack.vmm.service import auth_middleware
 
 

@@ -56,6 +56,18 @@ def test_addresses_are_unique_kept_across_restarts_and_freed(tmp_path):
     assert again.guest_api_address(d) is None
 
 
+def test_cvms_may_reach_the_gateways_wireguard_only_when_there_is_a_gateway():
+    settings = SandboxConfig(bridge="dsbr9", wireguard_ports=(51999,))
+    with_gw = SandboxBackend(
+        VmmConfig(gateway_urls=("https://10.213.0.1:9012",), backend_config=settings), settings
+    )
+    assert with_gw.cvm_udp_ports() == {51999}
+    assert 9012 in with_gw.cvm_host_ports() and 51999 not in with_gw.cvm_host_ports()
+    none = SandboxBackend(VmmConfig(gateway_urls=(), backend_config=settings), settings)
+    assert none.cvm_udp_ports() == set()
+    assert SandboxConfig.from_table({}).wireguard_ports == (51820,)
+
+
 def test_a_full_subnet_is_a_refusal(tmp_path):
     b = backend("10.9.0.0/24")
     for i in range(253):  # .2 to .254

@@ -62,6 +62,7 @@ min_free_memory_mb = 1024
         ("[cvm]\nbackend = 'xen'\n", "unknown cvm.backend 'xen'"),
         ("[cvm.sandbox]\nbridge = 'a-very-long-bridge-name'\n", "1-15 character"),
         ("[cvm.sandbox]\nhost_ports = [0]\n", "must be ports"),
+        ("[cvm.sandbox]\nwireguard_ports = [70000]\n", "wireguard_ports must be ports"),
         ("[cvm.sandbox]\nsubnet = 'nonsense'\n", r"invalid \[cvm.sandbox\]"),
         ("[cvm]\nsandbox = 1\n", "must be a table"),
         ("[cvm.tee_simulator]\nmock_attestation_seed = 'abcd'\n", "32 bytes"),

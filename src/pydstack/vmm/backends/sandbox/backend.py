@@ -91,6 +91,12 @@ class SandboxBackend:
         urls = [*c.kms_urls, *c.gateway_urls, c.pccs_url, c.docker_registry]
         return network.ports_of_urls(urls) | set(self.settings.host_ports)
 
+    def cvm_udp_ports(self) -> set[int]:
+        """the udp ports cvms need besides those: a gateway's WireGuard, when they have one."""
+        if not any(self.config.gateway_urls):
+            return set()
+        return set(self.settings.wireguard_ports)
+
     async def prepare(self) -> None:
         s = self.settings
         ensure_sandbox_image(self.config.image_path)
@@ -101,6 +107,7 @@ class SandboxBackend:
             s.subnet,
             self.cvm_host_ports(),
             outbound=s.outbound,
+            udp_ports=self.cvm_udp_ports(),
         )
         log.info("sandbox backend: bridge %s (%s)", s.bridge, s.subnet)
 

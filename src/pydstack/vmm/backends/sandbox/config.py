@@ -8,6 +8,9 @@ min_free_memory_mb = 512       # refuse to start a CVM below this much free host
 outbound = true                # CVMs may reach the outside world (masqueraded)
 host_ports = []                # host ports on the bridge address CVMs may reach, besides
                                # those of the kms/gateway/pccs/registry urls
+wireguard_ports = [51820]      # udp ports on the bridge address CVMs may send WireGuard to
+                               # (the gateway's core.wg.listen_port), open only when
+                               # [cvm] gateway_urls names a gateway
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class SandboxConfig:
     outbound: bool = True
     #: host ports on the bridge address cvms may reach besides those of kms/gateway/pccs urls
     host_ports: tuple[int, ...] = ()
+    #: udp ports of a host gateway's WireGuard (open only when gateway_urls are configured)
+    wireguard_ports: tuple[int, ...] = (51820,)
 
     @property
     def host_ip(self) -> str:
@@ -42,6 +47,7 @@ class SandboxConfig:
         d = cls()
         try:
             host_ports = tuple(int(x) for x in table.get("host_ports", []))
+            wg_ports = tuple(int(x) for x in table.get("wireguard_ports", d.wireguard_ports))
             net = ipaddress.ip_network(str(table.get("subnet", d.subnet)))
             scrypt_n = int(table.get("scrypt_n", d.scrypt_n))
             min_free = int(table.get("min_free_memory_mb", d.min_free_memory_mb))
@@ -49,6 +55,8 @@ class SandboxConfig:
             raise ConfigError(f"invalid [cvm.sandbox]: {e}") from e
         if any(not 0 < x < 65536 for x in host_ports):
             raise ConfigError("cvm.sandbox.host_ports must be ports (1-65535)")
+        if any(not 0 < x < 65536 for x in wg_ports):
+            raise ConfigError("cvm.sandbox.wireguard_ports must be ports (1-65535)")
         if net.version != 4 or net.prefixlen > 24:
             raise ConfigError("cvm.sandbox.subnet must be an IPv4 network of /24 or larger")
         bridge = str(table.get("bridge", d.bridge))
@@ -61,4 +69,5 @@ class SandboxConfig:
             min_free_memory_mb=min_free,
             outbound=bool(table.get("outbound", d.outbound)),
             host_ports=host_ports,
+            wireguard_ports=wg_ports,
         )

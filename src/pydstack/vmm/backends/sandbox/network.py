@@ -59,12 +59,18 @@ def _chains(bridge: str) -> tuple[str, str]:
 
 
 def apply_bridge_policy(
-    bridge: str, subnet: str, host_ports: Iterable[int], *, outbound: bool = True
+    bridge: str,
+    subnet: str,
+    host_ports: Iterable[int],
+    *,
+    outbound: bool = True,
+    udp_ports: Iterable[int] = (),
 ) -> None:
-    """what CVMs on `bridge` may reach: on the host only `host_ports` (tcp and udp) at the
-    bridge address, never each other (ports are isolated on the bridge and routed traffic
-    between them is dropped), nothing may open a connection into them through the host, and
-    the outside world (masqueraded) only when `outbound`. Rebuilt from scratch each call.
+    """what CVMs on `bridge` may reach: on the host only `host_ports` (tcp and udp) and
+    `udp_ports` (a gateway's WireGuard) at the bridge address, never each other (ports are
+    isolated on the bridge and routed traffic between them is dropped), nothing may open a
+    connection into them through the host, and the outside world (masqueraded) only when
+    `outbound`. Rebuilt from scratch each call.
 
     Without iptables the host cannot enforce this, and a CVM could reach every host listener:
     that is refused rather than run open.
@@ -89,6 +95,8 @@ def apply_bridge_policy(
             _iptables(
                 "-A", chain_in, "-d", host_ip, "-p", proto, "--dport", str(port), "-j", "ACCEPT"
             )
+    for port in sorted(set(udp_ports) - set(host_ports)):
+        _iptables("-A", chain_in, "-d", host_ip, "-p", "udp", "--dport", str(port), "-j", "ACCEPT")
     _iptables("-A", chain_in, "-p", "icmp", "--icmp-type", "echo-request", "-j", "ACCEPT")
     _iptables("-A", chain_in, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset")
     _iptables("-A", chain_in, "-j", "REJECT")

@@ -1,5 +1,12 @@
-"""`[auth] htpasswd_file`: Apache htpasswd users for the VMM's Basic auth (bcrypt entries only,
-as upstream: `htpasswd -B`).
+"""shared authentication of operator listeners (the VMM's API, the gateway's admin server):
+a token and Apache htpasswd users for Basic auth (bcrypt entries only, as upstream: `htpasswd -B`).
+
+:func:`auth_middleware` accepts `Authorization: Bearer <token>`, `X-Admin-Token: <token>`,
+Basic with the token as password (or as user with an empty password), `?token=<token>` on GET,
+and Basic users of an :class:`Htpasswd` file; anything else is 401 with a Basic challenge naming
+the realm. Tokens are compared by SHA-256 digest in constant time.
+
+:class:`Htpasswd`:
 
 The file is read at start (an unreadable file, a malformed line or a non-bcrypt entry refuses
 the start, naming the line) and read again whenever it changes (size, mtime or inode); a change
@@ -13,6 +20,8 @@ it on every request.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import hashlib
 import hmac
 import logging
@@ -20,14 +29,16 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
+from aiohttp import web
 
 from pydstack.errors import ConfigError
 
-log = logging.getLogger("dstack-vmm")
+log = logging.getLogger(__name__)
 
 #: bcrypt hashes: $2a$, $2b$ or $2y$, a two-digit cost, 53 characters of salt and hash
 BCRYPT_RE = re.compile(rb"\$2[aby]\$[0-9]{2}\$[./A-Za-z0-9]{53}")
@@ -148,3 +159,53 @@ class Htpasswd:
                     while len(self._cache) > CACHE_SIZE:
                         self._cache.popitem(last=False)
         return ok
+
+
+Middleware = Callable[..., Awaitable[web.StreamResponse]]
+
+
+def auth_middleware(
+    tokens: tuple[str, ...], htpasswd: Htpasswd | None = None, *, realm: str
+) -> Middleware:
+    """an aiohttp middleware admitting the `tokens` and `htpasswd`'s users (see the module)."""
+    digests = [hashlib.sha256(t.encode()).digest() for t in tokens if t]
+
+    def ok(candidate: str) -> bool:
+        d = hashlib.sha256(candidate.encode()).digest()
+        return any(hmac.compare_digest(d, x) for x in digests)
+
+    challenge = {"WWW-Authenticate": f'Basic realm="{realm}"'}
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        cands: list[str] = []
+        basic: tuple[str, str] | None = None
+        if auth.startswith("Bearer "):
+            cands.append(auth[7:].strip())
+        elif auth.startswith("Basic "):
+            try:
+                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                cands += [password] if password else [user]
+                basic = (user, password)
+            except (ValueError, UnicodeDecodeError):
+                pass
+        if "X-Admin-Token" in request.headers:
+            cands.append(request.headers["X-Admin-Token"])
+        if request.method == "GET" and "token" in request.query:
+            cands.append(request.query["token"])
+        if any(ok(c) for c in cands if c):
+            return await handler(request)
+        if basic is not None and await _htpasswd_ok(htpasswd, *basic):
+            return await handler(request)
+        return web.Response(status=401, text="unauthorized\n", headers=challenge)
+
+    return middleware
+
+
+async def _htpasswd_ok(htpasswd: Htpasswd | None, user: str, password: str) -> bool:
+    if htpasswd is None or not user or not password:
+        return False
+    return await asyncio.to_thread(htpasswd.verify, user, password)
