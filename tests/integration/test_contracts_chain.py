@@ -289,6 +289,59 @@ async def test_eth_auth_denies_a_short_compose_hash(chain, kms):
     assert (denied.is_allowed, denied.reason) == (False, "compose hash must be 32 bytes, got 31")
 
 
+async def test_eth_auth_batch_decides_as_the_contract(chain, kms):
+    """EthAuth reads the decision and the gateway app id in one JSON-RPC batch: the same
+    answers as web3's calls for allowed and denied apps and KMSs; a node that stops answering
+    (or answers garbage) is a denial naming no backend detail."""
+    from aiohttp import web
+
+    from pydstack.kms.auth import EthAuth
+
+    node, _ = chain
+    app = kms.deploy_and_register_app(compose_hash=COMPOSE)
+    auth = EthAuth(node.url, kms.address, node.chain_id)
+    try:
+        for b in (
+            boot(app),
+            boot(),
+            boot(app, compose_hash=b"\x0f" * 32),
+            boot(app, os_image_hash=b"\x0b" * 32),
+        ):
+            got = await auth.is_app_allowed(b)
+            assert (got.is_allowed, got.reason) == kms.is_app_allowed(b)
+            assert got.gateway_app_id == kms.gateway_app_id() == "gateway-1"
+            got = await auth.is_kms_allowed(b)
+            assert (got.is_allowed, got.reason) == kms.is_kms_allowed(b)
+        assert (await auth.is_app_allowed(boot(app))).is_allowed
+    finally:
+        await auth.close()
+
+    async def garbage(_: web.Request) -> web.Response:
+        return web.json_response([{"jsonrpc": "2.0", "id": 0, "result": "0x1234"}])
+
+    server = web.Application()
+    server.router.add_post("/", garbage)
+    runner = web.AppRunner(server)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        for url in (f"http://127.0.0.1:{port}/", "http://127.0.0.1:9/"):
+            auth = EthAuth(node.url, kms.address, node.chain_id)
+            auth._rpc.rpc_url = url  # the node went away (or was replaced) after the start
+            try:
+                denied = await auth.is_app_allowed(boot(app))
+            finally:
+                await auth.close()
+            assert (denied.is_allowed, denied.reason) == (
+                False,
+                "authorization backend unavailable",
+            )
+    finally:
+        await runner.cleanup()
+
+
 def run_kms(cfg: Path) -> subprocess.CompletedProcess[str]:
     import sys
 

@@ -48,6 +48,10 @@ class AuthBackend(Protocol):
 
     async def info(self) -> dict[str, Any]: ...
 
+    async def close(self) -> None:
+        """release connections (at shutdown)."""
+        ...
+
 
 class DevAuth:
     name = "dev"
@@ -70,6 +74,9 @@ class DevAuth:
             return AuthDecision(False, "", error)
         log.warning("dev auth: allowing kms %s without any policy", boot.mr_aggregated.hex())
         return AuthDecision(True, self.gateway_app_id, "")
+
+    async def close(self) -> None:
+        pass
 
     async def info(self) -> dict[str, Any]:
         return {"gatewayAppId": self.gateway_app_id}
@@ -158,6 +165,9 @@ class WebhookAuth:
 
     async def is_kms_allowed(self, boot: BootInfo) -> AuthDecision:
         return await self._post("bootAuth/kms", boot)
+
+    async def close(self) -> None:
+        pass
 
     async def info(self) -> dict[str, Any]:
         """the auth api's `GET {url}` document; raises RuntimeError("auth api unavailable" or
@@ -253,6 +263,9 @@ class SimpleAuth:
                 reason = "KMS is not allowed to boot on this device"
         return AuthDecision(not reason, gw, reason)
 
+    async def close(self) -> None:
+        pass
+
     async def info(self) -> dict[str, Any]:
         c = self._load()
         return {
@@ -262,6 +275,61 @@ class SimpleAuth:
             "chainId": c.get("chainId", 0),
             "appImplementation": c.get("appImplementation", ""),
         }
+
+
+#: the most bytes of a JSON-RPC answer read (two eth_call results are a few hundred bytes)
+MAX_RPC_ANSWER = 1 << 20
+
+
+class EthCallBatcher:
+    """eth_calls to one contract sent as one JSON-RPC batch over a kept-alive connection.
+
+    :meth:`calls` takes (calldata, ABI output types) pairs and returns the decoded outputs in
+    order; any error answer, revert, short or oversized reply raises (the caller turns it into
+    a denial). The answer is read at most `MAX_RPC_ANSWER` bytes."""
+
+    def __init__(self, rpc_url: str, to: str, timeout: float = 10.0) -> None:
+        self.rpc_url = rpc_url
+        self.to = to
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def calls(self, calls: list[tuple[bytes, list[str]]]) -> list[tuple[Any, ...]]:
+        from eth_abi.abi import decode
+
+        body = [
+            {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "eth_call",
+                "params": [{"to": self.to, "data": "0x" + data.hex()}, "latest"],
+            }
+            for i, (data, _) in enumerate(calls)
+        ]
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        async with self._session.post(self.rpc_url, json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"node answered http {r.status}")
+            raw = await r.content.read(MAX_RPC_ANSWER + 1)
+        if len(raw) > MAX_RPC_ANSWER:
+            raise RuntimeError("node's answer too large")
+        answers = json.loads(raw)
+        if not isinstance(answers, list) or len(answers) != len(calls):
+            raise RuntimeError("node did not answer the batch")
+        by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}
+        out: list[tuple[Any, ...]] = []
+        for i, (_, types) in enumerate(calls):
+            a = by_id.get(i)
+            if a is None or "error" in a or not isinstance(a.get("result"), str):
+                err = a.get("error") if a else None
+                raise RuntimeError(f"eth_call failed: {err!r:.200}")
+            out.append(tuple(decode(types, bytes.fromhex(a["result"].removeprefix("0x")))))
+        return out
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 class EthAuth:
@@ -288,21 +356,36 @@ class EthAuth:
             raise ConfigError(f"core.auth_api.eth: {e}") from None
         except ChainError as e:
             raise ChainError(f"core.auth_api.eth: {e}") from None
+        self._rpc = EthCallBatcher(rpc_url, self.kms.address)
 
     async def _ask(self, method: str, boot: BootInfo) -> AuthDecision:
+        """one JSON-RPC batch, one round trip: the decision and the gateway app id, both read
+        at the node's latest block (upstream's `isAppAllowed`/`isKmsAllowed` then
+        `gatewayAppId`, which were two sequential calls through web3)."""
         from .chain import BootInfoError, boot_tuple
 
         try:
-            boot_tuple(boot)  # exact sizes, or a denial saying which field is wrong
+            args = boot_tuple(boot)  # exact sizes, or a denial saying which field is wrong
         except BootInfoError as e:
             return AuthDecision(False, "", str(e))
+        fn = "isAppAllowed" if method == "is_app_allowed" else "isKmsAllowed"
         try:
-            ok, reason = await asyncio.to_thread(getattr(self.kms, method), boot)
-            gateway = await asyncio.to_thread(self.kms.gateway_app_id)
+            decision, gateway = await self._rpc.calls(
+                [
+                    (self._encode(fn, [args]), ["bool", "string"]),
+                    (self._encode("gatewayAppId", []), ["string"]),
+                ]
+            )
         except Exception as e:
             log.error("on-chain authorization failed: %s", e)
             return AuthDecision(False, "", "authorization backend unavailable")
-        return AuthDecision(ok, gateway, reason)
+        return AuthDecision(bool(decision[0]), str(gateway[0]), str(decision[1]))
+
+    def _encode(self, fn: str, args: list[Any]) -> bytes:
+        return bytes.fromhex(self.kms.c.encode_abi(fn, args=args)[2:])
+
+    async def close(self) -> None:
+        await self._rpc.close()
 
     async def is_app_allowed(self, boot: BootInfo) -> AuthDecision:
         return await self._ask("is_app_allowed", boot)

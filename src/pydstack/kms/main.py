@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             await server.close()
             if admin is not None:
                 await admin.close()
+            await state.auth.close()
         return 0
 
     return asyncio.run(run())
