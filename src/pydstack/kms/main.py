@@ -60,6 +60,18 @@ async def make_state(cfg: KmsConfig) -> KmsState:
         log.warning("core.image.verify is false: os_image_hash is the caller's claim")
     checker = AttestationChecker(collateral, root, images)
     auth = make_auth(cfg)
+    try:
+        return await _keys_and_state(cfg, store, checker, auth)
+    except BaseException:
+        await auth.close()  # a kms that does not start leaves no connection behind
+        raise
+
+
+async def _keys_and_state(
+    cfg: KmsConfig, store: KeyStore, checker: AttestationChecker, auth: AuthBackend
+) -> KmsState:
+    """the keys (onboarded, bootstrapped or loaded) and the state serving them, once this KMS
+    is allowed to serve."""
     if not store.exists():
         attest = (
             (lambda spki: ratls_attestation(cfg.guest_agent, spki)) if cfg.attest_rpc_cert else None
@@ -184,31 +196,33 @@ def main(argv: list[str] | None = None) -> int:
         except (DstackError, OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        admin = None
-        if cfg.admin_enabled:
-            try:
-                admin = admin_server(
-                    admin_token(cfg.admin_auth_token),
-                    cfg.image_cache_dir,
-                    insecure_no_auth=cfg.admin_insecure_no_auth,
-                    limits=cfg.server_limits,
-                    guard=cfg.guard(),
-                )
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            aport = await admin.listen_tcp(cfg.admin_address, cfg.admin_port)
-            print(f"dstack-kms admin on http://{cfg.admin_address}:{aport}", flush=True)
-        server, port = await start(cfg, state)
-        print(f"dstack-kms listening on https://{cfg.rpc_address}:{port}", flush=True)
         try:
-            await stop_signal().wait()
+            admin = None
+            if cfg.admin_enabled:
+                try:
+                    admin = admin_server(
+                        admin_token(cfg.admin_auth_token),
+                        cfg.image_cache_dir,
+                        insecure_no_auth=cfg.admin_insecure_no_auth,
+                        limits=cfg.server_limits,
+                        guard=cfg.guard(),
+                    )
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 2
+                aport = await admin.listen_tcp(cfg.admin_address, cfg.admin_port)
+                print(f"dstack-kms admin on http://{cfg.admin_address}:{aport}", flush=True)
+            server, port = await start(cfg, state)
+            print(f"dstack-kms listening on https://{cfg.rpc_address}:{port}", flush=True)
+            try:
+                await stop_signal().wait()
+            finally:
+                await server.close()
+                if admin is not None:
+                    await admin.close()
+            return 0
         finally:
-            await server.close()
-            if admin is not None:
-                await admin.close()
             await state.auth.close()
-        return 0
 
     return asyncio.run(run())
 
