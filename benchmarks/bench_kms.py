@@ -195,7 +195,10 @@ async def main() -> None:
             concurrent(kms_dev.url, secs, "dev")
             concurrent(kms_eth.url, secs, "eth")
             auths = {"dev": DevAuth(), "eth": EthAuth(node.url, kms.address, node.chain_id)}
-            await steps(pccs.url, (tmp / "root.der").read_bytes(), dev_dir / "certs", auths)
+            try:
+                await steps(pccs.url, (tmp / "root.der").read_bytes(), dev_dir / "certs", auths)
+            finally:
+                await auths["eth"].close()
         finally:
             for p in procs:
                 p.stop()

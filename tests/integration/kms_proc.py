@@ -119,13 +119,20 @@ config = "{allowlist}"
 
 
 def start_kms(config: Path) -> KmsProc:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pydstack.kms.main", "-c", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = _wait(proc, "listening on")
+    # the log goes to a file: a pipe nobody reads fills up under load (the dev auth backend
+    # logs every grant) and the KMS then blocks on its next log line
+    log = config.parent / "kms.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pydstack.kms.main", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+    try:
+        line = _wait(proc, "listening on")
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}{log.read_text()[-2000:]}") from None
     return KmsProc(proc, line.split()[-1], config.parent, config)
 
 
