@@ -116,14 +116,24 @@ def bench_boot(stack: DevStack, image: str, boots: int, kms: bool) -> list[float
     if kms:
         stack.allow({app_id_of(raw): [compose_hash(raw)]})
     times = []
+    stages: list[tuple[str, float]] = []
     for i in range(boots):
         t0 = time.perf_counter()
+        stages.clear()
         vm = create(stack, f"boot{i}", compose)
-        stack.wait_vm(vm, timeout=300)
+        stack.wait_vm(
+            vm,
+            timeout=300,
+            on_progress=lambda p, t0=t0: stages.append((p, time.perf_counter() - t0)),
+        )
         times.append(time.perf_counter() - t0)
         stack.rpc("RemoveVm", {"id": vm})
         while any(v["id"] == vm for v in stack.rpc("Status", {"brief": True})["vms"]):
             time.sleep(0.1)
+    print(
+        "    boot progress of the last boot (first seen, polled every 0.2 s): "
+        + ", ".join(f"{p} {t:.1f}s" for p, t in stages)
+    )
     return times
 
 
