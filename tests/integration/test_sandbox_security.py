@@ -137,9 +137,10 @@ def test_cvms_reach_neither_each_other_nor_other_host_services(stack, image, tmp
     b, b_port = boot(stack, write_app(tmp_path / "b", image), "net-b", kms=False)
     a_ip, b_ip = guest_ip(stack, a), guest_ip(stack, b)
     kms_port = int(stack.kms_url.rsplit(":", 1)[1])
-    # the probe works where traffic is allowed: a cvm's own app, its kms on the host
-    assert connects_from(a, a_ip, 8080)
-    assert connects_from(a, stack.host_ip, kms_port)
+    # the probe works where traffic is allowed: a cvm's own app, its kms on the host (a few
+    # tries: on a loaded machine one 3 s connect may time out where nothing refuses it)
+    assert any(connects_from(a, a_ip, 8080) for _ in range(3))
+    assert any(connects_from(a, stack.host_ip, kms_port) for _ in range(3))
     # never a neighbour, in either direction
     assert not connects_from(a, b_ip, 8080)
     assert not connects_from(b, a_ip, 8080)
