@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.empty_pb2 import Empty
 
+from pydstack.certbot.acme_info import parse_acme_info
 from pydstack.certbot.cfmock import CfMock
 from pydstack.certbot.devdns import DevBind, DevPebble
 from pydstack.certbot.rfc2136 import Rfc2136Dns
@@ -244,6 +245,8 @@ async def test_a_zt_domain_gets_a_pebble_wildcard_served_attested_renewed_and_ke
     assert quote["report_data"] == hashlib.sha512(b"zt-cert:" + spki(leaf)).hexdigest()
     body = json.loads(await https_get(gw, "gateway.example.test", "/.dstack/acme-info", root))
     assert body["account_uri"] == account
+    # what dstack-ct-monitor reads from a gateway url
+    assert [k.public_key for k in parse_acme_info(body)] == [spki(leaf)]
     assert [
         bytes.fromhex(k["public_key"].removeprefix("0x")) for k in body["quoted_hist_keys"]
     ] == [spki(leaf)]
