@@ -256,9 +256,10 @@ class Gateway:
         """the certbot changed the store or the key history: the public facts follow the best
         ZT-domain, and the workers get the new certificates and acme-info."""
         assert self.pool is not None
-        if self.zt is not None and self.zt.best is not None:
-            self.ctx.base_domain = self.zt.best.domain
-            self.ctx.external_port = self.zt.best.port
+        best = self.zt.best if self.zt is not None else None
+        p = self.cfg.proxy
+        self.ctx.base_domain = best.domain if best is not None else p.base_domain
+        self.ctx.external_port = best.port if best is not None else p.external_port
         await self.pool.refresh_info()
         await self.pool.publish()
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from google.protobuf.empty_pb2 import Empty
 
+from pydstack.certbot.attest import AgentAttester
 from pydstack.certbot.certbot import Certbot, Outcome, RetryPolicy
 from pydstack.certbot.errors import AcmeUnavailableError
 from pydstack.certbot.lock import FileDomainLock, MemoryDomainLock
@@ -27,7 +28,7 @@ from pydstack.certbot.model import (
 from pydstack.certbot.storage import FileKv, KvCertStorage, MemoryKv
 from pydstack.errors import ConfigError
 from pydstack.gateway.certstore import CertStore
-from pydstack.gateway.main import build_certbot, local_certbot_store
+from pydstack.gateway.main import build_certbot, default_attester, local_certbot_store
 from pydstack.gateway.settings import GatewayConfig
 from pydstack.gateway.zt_admin import ZtAdminMethods
 from pydstack.gateway.zt_certs import ZtCerts
@@ -292,3 +293,10 @@ async def test_the_local_store_is_private_and_survives_a_new_instance(tmp_path: 
     again, _ = local_certbot_store(tmp_path)
     got = await KvCertStorage(again).get_cert("a.test")
     assert got is not None and got.key_pem == "key"
+
+
+def test_keys_are_attested_only_with_a_guest_agent(tmp_path: Path) -> None:
+    missing = _config(tmp_path, json.dumps({"agent": str(tmp_path / "no-agent.sock")}))
+    assert default_attester(missing) is None
+    http = _config(tmp_path, '{"agent": "http://127.0.0.1:8090"}')
+    assert isinstance(default_attester(http), AgentAttester)
