@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ from pydstack import devgateway, devregistry
 from pydstack.apps.image import ImageError, push_image
 from pydstack.certbot.devdns import DevBind, DevPebble
 from pydstack.errors import DstackError
+from pydstack.gateway.main import CERTBOT_LOCKS, CERTBOT_STORE
 from pydstack.rpc.proto import vmm_rpc_pb2
 from pydstack.rpc.sync_client import PrpcCallError, PrpcUnreachable, SyncPrpcClient
 from pydstack.vmm.app import rmtree_vm_dir
@@ -541,6 +543,9 @@ class DevStack:
         if not restart:
             files.app_id()
             files.issue_rpc_cert(self.dir / "kms-certs", self.host_ip)
+            # the certbot's records of an earlier run name its pebble and bind9, which are gone
+            for name in (CERTBOT_STORE, CERTBOT_LOCKS):
+                (files.dir / "data" / name).unlink(missing_ok=True)
             acme: dict[str, Any] = {}
             if self.acme:
                 bind, pebble = self.start_devdns()
@@ -582,6 +587,7 @@ class DevStack:
         """bind9 primary for the base domain and pebble validating through it (loopback), their
         processes tracked with the stack's; pebble's issuing root saved to `gateway_ca`."""
         d = self.dir / "acme"
+        shutil.rmtree(d, ignore_errors=True)  # an earlier run's zone journal and pebble files
         try:
             bind = DevBind.start(d / "bind", (self.base_domain,))
             if bind.proc is not None:
