@@ -13,7 +13,8 @@ from storage into the :class:`~.certstore.CertStore` the relay workers serve, an
   serve from the first connection), then a renewal pass (:meth:`Certbot.renew_all`, with the
   certbot's retries while the ACME server is down; the certificate served stays until a new
   one is stored) every ``renew_interval`` of ``global/certbot_config`` (0: every minute) and a
-  :meth:`sync` every :data:`SYNC_INTERVAL` seconds in between. No pass ever ends the task;
+  :meth:`sync` every :data:`SYNC_INTERVAL` seconds in between; :meth:`ZtCerts.kick` (a
+  ZT-domain or the settings changed) starts a pass at once. No pass ever ends the task;
 * :meth:`ZtCerts.renew_now` is the admin's renewal: one attempt, its error to the caller;
 * :meth:`ZtCerts.acme_info` is ``Gateway.AcmeInfo``: the account and every attested key.
 
