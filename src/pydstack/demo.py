@@ -3,9 +3,11 @@ app end to end and reaching it the way users do, through the gateway.
 
     python -m pydstack.demo [--dir ./run/demo] [--port 18080] [--serve] [--backend qemu]
 
-1. a mock PCCS, a KMS, an image registry, dstack-gateway and dstack-vmm start as real processes
-   under DIR (whatever an earlier, killed run left there is stopped first); the gateway has a
-   wildcard certificate for `*.dstack.localhost` from a local CA the stack made;
+1. a mock PCCS, a KMS, an image registry, a local ACME server (pebble, validating DNS-01 through
+   a bind9 primary for `dstack.localhost`), dstack-gateway and dstack-vmm start as real
+   processes under DIR (whatever an earlier, killed run left there is stopped first); the
+   gateway's certbot, given a ZT-domain through its admin API, orders the wildcard
+   `*.dstack.localhost` from pebble by DNS-01 (RFC 2136 to the bind9) and serves it;
 2. the sample app's image is built locally (podman) and pushed once to the registry, which the
    CVM pulls it from; its docker-compose file becomes an app-compose with the KMS as key
    provider and one encrypted secret;
@@ -16,7 +18,7 @@ app end to end and reaching it the way users do, through the gateway.
    storage, registration with the gateway over RA-TLS and a WireGuard tunnel, the app's
    container;
 5. as a user would, we reach the app at `https://<app_id>-8080.dstack.localhost:<proxy port>`
-   through the gateway (TLS verified against the stack's CA), ask it for a key and a quote,
+   through the gateway (TLS verified against pebble's issuing root), ask it for a key and a quote,
    verify the quote against the mock root and replay its event log to the compose hash.
 With `--backend qemu` the CVM is a QEMU VM booting the guest image built from Debian packages
 (built once, cached in .cache/guest-image), under KVM where it works, else TCG; the boot time
@@ -107,12 +109,12 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(f"    {qemu_image}")
-    stack = DevStack(directory, backend=backend, qemu_image=qemu_image, gateway=True)
+    stack = DevStack(directory, backend=backend, qemu_image=qemu_image, gateway=True, acme=True)
     web: GatewayHttp | None = None
     try:
         _step(
-            f"starting a local pccs, kms, image registry, dstack-gateway and dstack-vmm in "
-            f"{directory}"
+            f"starting a local pccs, kms, image registry, acme server (pebble + bind9), "
+            f"dstack-gateway and dstack-vmm in {directory}"
         )
         stack.start(progress=sys.stdout)
         os.environ["DSTACK_VMM_URL"] = stack.vmm_url
@@ -184,10 +186,15 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         print(_cli("lsvm"), end="")
 
         name = f"{app_id}-8080"
-        web = GatewayHttp(stack.gateway_files.proxy_ca, stack.gateway_proxy_port)
+        cert = stack.wait_gateway_cert()
+        print(
+            f"    the gateway serves *.{stack.base_domain} from pebble (acme dns-01 via bind9),"
+            f" until {time.strftime('%Y-%m-%d', time.gmtime(cert['not_after']))}"
+        )
+        web = GatewayHttp(stack.gateway_ca, stack.gateway_proxy_port)
         _step(f"reaching the app through the gateway at {web.url(name)}/")
         health = web.wait(name)
-        print(f"    https, verified against {stack.gateway_files.proxy_ca}: {health.status_code}")
+        print(f"    https, verified against {stack.gateway_ca}: {health.status_code}")
         by_instance = web.get(f"{info.get('instance_id')}-8080", "/health")
         _step("asking the app (inside the cvm) for a key and a quote, through the gateway")
         key = web.get(name, "/key", {"path": "demo/wallet", "purpose": "signing"})
@@ -232,7 +239,7 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
                     flush=True,
                 )
                 print(
-                    f"         curl --cacert {stack.gateway_files.proxy_ca} {web.url(name)}/health"
+                    f"         curl --cacert {stack.gateway_ca} {web.url(name)}/health"
                     f"  (direct, for debugging: http://127.0.0.1:{port}/)",
                     flush=True,
                 )

@@ -12,6 +12,14 @@ The proxy's certificate is a wildcard ``*.<base_domain>`` from a local CA the st
 (``gateway/proxy-ca.crt``, what a client verifies against; every key 0600). The base domain is
 ``dstack.localhost``: names under ``.localhost`` stay on this machine (curl and browsers resolve
 them to the loopback address).
+
+With ACME (the main job) there is no local CA for the proxy: the stack runs Debian's ``pebble``
+validating DNS-01 through a ``bind9`` primary for the base domain (:mod:`pydstack.certbot.devdns`),
+gives the gateway ``[core.certbot]`` (pebble's TLS roots, bind9 as the resolver for the
+propagation check) and configures a ZT-domain through the gateway's admin API (an RFC 2136
+credential for that bind9, pebble's directory): the gateway's certbot orders the wildcard and
+serves it, and clients trust pebble's issuing root, saved from pebble's management endpoint to
+``gateway/acme-root.crt``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,11 @@ class GatewayFiles:
     @property
     def app_id_file(self) -> Path:
         return self.dir / "app-id"
+
+    @property
+    def acme_root(self) -> Path:
+        """pebble's issuing root (what a client verifies the ACME certificate against)."""
+        return self.dir / "acme-root.crt"
 
     @property
     def rpc_cert(self) -> Path:
@@ -180,7 +193,12 @@ def gateway_toml(
     base_domain: str = BASE_DOMAIN,
     pccs_url: str = "",
     root_ca: Path | None = None,
+    acme_ca_bundle: Path | None = None,
+    dns_resolver: str = "",
 ) -> str:
+    """the stack's gateway.toml; with `acme_ca_bundle` (pebble's TLS roots) and `dns_resolver`
+    the proxy has no static certificate and the certbot reaches pebble and checks DNS-01
+    records at the resolver, else the wildcard of the stack's CA."""
     net = ipaddress.ip_network(wg_subnet)
     gw_ip = net.network_address + 1
     client_range = ipaddress.ip_network(f"{net.network_address}/{net.prefixlen + 1}")
@@ -195,6 +213,18 @@ pccs = "{pccs_url}"
 
 [core.attestation.root_ca]
 tdx = "{root_ca}"
+"""
+    certificate = f"""base_domain = "{base_domain}"
+cert_chain = "{files.proxy_cert}"
+cert_key = "{files.proxy_key}"
+"""
+    certbot = ""
+    if acme_ca_bundle is not None:
+        certificate = ""
+        certbot = f"""
+[core.certbot]
+acme_ca_bundle = "{acme_ca_bundle}"
+dns_resolvers = ["{dns_resolver}"]
 """
     return f"""# the dev stack's dstack-gateway
 address = "{rpc_address}:{rpc_port}"
@@ -225,15 +255,12 @@ listen_addr = "127.0.0.1"
 listen_port = {proxy_port}
 workers = 1
 tls_versions = ["1.2", "1.3"]
-base_domain = "{base_domain}"
-cert_chain = "{files.proxy_cert}"
-cert_key = "{files.proxy_key}"
-external_port = {proxy_port}
+{certificate}external_port = {proxy_port}
 
 [core.sync]
 data_dir = "{files.dir / "data"}"
 my_url = "https://{rpc_address}:{rpc_port}"
-{attestation}"""
+{attestation}{certbot}"""
 
 
 class GatewayHttp:

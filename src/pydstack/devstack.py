@@ -15,6 +15,11 @@ certificate from the KMS's app CA for a gateway app id the KMS allowlist names, 
 `*.dstack.localhost` from a local CA for the proxy): its RPC on the bridge address, WireGuard on
 a UDP port of the host (its interface named after the bridge, in `100.100.<n>.0/24`), the proxy
 and the admin API on loopback; the VMM gives CVMs its URL and opens its UDP port to them.
+With `acme=True` too, the proxy's certificate comes from a local ACME server instead: the stack
+runs pebble and a bind9 for the base domain (loopback), and configures a ZT-domain through the
+gateway's admin API, whose certbot orders the wildcard by DNS-01 (RFC 2136 to the bind9);
+clients trust pebble's root (`gateway_ca`), and :meth:`DevStack.wait_gateway_cert` waits until
+the gateway serves it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,7 +43,9 @@ import httpx
 
 from pydstack import devgateway, devregistry
 from pydstack.apps.image import ImageError, push_image
+from pydstack.certbot.devdns import DevBind, DevPebble
 from pydstack.errors import DstackError
+from pydstack.gateway.main import CERTBOT_LOCKS, CERTBOT_STORE
 from pydstack.rpc.proto import vmm_rpc_pb2
 from pydstack.rpc.sync_client import PrpcCallError, PrpcUnreachable, SyncPrpcClient
 from pydstack.vmm.app import rmtree_vm_dir
@@ -335,6 +343,9 @@ class DevStack:
     gateway_admin_token: str = ""
     gateway_proxy_port: int = 0
     gateway_wg_port: int = 0
+    #: the gateway's certificate from pebble by DNS-01 through bind9 (else the stack's CA)
+    acme: bool = False
+    devdns: tuple[DevBind, DevPebble] | None = None
 
     @property
     def allowlist(self) -> Path:
@@ -360,6 +371,13 @@ class DevStack:
     @property
     def gateway_files(self) -> devgateway.GatewayFiles:
         return devgateway.GatewayFiles(self.dir / "gateway")
+
+    @property
+    def gateway_ca(self) -> Path:
+        """what a client verifies the gateway's proxy certificate against: pebble's issuing
+        root with `acme`, else the stack's proxy CA."""
+        files = self.gateway_files
+        return files.acme_root if self.acme else files.proxy_ca
 
     @property
     def gateway_app_id(self) -> str:
@@ -525,7 +543,15 @@ class DevStack:
         if not restart:
             files.app_id()
             files.issue_rpc_cert(self.dir / "kms-certs", self.host_ip)
-            files.issue_proxy_cert()
+            # the certbot's records of an earlier run name its pebble and bind9, which are gone
+            for name in (CERTBOT_STORE, CERTBOT_LOCKS):
+                (files.dir / "data" / name).unlink(missing_ok=True)
+            acme: dict[str, Any] = {}
+            if self.acme:
+                bind, pebble = self.start_devdns()
+                acme = {"acme_ca_bundle": pebble.ca_bundle, "dns_resolver": bind.server}
+            else:
+                files.issue_proxy_cert()
             self.gateway_admin_token = self.gateway_admin_token or os.urandom(16).hex()
             self.gateway_proxy_port = free_port()
             self.gateway_wg_port = devgateway.free_udp_port()
@@ -543,6 +569,7 @@ class DevStack:
                     interface=self.gateway_interface,
                     pccs_url=self.pccs_url,
                     root_ca=self.root_ca,
+                    **acme,
                 ),
             )
         offset = log.stat().st_size if log.exists() else 0
@@ -552,7 +579,71 @@ class DevStack:
             -1
         ]
         self.gateway_admin = _wait_line(proc, log, "dstack-gateway admin on", 5, offset).split()[-1]
+        if self.acme and not restart:
+            self.add_zt_domain()
         return self.gateway_wg_port
+
+    def start_devdns(self) -> tuple[DevBind, DevPebble]:
+        """bind9 primary for the base domain and pebble validating through it (loopback), their
+        processes tracked with the stack's; pebble's issuing root saved to `gateway_ca`."""
+        d = self.dir / "acme"
+        shutil.rmtree(d, ignore_errors=True)  # an earlier run's zone journal and pebble files
+        try:
+            bind = DevBind.start(d / "bind", (self.base_domain,))
+            if bind.proc is not None:
+                self._track("bind9", bind.proc, d / "bind" / "named.log")
+            pebble = DevPebble.start(d / "pebble", bind.server)
+            if pebble.proc is not None:
+                self._track("pebble", pebble.proc, d / "pebble" / "pebble.log")
+            root = pebble.root_pem()
+        except (DstackError, httpx.HTTPError) as e:
+            raise StackError(f"the local acme server did not start: {e}") from e
+        self.gateway_files.dir.mkdir(parents=True, exist_ok=True)
+        self.gateway_files.acme_root.write_text(root)
+        self.devdns = (bind, pebble)
+        return bind, pebble
+
+    def add_zt_domain(self) -> None:
+        """the base domain as the gateway's ZT-domain through its admin API: an RFC 2136
+        credential for the stack's bind9 (the default), pebble as the ACME directory. The
+        gateway's certbot starts ordering at once."""
+        assert self.devdns is not None
+        bind, pebble = self.devdns
+        provider = bind.provider()
+        self.gateway_rpc(
+            "CreateDnsCredential",
+            {
+                "name": "dev bind9",
+                "provider_type": "rfc2136",
+                "set_as_default": True,
+                "max_dns_wait": 30,
+                "rfc2136_server": provider.server,
+                "rfc2136_tsig_key_name": provider.tsig_key_name,
+                "rfc2136_tsig_secret": provider.tsig_secret,
+            },
+        )
+        self.gateway_rpc("SetCertbotConfig", {"acme_url": pebble.directory_url})
+        self.gateway_rpc(
+            "AddZtDomain", {"domain": self.base_domain, "port": self.gateway_proxy_port}
+        )
+
+    def wait_gateway_cert(self, timeout: float = 120) -> dict[str, Any]:
+        """wait until the gateway serves a certificate for the base domain (with `acme`: the
+        one its certbot got from pebble); its ``cert_status``. StackError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status: dict[str, Any] = (
+                self.gateway_rpc("GetZtDomain", {"domain": self.base_domain}).get("cert_status")
+                or {}
+            )
+            if status.get("loaded_in_memory"):
+                return status
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the gateway got no certificate for {self.base_domain} in {timeout:.0f} s"
+                    f" (see {self.dir / 'gateway.log'})"
+                )
+            time.sleep(0.3)
 
     def stop_gateway(self) -> None:
         self._forget("gateway")
@@ -709,7 +800,7 @@ class DevStack:
                 self.remove_all()
         if remove_vms:
             self._kill_leftover_cvms()
-        for name in ("vmm", "gateway", "kms", "pccs", "registry", "registry-ro"):
+        for name in ("vmm", "gateway", "kms", "pccs", "registry", "registry-ro", "pebble", "bind9"):
             self._forget(name)
         if self.gateway:
             devgateway.remove_interface(self.gateway_interface)

@@ -4,8 +4,10 @@ Starts, in order: the state store (``core.sync.data_dir``), the WireGuard interf
 stored instances as peers, the ``[core.proxy] workers`` relay processes, the main RPC server
 (HTTPS, ``[tls]``, client certificates checked against ``tls.mutual.ca_certs``), the admin server
 (``[core.admin]``, token or htpasswd, with the dashboard) and the debug server
-(``core.debug.insecure_enable_debug_rpc``); then polls WireGuard handshakes every 10 s and
-recycles stale instances every ``core.recycle.interval``. Prints
+(``core.debug.insecure_enable_debug_rpc``); then polls WireGuard handshakes every 10 s,
+recycles stale instances every ``core.recycle.interval`` and runs the certbot (``[core.certbot]``:
+the ZT-domains' certificates from ``<data_dir>/certbot.json`` are served from the start, renewed
+in the background and hot-reloaded into the workers, see :mod:`.zt_certs`). Prints
 ``dstack-gateway listening on https://HOST:PORT`` once everything serves; SIGTERM, SIGINT or
 ``Admin.Exit`` stop it (the WireGuard interface stays up, so a restart keeps the tunnels).
 """
@@ -26,6 +28,12 @@ from aiohttp import web
 from pydstack import __version__
 from pydstack.attest.evidence import EvidenceVerifier
 from pydstack.attest.verify import CollateralCache
+from pydstack.certbot.acme_client import AcmeOptions
+from pydstack.certbot.attest import AgentAttester, Attester
+from pydstack.certbot.certbot import Certbot, LibAcmeBackend
+from pydstack.certbot.errors import CertbotError
+from pydstack.certbot.lock import DomainLock, FileDomainLock
+from pydstack.certbot.storage import FileKv, KeyValue, KvCertStorage
 from pydstack.errors import ConfigError, DstackError
 from pydstack.rpc.auth import Htpasswd, auth_middleware
 from pydstack.rpc.json_codec import message_to_obj
@@ -44,11 +52,15 @@ from .store import LocalFileStore
 from .wgconf import HandshakeCache, WgKeyError, generate_private_key, public_key_of
 from .wgdevice import WgDevice, WgError, write_private
 from .workers import WorkerPool, raise_nofile
+from .zt_certs import ZtCerts
 
 log = logging.getLogger("dstack-gateway")
 
 WG_KEY_FILE = "wg.key"
 UUID_FILE = "node_uuid"
+#: the certbot's records (upstream's key layout) and its locks, in ``core.sync.data_dir``
+CERTBOT_STORE = "certbot.json"
+CERTBOT_LOCKS = "certbot-locks.json"
 HEADERS = {"X-App-Version": __version__}
 #: how often the handshake poller wakes (the cache decides when to read)
 POLL_TICK = 1.0
@@ -87,6 +99,46 @@ def node_uuid(data_dir: Path) -> bytes:
     return raw
 
 
+def local_certbot_store(data_dir: Path) -> tuple[KeyValue, DomainLock]:
+    """the certbot's key-value space and lock for a gateway alone on its machine: JSON files in
+    `data_dir` (0600, replaced atomically, ``flock``-ed)."""
+    return FileKv(data_dir / CERTBOT_STORE), FileDomainLock(data_dir / CERTBOT_LOCKS)
+
+
+def default_attester(cfg: GatewayConfig) -> Attester | None:
+    """the guest agent that attests issued keys (``core.certbot.agent``, else the default
+    socket or ``DSTACK_SIMULATOR_ENDPOINT``); None when there is none (keys not attested)."""
+    from pydstack.sdk.client import get_endpoint
+
+    endpoint = get_endpoint(cfg.certbot.agent or None)
+    if not endpoint.startswith(("http://", "https://")) and not os.path.exists(endpoint):
+        log.warning("no guest agent at %s: issued certificate keys will not be attested", endpoint)
+        return None
+    return AgentAttester(endpoint)
+
+
+def build_certbot(
+    cfg: GatewayConfig, kv: KeyValue, lock: DomainLock, attester: Attester | None = None
+) -> Certbot:
+    """the distributed certbot of node ``core.sync.node_id`` over `kv` and `lock` (local files,
+    or a cluster's store), reaching the ACME server and the DNS as ``[core.certbot]`` says.
+    ConfigError when ``acme_ca_bundle`` cannot be read."""
+    c = cfg.certbot
+    if c.acme_ca_bundle is not None:
+        _read(c.acme_ca_bundle, "core.certbot.acme_ca_bundle")
+    options = AcmeOptions(
+        ca_bundle=str(c.acme_ca_bundle) if c.acme_ca_bundle is not None else None,
+        dns_servers=c.dns_resolvers,
+    )
+    return Certbot(
+        KvCertStorage(kv),
+        lock,
+        node_id=cfg.node_id,
+        attester=attester,
+        backend=LibAcmeBackend(options),
+    )
+
+
 def _read(path: Path, what: str) -> str:
     try:
         return path.read_text()
@@ -105,6 +157,8 @@ class Gateway:
         self.pool: WorkerPool | None = None
         self.device: WgDevice | None = None
         self.urls: dict[str, str] = {}
+        self.zt: ZtCerts | None = None
+        self.certbot_stop = asyncio.Event()
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -141,7 +195,7 @@ class Gateway:
             bootnode_url=cfg.sync.bootnode,
             acme_info=self._acme_info,
             exit=self._exit,
-            reload_cert=self._reload_cert if cfg.proxy.base_domain else None,
+            reload_cert=self._reload_cert if cfg.proxy.base_domain or cfg.certbot.enabled else None,
         )
         self.ctx = ctx
 
@@ -150,6 +204,14 @@ class Gateway:
 
         self.pool = WorkerPool(cfg.proxy, table, certs, acme_info=acme_json)
         control.publish = self.pool.publish
+        if cfg.certbot.enabled:
+            kv, lock = local_certbot_store(cfg.sync.data_dir)
+            bot = build_certbot(cfg, kv, lock, default_attester(cfg))
+            self.zt = ctx.zt = ZtCerts(bot, certs, changed=self._certs_changed, node_id=cfg.node_id)
+            try:
+                await self.zt.sync()
+            except CertbotError as e:
+                log.error("the stored certificates are not loaded: %s", e)
         fetcher = PolicyFetcher(
             table,
             cfg.proxy.port_policy_fetch,
@@ -166,6 +228,8 @@ class Gateway:
         self.tasks.append(asyncio.ensure_future(self._poll(control)))
         if cfg.recycle.enabled:
             self.tasks.append(asyncio.ensure_future(self._recycle(control)))
+        if self.zt is not None:
+            self.tasks.append(asyncio.ensure_future(self.zt.run(self.certbot_stop)))
 
     def _verifier(self) -> EvidenceVerifier | None:
         a = self.cfg.attestation
@@ -183,20 +247,38 @@ class Gateway:
         return AuthWebhook(a.url, a.timeout) if a.enabled else None
 
     async def _acme_info(self) -> pb.AcmeInfoResponse:
-        # no certbot yet: no acme account and no attested certificate keys to list
-        return pb.AcmeInfoResponse()
+        """the account and the attested keys in the certbot's storage (none without one)."""
+        if self.zt is None:
+            return pb.AcmeInfoResponse()
+        return await self.zt.acme_info()
+
+    async def _certs_changed(self) -> None:
+        """the certbot changed the store or the key history: the public facts follow the best
+        ZT-domain, and the workers get the new certificates and acme-info."""
+        assert self.pool is not None
+        best = self.zt.best if self.zt is not None else None
+        p = self.cfg.proxy
+        self.ctx.base_domain = best.domain if best is not None else p.base_domain
+        self.ctx.external_port = best.port if best is not None else p.external_port
+        await self.pool.refresh_info()
+        await self.pool.publish()
 
     async def _reload_cert(self) -> None:
-        """re-read the legacy static certificate files (``[core.proxy] cert_chain/cert_key``)."""
+        """re-read the legacy static certificate files (``[core.proxy] cert_chain/cert_key``),
+        then the certbot's stored certificates."""
         p = self.cfg.proxy
         assert self.pool is not None
-        chain, key = _read(Path(p.cert_chain), "cert_chain"), _read(Path(p.cert_key), "cert_key")
-        try:
-            self.pool.certs.set(p.base_domain, chain, key)
-        except CertStoreError as e:
-            raise ConfigError(f"certificate not reloaded: {e}") from None
+        if p.base_domain:
+            chain = _read(Path(p.cert_chain), "cert_chain")
+            key = _read(Path(p.cert_key), "cert_key")
+            try:
+                self.pool.certs.set(p.base_domain, chain, key)
+            except CertStoreError as e:
+                raise ConfigError(f"certificate not reloaded: {e}") from None
+            log.info("reloaded the certificate of %s", p.base_domain)
+        if self.zt is not None:
+            await self.zt.sync()
         await self.pool.publish()
-        log.info("reloaded the certificate of %s", p.base_domain)
 
     def _exit(self, force: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -278,6 +360,7 @@ class Gateway:
                 log.exception("recycling failed")
 
     async def close(self) -> None:
+        self.certbot_stop.set()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -338,7 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
-__all__ = ["Gateway", "WgError", "main", "run"]
+__all__ = [
+    "Gateway",
+    "WgError",
+    "build_certbot",
+    "default_attester",
+    "local_certbot_store",
+    "main",
+    "run",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

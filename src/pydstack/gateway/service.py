@@ -26,6 +26,8 @@ from .identity import AuthWebhook, CallerIdentity, caller_identity
 from .policy import PortPolicy, PortPolicyError
 from .routes import RouteTable
 from .store import InstanceRecord
+from .zt_admin import ZtAdminMethods
+from .zt_certs import ZtCerts
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class GatewayContext:
     exit: Callable[[bool], None] = field(default=lambda force: None)
     #: called by Admin.ReloadCert
     reload_cert: Callable[[], Awaitable[None]] | None = None
+    #: the certbot (None: ``[core.certbot] enabled = false``)
+    zt: ZtCerts | None = None
 
     @property
     def node(self) -> NodeIdentity:
@@ -247,11 +251,13 @@ class DebugService:
         )
 
 
-class AdminService:
-    """``Admin`` (admin server, behind token or htpasswd auth)."""
+class AdminService(ZtAdminMethods):
+    """``Admin`` (admin server, behind token or htpasswd auth); the certificate methods are
+    :class:`~.zt_admin.ZtAdminMethods`."""
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
+        self.zt = ctx.zt
 
     def _records(self) -> list[InstanceRecord]:
         return sorted(self.ctx.control.store.load().instances.values(), key=lambda r: r.ip)
@@ -286,7 +292,9 @@ class AdminService:
 
     async def ReloadCert(self, req: Empty, call: CallContext) -> Empty:
         if self.ctx.reload_cert is None:
-            raise RpcError("no certificate source to reload from")
+            raise RpcError(
+                "no certificate source to reload from (no static certificate, no certbot)"
+            )
         await self.ctx.reload_cert()
         return Empty()
 

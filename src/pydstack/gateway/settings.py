@@ -18,7 +18,13 @@ plane's :class:`~.config.ProxyConfig`, upstream's names and defaults.
   ``<data_dir>/wg.key``, 0600);
 * ``[core.recycle] enabled, interval, timeout, node_timeout``;
 * ``[core.sync] node_id, my_url, bootnode, data_dir`` (the state lives in ``data_dir``);
-  ``enabled = true`` (cluster sync) is refused: this gateway is a single node.
+  ``enabled = true`` (cluster sync) is refused: this gateway is a single node;
+* ``[core.certbot]`` (pydstack's; upstream keeps every certbot setting in its store and has no
+  such section): ``enabled`` (true: the ZT-domains' certificates by ACME DNS-01),
+  ``acme_ca_bundle`` (PEM roots for the ACME server's TLS, e.g. a test CA's; empty: the
+  system's), ``dns_resolvers`` (``ip:port`` servers for the DNS-01 propagation self-check;
+  empty: the system's), ``agent`` (the guest agent that attests issued keys; empty: the
+  default socket or ``DSTACK_SIMULATOR_ENDPOINT``, none there: keys are not attested).
 
 Relative paths (``[tls]``, ``core.wg.config_path``, ``core.sync.data_dir``, ``core.proxy``'s
 ``cert_chain``/``cert_key``...) are taken from the config file's directory.
@@ -36,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydstack.errors import ConfigError
+from pydstack.certbot.model import split_server
+from pydstack.errors import ConfigError, InputError
 from pydstack.rpc.limits import ServerLimits
 
 from .config import ProxyConfig, _Reader, _table
@@ -115,6 +122,14 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class CertbotHostSettings:
+    enabled: bool = True
+    acme_ca_bundle: Path | None = None
+    dns_resolvers: tuple[str, ...] = ()
+    agent: str = ""
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     rpc_address: str
     rpc_port: int
@@ -126,6 +141,7 @@ class GatewayConfig:
     admin: AdminSettings = field(default_factory=AdminSettings)
     recycle: RecycleSettings = field(default_factory=RecycleSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
+    certbot: CertbotHostSettings = field(default_factory=CertbotHostSettings)
     server_limits: ServerLimits = field(default_factory=ServerLimits)
     debug_enabled: bool = False
     debug_address: str = "127.0.0.1"
@@ -308,6 +324,20 @@ class GatewayConfig:
             timeout=r.get_duration("timeout", 36000.0, positive=True),
             node_timeout=r.get_duration("node_timeout", 600.0),
         )
+        cb = _Reader(_table(core, "certbot", "core.certbot"), "core.certbot")
+        bundle = cb.get_str("acme_ca_bundle", "")
+        resolvers = tuple(cb.get_str_list("dns_resolvers", []))
+        for server in resolvers:
+            try:
+                split_server(server)
+            except InputError as e:
+                raise ConfigError(f"core.certbot.dns_resolvers: {e}") from None
+        certbot = CertbotHostSettings(
+            enabled=cb.get_bool("enabled", True),
+            acme_ca_bundle=path(bundle) if bundle else None,
+            dns_resolvers=resolvers,
+            agent=cb.get_str("agent", ""),
+        )
         d_host, d_port = split_address(proxy.debug_address, "core.debug.address")
         return cls(
             rpc_address=host,
@@ -320,6 +350,7 @@ class GatewayConfig:
             admin=admin,
             recycle=recycle,
             sync=sync,
+            certbot=certbot,
             server_limits=limits,
             debug_enabled=proxy.insecure_enable_debug_rpc,
             debug_address=d_host,

@@ -154,12 +154,21 @@ class AcmeInfoResponse(_message.Message):
     def __init__(self, account_uri: _Optional[str] = ..., quoted_hist_keys: _Optional[_Iterable[_Union[QuotedPublicKey, _Mapping]]] = ..., account_quote: _Optional[str] = ..., account_attestation: _Optional[str] = ...) -> None: ...
 
 class RotateAcmeCredentialsResponse(_message.Message):
-    __slots__ = ("account_uri", "domains_updated")
+    __slots__ = ("account_uri", "domains_updated", "domains_failed")
+    class DomainsFailedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ACCOUNT_URI_FIELD_NUMBER: _ClassVar[int]
     DOMAINS_UPDATED_FIELD_NUMBER: _ClassVar[int]
+    DOMAINS_FAILED_FIELD_NUMBER: _ClassVar[int]
     account_uri: str
     domains_updated: int
-    def __init__(self, account_uri: _Optional[str] = ..., domains_updated: _Optional[int] = ...) -> None: ...
+    domains_failed: _containers.ScalarMap[str, str]
+    def __init__(self, account_uri: _Optional[str] = ..., domains_updated: _Optional[int] = ..., domains_failed: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ("id",)
@@ -431,7 +440,7 @@ class ExitRequest(_message.Message):
     def __init__(self, force: _Optional[bool] = ...) -> None: ...
 
 class DnsCredentialInfo(_message.Message):
-    __slots__ = ("id", "name", "provider_type", "cf_api_token", "cf_api_url", "dns_txt_ttl", "max_dns_wait", "created_at", "updated_at")
+    __slots__ = ("id", "name", "provider_type", "cf_api_token", "cf_api_url", "dns_txt_ttl", "max_dns_wait", "created_at", "updated_at", "rfc2136_server", "rfc2136_tsig_key_name", "rfc2136_tsig_secret", "rfc2136_tsig_algorithm", "rfc2136_zone")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -441,6 +450,11 @@ class DnsCredentialInfo(_message.Message):
     MAX_DNS_WAIT_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_SERVER_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_SECRET_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_ZONE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     provider_type: str
@@ -450,7 +464,12 @@ class DnsCredentialInfo(_message.Message):
     max_dns_wait: int
     created_at: int
     updated_at: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., provider_type: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_api_url: _Optional[str] = ..., dns_txt_ttl: _Optional[int] = ..., max_dns_wait: _Optional[int] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ...) -> None: ...
+    rfc2136_server: str
+    rfc2136_tsig_key_name: str
+    rfc2136_tsig_secret: str
+    rfc2136_tsig_algorithm: str
+    rfc2136_zone: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., provider_type: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_api_url: _Optional[str] = ..., dns_txt_ttl: _Optional[int] = ..., max_dns_wait: _Optional[int] = ..., created_at: _Optional[int] = ..., updated_at: _Optional[int] = ..., rfc2136_server: _Optional[str] = ..., rfc2136_tsig_key_name: _Optional[str] = ..., rfc2136_tsig_secret: _Optional[str] = ..., rfc2136_tsig_algorithm: _Optional[str] = ..., rfc2136_zone: _Optional[str] = ...) -> None: ...
 
 class ListDnsCredentialsResponse(_message.Message):
     __slots__ = ("credentials", "default_id")
@@ -467,7 +486,7 @@ class GetDnsCredentialRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class CreateDnsCredentialRequest(_message.Message):
-    __slots__ = ("name", "provider_type", "cf_api_token", "cf_zone_id", "set_as_default", "cf_api_url", "dns_txt_ttl", "max_dns_wait")
+    __slots__ = ("name", "provider_type", "cf_api_token", "cf_zone_id", "set_as_default", "cf_api_url", "dns_txt_ttl", "max_dns_wait", "rfc2136_server", "rfc2136_tsig_key_name", "rfc2136_tsig_secret", "rfc2136_tsig_algorithm", "rfc2136_zone")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_TYPE_FIELD_NUMBER: _ClassVar[int]
     CF_API_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -476,6 +495,11 @@ class CreateDnsCredentialRequest(_message.Message):
     CF_API_URL_FIELD_NUMBER: _ClassVar[int]
     DNS_TXT_TTL_FIELD_NUMBER: _ClassVar[int]
     MAX_DNS_WAIT_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_SERVER_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_SECRET_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_ZONE_FIELD_NUMBER: _ClassVar[int]
     name: str
     provider_type: str
     cf_api_token: str
@@ -484,21 +508,36 @@ class CreateDnsCredentialRequest(_message.Message):
     cf_api_url: str
     dns_txt_ttl: int
     max_dns_wait: int
-    def __init__(self, name: _Optional[str] = ..., provider_type: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_zone_id: _Optional[str] = ..., set_as_default: _Optional[bool] = ..., cf_api_url: _Optional[str] = ..., dns_txt_ttl: _Optional[int] = ..., max_dns_wait: _Optional[int] = ...) -> None: ...
+    rfc2136_server: str
+    rfc2136_tsig_key_name: str
+    rfc2136_tsig_secret: str
+    rfc2136_tsig_algorithm: str
+    rfc2136_zone: str
+    def __init__(self, name: _Optional[str] = ..., provider_type: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_zone_id: _Optional[str] = ..., set_as_default: _Optional[bool] = ..., cf_api_url: _Optional[str] = ..., dns_txt_ttl: _Optional[int] = ..., max_dns_wait: _Optional[int] = ..., rfc2136_server: _Optional[str] = ..., rfc2136_tsig_key_name: _Optional[str] = ..., rfc2136_tsig_secret: _Optional[str] = ..., rfc2136_tsig_algorithm: _Optional[str] = ..., rfc2136_zone: _Optional[str] = ...) -> None: ...
 
 class UpdateDnsCredentialRequest(_message.Message):
-    __slots__ = ("id", "name", "cf_api_token", "cf_zone_id", "cf_api_url")
+    __slots__ = ("id", "name", "cf_api_token", "cf_zone_id", "cf_api_url", "rfc2136_server", "rfc2136_tsig_key_name", "rfc2136_tsig_secret", "rfc2136_tsig_algorithm", "rfc2136_zone")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CF_API_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CF_ZONE_ID_FIELD_NUMBER: _ClassVar[int]
     CF_API_URL_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_SERVER_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_SECRET_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_TSIG_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    RFC2136_ZONE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     cf_api_token: str
     cf_zone_id: str
     cf_api_url: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_zone_id: _Optional[str] = ..., cf_api_url: _Optional[str] = ...) -> None: ...
+    rfc2136_server: str
+    rfc2136_tsig_key_name: str
+    rfc2136_tsig_secret: str
+    rfc2136_tsig_algorithm: str
+    rfc2136_zone: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., cf_api_token: _Optional[str] = ..., cf_zone_id: _Optional[str] = ..., cf_api_url: _Optional[str] = ..., rfc2136_server: _Optional[str] = ..., rfc2136_tsig_key_name: _Optional[str] = ..., rfc2136_tsig_secret: _Optional[str] = ..., rfc2136_tsig_algorithm: _Optional[str] = ..., rfc2136_zone: _Optional[str] = ...) -> None: ...
 
 class DeleteDnsCredentialRequest(_message.Message):
     __slots__ = ("id",)
@@ -625,28 +664,32 @@ class ListCertAttestationsResponse(_message.Message):
     def __init__(self, latest: _Optional[_Union[CertAttestationInfo, _Mapping]] = ..., history: _Optional[_Iterable[_Union[CertAttestationInfo, _Mapping]]] = ...) -> None: ...
 
 class CertbotConfigResponse(_message.Message):
-    __slots__ = ("renew_interval_secs", "renew_before_expiration_secs", "renew_timeout_secs", "acme_url")
+    __slots__ = ("renew_interval_secs", "renew_before_expiration_secs", "renew_timeout_secs", "acme_url", "caa_issuer")
     RENEW_INTERVAL_SECS_FIELD_NUMBER: _ClassVar[int]
     RENEW_BEFORE_EXPIRATION_SECS_FIELD_NUMBER: _ClassVar[int]
     RENEW_TIMEOUT_SECS_FIELD_NUMBER: _ClassVar[int]
     ACME_URL_FIELD_NUMBER: _ClassVar[int]
+    CAA_ISSUER_FIELD_NUMBER: _ClassVar[int]
     renew_interval_secs: int
     renew_before_expiration_secs: int
     renew_timeout_secs: int
     acme_url: str
-    def __init__(self, renew_interval_secs: _Optional[int] = ..., renew_before_expiration_secs: _Optional[int] = ..., renew_timeout_secs: _Optional[int] = ..., acme_url: _Optional[str] = ...) -> None: ...
+    caa_issuer: str
+    def __init__(self, renew_interval_secs: _Optional[int] = ..., renew_before_expiration_secs: _Optional[int] = ..., renew_timeout_secs: _Optional[int] = ..., acme_url: _Optional[str] = ..., caa_issuer: _Optional[str] = ...) -> None: ...
 
 class SetCertbotConfigRequest(_message.Message):
-    __slots__ = ("renew_interval_secs", "renew_before_expiration_secs", "renew_timeout_secs", "acme_url")
+    __slots__ = ("renew_interval_secs", "renew_before_expiration_secs", "renew_timeout_secs", "acme_url", "caa_issuer")
     RENEW_INTERVAL_SECS_FIELD_NUMBER: _ClassVar[int]
     RENEW_BEFORE_EXPIRATION_SECS_FIELD_NUMBER: _ClassVar[int]
     RENEW_TIMEOUT_SECS_FIELD_NUMBER: _ClassVar[int]
     ACME_URL_FIELD_NUMBER: _ClassVar[int]
+    CAA_ISSUER_FIELD_NUMBER: _ClassVar[int]
     renew_interval_secs: int
     renew_before_expiration_secs: int
     renew_timeout_secs: int
     acme_url: str
-    def __init__(self, renew_interval_secs: _Optional[int] = ..., renew_before_expiration_secs: _Optional[int] = ..., renew_timeout_secs: _Optional[int] = ..., acme_url: _Optional[str] = ...) -> None: ...
+    caa_issuer: str
+    def __init__(self, renew_interval_secs: _Optional[int] = ..., renew_before_expiration_secs: _Optional[int] = ..., renew_timeout_secs: _Optional[int] = ..., acme_url: _Optional[str] = ..., caa_issuer: _Optional[str] = ...) -> None: ...
 
 class SetInstancePortPolicyRequest(_message.Message):
     __slots__ = ("instance_id", "policy")
