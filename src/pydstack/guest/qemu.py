@@ -42,6 +42,7 @@ from pydstack.types.app_compose import AppCompose
 from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
 from pydstack.types.sysconfig import SysConfig, SysConfigError
 
+from . import gateway_client
 from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
 from .core import GuestCore
@@ -170,6 +171,7 @@ async def boot_and_run() -> int:
     servers: list[PrpcServer] = []
     compose: PodmanCompose | None = None
     storage: LuksStorage | None = None
+    gateway: gateway_client.GatewayClient | None = None
     reported = False
     try:
         sys_config = _read_sys_config()
@@ -216,6 +218,7 @@ async def boot_and_run() -> int:
             ],
         )
         servers.extend(agent.servers)
+        gateway = await gateway_client.start(core, result.keys, sys_config, host.notify)
         app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         project = ComposeProject.parse(
@@ -268,6 +271,8 @@ async def boot_and_run() -> int:
             await compose.down(timeout=2)
         return 1
     finally:
+        if gateway is not None:
+            await gateway.close()
         for s in servers:
             await s.close()
         if host is not None:
