@@ -455,7 +455,7 @@ def build(out: Path, flavour: str, cache: Path, epoch: int, say: Progress) -> st
         for p in staging.iterdir():
             os.utime(p, (epoch, epoch))
         os.rename(staging, out)
-        progress(f"image {out} ready: os_image_hash {digest}")
+        say(f"[done {time.monotonic() - started:4.0f}s] image {out} ready: os_image_hash {digest}")
         return digest
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
