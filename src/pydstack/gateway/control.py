@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from pydstack.errors import DstackError, NotFoundError
+from pydstack.errors import DstackError, NotFoundError, UnavailableError
 
 from .policy import PortPolicy
-from .routes import Instance, RouteTable
-from .store import NODE_DOWN, NODE_UP, GatewayState, InstanceRecord, StateStore
+from .routes import Instance, RouteConflictError, RouteTable
+from .store import NODE_DOWN, NODE_UP, GatewayState, InstanceRecord, NodeInfo, StateStore
 from .wgconf import HandshakeCache, WgKeyError, WgNetwork, WgPeer, check_public_key, render_config
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 NODE_DOWN_MESSAGE = "this gateway node is marked as down and does not accept new registrations"
 #: a peer counts as online in GetMeta when its last handshake is this recent (seconds)
 ONLINE_WINDOW = 300.0
+#: a change the cluster's store could not take (etcd away): nothing changed
+STORE_UNAVAILABLE = (
+    "the gateway cluster's state store is unavailable; nothing was changed, retry later"
+)
+#: the most instances one removal changes (one etcd transaction)
+REMOVE_BATCH = 100
 
 
 class RegistrationRefused(DstackError):
@@ -65,6 +71,12 @@ class NodeIdentity:
     wg_endpoint: str
     wg_listen_port: int
     uuid: bytes = b""
+
+    def info(self) -> NodeInfo:
+        """what other nodes and CVMs learn of this node."""
+        return NodeInfo(
+            self.node_id, self.url, self.wg_public_key, self.wg_endpoint, self.wg_ip, self.uuid
+        )
 
 
 def to_instance(rec: InstanceRecord) -> Instance:
@@ -165,8 +177,12 @@ class GatewayControl:
             return rec
 
         async with self._lock:
-            rec = await self.store.transact(tx)
-            self.table.upsert(to_instance(rec))
+            try:
+                rec = await self.store.transact(tx)
+            except UnavailableError as e:
+                log.warning("registration of %s not stored: %s", instance_id, e)
+                raise RegistrationRefused(STORE_UNAVAILABLE) from None
+            self._upsert(to_instance(rec))
             await self._reconfigure()
         await self._publish()
         log.info("registered instance %s of app %s at %s", instance_id, app_id, rec.ip)
@@ -241,11 +257,51 @@ class GatewayControl:
     def node_status(self, node_id: int) -> str:
         return self.store.load().status_of(node_id)
 
-    def active_nodes(self) -> list[NodeIdentity]:
-        """the nodes CVMs should peer with (this one, unless marked down)."""
-        if self.node_status(self.node.node_id) == NODE_DOWN:
-            return []
-        return [self.node]
+    def known_nodes(self) -> list[NodeInfo]:
+        """every node of the cluster (this one as it is now), by id."""
+        nodes = dict(self.store.load().nodes)
+        nodes[self.node.node_id] = self.node.info()
+        return [nodes[k] for k in sorted(nodes)]
+
+    def active_nodes(self) -> list[NodeInfo]:
+        """the nodes CVMs should peer with: every known node not marked down."""
+        state = self.store.load()
+        return [n for n in self.known_nodes() if state.status_of(n.node_id) != NODE_DOWN]
+
+    # ------------------------------------------------------------------ cluster
+    async def announce(self) -> None:
+        """publish this node's info and mark it up (a cluster node at start)."""
+        info, node_id = self.node.info(), self.node.node_id
+
+        def tx(state: GatewayState) -> None:
+            state.nodes[node_id] = info
+            state.node_status[node_id] = NODE_UP
+
+        await self.store.transact(tx)
+
+    async def sync_state(self, state: GatewayState) -> None:
+        """follow the store's `state` changed by other nodes: the table, WireGuard, workers."""
+        async with self._lock:
+            wanted = {iid: to_instance(rec) for iid, rec in state.instances.items()}
+            for inst in self.table.instances():
+                new = wanted.get(inst.instance_id)
+                if new is None or (new.app_id, new.public_key) != (inst.app_id, inst.public_key):
+                    self.table.remove(inst.instance_id)
+            for iid, inst in wanted.items():
+                if self.table.get(iid) != inst:
+                    self._upsert(inst)
+            await self._reconfigure(state)
+        await self._publish()
+
+    def _upsert(self, inst: Instance) -> None:
+        """put `inst` in the table, dropping what the store no longer has it conflict with."""
+        try:
+            self.table.upsert(inst)
+        except RouteConflictError:
+            for other in self.table.instances():
+                if other.public_key == inst.public_key or other.instance_id == inst.instance_id:
+                    self.table.remove(other.instance_id)
+            self.table.upsert(inst)
 
     # ------------------------------------------------------------------ wireguard
     def render(self, state: GatewayState | None = None) -> str:
@@ -305,7 +361,9 @@ class GatewayControl:
         ]
         if not stale:
             return []
-        gone = await self.remove(stale)
+        gone: list[str] = []
+        for i in range(0, len(stale), REMOVE_BATCH):
+            gone += await self.remove(stale[i : i + REMOVE_BATCH])
         for iid in gone:
             log.info("recycled instance %s (no handshake for %.0f s)", iid, timeout)
         return gone

@@ -1,6 +1,7 @@
 """``dstack-gateway -c gateway.toml``: the gateway process (§1.1).
 
-Starts, in order: the state store (``core.sync.data_dir``), the WireGuard interface with the
+Starts, in order: the state store (``core.sync.data_dir``, or etcd with ``core.sync.enabled``:
+:func:`~.cluster.build_cluster`), the WireGuard interface with the
 stored instances as peers, the ``[core.proxy] workers`` relay processes, the main RPC server
 (HTTPS, ``[tls]``, client certificates checked against ``tls.mutual.ca_certs``), the admin server
 (``[core.admin]``, token or htpasswd, with the dashboard) and the debug server
@@ -33,6 +34,7 @@ from pydstack.rpc.proto import gateway_rpc_pb2 as pb
 from pydstack.rpc.server import PrpcServer
 
 from .certstore import CertStoreError
+from .cluster import Cluster, build_cluster
 from .control import GatewayControl, NodeIdentity
 from .dashboard import render_dashboard
 from .identity import AuthWebhook
@@ -40,7 +42,6 @@ from .policy_fetch import PolicyFetcher
 from .serve import load_static
 from .service import GatewayContext, admin_services, debug_service, gateway_service
 from .settings import GatewayConfig
-from .store import LocalFileStore
 from .wgconf import HandshakeCache, WgKeyError, generate_private_key, public_key_of
 from .wgdevice import WgDevice, WgError, write_private
 from .workers import WorkerPool, raise_nofile
@@ -105,12 +106,14 @@ class Gateway:
         self.pool: WorkerPool | None = None
         self.device: WgDevice | None = None
         self.urls: dict[str, str] = {}
+        self.cluster: Cluster | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.proxy.set_ulimit:
             raise_nofile()
-        store = LocalFileStore(cfg.sync.data_dir)
+        self.cluster = await build_cluster(cfg)
+        store = self.cluster.store
         private, public = wg_keys(cfg)
         node = NodeIdentity(
             node_id=cfg.node_id,
@@ -158,6 +161,7 @@ class Gateway:
         )
         table.on_policy_missing = fetcher
         await control.start()
+        await self.cluster.attach(control)
         await control.poll_handshakes()
         addrs = await self.pool.start()
         ports = sorted({int(a[1]) for a in addrs})
@@ -285,6 +289,8 @@ class Gateway:
             await server.close()
         if self.pool is not None:
             await self.pool.stop()
+        if self.cluster is not None:
+            await self.cluster.close()
 
 
 def _host(addr: str) -> str:

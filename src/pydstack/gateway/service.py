@@ -25,7 +25,7 @@ from .control import GatewayControl, NodeIdentity, RegistrationRefused
 from .identity import AuthWebhook, CallerIdentity, caller_identity
 from .policy import PortPolicy, PortPolicyError
 from .routes import RouteTable
-from .store import InstanceRecord
+from .store import InstanceRecord, NodeInfo
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,9 @@ class GatewayContext:
             version=__version__,
         )
 
-    def node_info(self) -> pb.GatewayNodeInfo:
-        n = self.node
+    def node_info(self, n: NodeInfo | None = None) -> pb.GatewayNodeInfo:
+        """`n` (this node by default) as the wire describes a gateway node."""
+        n = n or self.node.info()
         return pb.GatewayNodeInfo(
             id=n.node_id,
             uuid=n.uuid,
@@ -113,7 +114,7 @@ class GatewayContext:
                 domain=self.base_domain,
                 app_address_ns_prefix=self.app_address_ns_prefix,
             ),
-            gateways=[self.node_info()] if active else [],
+            gateways=[self.node_info(n) for n in active],
         )
 
     async def register(
@@ -185,7 +186,9 @@ class GatewayService:
                 raise RpcError("Remote app id is not from dstack-gateway")
         n = self.ctx.node
         return pb.GetPeersResponse(
-            my_id=n.node_id, my_url=n.url, peers=[pb.PeerInfo(id=n.node_id, url=n.url)]
+            my_id=n.node_id,
+            my_url=n.url,
+            peers=[pb.PeerInfo(id=p.node_id, url=p.url) for p in self.ctx.control.known_nodes()],
         )
 
 
@@ -214,12 +217,13 @@ class DebugService:
             my_node_id=n.node_id,
             nodes=[
                 pb.NodeInfoEntry(
-                    node_id=n.node_id,
-                    url=n.url,
-                    wg_public_key=n.wg_public_key,
-                    wg_endpoint=n.wg_endpoint,
-                    wg_ip=n.wg_ip,
+                    node_id=p.node_id,
+                    url=p.url,
+                    wg_public_key=p.wg_public_key,
+                    wg_endpoint=p.wg_endpoint,
+                    wg_ip=p.wg_ip,
                 )
+                for p in self.ctx.control.known_nodes()
             ],
             instances=[
                 pb.InstanceEntry(
@@ -265,7 +269,7 @@ class AdminService:
             bootnode_url=self.ctx.bootnode_url,
             num_connections=sum(h.num_connections for h in hosts),
             hosts=hosts,
-            nodes=[self.ctx.node_info()],
+            nodes=[self.ctx.node_info(p) for p in self.ctx.control.known_nodes()],
             uuid=n.uuid,
             accel=pb.ProxyAccelStatus(ktls_mode="off", splice_mode="off"),
         )
@@ -299,7 +303,7 @@ class AdminService:
 
     async def GetNodeStatuses(self, req: Empty, call: CallContext) -> pb.GetNodeStatusesResponse:
         state = self.ctx.control.store.load()
-        ids = sorted({self.ctx.node.node_id, *state.node_status})
+        ids = sorted({self.ctx.node.node_id, *state.node_status, *state.nodes})
         return pb.GetNodeStatusesResponse(
             statuses=[pb.NodeStatusEntry(node_id=i, status=state.status_of(i)) for i in ids]
         )

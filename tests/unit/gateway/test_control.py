@@ -148,7 +148,7 @@ async def test_a_node_marked_down_refuses_and_leaves_the_peer_list(tmp_path) -> 
     assert ctl.active_nodes() == [] and ctl.store.load().instances == {}
     await ctl.set_node_status(1, "up")
     await ctl.register("app1", "i1", "ch1", KEYS[0], None)
-    assert ctl.active_nodes() == [ctl.node]
+    assert ctl.active_nodes() == [ctl.node.info()]
     with pytest.raises(RegistrationRefused, match='"up" or "down"'):
         await ctl.set_node_status(1, "sideways")
 
