@@ -26,6 +26,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -406,7 +407,8 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "timed out"
     if isinstance(e, aiohttp.ClientConnectorError):
-        return e.os_error.strerror or "cannot connect"
+        errno = e.os_error.errno
+        return os.strerror(errno) if errno else "cannot connect"
     return type(e).__name__
 
 

@@ -73,11 +73,14 @@ def test_the_admin_token_may_come_from_the_environment(monkeypatch) -> None:
     assert load({"core": {"admin": {"enabled": True}}}).admin.auth_token == "from-env"
 
 
+ONE = {"etcd_endpoints": ["http://10.0.0.1:2379"]}
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
         ({"core": {"admin": {"enabled": True}}}, "admin server needs core.admin.auth_token"),
-        ({"core": {"sync": {"enabled": True, "etcd_endpoints": ["http://10.0.0.1:2379"]}}}, "node_id must be > 0"),
+        ({"core": {"sync": {"enabled": True, **ONE}}}, "node_id must be > 0"),
         ({"core": {"sync": {"enabled": True, "node_id": 1}}}, "needs core.sync.etcd_endpoints"),
         ({"core": {"sync": {"backend": "wavekv"}}}, 'backend must be "etcd"'),
         ({"core": {"sync": {"etcd_endpoints": ["http://u:secret@h:2379"]}}},
@@ -85,8 +88,8 @@ def test_the_admin_token_may_come_from_the_environment(monkeypatch) -> None:
         ({"core": {"sync": {"etcd_endpoints": ["http://h:2379/v3"]}}}, "with no path"),
         ({"core": {"sync": {"etcd_endpoints": ["h:2379"]}}}, "an endpoint must be http"),
         ({"core": {"sync": {"etcd_prefix": "no-slash"}}}, "etcd_prefix must start"),
-        ({"core": {"sync": {"etcd_endpoints": ["http://10.0.0.1:2379"], "etcd_cert": "c.pem"}}}, "etcd_cert and core.sync.etcd_key"),
-        ({"core": {"sync": {"etcd_endpoints": ["http://10.0.0.1:2379"], "etcd_ca_cert": "ca.pem"}}}, "need https etcd_endpoints"),
+        ({"core": {"sync": {**ONE, "etcd_cert": "c.pem"}}}, "etcd_cert and core.sync.etcd_key"),
+        ({"core": {"sync": {**ONE, "etcd_ca_cert": "ca.pem"}}}, "need https etcd_endpoints"),
         ({"core": {"sync": {"interval": "often"}}}, "core.sync.interval"),
         ({"core": {"rpc_domain": "gw.example"}}, "core.rpc_domain"),
         ({"core": {"wg": {"private_key": generate_private_key(),
