@@ -451,6 +451,12 @@ async def test_etcd_away_during_operation_keeps_routes_and_refuses_registrations
     resp = await node2.register(chain, key, wg_keys()[1])
     assert resp.wg.client_ip and node2.hosts()[iid] == resp.wg.client_ip
 
+    # the other nodes follow the cluster again (their watches came back)
+    async def followed() -> bool:
+        return world.nodes[2].hosts().get(iid) == resp.wg.client_ip
+
+    await until(followed, "node 3 to learn the registration made after etcd came back")
+
 
 def test_etcd_unreachable_at_start_is_one_clear_line(tmp_path) -> None:
     dead = free_port()
