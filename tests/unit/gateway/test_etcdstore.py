@@ -387,3 +387,82 @@ async def test_the_client_fails_over_and_reports_every_endpoint(unused_tcp_port_
     finally:
         await client.close()
         await runner.cleanup()
+
+
+# ---------------------------------------------------------------------- two nodes' control planes
+def control(fake: FakeEtcd, node_id: int, st: EtcdStore):
+    from pydstack.gateway.control import GatewayControl, NodeIdentity
+    from pydstack.gateway.routes import RouteTable
+    from pydstack.gateway.wgconf import WgNetwork, generate_private_key, public_key_of
+
+    private = generate_private_key()
+    me = NodeIdentity(node_id, f"https://gw{node_id}:9012", public_key_of(private), private,
+                      f"10.0.0.{node_id}/24", f"192.0.2.{node_id}:51820", 51820)  # fmt: skip
+    wg = RecordedWg()
+    net = WgNetwork.parse(f"10.0.0.{node_id}/24", ["10.0.0.0/28"], "10.0.0.0/24")
+    return GatewayControl(st, RouteTable(), net, me, wg), wg
+
+
+class RecordedWg:
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    async def apply(self, config: str) -> None:
+        self.applied.append(config)
+
+    async def latest_handshakes(self) -> dict[str, float]:
+        return {}
+
+
+async def test_nodes_share_instances_peers_and_status_through_the_store() -> None:
+    from pydstack.gateway.control import NODE_DOWN_MESSAGE, RegistrationRefused
+    from pydstack.gateway.wgconf import generate_private_key, public_key_of
+
+    fake = FakeEtcd()
+    s1, s2 = await store(fake), await store(fake)
+    c1, wg1 = control(fake, 1, s1)
+    c2, wg2 = control(fake, 2, s2)
+    for c in (c1, c2):
+        await c.start()
+        await c.announce()
+    await s1.refresh(c1.sync_state)
+    assert [n.node_id for n in c1.active_nodes()] == [1, 2] == [n.node_id for n in c2.known_nodes()]
+
+    key = public_key_of(generate_private_key())
+    rec = await c1.register("app", "i1", "ch", key, None)
+    assert rec.ip == "10.0.0.16"  # after the reserved /28
+    # node 2 follows: the route and the wireguard peer appear there too
+    await s2.refresh(c2.sync_state)
+    inst = c2.table.get("i1")
+    assert inst is not None and inst.ip == rec.ip
+    assert f"PublicKey = {key}\nAllowedIPs = {rec.ip}/32" in wg2.applied[-1]
+    # re-registering on node 2 keeps the address; node 2's next one is unique
+    again = await c2.register("app", "i1", "ch", key, None)
+    assert again.ip == rec.ip
+    other = await c2.register("app", "i2", "ch", public_key_of(generate_private_key()), None)
+    assert other.ip == "10.0.0.17"
+    # node 1 marks node 2 down: node 2 refuses, node 1 stops handing it out
+    await c1.set_node_status(2, "down")
+    with pytest.raises(RegistrationRefused, match=NODE_DOWN_MESSAGE):
+        await c2.register("app", "i3", "ch", public_key_of(generate_private_key()), None)
+    assert [n.node_id for n in c1.active_nodes()] == [1]
+    # a removal on node 1 leaves node 2's table and peers
+    await c1.remove(["i1"])
+    await s2.refresh(c2.sync_state)
+    assert c2.table.get("i1") is None and key not in wg2.applied[-1]
+    assert wg1.applied and key not in wg1.applied[-1]
+
+
+async def test_a_registration_while_etcd_is_away_is_refused_clearly() -> None:
+    from pydstack.gateway.control import STORE_UNAVAILABLE, RegistrationRefused
+    from pydstack.gateway.wgconf import generate_private_key, public_key_of
+
+    fake = FakeEtcd()
+    s1 = await store(fake)
+    c1, _ = control(fake, 1, s1)
+    await c1.start()
+    fake.down = True
+    with pytest.raises(RegistrationRefused) as e:
+        await c1.register("app", "i1", "ch", public_key_of(generate_private_key()), None)
+    assert str(e.value) == STORE_UNAVAILABLE and "fake" not in str(e.value)
+    assert c1.table.get("i1") is None
