@@ -363,6 +363,24 @@ async def test_a_cvm_registered_on_node_1_is_routable_through_the_others_and_out
     status = node2.admin("Status").json()
     assert sorted(n["id"] for n in status["nodes"]) == [1, 2, 3] and status["id"] == 2
 
+    # a connection held open through node 2 shows in node 1's cluster-wide counts
+    ctx = node2.pki.client_context()
+    r, w = await asyncio.open_connection(
+        node2.ip, node2.proxy_port, ssl=ctx, server_hostname=f"{name}.{DOMAIN}"
+    )
+    w.write(b"GET / HTTP/1.1\r\nhost: x\r\n")  # the request is not finished: it stays open
+    await w.drain()
+
+    async def counted() -> bool:
+        stats = node1.admin("GetGlobalConnections").json()
+        return stats.get("node_connections", {}).get("2") == 1
+
+    try:
+        await until(counted, "node 2's open connection in node 1's global counts")
+    finally:
+        w.close()
+    del r
+
     node1.kill()
     try:
         assert await node2.get(name) == body and await node3.get(name) == body

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from pydstack.certbot.lock import DomainLock, FileDomainLock
@@ -51,6 +52,11 @@ class Cluster:
     def enabled(self) -> bool:
         return self.client is not None
 
+    @property
+    def global_connections(self) -> Callable[[], Awaitable[dict[str, dict[int, int]]]] | None:
+        """the cluster's connection counts (Admin.GetGlobalConnections), None when alone."""
+        return self.connections.read if self.connections is not None else None
+
     async def attach(self, control: GatewayControl) -> None:
         """announce this node and follow the cluster (nothing for a single node).
         EtcdUnavailable when the announcement cannot be written."""
@@ -68,7 +74,10 @@ class Cluster:
         assert self.connections is not None
         while True:
             try:
-                await self.connections.push(control.table.local_counts())
+                table = control.table  # the workers' counts, as they report them
+                await self.connections.push(
+                    {i.instance_id: table.connections(i.instance_id) for i in table.instances()}
+                )
             except EtcdError as e:
                 log.debug("connection counts not pushed: %s", e)
             await asyncio.sleep(self.sync.sync_connections_interval)

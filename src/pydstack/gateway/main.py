@@ -145,6 +145,7 @@ class Gateway:
             acme_info=self._acme_info,
             exit=self._exit,
             reload_cert=self._reload_cert if cfg.proxy.base_domain else None,
+            global_connections=self.cluster.global_connections,
         )
         self.ctx = ctx
 

@@ -72,6 +72,8 @@ class GatewayContext:
     exit: Callable[[bool], None] = field(default=lambda force: None)
     #: called by Admin.ReloadCert
     reload_cert: Callable[[], Awaitable[None]] | None = None
+    #: a cluster's connection counts (instance → node → open connections), None when alone
+    global_connections: Callable[[], Awaitable[dict[str, dict[int, int]]]] | None = None
 
     @property
     def node(self) -> NodeIdentity:
@@ -328,8 +330,14 @@ class AdminService:
         self, req: Empty, call: CallContext
     ) -> pb.GlobalConnectionsStats:
         total = sum(self.ctx.table.connections(r.instance_id) for r in self._records())
+        nodes = {self.ctx.node.node_id: total}
+        if self.ctx.global_connections is not None:
+            for per_node in (await self.ctx.global_connections()).values():
+                for node_id, count in per_node.items():
+                    if node_id != self.ctx.node.node_id:
+                        nodes[node_id] = nodes.get(node_id, 0) + count
         return pb.GlobalConnectionsStats(
-            total_connections=total, node_connections={self.ctx.node.node_id: total}
+            total_connections=sum(nodes.values()), node_connections=nodes
         )
 
     async def SetInstancePortPolicy(
