@@ -5,8 +5,8 @@ test-made bridge (10.211.<n>.0/24) with a stand-in CVM in a namespace of its own
 A CVM registered on node 1 is reached through nodes 2 and 3, and still after node 1 is killed;
 it re-registers on a surviving node keeping its address; one etcd member down loses nothing; a
 node marked down refuses registrations and leaves the CVMs' peer lists; etcd unreachable at
-start is a one-line error, and during operation the known routes keep working while
-registrations fail clearly (and work again once etcd is back).
+start is a one-line error, and while etcd has lost its quorum the known routes keep working,
+registrations fail clearly, and both work again once etcd is back.
 
 No test asserts on time: waits end on the condition and fail after a patience.
 """
@@ -451,7 +451,8 @@ async def test_etcd_away_during_operation_keeps_routes_and_refuses_registrations
 ) -> None:
     node2 = world.nodes[1]
     name, body = f"{served.iid}-8080", f"cvm {served.iid}".encode()
-    for i in range(3):
+    # two of three members down: the last one has no quorum and answers nothing in time
+    for i in range(2):
         world.etcd.stop_member(i, kill=True)
     try:
         for node in world.nodes:
@@ -462,7 +463,7 @@ async def test_etcd_away_during_operation_keeps_routes_and_refuses_registrations
         assert "state store is unavailable" in message and "http://" not in message
         assert iid not in node2.hosts()
     finally:
-        for i in range(3):
+        for i in range(2):
             world.etcd.start_member(i, wait=False)
         for i in range(3):
             world.etcd.wait_member(i, PATIENCE)

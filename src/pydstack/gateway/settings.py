@@ -24,7 +24,7 @@ plane's :class:`~.config.ProxyConfig`, upstream's names and defaults.
   ``etcd_cert``, ``etcd_key`` (client TLS for https endpoints). Without ``enabled`` the state
   lives in ``data_dir`` (one node); with it, in etcd, and ``node_id`` must be > 0.
   ``interval`` is how often a node re-reads the cluster state besides its watch, ``timeout``
-  one etcd request's limit.
+  how long one etcd member may take to answer one request before the next member is asked.
 
 Relative paths (``[tls]``, ``core.wg.config_path``, ``core.sync.data_dir``, ``core.proxy``'s
 ``cert_chain``/``cert_key``...) are taken from the config file's directory.
