@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,6 +38,16 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class MemberTls:
+    """client-facing TLS for the members: their certificate (valid for the cluster's host),
+    and the CA client certificates must chain to (``--client-cert-auth``)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path
+
+
 @dataclass
 class Member:
     name: str
@@ -54,6 +65,9 @@ class EtcdCluster:
     members: int = 3
     host: str = "127.0.0.1"
     token: str = "pydstack-dev"
+    tls: MemberTls | None = None
+    #: what the health check presents to members with tls: (ca, cert, key)
+    health_tls: tuple[Path, Path, Path] | None = None
     nodes: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -69,8 +83,12 @@ class EtcdCluster:
             )
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
     def endpoints(self) -> list[str]:
-        return [f"http://{self.host}:{m.client_port}" for m in self.nodes]
+        return [f"{self.scheme}://{self.host}:{m.client_port}" for m in self.nodes]
 
     def _initial_cluster(self) -> str:
         return ",".join(f"{m.name}=http://{self.host}:{m.peer_port}" for m in self.nodes)
@@ -89,7 +107,7 @@ class EtcdCluster:
         m = self.nodes[i]
         if m.proc is not None and m.proc.poll() is None:
             return
-        client = f"http://{self.host}:{m.client_port}"
+        client = f"{self.scheme}://{self.host}:{m.client_port}"
         peer = f"http://{self.host}:{m.peer_port}"
         m.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         args = [
@@ -108,6 +126,13 @@ class EtcdCluster:
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--cert-file", str(self.tls.cert_file),
+                "--key-file", str(self.tls.key_file),
+                "--client-cert-auth",
+                "--trusted-ca-file", str(self.tls.client_ca_file),
+            ]  # fmt: skip
         with open(self.root / f"{m.name}.log", "ab") as log:
             m.proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -117,13 +142,18 @@ class EtcdCluster:
 
     def wait_member(self, i: int, patience: float) -> None:
         m = self.nodes[i]
-        url = f"http://{self.host}:{m.client_port}/health"
+        url = f"{self.scheme}://{self.host}:{m.client_port}/health"
+        ctx = None
+        if self.health_tls is not None:
+            ca, cert, key = self.health_tls
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.load_cert_chain(str(cert), str(key))
         deadline = time.monotonic() + patience
         while True:
             if m.proc is not None and m.proc.poll() is not None:
                 raise EtcdStartError(f"etcd member {m.name} exited: {self.log_tail(i)}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
+                with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
                     if json.loads(r.read()).get("health") == "true":
                         return
             except (OSError, ValueError):
