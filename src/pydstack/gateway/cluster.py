@@ -8,7 +8,8 @@ answers and reads the state, else raises :class:`~pydstack.errors.UnavailableErr
 line naming the endpoints (the gateway refuses to start rather than run on an empty state).
 :meth:`Cluster.attach` then announces the node (``node/info``, status ``up``), follows the
 other nodes' changes into the control plane (routes, WireGuard peers, workers), and pushes this
-node's connection counts every ``sync_connections_interval`` on a lease.
+node's connection counts and handshake times every ``sync_connections_interval`` on a lease
+(recycling then goes by the latest handshake any node saw, as upstream).
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from pydstack.errors import UnavailableError
 
 from .control import GatewayControl
 from .etcd import EtcdClient, EtcdError, EtcdTls, EtcdUnavailable
-from .etcdstore import ConnectionCounts, EtcdDomainLock, EtcdKv, EtcdStore
+from .etcdstore import (
+    EtcdDomainLock,
+    EtcdKv,
+    EtcdStore,
+    NodeValues,
+    connection_counts,
+    handshake_times,
+)
 from .settings import GatewayConfig, SyncSettings
 from .store import LocalFileStore, StateStore
 
@@ -45,7 +53,8 @@ class Cluster:
     lock: DomainLock
     sync: SyncSettings = field(default_factory=SyncSettings)
     client: EtcdClient | None = None
-    connections: ConnectionCounts | None = None
+    connections: NodeValues | None = None
+    handshakes: NodeValues | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -67,19 +76,27 @@ class Cluster:
         self.tasks.append(
             asyncio.ensure_future(self.store.follow(control.sync_state, self.sync.interval))
         )
-        if self.connections is not None:
-            self.tasks.append(asyncio.ensure_future(self._push(control)))
+        self.tasks.append(asyncio.ensure_future(self._push(control)))
 
     async def _push(self, control: GatewayControl) -> None:
-        assert self.connections is not None
+        """every ``sync_connections_interval``: this node's connection counts (when enabled)
+        and handshake times into etcd, the cluster's handshake times into the control plane
+        (recycling looks at the latest any node saw)."""
         while True:
+            table = control.table  # the workers' counts, as they report them
+            insts = table.instances()
             try:
-                table = control.table  # the workers' counts, as they report them
-                await self.connections.push(
-                    {i.instance_id: table.connections(i.instance_id) for i in table.instances()}
-                )
+                if self.connections is not None:
+                    await self.connections.push(
+                        {i.instance_id: table.connections(i.instance_id) for i in insts}
+                    )
+                if self.handshakes is not None:
+                    await self.handshakes.push(
+                        {i.instance_id: int(control.latest_handshake(i.public_key)) for i in insts}
+                    )
+                    control.cluster_handshakes = await self.handshakes.read()
             except EtcdError as e:
-                log.debug("connection counts not pushed: %s", e)
+                log.debug("connection counts and handshakes not pushed: %s", e)
             await asyncio.sleep(self.sync.sync_connections_interval)
 
     async def close(self) -> None:
@@ -87,9 +104,10 @@ class Cluster:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
-        if self.connections is not None:
-            with contextlib.suppress(EtcdError):
-                await asyncio.wait_for(self.connections.close(), 2.0)
+        for values in (self.connections, self.handshakes):
+            if values is not None:
+                with contextlib.suppress(EtcdError, TimeoutError):
+                    await asyncio.wait_for(values.close(), 2.0)
         if self.client is not None:
             await self.client.close()
 
@@ -118,11 +136,10 @@ async def build_cluster(cfg: GatewayConfig) -> Cluster:
     except EtcdError as e:
         await client.close()
         raise UnavailableError(f"cannot start the cluster node: etcd: {e}") from None
+    ttl = 3 * s.sync_connections_interval
     conns = None
     if s.sync_connections_enabled:
-        conns = ConnectionCounts(
-            client, s.etcd_prefix, s.node_id, ttl=3 * s.sync_connections_interval
-        )
+        conns = connection_counts(client, s.etcd_prefix, s.node_id, ttl)
     log.info("cluster state in etcd (%d endpoints) under %s", len(s.etcd_endpoints), store.prefix)
     return Cluster(
         store=store,
@@ -131,4 +148,5 @@ async def build_cluster(cfg: GatewayConfig) -> Cluster:
         sync=s,
         client=client,
         connections=conns,
+        handshakes=handshake_times(client, s.etcd_prefix, s.node_id, ttl),
     )

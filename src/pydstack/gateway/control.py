@@ -117,6 +117,8 @@ class GatewayControl:
         self.handshakes = handshakes or HandshakeCache()
         self._lock = asyncio.Lock()
         self._applied: str | None = None
+        #: instance id → node id → latest handshake that node saw (a cluster's, else empty)
+        self.cluster_handshakes: dict[str, dict[int, int]] = {}
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -341,6 +343,11 @@ class GatewayControl:
         hs = self.handshakes.current() or {}
         return hs.get(public_key, 0.0)
 
+    def seen(self, rec: InstanceRecord) -> float:
+        """the latest handshake with `rec` that this node or (in a cluster) any node saw."""
+        others = self.cluster_handshakes.get(rec.instance_id, {})
+        return max(self.latest_handshake(rec.public_key), *others.values(), 0.0)
+
     def online(self) -> int:
         now = self.clock()
         return sum(
@@ -351,13 +358,13 @@ class GatewayControl:
 
     # ------------------------------------------------------------------ recycling
     async def recycle(self, timeout: float) -> list[str]:
-        """remove instances registered more than `timeout` ago whose last handshake is also
-        older than that (never counts as older)."""
+        """remove instances registered more than `timeout` ago whose last handshake (with any
+        node of a cluster) is also older than that (never counts as older)."""
         now = self.clock()
         stale = [
             i.instance_id
             for i in self.store.load().instances.values()
-            if now - i.reg_time > timeout and now - self.latest_handshake(i.public_key) > timeout
+            if now - i.reg_time > timeout and now - self.seen(i) > timeout
         ]
         if not stale:
             return []

@@ -16,8 +16,9 @@
 * :class:`EtcdDomainLock` (the certbot's :class:`~pydstack.certbot.lock.DomainLock`):
   ``P/lock/<name>`` holding the holder's token, put only if absent, on a lease of the lock's ttl:
   a holder that dies loses the lock when the lease runs out.
-* :class:`ConnectionCounts`: ``P/conn/<instance_id>/<node_id>``, each node's open connections,
-  on a lease of the node's own, so a dead node's counts vanish.
+* :class:`NodeValues`: ``P/conn/<instance_id>/<node_id>`` (each node's open connections) and
+  ``P/handshake/<instance_id>/<node_id>`` (each node's latest handshake with the instance), on
+  a lease of the node's own, so a dead node's values vanish.
 
 A record that does not decode is an :class:`~.etcd.EtcdError` naming its key: the store refuses
 to start (or to change anything) rather than drop it.
@@ -62,7 +63,7 @@ MAX_RETRIES = 32
 #: the longest key suffix (an instance id, a node id, a certbot key) accepted
 MAX_KEY_SUFFIX = 512
 #: the gateway's own key spaces under the prefix (the certbot's KeyValue may not touch them)
-RESERVED = ("inst/", "node/", "state/", "conn/", "lock/")
+RESERVED = ("inst/", "node/", "state/", "conn/", "handshake/", "lock/")
 
 
 class EtcdConflict(EtcdError):
@@ -360,37 +361,43 @@ class EtcdDomainLock:
 
 
 # ---------------------------------------------------------------------- connection counts
-class ConnectionCounts:
-    """each node's open connections per instance at ``P/conn/<instance>/<node>``, on a lease
-    of `ttl` seconds that :meth:`push` renews (a node that stops pushing loses its counts)."""
+class NodeValues:
+    """one number per instance for each node at ``P/<space>/<instance>/<node>`` (upstream's
+    ``conn/...`` connection counts and ``handshake/...`` handshake times), on a lease of `ttl`
+    seconds that :meth:`push` renews: a node that stops pushing loses its values."""
 
-    def __init__(self, client: EtcdClient, prefix: str, node_id: int, ttl: float) -> None:
+    def __init__(
+        self, client: EtcdClient, prefix: str, space: str, node_id: int, ttl: float
+    ) -> None:
         self.client = client
-        self.base = check_prefix(prefix) + "/conn/"
+        self.base = f"{check_prefix(prefix)}/{space}/"
         self.node_id = node_id
         self.ttl = max(2, math.ceil(ttl))
         self._lease = 0
-        self._pushed: set[str] = set()
+        self._pushed: dict[str, int] = {}
 
-    async def push(self, counts: Mapping[str, int]) -> None:
-        """write this node's non-zero counts and drop its stale ones (EtcdError on failure)."""
+    async def push(self, values: Mapping[str, int]) -> None:
+        """write this node's non-zero values that changed and drop the ones gone (EtcdError
+        on failure; a lease that ran out is replaced and everything written again)."""
         if not self._lease or await self.client.keepalive(self._lease) <= 0:
             self._lease = await self.client.grant(self.ttl)
-            self._pushed = set()
-        ops: list[dict[str, Any]] = []
-        live = {iid: n for iid, n in counts.items() if n > 0}
-        for iid, n in live.items():
-            ops.append(op_put(self._key(iid), str(n).encode(), self._lease))
-        ops += [op_delete(self._key(iid)) for iid in self._pushed - live.keys()]
+            self._pushed = {}
+        live = {iid: n for iid, n in values.items() if n > 0}
+        ops: list[dict[str, Any]] = [
+            op_put(self._key(iid), str(n).encode(), self._lease)
+            for iid, n in live.items()
+            if self._pushed.get(iid) != n
+        ]
+        ops += [op_delete(self._key(iid)) for iid in self._pushed.keys() - live.keys()]
         for i in range(0, len(ops), MAX_TXN_OPS):
             await self.client.txn([], ops[i : i + MAX_TXN_OPS])
-        self._pushed = set(live)
+        self._pushed = live
 
     def _key(self, instance_id: str) -> bytes:
         return (self.base + instance_id).encode() + f"/{self.node_id}".encode()
 
     async def read(self) -> dict[str, dict[int, int]]:
-        """instance id → node id → open connections, over every node."""
+        """instance id → node id → value, over every node."""
         start = self.base.encode()
         kvs, _ = await self.client.range(start, prefix_end(start))
         out: dict[str, dict[int, int]] = {}
@@ -405,6 +412,17 @@ class ConnectionCounts:
             with contextlib.suppress(EtcdError):
                 await self.client.revoke(self._lease)
             self._lease = 0
+
+
+def connection_counts(client: EtcdClient, prefix: str, node_id: int, ttl: float) -> NodeValues:
+    """each node's open connections per instance (``P/conn/<instance>/<node>``)."""
+    return NodeValues(client, prefix, "conn", node_id, ttl)
+
+
+def handshake_times(client: EtcdClient, prefix: str, node_id: int, ttl: float) -> NodeValues:
+    """each node's latest WireGuard handshake per instance, unix seconds
+    (``P/handshake/<instance>/<node>``)."""
+    return NodeValues(client, prefix, "handshake", node_id, ttl)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -319,11 +319,14 @@ class AdminService:
         rec = self.ctx.control.store.load().instances.get(req.instance_id)
         if rec is None:
             return pb.GetInstanceHandshakesResponse()
-        ts = int(self.ctx.control.latest_handshake(rec.public_key))
+        seen = dict(self.ctx.control.cluster_handshakes.get(rec.instance_id, {}))
+        seen[self.ctx.node.node_id] = int(self.ctx.control.latest_handshake(rec.public_key))
         return pb.GetInstanceHandshakesResponse(
-            handshakes=[pb.HandshakeEntry(observer_node_id=self.ctx.node.node_id, timestamp=ts)]
-            if ts
-            else []
+            handshakes=[
+                pb.HandshakeEntry(observer_node_id=node, timestamp=ts)
+                for node, ts in sorted(seen.items())
+                if ts
+            ]
         )
 
     async def GetGlobalConnections(

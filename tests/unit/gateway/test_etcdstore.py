@@ -27,11 +27,12 @@ from pydstack.gateway.etcd import (
     prefix_end,
 )
 from pydstack.gateway.etcdstore import (
-    ConnectionCounts,
     EtcdConflict,
     EtcdDomainLock,
     EtcdKv,
     EtcdStore,
+    connection_counts,
+    handshake_times,
 )
 from pydstack.gateway.store import InstanceRecord, NodeInfo
 
@@ -317,8 +318,8 @@ async def test_the_renewal_lock_is_exclusive_token_bound_and_dies_with_its_lease
 
 async def test_connection_counts_are_leased_per_node_and_stale_ones_dropped() -> None:
     fake = FakeEtcd()
-    one = ConnectionCounts(fake, "/gw", 1, ttl=30)  # type: ignore[arg-type]
-    two = ConnectionCounts(fake, "/gw", 2, ttl=30)  # type: ignore[arg-type]
+    one = connection_counts(fake, "/gw", 1, ttl=30)  # type: ignore[arg-type]
+    two = connection_counts(fake, "/gw", 2, ttl=30)  # type: ignore[arg-type]
     await one.push({"i1": 3, "i2": 0})
     await two.push({"i1": 1})
     assert await one.read() == {"i1": {1: 3, 2: 1}}
@@ -328,6 +329,20 @@ async def test_connection_counts_are_leased_per_node_and_stale_ones_dropped() ->
     assert await one.read() == {"i2": {1: 5}}
     await two.push({"i1": 2})  # back: a new lease
     assert await one.read() == {"i1": {2: 2}, "i2": {1: 5}}
+    # values that did not change are not written again (the lease keeps them)
+    commits = fake.commits
+    await one.push({"i2": 5})
+    assert fake.commits == commits
+
+
+async def test_handshake_times_live_beside_the_counts() -> None:
+    fake = FakeEtcd()
+    seen = handshake_times(fake, "/gw", 3, ttl=30)  # type: ignore[arg-type]
+    await seen.push({"i1": 1_700_000_000, "i2": 0})
+    assert sorted(fake.kv) == [b"/gw/handshake/i1/3"]
+    assert await seen.read() == {"i1": {3: 1_700_000_000}}
+    await seen.close()
+    assert await seen.read() == {}
 
 
 # ---------------------------------------------------------------------- the client itself
