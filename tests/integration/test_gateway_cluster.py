@@ -363,6 +363,13 @@ async def test_a_cvm_registered_on_node_1_is_routable_through_the_others_and_out
     status = node2.admin("Status").json()
     assert sorted(n["id"] for n in status["nodes"]) == [1, 2, 3] and status["id"] == 2
 
+    # node 1 knows every node's handshake with the cvm (what recycling goes by)
+    async def observed() -> bool:
+        got = node1.admin("GetInstanceHandshakes", {"instance_id": served.iid}).json()
+        return {h["observer_node_id"] for h in got.get("handshakes", [])} == {1, 2, 3}
+
+    await until(observed, "every node's handshake in node 1's view")
+
     # a connection held open through node 2 shows in node 1's cluster-wide counts
     ctx = node2.pki.client_context()
     r, w = await asyncio.open_connection(
