@@ -233,7 +233,7 @@ class DebugService:
                 )
                 for i in state.instances.values()
             ],
-            persistent_keys=len(state.instances) + len(state.node_status),
+            persistent_keys=len(state.instances) + len(state.node_status) + len(state.nodes),
         )
 
     async def GetProxyState(self, req: Empty, call: CallContext) -> pb.DebugProxyStateResponse:
