@@ -11,6 +11,12 @@ policy when its compose hash changed, and takes a newly reported one. A new inst
 first free address. The store commits first; then the table, the WireGuard config (rendered
 from the store's instances, applied with ``wg syncconf``) and the workers follow.
 
+In a cluster (the store is etcd) the same holds across nodes: :meth:`GatewayControl.announce`
+publishes this node, :meth:`GatewayControl.active_nodes` is every known node not marked down
+(what CVMs peer with), :meth:`GatewayControl.sync_state` takes the other nodes' changes into the
+table and the WireGuard peers, and a registration the store cannot take while etcd is away is
+refused with :data:`STORE_UNAVAILABLE` (nothing changed).
+
 Nothing here runs per proxied connection: the handshake map reaches the table from the poller
 (:meth:`GatewayControl.poll_handshakes`, every 10 s), and the lazy policy fetch writes back through
 :meth:`GatewayControl.policy_fetched`.
