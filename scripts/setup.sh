@@ -13,10 +13,11 @@ cd "$(dirname "$0")/.."
 # and bind9 (an authoritative DNS server taking RFC 2136 updates) are what the certbot gets its
 # DNS-01 certificates from in tests and the dev stack, bind9-dnsutils for looking at them;
 # wireguard-tools (wg) and wireguard-go (userspace, for kernels without the module) carry the
-# gateway's tunnels to CVMs, installed without recommends (those would pull a kernel image in).
+# gateway's tunnels to CVMs, installed without recommends (those would pull a kernel image in);
+# etcd-server is the gateway cluster's shared store (tests start their own members).
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
     iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
-    squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils)
+    squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils etcd-server)
 APT_BARE=(wireguard-tools wireguard-go)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

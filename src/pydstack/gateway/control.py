@@ -11,6 +11,12 @@ policy when its compose hash changed, and takes a newly reported one. A new inst
 first free address. The store commits first; then the table, the WireGuard config (rendered
 from the store's instances, applied with ``wg syncconf``) and the workers follow.
 
+In a cluster (the store is etcd) the same holds across nodes: :meth:`GatewayControl.announce`
+publishes this node, :meth:`GatewayControl.active_nodes` is every known node not marked down
+(what CVMs peer with), :meth:`GatewayControl.sync_state` takes the other nodes' changes into the
+table and the WireGuard peers, and a registration the store cannot take while etcd is away is
+refused with :data:`STORE_UNAVAILABLE` (nothing changed).
+
 Nothing here runs per proxied connection: the handshake map reaches the table from the poller
 (:meth:`GatewayControl.poll_handshakes`, every 10 s), and the lazy policy fetch writes back through
 :meth:`GatewayControl.policy_fetched`.
@@ -26,11 +32,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from pydstack.errors import DstackError, NotFoundError
+from pydstack.errors import DstackError, NotFoundError, UnavailableError
 
 from .policy import PortPolicy
-from .routes import Instance, RouteTable
-from .store import NODE_DOWN, NODE_UP, GatewayState, InstanceRecord, StateStore
+from .routes import Instance, RouteConflictError, RouteTable
+from .store import NODE_DOWN, NODE_UP, GatewayState, InstanceRecord, NodeInfo, StateStore
 from .wgconf import HandshakeCache, WgKeyError, WgNetwork, WgPeer, check_public_key, render_config
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,12 @@ log = logging.getLogger(__name__)
 NODE_DOWN_MESSAGE = "this gateway node is marked as down and does not accept new registrations"
 #: a peer counts as online in GetMeta when its last handshake is this recent (seconds)
 ONLINE_WINDOW = 300.0
+#: a change the cluster's store could not take (etcd away): nothing changed
+STORE_UNAVAILABLE = (
+    "the gateway cluster's state store is unavailable; nothing was changed, retry later"
+)
+#: the most instances one removal changes (one etcd transaction)
+REMOVE_BATCH = 100
 
 
 class RegistrationRefused(DstackError):
@@ -65,6 +77,12 @@ class NodeIdentity:
     wg_endpoint: str
     wg_listen_port: int
     uuid: bytes = b""
+
+    def info(self) -> NodeInfo:
+        """what other nodes and CVMs learn of this node."""
+        return NodeInfo(
+            self.node_id, self.url, self.wg_public_key, self.wg_endpoint, self.wg_ip, self.uuid
+        )
 
 
 def to_instance(rec: InstanceRecord) -> Instance:
@@ -105,6 +123,8 @@ class GatewayControl:
         self.handshakes = handshakes or HandshakeCache()
         self._lock = asyncio.Lock()
         self._applied: str | None = None
+        #: instance id → node id → latest handshake that node saw (a cluster's, else empty)
+        self.cluster_handshakes: dict[str, dict[int, int]] = {}
 
     # ------------------------------------------------------------------ start
     async def start(self) -> None:
@@ -165,8 +185,12 @@ class GatewayControl:
             return rec
 
         async with self._lock:
-            rec = await self.store.transact(tx)
-            self.table.upsert(to_instance(rec))
+            try:
+                rec = await self.store.transact(tx)
+            except UnavailableError as e:
+                log.warning("registration of %s not stored: %s", instance_id, e)
+                raise RegistrationRefused(STORE_UNAVAILABLE) from None
+            self._upsert(to_instance(rec))
             await self._reconfigure()
         await self._publish()
         log.info("registered instance %s of app %s at %s", instance_id, app_id, rec.ip)
@@ -241,11 +265,51 @@ class GatewayControl:
     def node_status(self, node_id: int) -> str:
         return self.store.load().status_of(node_id)
 
-    def active_nodes(self) -> list[NodeIdentity]:
-        """the nodes CVMs should peer with (this one, unless marked down)."""
-        if self.node_status(self.node.node_id) == NODE_DOWN:
-            return []
-        return [self.node]
+    def known_nodes(self) -> list[NodeInfo]:
+        """every node of the cluster (this one as it is now), by id."""
+        nodes = dict(self.store.load().nodes)
+        nodes[self.node.node_id] = self.node.info()
+        return [nodes[k] for k in sorted(nodes)]
+
+    def active_nodes(self) -> list[NodeInfo]:
+        """the nodes CVMs should peer with: every known node not marked down."""
+        state = self.store.load()
+        return [n for n in self.known_nodes() if state.status_of(n.node_id) != NODE_DOWN]
+
+    # ------------------------------------------------------------------ cluster
+    async def announce(self) -> None:
+        """publish this node's info and mark it up (a cluster node at start)."""
+        info, node_id = self.node.info(), self.node.node_id
+
+        def tx(state: GatewayState) -> None:
+            state.nodes[node_id] = info
+            state.node_status[node_id] = NODE_UP
+
+        await self.store.transact(tx)
+
+    async def sync_state(self, state: GatewayState) -> None:
+        """follow the store's `state` changed by other nodes: the table, WireGuard, workers."""
+        async with self._lock:
+            wanted = {iid: to_instance(rec) for iid, rec in state.instances.items()}
+            for inst in self.table.instances():
+                new = wanted.get(inst.instance_id)
+                if new is None or (new.app_id, new.public_key) != (inst.app_id, inst.public_key):
+                    self.table.remove(inst.instance_id)
+            for iid, inst in wanted.items():
+                if self.table.get(iid) != inst:
+                    self._upsert(inst)
+            await self._reconfigure(state)
+        await self._publish()
+
+    def _upsert(self, inst: Instance) -> None:
+        """put `inst` in the table, dropping what the store no longer has it conflict with."""
+        try:
+            self.table.upsert(inst)
+        except RouteConflictError:
+            for other in self.table.instances():
+                if other.public_key == inst.public_key or other.instance_id == inst.instance_id:
+                    self.table.remove(other.instance_id)
+            self.table.upsert(inst)
 
     # ------------------------------------------------------------------ wireguard
     def render(self, state: GatewayState | None = None) -> str:
@@ -285,6 +349,11 @@ class GatewayControl:
         hs = self.handshakes.current() or {}
         return hs.get(public_key, 0.0)
 
+    def seen(self, rec: InstanceRecord) -> float:
+        """the latest handshake with `rec` that this node or (in a cluster) any node saw."""
+        others = self.cluster_handshakes.get(rec.instance_id, {})
+        return max(self.latest_handshake(rec.public_key), *others.values(), 0.0)
+
     def online(self) -> int:
         now = self.clock()
         return sum(
@@ -295,17 +364,19 @@ class GatewayControl:
 
     # ------------------------------------------------------------------ recycling
     async def recycle(self, timeout: float) -> list[str]:
-        """remove instances registered more than `timeout` ago whose last handshake is also
-        older than that (never counts as older)."""
+        """remove instances registered more than `timeout` ago whose last handshake (with any
+        node of a cluster) is also older than that (never counts as older)."""
         now = self.clock()
         stale = [
             i.instance_id
             for i in self.store.load().instances.values()
-            if now - i.reg_time > timeout and now - self.latest_handshake(i.public_key) > timeout
+            if now - i.reg_time > timeout and now - self.seen(i) > timeout
         ]
         if not stale:
             return []
-        gone = await self.remove(stale)
+        gone: list[str] = []
+        for i in range(0, len(stale), REMOVE_BATCH):
+            gone += await self.remove(stale[i : i + REMOVE_BATCH])
         for iid in gone:
             log.info("recycled instance %s (no handshake for %.0f s)", iid, timeout)
         return gone

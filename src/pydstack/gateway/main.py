@@ -1,6 +1,7 @@
 """``dstack-gateway -c gateway.toml``: the gateway process (§1.1).
 
-Starts, in order: the state store (``core.sync.data_dir``), the WireGuard interface with the
+Starts, in order: the state store (``core.sync.data_dir``, or etcd with ``core.sync.enabled``:
+:func:`~.cluster.build_cluster`), the WireGuard interface with the
 stored instances as peers, the ``[core.proxy] workers`` relay processes, the main RPC server
 (HTTPS, ``[tls]``, client certificates checked against ``tls.mutual.ca_certs``), the admin server
 (``[core.admin]``, token or htpasswd, with the dashboard) and the debug server
@@ -41,6 +42,7 @@ from pydstack.rpc.proto import gateway_rpc_pb2 as pb
 from pydstack.rpc.server import PrpcServer
 
 from .certstore import CertStoreError
+from .cluster import CERTBOT_KV_FILE, CERTBOT_LOCK_FILE, Cluster, build_cluster
 from .control import GatewayControl, NodeIdentity
 from .dashboard import render_dashboard
 from .identity import AuthWebhook
@@ -48,7 +50,6 @@ from .policy_fetch import PolicyFetcher
 from .serve import load_static
 from .service import GatewayContext, admin_services, debug_service, gateway_service
 from .settings import GatewayConfig
-from .store import LocalFileStore
 from .wgconf import HandshakeCache, WgKeyError, generate_private_key, public_key_of
 from .wgdevice import WgDevice, WgError, write_private
 from .workers import WorkerPool, raise_nofile
@@ -59,8 +60,8 @@ log = logging.getLogger("dstack-gateway")
 WG_KEY_FILE = "wg.key"
 UUID_FILE = "node_uuid"
 #: the certbot's records (upstream's key layout) and its locks, in ``core.sync.data_dir``
-CERTBOT_STORE = "certbot.json"
-CERTBOT_LOCKS = "certbot-locks.json"
+CERTBOT_STORE = CERTBOT_KV_FILE
+CERTBOT_LOCKS = CERTBOT_LOCK_FILE
 HEADERS = {"X-App-Version": __version__}
 #: how often the handshake poller wakes (the cache decides when to read)
 POLL_TICK = 1.0
@@ -159,12 +160,14 @@ class Gateway:
         self.urls: dict[str, str] = {}
         self.zt: ZtCerts | None = None
         self.certbot_stop = asyncio.Event()
+        self.cluster: Cluster | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
         if cfg.proxy.set_ulimit:
             raise_nofile()
-        store = LocalFileStore(cfg.sync.data_dir)
+        self.cluster = await build_cluster(cfg)
+        store = self.cluster.store
         private, public = wg_keys(cfg)
         node = NodeIdentity(
             node_id=cfg.node_id,
@@ -196,6 +199,7 @@ class Gateway:
             acme_info=self._acme_info,
             exit=self._exit,
             reload_cert=self._reload_cert if cfg.proxy.base_domain or cfg.certbot.enabled else None,
+            global_connections=self.cluster.global_connections,
         )
         self.ctx = ctx
 
@@ -205,8 +209,8 @@ class Gateway:
         self.pool = WorkerPool(cfg.proxy, table, certs, acme_info=acme_json)
         control.publish = self.pool.publish
         if cfg.certbot.enabled:
-            kv, lock = local_certbot_store(cfg.sync.data_dir)
-            bot = build_certbot(cfg, kv, lock, default_attester(cfg))
+            # local files when alone, etcd in a cluster (one account, one lock per domain)
+            bot = build_certbot(cfg, self.cluster.kv, self.cluster.lock, default_attester(cfg))
             self.zt = ctx.zt = ZtCerts(bot, certs, changed=self._certs_changed, node_id=cfg.node_id)
             try:
                 await self.zt.sync()
@@ -220,6 +224,7 @@ class Gateway:
         )
         table.on_policy_missing = fetcher
         await control.start()
+        await self.cluster.attach(control)
         await control.poll_handshakes()
         addrs = await self.pool.start()
         ports = sorted({int(a[1]) for a in addrs})
@@ -368,6 +373,8 @@ class Gateway:
             await server.close()
         if self.pool is not None:
             await self.pool.stop()
+        if self.cluster is not None:
+            await self.cluster.close()
 
 
 def _host(addr: str) -> str:

@@ -25,7 +25,7 @@ from .control import GatewayControl, NodeIdentity, RegistrationRefused
 from .identity import AuthWebhook, CallerIdentity, caller_identity
 from .policy import PortPolicy, PortPolicyError
 from .routes import RouteTable
-from .store import InstanceRecord
+from .store import InstanceRecord, NodeInfo
 from .zt_admin import ZtAdminMethods
 from .zt_certs import ZtCerts
 
@@ -76,6 +76,8 @@ class GatewayContext:
     reload_cert: Callable[[], Awaitable[None]] | None = None
     #: the certbot (None: ``[core.certbot] enabled = false``)
     zt: ZtCerts | None = None
+    #: a cluster's connection counts (instance → node → open connections), None when alone
+    global_connections: Callable[[], Awaitable[dict[str, dict[int, int]]]] | None = None
 
     @property
     def node(self) -> NodeIdentity:
@@ -89,8 +91,9 @@ class GatewayContext:
             version=__version__,
         )
 
-    def node_info(self) -> pb.GatewayNodeInfo:
-        n = self.node
+    def node_info(self, n: NodeInfo | None = None) -> pb.GatewayNodeInfo:
+        """`n` (this node by default) as the wire describes a gateway node."""
+        n = n or self.node.info()
         return pb.GatewayNodeInfo(
             id=n.node_id,
             uuid=n.uuid,
@@ -117,7 +120,7 @@ class GatewayContext:
                 domain=self.base_domain,
                 app_address_ns_prefix=self.app_address_ns_prefix,
             ),
-            gateways=[self.node_info()] if active else [],
+            gateways=[self.node_info(n) for n in active],
         )
 
     async def register(
@@ -189,7 +192,9 @@ class GatewayService:
                 raise RpcError("Remote app id is not from dstack-gateway")
         n = self.ctx.node
         return pb.GetPeersResponse(
-            my_id=n.node_id, my_url=n.url, peers=[pb.PeerInfo(id=n.node_id, url=n.url)]
+            my_id=n.node_id,
+            my_url=n.url,
+            peers=[pb.PeerInfo(id=p.node_id, url=p.url) for p in self.ctx.control.known_nodes()],
         )
 
 
@@ -218,12 +223,13 @@ class DebugService:
             my_node_id=n.node_id,
             nodes=[
                 pb.NodeInfoEntry(
-                    node_id=n.node_id,
-                    url=n.url,
-                    wg_public_key=n.wg_public_key,
-                    wg_endpoint=n.wg_endpoint,
-                    wg_ip=n.wg_ip,
+                    node_id=p.node_id,
+                    url=p.url,
+                    wg_public_key=p.wg_public_key,
+                    wg_endpoint=p.wg_endpoint,
+                    wg_ip=p.wg_ip,
                 )
+                for p in self.ctx.control.known_nodes()
             ],
             instances=[
                 pb.InstanceEntry(
@@ -231,7 +237,7 @@ class DebugService:
                 )
                 for i in state.instances.values()
             ],
-            persistent_keys=len(state.instances) + len(state.node_status),
+            persistent_keys=len(state.instances) + len(state.node_status) + len(state.nodes),
         )
 
     async def GetProxyState(self, req: Empty, call: CallContext) -> pb.DebugProxyStateResponse:
@@ -271,7 +277,7 @@ class AdminService(ZtAdminMethods):
             bootnode_url=self.ctx.bootnode_url,
             num_connections=sum(h.num_connections for h in hosts),
             hosts=hosts,
-            nodes=[self.ctx.node_info()],
+            nodes=[self.ctx.node_info(p) for p in self.ctx.control.known_nodes()],
             uuid=n.uuid,
             accel=pb.ProxyAccelStatus(ktls_mode="off", splice_mode="off"),
         )
@@ -307,7 +313,7 @@ class AdminService(ZtAdminMethods):
 
     async def GetNodeStatuses(self, req: Empty, call: CallContext) -> pb.GetNodeStatusesResponse:
         state = self.ctx.control.store.load()
-        ids = sorted({self.ctx.node.node_id, *state.node_status})
+        ids = sorted({self.ctx.node.node_id, *state.node_status, *state.nodes})
         return pb.GetNodeStatusesResponse(
             statuses=[pb.NodeStatusEntry(node_id=i, status=state.status_of(i)) for i in ids]
         )
@@ -321,19 +327,28 @@ class AdminService(ZtAdminMethods):
         rec = self.ctx.control.store.load().instances.get(req.instance_id)
         if rec is None:
             return pb.GetInstanceHandshakesResponse()
-        ts = int(self.ctx.control.latest_handshake(rec.public_key))
+        seen = dict(self.ctx.control.cluster_handshakes.get(rec.instance_id, {}))
+        seen[self.ctx.node.node_id] = int(self.ctx.control.latest_handshake(rec.public_key))
         return pb.GetInstanceHandshakesResponse(
-            handshakes=[pb.HandshakeEntry(observer_node_id=self.ctx.node.node_id, timestamp=ts)]
-            if ts
-            else []
+            handshakes=[
+                pb.HandshakeEntry(observer_node_id=node, timestamp=ts)
+                for node, ts in sorted(seen.items())
+                if ts
+            ]
         )
 
     async def GetGlobalConnections(
         self, req: Empty, call: CallContext
     ) -> pb.GlobalConnectionsStats:
         total = sum(self.ctx.table.connections(r.instance_id) for r in self._records())
+        nodes = {self.ctx.node.node_id: total}
+        if self.ctx.global_connections is not None:
+            for per_node in (await self.ctx.global_connections()).values():
+                for node_id, count in per_node.items():
+                    if node_id != self.ctx.node.node_id:
+                        nodes[node_id] = nodes.get(node_id, 0) + count
         return pb.GlobalConnectionsStats(
-            total_connections=total, node_connections={self.ctx.node.node_id: total}
+            total_connections=sum(nodes.values()), node_connections=nodes
         )
 
     async def SetInstancePortPolicy(

@@ -17,8 +17,14 @@ plane's :class:`~.config.ProxyConfig`, upstream's names and defaults.
   config_path, interface, endpoint`` (an empty ``private_key`` is generated once into
   ``<data_dir>/wg.key``, 0600);
 * ``[core.recycle] enabled, interval, timeout, node_timeout``;
-* ``[core.sync] node_id, my_url, bootnode, data_dir`` (the state lives in ``data_dir``);
-  ``enabled = true`` (cluster sync) is refused: this gateway is a single node;
+* ``[core.sync] enabled, node_id, my_url, bootnode, data_dir, interval, timeout,
+  persist_interval, sync_connections_enabled, sync_connections_interval`` (upstream's), plus
+  ``backend`` (``"etcd"``, the only cluster backend), ``etcd_endpoints`` (``http(s)://host:port``,
+  no credentials in them), ``etcd_prefix`` (``"/dstack-gateway"``), ``etcd_ca_cert``,
+  ``etcd_cert``, ``etcd_key`` (client TLS for https endpoints). Without ``enabled`` the state
+  lives in ``data_dir`` (one node); with it, in etcd, and ``node_id`` must be > 0.
+  ``interval`` is how often a node re-reads the cluster state besides its watch, ``timeout``
+  how long one etcd member may take to answer one request before the next member is asked.
 * ``[core.certbot]`` (pydstack's; upstream keeps every certbot setting in its store and has no
   such section): ``enabled`` (true: the ZT-domains' certificates by ACME DNS-01),
   ``acme_ca_bundle`` (PEM roots for the ACME server's TLS, e.g. a test CA's; empty: the
@@ -37,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +125,18 @@ class SyncSettings:
     my_url: str = "https://localhost:8011"
     bootnode: str = ""
     data_dir: Path = Path("/dstack-gateway/data")
+    enabled: bool = False
+    interval: float = 60.0
+    timeout: float = 30.0
+    persist_interval: float = 300.0
+    sync_connections_enabled: bool = True
+    sync_connections_interval: float = 30.0
+    backend: str = "etcd"
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/dstack-gateway"
+    etcd_ca_cert: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -270,18 +288,7 @@ class GatewayConfig:
                 "core.admin.htpasswd_file; set insecure_no_auth = true to run it without"
             )
 
-        sync_t = _table(core, "sync", "core.sync")
-        s = _Reader(sync_t, "core.sync")
-        if s.get_bool("enabled", False):
-            raise ConfigError(
-                "core.sync.enabled: cluster sync is not supported; run one gateway node"
-            )
-        sync = SyncSettings(
-            node_id=s.get_int("node_id", 0, 0, 2**32 - 1),
-            my_url=s.get_str("my_url", SyncSettings.my_url),
-            bootnode=s.get_str("bootnode", ""),
-            data_dir=path(s.get_str("data_dir", str(SyncSettings.data_dir))),
-        )
+        sync = _sync(_table(core, "sync", "core.sync"), path)
 
         wg_t = _table(core, "wg", "core.wg")
         w = _Reader(wg_t, "core.wg")
@@ -357,3 +364,57 @@ class GatewayConfig:
             debug_port=d_port,
             skip_attestation=proxy.insecure_skip_attestation,
         )
+
+
+def _sync(table: Mapping[str, Any], path: Callable[[str], Path]) -> SyncSettings:
+    """``[core.sync]``; ConfigError naming the key."""
+    from .etcd import check_endpoint
+    from .etcdstore import check_prefix
+
+    s = _Reader(table, "core.sync")
+    d = SyncSettings()
+
+    def opt_path(key: str) -> Path | None:
+        value = s.get_str(key, "")
+        return path(value) if value else None
+
+    enabled = s.get_bool("enabled", False)
+    node_id = s.get_int("node_id", 0, 0, 2**32 - 1)
+    backend = s.get_str("backend", d.backend)
+    if backend != "etcd":
+        raise ConfigError('core.sync.backend must be "etcd"')
+    endpoints = tuple(check_endpoint(e) for e in s.get_str_list("etcd_endpoints", []))
+    try:
+        prefix = check_prefix(s.get_str("etcd_prefix", d.etcd_prefix))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cert, key, ca = opt_path("etcd_cert"), opt_path("etcd_key"), opt_path("etcd_ca_cert")
+    if (cert is None) != (key is None):
+        raise ConfigError("core.sync.etcd_cert and core.sync.etcd_key go together")
+    if (cert or ca) and not all(e.startswith("https://") for e in endpoints):
+        raise ConfigError("core.sync.etcd_ca_cert/etcd_cert need https etcd_endpoints")
+    if enabled:
+        if node_id == 0:
+            raise ConfigError("core.sync.node_id must be > 0 when core.sync.enabled")
+        if not endpoints:
+            raise ConfigError("core.sync.enabled needs core.sync.etcd_endpoints")
+    return SyncSettings(
+        node_id=node_id,
+        my_url=s.get_str("my_url", d.my_url),
+        bootnode=s.get_str("bootnode", ""),
+        data_dir=path(s.get_str("data_dir", str(d.data_dir))),
+        enabled=enabled,
+        interval=s.get_duration("interval", d.interval, positive=True),
+        timeout=s.get_duration("timeout", d.timeout, positive=True),
+        persist_interval=s.get_duration("persist_interval", d.persist_interval, positive=True),
+        sync_connections_enabled=s.get_bool("sync_connections_enabled", d.sync_connections_enabled),
+        sync_connections_interval=s.get_duration(
+            "sync_connections_interval", d.sync_connections_interval, positive=True
+        ),
+        backend=backend,
+        etcd_endpoints=endpoints,
+        etcd_prefix=prefix,
+        etcd_ca_cert=ca,
+        etcd_cert=cert,
+        etcd_key=key,
+    )

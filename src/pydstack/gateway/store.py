@@ -4,9 +4,10 @@ and key, registration time, reported and admin port policies) and node statuses.
 :class:`StateStore` is what the control plane uses; :class:`LocalFileStore` keeps the state in
 one JSON file (``<core.sync.data_dir>/gateway-state.json``, mode 0600 in a 0700 directory,
 replaced atomically: a crash leaves the old or the new state, never a mix). A cluster store (etcd)
-implements the same Protocol: every change is a :meth:`StateStore.transact` of a function over
-the whole state, which maps onto an etcd transaction (read the keys with their revisions, compare
-them unchanged, write) retried on conflict, so IP allocation stays first-free and unique.
+implements the same Protocol (:class:`~.etcdstore.EtcdStore`): every change is a
+:meth:`StateStore.transact` of a function over the whole state, which maps onto an etcd
+transaction (read the keys with their revisions, compare them unchanged, write) retried on
+conflict, so IP allocation stays first-free and unique across the nodes.
 
 A state file that cannot be read or parsed is a :class:`~pydstack.errors.ConfigError` naming the
 file (the gateway refuses to start rather than forget its instances).
@@ -96,6 +97,39 @@ class InstanceRecord:
         )
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """one gateway node of a cluster as it announces itself (upstream's ``node/info/<id>``)."""
+
+    node_id: int
+    url: str
+    wg_public_key: str
+    wg_endpoint: str
+    wg_ip: str
+    uuid: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "wg_public_key": self.wg_public_key,
+            "wg_endpoint": self.wg_endpoint,
+            "wg_ip": self.wg_ip,
+            "uuid": self.uuid.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, node_id: int, obj: Mapping[str, Any]) -> NodeInfo:
+        """ValueError/TypeError for a foreign shape."""
+        fields = {}
+        for key in ("url", "wg_public_key", "wg_endpoint", "wg_ip", "uuid"):
+            v = obj.get(key, "")
+            if not isinstance(v, str):
+                raise TypeError(f"node {node_id} {key} must be a string")
+            fields[key] = v
+        uuid = bytes.fromhex(fields.pop("uuid"))
+        return cls(node_id=node_id, uuid=uuid, **fields)
+
+
 @dataclass
 class GatewayState:
     """everything the store keeps; :meth:`StateStore.transact` hands out a copy to change."""
@@ -103,6 +137,8 @@ class GatewayState:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     #: node id → "up" / "down" (a node without an entry is up)
     node_status: dict[int, str] = field(default_factory=dict)
+    #: the nodes of a cluster (empty for a single node)
+    nodes: dict[int, NodeInfo] = field(default_factory=dict)
 
     def allocated(self) -> set[str]:
         return {i.ip for i in self.instances.values()}
@@ -117,11 +153,14 @@ class GatewayState:
         return self.node_status.get(node_id, NODE_UP)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": STATE_VERSION,
             "instances": {k: v.to_json() for k, v in sorted(self.instances.items())},
             "node_status": {str(k): v for k, v in sorted(self.node_status.items())},
         }
+        if self.nodes:
+            out["nodes"] = {str(k): v.to_json() for k, v in sorted(self.nodes.items())}
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> GatewayState:
@@ -130,8 +169,9 @@ class GatewayState:
             raise ValueError(f"unknown state version {obj.get('version')!r}")
         raw = obj.get("instances", {})
         nodes = obj.get("node_status", {})
-        if not isinstance(raw, Mapping) or not isinstance(nodes, Mapping):
-            raise ValueError("instances and node_status must be objects")
+        infos = obj.get("nodes", {})
+        if not all(isinstance(x, Mapping) for x in (raw, nodes, infos)):
+            raise ValueError("instances, node_status and nodes must be objects")
         state = cls()
         for iid, rec in raw.items():
             if not isinstance(rec, Mapping):
@@ -141,6 +181,10 @@ class GatewayState:
             if status not in (NODE_UP, NODE_DOWN):
                 raise ValueError(f"node status {str(status)[:16]!r} is not up or down")
             state.node_status[int(node)] = status
+        for node, info in infos.items():
+            if not isinstance(info, Mapping):
+                raise ValueError(f"node {str(node)[:16]} is not an object")
+            state.nodes[int(node)] = NodeInfo.from_json(int(node), info)
         return state
 
 

@@ -88,7 +88,12 @@ def _is_repeated(f: Any) -> bool:
     return bool(f.label == FieldDescriptor.LABEL_REPEATED)
 
 
-_KIND_PLAIN, _KIND_BYTES, _KIND_MESSAGE, _KIND_ENUM = range(4)
+_KIND_PLAIN, _KIND_BYTES, _KIND_MESSAGE, _KIND_ENUM, _KIND_MAP = range(5)
+_KINDS = {
+    FieldDescriptor.TYPE_BYTES: _KIND_BYTES,
+    FieldDescriptor.TYPE_MESSAGE: _KIND_MESSAGE,
+    FieldDescriptor.TYPE_ENUM: _KIND_ENUM,
+}
 #: per message type, its fields in number order as (name, kind, repeated, has_presence)
 _PLANS: dict[str, list[tuple[str, int, bool, bool]]] = {}
 
@@ -98,11 +103,11 @@ def _plan(desc: Any) -> list[tuple[str, int, bool, bool]]:
     if plan is None:
         plan = []
         for f in sorted(desc.fields, key=lambda f: f.number):
-            kind = {
-                FieldDescriptor.TYPE_BYTES: _KIND_BYTES,
-                FieldDescriptor.TYPE_MESSAGE: _KIND_MESSAGE,
-                FieldDescriptor.TYPE_ENUM: _KIND_ENUM,
-            }.get(f.type, _KIND_PLAIN)
+            kind = _KINDS.get(f.type, _KIND_PLAIN)
+            if kind == _KIND_MESSAGE and f.message_type.GetOptions().map_entry:
+                # a map: a JSON object with text keys (as serde writes a HashMap)
+                plan.append((f.name, _KIND_MAP, False, False))
+                continue
             # optional scalars and every singular message (prost's Option) have presence
             plan.append((f.name, kind, _is_repeated(f), bool(f.has_presence)))
         _PLANS[desc.full_name] = plan
@@ -126,7 +131,10 @@ def message_to_obj(msg: Message, omit_empty: frozenset[str] = frozenset()) -> An
     out: dict[str, Any] = {}
     for name, kind, repeated, presence in _plan(desc):
         value = getattr(msg, name)
-        if repeated:
+        if kind == _KIND_MAP:
+            vkind = _KINDS.get(desc.fields_by_name[name].message_type.fields_by_name["value"].type)
+            out[name] = {str(k): _out(vkind or _KIND_PLAIN, value[k]) for k in sorted(value)}
+        elif repeated:
             out[name] = list(value) if kind == _KIND_PLAIN else [_out(kind, v) for v in value]
         elif presence:
             out[name] = _out(kind, value) if msg.HasField(name) else None

@@ -148,7 +148,7 @@ async def test_a_node_marked_down_refuses_and_leaves_the_peer_list(tmp_path) -> 
     assert ctl.active_nodes() == [] and ctl.store.load().instances == {}
     await ctl.set_node_status(1, "up")
     await ctl.register("app1", "i1", "ch1", KEYS[0], None)
-    assert ctl.active_nodes() == [ctl.node]
+    assert ctl.active_nodes() == [ctl.node.info()]
     with pytest.raises(RegistrationRefused, match='"up" or "down"'):
         await ctl.set_node_status(1, "sideways")
 
@@ -187,6 +187,18 @@ async def test_recycling_removes_only_stale_instances(tmp_path) -> None:
     assert await ctl.recycle(10 * 3600) == ["old"]
     assert set(ctl.store.load().instances) == {"alive", "new"}
     assert ctl.table.get("old") is None and KEYS[0] not in wg.applied[-1]
+
+
+async def test_in_a_cluster_recycling_goes_by_the_latest_handshake_any_node_saw(tmp_path) -> None:
+    ctl, wg, clock = make(tmp_path)
+    await ctl.register("app1", "elsewhere", "ch", KEYS[0], None)
+    await ctl.register("app1", "gone", "ch", KEYS[1], None)
+    clock.t += 11 * 3600
+    wg.handshakes = {}  # this node saw neither; node 2 saw "elsewhere" a minute ago
+    await ctl.poll_handshakes()
+    ctl.cluster_handshakes = {"elsewhere": {2: int(clock.t - 60)}, "gone": {2: 1}}
+    assert await ctl.recycle(10 * 3600) == ["gone"]
+    assert set(ctl.store.load().instances) == {"elsewhere"}
 
 
 async def test_handshakes_reach_the_table_and_a_failed_read_keeps_the_last(tmp_path) -> None:

@@ -73,11 +73,24 @@ def test_the_admin_token_may_come_from_the_environment(monkeypatch) -> None:
     assert load({"core": {"admin": {"enabled": True}}}).admin.auth_token == "from-env"
 
 
+ONE = {"etcd_endpoints": ["http://10.0.0.1:2379"]}
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
         ({"core": {"admin": {"enabled": True}}}, "admin server needs core.admin.auth_token"),
-        ({"core": {"sync": {"enabled": True}}}, "cluster sync is not supported"),
+        ({"core": {"sync": {"enabled": True, **ONE}}}, "node_id must be > 0"),
+        ({"core": {"sync": {"enabled": True, "node_id": 1}}}, "needs core.sync.etcd_endpoints"),
+        ({"core": {"sync": {"backend": "wavekv"}}}, 'backend must be "etcd"'),
+        ({"core": {"sync": {"etcd_endpoints": ["http://u:secret@h:2379"]}}},
+         "must not carry a user or password"),
+        ({"core": {"sync": {"etcd_endpoints": ["http://h:2379/v3"]}}}, "with no path"),
+        ({"core": {"sync": {"etcd_endpoints": ["h:2379"]}}}, "an endpoint must be http"),
+        ({"core": {"sync": {"etcd_prefix": "no-slash"}}}, "etcd_prefix must start"),
+        ({"core": {"sync": {**ONE, "etcd_cert": "c.pem"}}}, "etcd_cert and core.sync.etcd_key"),
+        ({"core": {"sync": {**ONE, "etcd_ca_cert": "ca.pem"}}}, "need https etcd_endpoints"),
+        ({"core": {"sync": {"interval": "often"}}}, "core.sync.interval"),
         ({"core": {"rpc_domain": "gw.example"}}, "core.rpc_domain"),
         ({"core": {"wg": {"private_key": generate_private_key(),
                           "public_key": public_key_of(generate_private_key())}}},
@@ -99,6 +112,28 @@ def test_refusals(doc: dict, message: str, monkeypatch) -> None:
     monkeypatch.delenv("ADMIN_API_TOKEN", raising=False)
     with pytest.raises(ConfigError, match=message):
         load(doc)
+
+
+def test_the_etcd_cluster_settings() -> None:
+    c = load({"core": {"sync": {
+        "enabled": True, "node_id": 2, "etcd_endpoints": ["https://10.0.0.1:2379/", "https://[::1]:2379"],
+        "etcd_prefix": "/gw/", "etcd_ca_cert": "ca.pem", "etcd_cert": "c.pem", "etcd_key": "k.pem",
+        "interval": "5s", "timeout": "2s", "sync_connections_interval": "10s",
+    }}})  # fmt: skip
+    s = c.sync
+    assert s.enabled and s.node_id == 2 and s.backend == "etcd"
+    assert s.etcd_endpoints == ("https://10.0.0.1:2379", "https://[::1]:2379")
+    assert s.etcd_prefix == "/gw" and (s.interval, s.timeout) == (5.0, 2.0)
+    assert s.etcd_ca_cert is not None and s.etcd_ca_cert.name == "ca.pem"
+    assert s.sync_connections_interval == 10.0 and s.sync_connections_enabled
+    # without enabled: a single node, whatever else is set
+    assert not load({"core": {"sync": {"node_id": 0}}}).sync.enabled
+
+
+def test_an_endpoint_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as e:
+        load({"core": {"sync": {"etcd_endpoints": ["http://root:hunter2@h:2379"]}}})
+    assert "hunter2" not in str(e.value)
 
 
 def test_tls_is_required() -> None:

@@ -10,7 +10,13 @@ import pytest
 
 from pydstack.errors import ConfigError
 from pydstack.gateway.policy import PortPolicy
-from pydstack.gateway.store import STATE_FILE, GatewayState, InstanceRecord, LocalFileStore
+from pydstack.gateway.store import (
+    STATE_FILE,
+    GatewayState,
+    InstanceRecord,
+    LocalFileStore,
+    NodeInfo,
+)
 
 POLICY = PortPolicy(restrict_mode=True, ports={8080: False, 443: True})
 
@@ -76,6 +82,9 @@ async def test_load_hands_out_copies(tmp_path) -> None:
         ('{"version": 1, "instances": {}, "node_status": {"1": "sideways"}}', "up or down"),
         (json.dumps({"version": 1, "instances": {"i": {"port_policy": {"ports": [{"port": 0}]}}}}),
          "not in 1..65535"),
+        ('{"version": 1, "nodes": {"2": {"url": 5}}}', "url must be a string"),
+        ('{"version": 1, "nodes": {"2": {"uuid": "zz"}}}', "non-hexadecimal"),
+        ('{"version": 1, "nodes": []}', "must be objects"),
     ],
 )  # fmt: skip
 def test_a_state_file_that_cannot_be_trusted_refuses_the_start(
@@ -85,3 +94,12 @@ def test_a_state_file_that_cannot_be_trusted_refuses_the_start(
     with pytest.raises(ConfigError, match=message) as e:
         LocalFileStore(tmp_path)
     assert STATE_FILE in str(e.value)
+
+
+async def test_node_infos_round_trip_and_a_single_nodes_file_has_none(tmp_path) -> None:
+    store = LocalFileStore(tmp_path)
+    await store.transact(lambda s: s.node_status.__setitem__(1, "down"))
+    assert "nodes" not in json.loads((tmp_path / STATE_FILE).read_text())
+    info = NodeInfo(2, "https://gw2:9012", "pk", "192.0.2.2:9013", "10.8.0.2/16", b"\x07" * 16)
+    await store.transact(lambda s: s.nodes.__setitem__(2, info))
+    assert LocalFileStore(tmp_path).load().nodes == {2: info}

@@ -45,3 +45,14 @@ def test_null_round_trips_to_unset():
     back = json_to_message(message_to_json(info), pb.VmInfo())
     assert back.HasField("configuration") and back.configuration.name == "web"
     assert not back.configuration.HasField("gpus")
+
+
+def test_a_map_is_a_json_object_with_text_keys() -> None:
+    from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
+
+    msg = gpb.GlobalConnectionsStats(total_connections=3, node_connections={2: 1, 1: 2})
+    assert message_to_obj(msg) == {"total_connections": 3, "node_connections": {"1": 2, "2": 1}}
+    assert message_to_obj(gpb.GlobalConnectionsStats()) == {
+        "total_connections": 0,
+        "node_connections": {},
+    }
