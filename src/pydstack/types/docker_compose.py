@@ -397,6 +397,10 @@ def _show_part(whole: YamlValue, part: str) -> str:
     return _show(whole) if isinstance(whole, Interpolated) else yamllimits.quote(part)
 
 
+#: the most characters of a non-string value an error message shows
+_SHOW_MAX = 40
+
+
 def _show(value: YamlValue) -> str:
     """a value for an error message: short, and never one that came from the env."""
     if isinstance(value, Interpolated):
@@ -405,7 +409,12 @@ def _show(value: YamlValue) -> str:
         return yamllimits.quote(value)
     if isinstance(value, (list, dict)):
         return f"a {type(value).__name__}"
-    return repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too long to show"
+    # a YAML number may be thousands of digits long (a fuzzing finding): cut it like a string
+    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
 
 
 class _Fields:

@@ -271,6 +271,18 @@ def test_depends_on_short_and_long_forms():
         parse(base + "    depends_on: {nope: {condition: service_started}}\n")
 
 
+def test_a_long_number_is_cut_short_in_an_error_message():
+    """a fuzzing finding: a number of up to 1000 digits (what the YAML loader lets through) in a
+    wrong place was copied whole into the error message."""
+    base = "services:\n  db:\n    image: i\n  web:\n    image: i\n"
+    with pytest.raises(ComposeError) as e:
+        parse(base + "    depends_on: {db: " + "1" * 1000 + "}\n")
+    assert "must be a map, not 1111" in str(e.value) and len(str(e.value)) < 200
+    with pytest.raises(ComposeError, match="is too long") as e:  # the loader's own bound
+        parse(base + "    depends_on: {db: " + "1" * 1001 + "}\n")
+    assert len(str(e.value)) < 200
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
