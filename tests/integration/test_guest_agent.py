@@ -40,13 +40,14 @@ class SimulatedKernel:
         threading.Thread(target=self.run, daemon=True).start()
 
     def run(self) -> None:
+        # a report is taken for every 64 bytes written; the blob is emptied once consumed, so
+        # two requests within one mtime tick (or with the same report data) are both seen
         gen = 0
-        seen = (self.root / "inblob").stat().st_mtime_ns
+        inblob = self.root / "inblob"
         while not self.stop:
-            st = (self.root / "inblob").stat()
-            if st.st_mtime_ns != seen and st.st_size == 64:
-                seen = st.st_mtime_ns
-                data = (self.root / "inblob").read_bytes()
+            if inblob.stat().st_size == 64:
+                data = inblob.read_bytes()
+                inblob.write_bytes(b"")
                 (self.root / "outblob").write_bytes(self.tdx.get_quote(data))
                 gen += 1
                 (self.root / "generation").write_text(f"{gen}\n")
