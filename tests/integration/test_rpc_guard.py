@@ -20,9 +20,10 @@ from google.protobuf.empty_pb2 import Empty
 
 from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
 from pydstack.rpc.guard import RequestGuard, normalize_origin, split_host
+from pydstack.rpc.http1 import Http1Server, HttpRequest
 from pydstack.rpc.proto import prpc_pb2
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
+from pydstack.rpc.server import Answer, CallContext, PrpcServer, PrpcService
 from pydstack.vmm.service import VMM_GET_METHODS
 
 VMM = pb.DESCRIPTOR.services_by_name["Vmm"]
@@ -47,7 +48,12 @@ class CountingVmm:
 
 class Stack:
     def __init__(
-        self, server: PrpcServer, impl: CountingVmm, plain: Counter[str], port: int, sock: Path
+        self,
+        server: PrpcServer | Http1Server,
+        impl: CountingVmm,
+        plain: Counter[str],
+        port: int,
+        sock: Path,
     ) -> None:
         self.server, self.impl, self.plain, self.port, self.sock = server, impl, plain, port, sock
 
@@ -57,22 +63,32 @@ class Stack:
         return sum(self.impl.calls.values()) + sum(self.plain.values())
 
 
-@pytest.fixture
-async def vmm(tmp_path):
+@pytest.fixture(params=["aiohttp", "http1"])
+async def vmm(tmp_path, request):
     impl = CountingVmm()
     guard = RequestGuard(
         allowed_hosts=frozenset({"vmm.example", "*.lab.example"}),
         allowed_origins=frozenset({"https://ui.example:8443"}),
     )
-    srv = PrpcServer(guard=guard)
-    srv.mount(PrpcService(VMM, impl, prefix="/prpc", trim="Teepod.", get_methods=VMM_GET_METHODS))
+    srv: PrpcServer | Http1Server
     plain = Counter[str]()
+    if request.param == "aiohttp":
+        srv = PrpcServer(guard=guard)
 
-    async def logs(_: web.Request) -> web.Response:
-        plain["logs"] += 1
-        return web.Response(text="log line\n")
+        async def logs(_: web.Request) -> web.Response:
+            plain["logs"] += 1
+            return web.Response(text="log line\n")
 
-    srv.app.router.add_get("/logs", logs)
+        srv.app.router.add_get("/logs", logs)
+    else:
+        srv = Http1Server(guard=guard)
+
+        async def logs_http1(_: HttpRequest) -> Answer:
+            plain["logs"] += 1
+            return Answer(200, b"log line\n", "text/plain")
+
+        srv.route("GET", "/logs", logs_http1)
+    srv.mount(PrpcService(VMM, impl, prefix="/prpc", trim="Teepod.", get_methods=VMM_GET_METHODS))
     port = await srv.listen_tcp("127.0.0.1", 0)
     sock = tmp_path / "vmm.sock"
     await srv.listen_unix(sock)

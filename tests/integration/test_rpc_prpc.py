@@ -15,6 +15,7 @@ from google.protobuf.empty_pb2 import Empty
 from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
 from pydstack.guest.service import GUEST_GET_METHODS, TAPPD_GET_METHODS
 from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.proto import agent_rpc_pb2 as pb
 from pydstack.rpc.proto import prpc_pb2
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
@@ -50,10 +51,11 @@ class Impl:
         return pb.TdxQuoteResponse(quote=req.report_data, hash_algorithm=req.hash_algorithm)
 
 
-@pytest.fixture
-async def server(tmp_path):
+@pytest.fixture(params=["aiohttp", "http1"])
+async def server(tmp_path, request):
     impl = Impl()
-    srv = PrpcServer(max_body=4096, response_headers={"X-App-Version": "test"})
+    kind = PrpcServer if request.param == "aiohttp" else Http1Server
+    srv = kind(max_body=4096, response_headers={"X-App-Version": "test"})
     srv.mount(
         PrpcService(
             GUEST,

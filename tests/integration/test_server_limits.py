@@ -16,6 +16,7 @@ import pytest
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.limits import FD_RESERVE, ServerLimits, connection_cap, raise_nofile_limit
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
@@ -41,12 +42,21 @@ class Impl:
         return pb.VersionResponse(version="v")
 
 
-async def start(limits: ServerLimits, tls: bool = False) -> tuple[PrpcServer, Impl, int]:
+@pytest.fixture(params=["aiohttp", "http1"])
+def kind(request):
+    """the server under test: aiohttp's, or the lean HTTP/1.1 one (the same limits)."""
+    return request.param
+
+
+async def start(
+    limits: ServerLimits, tls: bool = False, kind: str = "aiohttp"
+) -> tuple[PrpcServer | Http1Server, Impl, int]:
     impl = Impl()
-    srv = PrpcServer(limits=limits)
+    srv = PrpcServer(limits=limits) if kind == "aiohttp" else Http1Server(limits=limits)
     srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=frozenset({"Version"})))
     if not tls:
         return srv, impl, await srv.listen_tcp("127.0.0.1", 0)
+    assert isinstance(srv, PrpcServer)
     key = generate_p256_key()
     cert = issue_cert(
         CertRequest("localhost", alt_names=("localhost",), usage_server_auth=True),
@@ -57,8 +67,8 @@ async def start(limits: ServerLimits, tls: bool = False) -> tuple[PrpcServer, Im
     return srv, impl, port
 
 
-async def test_slowloris_headers_are_cut_off():
-    srv, impl, port = await start(ServerLimits(header_timeout=0.5, idle_timeout=60))
+async def test_slowloris_headers_are_cut_off(kind):
+    srv, impl, port = await start(ServerLimits(header_timeout=0.5, idle_timeout=60), kind=kind)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         head = b"GET /prpc/Version HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 200
@@ -75,8 +85,8 @@ async def test_slowloris_headers_are_cut_off():
         await srv.close()
 
 
-async def test_idle_keep_alive_connection_is_closed():
-    srv, impl, port = await start(ServerLimits(header_timeout=60, idle_timeout=0.5))
+async def test_idle_keep_alive_connection_is_closed(kind):
+    srv, impl, port = await start(ServerLimits(header_timeout=60, idle_timeout=0.5), kind=kind)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(2):  # keep-alive works while the client keeps asking
@@ -88,8 +98,8 @@ async def test_idle_keep_alive_connection_is_closed():
         await srv.close()
 
 
-async def test_keep_alive_zero_closes_after_each_response():
-    srv, _, port = await start(ServerLimits(header_timeout=60, idle_timeout=0))
+async def test_keep_alive_zero_closes_after_each_response(kind):
+    srv, _, port = await start(ServerLimits(header_timeout=60, idle_timeout=0), kind=kind)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request())
@@ -127,8 +137,8 @@ async def test_tls_client_that_never_says_hello_is_dropped():
         await srv.close()
 
 
-async def test_slow_body_is_cut_off():
-    srv, impl, port = await start(ServerLimits(header_timeout=60, body_timeout=0.5))
+async def test_slow_body_is_cut_off(kind):
+    srv, impl, port = await start(ServerLimits(header_timeout=60, body_timeout=0.5), kind=kind)
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         body = json.dumps({"name": "x" * 300}).encode()
@@ -144,8 +154,8 @@ async def test_slow_body_is_cut_off():
         await srv.close()
 
 
-async def test_idle_connections_cannot_lock_out_a_client():
-    srv, impl, port = await start(ServerLimits(max_connections=50, header_timeout=60))
+async def test_idle_connections_cannot_lock_out_a_client(kind):
+    srv, impl, port = await start(ServerLimits(max_connections=50, header_timeout=60), kind=kind)
     held: list[asyncio.StreamWriter] = []
     try:
         for _ in range(200):
@@ -164,8 +174,8 @@ async def test_idle_connections_cannot_lock_out_a_client():
         await srv.close()
 
 
-async def test_busy_server_refuses_rather_than_exceeding_the_cap():
-    srv, impl, port = await start(ServerLimits(max_connections=2, header_timeout=60))
+async def test_busy_server_refuses_rather_than_exceeding_the_cap(kind):
+    srv, impl, port = await start(ServerLimits(max_connections=2, header_timeout=60), kind=kind)
     impl.gate.clear()  # Version blocks: both connections stay busy
     try:
         busy = []

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydstack.process import stop_signal
+from pydstack.process import run_server, stop_signal
 from pydstack.rpc.server import ServerLimits
 from pydstack.tee.real import RealTdx, tdx_available
 from pydstack.types.sysconfig import SysConfig
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         await run_agent(core, config, stop_signal())
 
     try:
-        asyncio.run(run())
+        run_server(run())
     except (OSError, ValueError) as e:  # a listener could not be set up
         print(f"error: {e}", file=sys.stderr)
         return 1

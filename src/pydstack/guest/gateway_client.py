@@ -51,7 +51,7 @@ from pydstack.errors import DstackError, InputError
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import agent_rpc_pb2 as apb
 from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
-from pydstack.rpc.server import CallContext, PrpcServer, PrpcService, RpcError
+from pydstack.rpc.server import CallContext, Encoded, PrpcServer, PrpcService, RpcError
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
@@ -320,7 +320,7 @@ class InfoOnly:
     def __init__(self, core: GuestCore) -> None:
         self._worker = WorkerService(core)
 
-    async def Info(self, req: Empty, ctx: CallContext) -> apb.AppInfo:
+    async def Info(self, req: Empty, ctx: CallContext) -> Encoded:
         return await self._worker.Info(req, ctx)
 
     async def Version(self, req: Empty, ctx: CallContext) -> apb.WorkerVersion:

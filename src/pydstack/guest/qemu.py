@@ -36,6 +36,7 @@ import threading
 from pathlib import Path
 
 from pydstack import __version__
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.server import PrpcServer, PrpcService, RpcError
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose
@@ -168,7 +169,7 @@ async def boot_and_run() -> int:
     _power_button(loop, stop)
     _firewall()
     host: HostApi | None = None
-    servers: list[PrpcServer] = []
+    servers: list[PrpcServer | Http1Server] = []
     compose: PodmanCompose | None = None
     storage: LuksStorage | None = None
     gateway: gateway_client.GatewayClient | None = None

@@ -36,6 +36,7 @@ import urllib.parse
 from pathlib import Path
 
 from pydstack import __version__
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.server import PrpcServer, PrpcService, RpcError
 from pydstack.tee.hosttd import HostTdx
 from pydstack.types import hostshare as hs
@@ -230,7 +231,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    servers: list[PrpcServer] = []
+    servers: list[PrpcServer | Http1Server] = []
     compose: PodmanCompose | None = None
     api: GuestApi | None = None
     gateway: gateway_client.GatewayClient | None = None

@@ -3,7 +3,9 @@ TDX, a sandbox CVM's guest, and `dstack-simulator`.
 
 A :class:`Listener` names an address (`unix:PATH` or `HOST:PORT`), the APIs served there
 (`dstack` = DstackGuest, `tappd` = the legacy Tappd, `worker` = the external Worker API with the
-dashboard, `/metrics` and `/logs`) and its options (socket permissions, browser rules).
+dashboard, `/metrics` and `/logs`) and its options (socket permissions, browser rules). A
+listener with prpc APIs only runs on the lean :class:`~pydstack.rpc.http1.Http1Server` (the
+apps' hot path); one with `worker` on aiohttp (:class:`~pydstack.rpc.server.PrpcServer`).
 :func:`start_agent` opens them all or none: a listener that cannot be set up (OSError,
 ValueError: a taken port, an unknown group) closes the others and raises.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydstack import __version__
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.server import (
     PrpcServer,
     PrpcService,
@@ -92,7 +95,7 @@ class AgentServers:
     """the running listeners; `endpoints` maps each listener's section to where it listens."""
 
     def __init__(self) -> None:
-        self.servers: list[PrpcServer] = []
+        self.servers: list[PrpcServer | Http1Server] = []
         self.endpoints: dict[str, str] = {}
 
     async def close(self) -> None:
@@ -101,7 +104,7 @@ class AgentServers:
         self.servers.clear()
 
 
-async def _listen(server: PrpcServer, listener: Listener) -> str:
+async def _listen(server: PrpcServer | Http1Server, listener: Listener) -> str:
     address, options = listener.address, listener.options
     if address.startswith("unix:"):
         await server.listen_unix(address[5:], mode=options.socket_mode, group=options.socket_group)
@@ -123,17 +126,17 @@ async def start_agent(
     out = AgentServers()
     try:
         for listener in listeners:
-            server = PrpcServer(
-                response_headers=RESPONSE_HEADERS,
-                limits=limits,
-                guard=listener.options.guard(listener.section),
-            )
+            guard = listener.options.guard(listener.section)
+            server: PrpcServer | Http1Server
+            if "worker" in listener.apis:  # the dashboard and the log stream need aiohttp
+                server = PrpcServer(response_headers=RESPONSE_HEADERS, limits=limits, guard=guard)
+                add_routes(server.app, core)
+            else:  # prpc only: the lean server (the apps' hot path)
+                server = Http1Server(response_headers=RESPONSE_HEADERS, limits=limits, guard=guard)
             out.servers.append(server)
             for api in listener.apis:
                 service: PrpcService = APIS[api](core)
                 server.mount(service)
-            if "worker" in listener.apis:
-                add_routes(server.app, core)
             where = await _listen(server, listener)
             out.endpoints[listener.section] = where
             log.info("serving %s on %s", "+".join(listener.apis), where)

@@ -7,6 +7,7 @@ event loop (quotes and signatures are CPU work) and converts the result back.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -14,9 +15,9 @@ from google.protobuf.empty_pb2 import Empty
 
 from pydstack import UPSTREAM_VERSION, __version__
 from pydstack.rpc.proto import agent_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, PrpcService, RpcError
+from pydstack.rpc.server import CallContext, Encoded, PrpcService, RpcError
 
-from .core import AgentError, GuestCore, InfoResult, QuoteResult
+from .core import KEY_CACHE_SIZE, AgentError, GuestCore, InfoResult, QuoteResult
 
 T = TypeVar("T")
 GUEST = pb.DESCRIPTOR.services_by_name["DstackGuest"]
@@ -29,6 +30,42 @@ async def _run(fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
     except AgentError as e:
         raise RpcError(str(e)) from e
+
+
+class _Replies:
+    """the encoded answers that do not change within a boot: Info (until RTMR3 moves) and each
+    key already derived (at most KEY_CACHE_SIZE, least recently used dropped). Per process, so
+    per boot; keys are kept per (path, purpose, algorithm), as the core keeps them. Each service
+    object holds its own."""
+
+    def __init__(self, core: GuestCore) -> None:
+        self.core = core
+        self._info: dict[bool, tuple[InfoResult, Encoded]] = {}
+        self._keys: OrderedDict[tuple[str, str, str], Encoded] = OrderedDict()
+
+    async def info(self, *, external: bool) -> Encoded:
+        result = await _cached_info(self.core, external=external)
+        hit = self._info.get(external)
+        if hit is not None and hit[0] is result:
+            return hit[1]
+        reply = Encoded(_info(result))
+        self._info[external] = (result, reply)
+        return reply
+
+    async def key(self, path: str, purpose: str, algorithm: str) -> Encoded:
+        index = (path, purpose, algorithm)
+        reply = self._keys.get(index)
+        if reply is not None:
+            self._keys.move_to_end(index)
+            return reply
+        hit = self.core.cached_key(path, purpose, algorithm)
+        if hit is None:  # first time this boot: the derivation and signatures, off the loop
+            hit = await _run(lambda: self.core.get_key(path, purpose, algorithm))
+        key, chain = hit
+        reply = self._keys[index] = Encoded(pb.GetKeyResponse(key=key, signature_chain=chain))
+        while len(self._keys) > KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
+        return reply
 
 
 async def _cached_info(core: GuestCore, *, external: bool) -> InfoResult:
@@ -74,6 +111,7 @@ def version_message() -> pb.WorkerVersion:
 class DstackGuestService:
     def __init__(self, core: GuestCore) -> None:
         self.core = core
+        self.replies = _Replies(core)
 
     async def GetTlsKey(self, req: pb.GetTlsKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
         nb = req.not_before if req.HasField("not_before") else None
@@ -92,12 +130,8 @@ class DstackGuestService:
         )
         return pb.GetTlsKeyResponse(key=key, certificate_chain=chain)
 
-    async def GetKey(self, req: pb.GetKeyArgs, ctx: CallContext) -> pb.GetKeyResponse:
-        hit = self.core.cached_key(req.path, req.purpose, req.algorithm)
-        if hit is None:  # first time this boot: the derivation and signatures, off the loop
-            hit = await _run(lambda: self.core.get_key(req.path, req.purpose, req.algorithm))
-        key, chain = hit
-        return pb.GetKeyResponse(key=key, signature_chain=chain)
+    async def GetKey(self, req: pb.GetKeyArgs, ctx: CallContext) -> Encoded:
+        return await self.replies.key(req.path, req.purpose, req.algorithm)
 
     async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.GetQuoteResponse:
         return _quote(await _run(lambda: self.core.get_quote(req.report_data)))
@@ -112,8 +146,8 @@ class DstackGuestService:
             "EmitEvent was removed in dstack 0.6.0: runtime events are measured by the system only"
         )
 
-    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _cached_info(self.core, external=False))
+    async def Info(self, req: Empty, ctx: CallContext) -> Encoded:
+        return await self.replies.info(external=False)
 
     async def GpuInfo(self, req: Empty, ctx: CallContext) -> pb.GpuInfoResponse:
         return pb.GpuInfoResponse(attestation=await _run(self.core.gpu_info))
@@ -135,6 +169,7 @@ class DstackGuestService:
 class TappdService:
     def __init__(self, core: GuestCore) -> None:
         self.core = core
+        self.replies = _Replies(core)
 
     async def DeriveKey(self, req: pb.DeriveKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
         key, chain = await _run(
@@ -168,8 +203,8 @@ class TappdService:
             quote=res.quote, event_log=res.event_log, hash_algorithm=alg, prefix=prefix
         )
 
-    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _cached_info(self.core, external=False))
+    async def Info(self, req: Empty, ctx: CallContext) -> Encoded:
+        return await self.replies.info(external=False)
 
     async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
         return version_message()
@@ -178,9 +213,10 @@ class TappdService:
 class WorkerService:
     def __init__(self, core: GuestCore) -> None:
         self.core = core
+        self.replies = _Replies(core)
 
-    async def Info(self, req: Empty, ctx: CallContext) -> pb.AppInfo:
-        return _info(await _cached_info(self.core, external=True))
+    async def Info(self, req: Empty, ctx: CallContext) -> Encoded:
+        return await self.replies.info(external=True)
 
     async def Version(self, req: Empty, ctx: CallContext) -> pb.WorkerVersion:
         return version_message()

@@ -19,7 +19,6 @@ to localhost, IP addresses and this machine's names; `--allowed-host` adds DNS n
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from pydstack.attest.identity import mr_config_id_v1
 from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, spki_der
 from pydstack.crypto.k256 import compressed_pubkey, sign_message
 from pydstack.crypto.kdf import derive_dh_secret, derive_key, p256_key_from_bytes
-from pydstack.process import stop_signal
+from pydstack.process import run_server, stop_signal
 from pydstack.rpc.server import RequestGuard, parse_socket_mode
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.types import hostshare as hs
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         await group.close()
 
     try:
-        asyncio.run(run())
+        run_server(run())
     except (OSError, ValueError) as e:  # a socket could not be set up (e.g. an unknown group)
         print(f"error: {e}", file=sys.stderr)
         return 1

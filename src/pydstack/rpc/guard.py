@@ -29,11 +29,26 @@ import functools
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, Protocol
 
-from aiohttp import web
+
+class RequestLike(Protocol):
+    """what the checks read of a request: aiohttp's, or :mod:`.http1`'s (header names are looked
+    up lower-case; both servers' header views are case-insensitive or lower-cased)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def query(self) -> Mapping[str, str]: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def transport(self) -> Any: ...
+
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
 PROTO_TYPES = frozenset(
@@ -177,9 +192,9 @@ class RequestGuard:
             return True
         return any(p.startswith("*.") and host.endswith(p[1:]) for p in self.allowed_hosts)
 
-    def check(self, request: web.BaseRequest) -> Refusal | None:
+    def check(self, request: RequestLike) -> Refusal | None:
         """the Host, Origin and Sec-Fetch-Site checks; None when the request may proceed."""
-        host_header = request.headers.get("Host")
+        host_header = request.headers.get("host")
         parsed = split_host(host_header) if host_header is not None else None
         if host_header is not None and parsed is None:
             return Refusal(400, f"malformed host header {host_header[:100]!r}")
@@ -189,7 +204,7 @@ class RequestGuard:
                 f"host not allowed: {parsed[0][:100]} (add it to {self.hosts_key} in the config to "
                 "serve this name)",
             )
-        origin = request.headers.get("Origin")
+        origin = request.headers.get("origin")
         allowed_origin = False
         if origin is not None:
             norm = normalize_origin(origin)
@@ -200,7 +215,7 @@ class RequestGuard:
                     f"cross-origin request refused: origin {origin[:200]!r} is not this "
                     f"server's (add it to {self.origins_key} in the config to allow it)",
                 )
-        fetch_site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        fetch_site = request.headers.get("sec-fetch-site", "").strip().lower()
         if fetch_site in ("cross-site", "same-site") and not allowed_origin:
             return Refusal(
                 403,
@@ -218,13 +233,16 @@ def _str_list(value: object, key: str) -> list[str]:
     return list(value)
 
 
-def _is_unix(request: web.BaseRequest) -> bool:
+def _is_unix(request: RequestLike) -> bool:
+    known = getattr(request, "is_unix", None)  # a server that knows it per connection
+    if known is not None:
+        return bool(known)
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     return sock is not None and sock.family == socket.AF_UNIX
 
 
-def _own_origin(request: web.BaseRequest, host: tuple[str, int | None] | None) -> str | None:
+def _own_origin(request: RequestLike, host: tuple[str, int | None] | None) -> str | None:
     if host is None:
         return None
     scheme = request.scheme if request.scheme in _DEFAULT_PORTS else "http"
@@ -238,10 +256,10 @@ def _media_type(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
-def body_mode(request: web.BaseRequest) -> Literal["json", "proto"] | Refusal:
+def body_mode(request: RequestLike) -> Literal["json", "proto"] | Refusal:
     """how to decode a prpc POST body, or the 415 refusal for a content type it must not accept."""
     flag = request.query.get("json", None) in ("", "1", "true")
-    raw = request.headers.get("Content-Type")
+    raw = request.headers.get("content-type")
     if raw is None:
         return "json" if flag else "proto"
     ctype = _media_type(raw)

@@ -28,7 +28,7 @@ import resource
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -110,19 +110,31 @@ def connection_cap(max_connections: int, nofile: int) -> int:
     return max_connections
 
 
+class Tracked(Protocol):
+    """a connection the table can count, evict and close."""
+
+    phase: str
+    waiting_since: float
+
+    @property
+    def evictable(self) -> bool: ...
+
+    def abort(self, why: str) -> None: ...
+
+
 class ConnectionTable:
     """the open connections of one server and its cap."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self._live: dict[_Connection, None] = {}
+        self._live: dict[Tracked, None] = {}
         #: the highest number of connections open at once (for tests and diagnostics)
         self.peak = 0
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def admit(self, conn: _Connection) -> bool:
+    def admit(self, conn: Tracked) -> bool:
         if len(self._live) >= self.cap:
             waiting = [c for c in self._live if c.evictable]
             if not waiting:
@@ -132,8 +144,16 @@ class ConnectionTable:
         self.peak = max(self.peak, len(self._live))
         return True
 
-    def forget(self, conn: _Connection) -> None:
+    def forget(self, conn: Tracked) -> None:
         self._live.pop(conn, None)
+
+    def live(self) -> list[Tracked]:
+        """the open connections (a copy)."""
+        return list(self._live)
+
+    def abort_all(self, why: str) -> None:
+        for conn in list(self._live):
+            conn.abort(why)
 
     def abort_unstarted(self) -> None:
         """close connections aiohttp does not know yet (in the TLS handshake)."""
@@ -269,7 +289,7 @@ class _Connection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- lifecycle
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         self._raw = transport
         if not self._table.admit(self):
             log.debug("connection refused: %d connections open, none idle", len(self._table))

@@ -38,7 +38,7 @@ from google.protobuf.message_factory import GetMessageClass
 from pydstack.errors import DstackError
 
 from .errors import RpcError
-from .guard import Refusal, RequestGuard, body_mode, get_allowed
+from .guard import Refusal, RequestGuard, RequestLike, body_mode, get_allowed
 from .json_codec import CodecError, json_to_message, message_to_json, query_to_message
 from .limits import LimitedRunner, LimitedSite, ServerLimits, raise_nofile_limit
 from .proto import prpc_pb2
@@ -46,6 +46,7 @@ from .unixpath import SocketPath
 
 __all__ = [
     "CallContext",
+    "Encoded",
     "PeerCred",
     "PrpcServer",
     "PrpcService",
@@ -77,10 +78,33 @@ class CallContext:
     peer_cert: x509.Certificate | None
     peer_cred: PeerCred | None
     remote: str | None
-    request: web.Request | None = None
+    request: object | None = None
 
 
-Handler = Callable[[Any, CallContext], Awaitable[Message]]
+class Encoded:
+    """a response encoded once: for an answer that does not change (Info within a boot, a key
+    already derived), a handler returns this and the server writes the stored bytes."""
+
+    __slots__ = ("_json", "_proto", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._json: dict[frozenset[str], bytes] = {}
+        self._proto: bytes | None = None
+
+    def json(self, omit_empty: frozenset[str]) -> bytes:
+        out = self._json.get(omit_empty)
+        if out is None:
+            out = self._json[omit_empty] = message_to_json(self.message, omit_empty)
+        return out
+
+    def proto(self) -> bytes:
+        if self._proto is None:
+            self._proto = self.message.SerializeToString()
+        return self._proto
+
+
+Handler = Callable[[Any, CallContext], Awaitable[Message | Encoded]]
 
 
 @dataclass
@@ -114,30 +138,114 @@ class PrpcService:
         return fn, GetMessageClass(m.input_type), GetMessageClass(m.output_type)
 
 
-def _wants_json(request: web.Request) -> bool:
+def _wants_json(request: RequestLike) -> bool:
     """whether an error for this request is best written as JSON (a refused request included)."""
     if request.method != "POST":
         return True
     return body_mode(request) != "proto"  # JSON, or a refused type: then a readable error
 
 
-def _error(
+@dataclass(frozen=True)
+class Answer:
+    """an HTTP answer, whichever server writes it."""
+
+    status: int
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str] | None = None
+
+
+def error_answer(
     message: str, json_mode: bool, status: int = 400, headers: Mapping[str, str] | None = None
-) -> web.Response:
+) -> Answer:
+    """a prpc error: `{"error": msg}` (pretty-printed) in JSON mode, `ProtoError` otherwise."""
     if json_mode:
         body = json.dumps({"error": message}, indent=2).encode()
-        return web.Response(status=status, body=body, content_type=JSON_CT, headers=headers)
-    return web.Response(
-        status=status,
-        body=prpc_pb2.ProtoError(message=message).SerializeToString(),
-        content_type=PROTO_CT,
-        headers=headers,
+        return Answer(status, body, JSON_CT, headers)
+    return Answer(
+        status, prpc_pb2.ProtoError(message=message).SerializeToString(), PROTO_CT, headers
     )
 
 
-def _refused(refusal: Refusal, request: web.Request) -> web.Response:
+def refused_answer(refusal: Refusal, request: RequestLike) -> Answer:
     headers = {"Allow": "POST"} if refusal.status == 405 else None
-    return _error(refusal.message, _wants_json(request), refusal.status, headers)
+    return error_answer(refusal.message, _wants_json(request), refusal.status, headers)
+
+
+@dataclass(frozen=True)
+class ResolvedCall:
+    """a prpc call whose method exists and whose request may be decoded (before its body)."""
+
+    name: str
+    handler: Handler
+    request_type: type[Message]
+    json_mode: bool
+    is_get: bool
+
+
+def resolve_call(service: PrpcService, name: str, request: RequestLike) -> ResolvedCall | Answer:
+    """the method `name` of `service` for this request, or the error answer (unknown method,
+    GET of a method that is not read-only, a refused content type)."""
+    is_get = request.method == "GET"
+    mode_or_refusal = "json" if is_get else body_mode(request)
+    found = service.method(name)
+    if found is None:
+        return error_answer(f"Service not found: {name}", mode_or_refusal != "proto")
+    refusal: Refusal | None
+    if is_get:
+        refusal = get_allowed(service.bare_name(name), service.get_methods)
+    else:
+        refusal = mode_or_refusal if isinstance(mode_or_refusal, Refusal) else None
+    if refusal is not None:
+        log.info("refused %s %s: %s", request.method, name, refusal.message)
+        return refused_answer(refusal, request)
+    mode = mode_or_refusal
+    fn, req_cls, _ = found
+    return ResolvedCall(name, fn, req_cls, mode == "json", is_get)
+
+
+async def invoke_call(
+    service: PrpcService, call: ResolvedCall, body: bytes, query_string: str, ctx: CallContext
+) -> Answer:
+    """decode the request (the query string for GET, else `body`), run the handler, encode."""
+    json_mode, name = call.json_mode, call.name
+    try:
+        req = call.request_type()
+        if call.is_get:
+            query_to_message(query_string, req)
+        elif json_mode:
+            json_to_message(body, req)
+        else:
+            req.ParseFromString(body)
+    except (CodecError, DecodeError) as e:
+        return error_answer(f"failed to decode request: {e}", json_mode)
+    except Exception as e:  # a codec bug; the input is still what was bad
+        log.warning("rpc %s: request decoding raised %s", name, type(e).__name__)
+        return error_answer(f"failed to decode request: {type(e).__name__}", json_mode)
+    try:
+        resp = await call.handler(req, ctx)
+    except DstackError as e:  # domain errors carry the message the caller should see
+        return error_answer(str(e), json_mode)
+    except Exception:  # a handler bug: logged, and the server keeps serving
+        log.exception("rpc %s failed", name)
+        return error_answer("internal error", json_mode, status=500)
+    if json_mode:
+        omit = service.omit_empty.get(service.bare_name(name), frozenset())
+        if isinstance(resp, Encoded):
+            return Answer(200, resp.json(omit), JSON_CT)
+        return Answer(200, message_to_json(resp, omit), JSON_CT)
+    return Answer(
+        200, resp.proto() if isinstance(resp, Encoded) else resp.SerializeToString(), PROTO_CT
+    )
+
+
+def _response(answer: Answer) -> web.Response:
+    return web.Response(
+        status=answer.status,
+        body=answer.body,
+        content_type=answer.content_type,
+        headers=answer.headers,
+    )
 
 
 def peer_context(request: web.Request) -> CallContext:
@@ -150,15 +258,19 @@ def peer_context(request: web.Request) -> CallContext:
             der = ssl_obj.getpeercert(binary_form=True)
             if der:
                 cert = x509.load_der_x509_certificate(der)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            try:
-                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                pid, uid, gid = struct.unpack("3i", raw)
-                cred = PeerCred(pid, uid, gid)
-            except OSError:
-                cred = None
+        cred = peer_cred(transport.get_extra_info("socket"))
     return CallContext(cert, cred, request.remote, request)
+
+
+def peer_cred(sock: Any) -> PeerCred | None:
+    """the credentials of the process at the other end of a Unix socket (None for others)."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return PeerCred(*struct.unpack("3i", raw))
 
 
 class PrpcServer:
@@ -214,7 +326,7 @@ class PrpcServer:
                 refusal.message,
             )
             if request.match_info.handler in self._prpc_handlers:
-                return _refused(refusal, request)
+                return _response(refused_answer(refusal, request))
             return web.json_response({"error": refusal.message}, status=refusal.status)
         return await handler(request)
 
@@ -228,53 +340,19 @@ class PrpcServer:
         self._prpc_handlers.add(handle)
 
     async def _dispatch(self, service: PrpcService, request: web.Request) -> web.Response:
-        name = request.match_info["method"]
-        json_mode = _wants_json(request)
-        found = service.method(name)
-        if found is None:
-            return _error(f"Service not found: {name}", json_mode)
-        if request.method == "GET":
-            refusal = get_allowed(service.bare_name(name), service.get_methods)
-            mode = "json"
-        else:
-            mode_or_refusal = body_mode(request)
-            refusal = mode_or_refusal if isinstance(mode_or_refusal, Refusal) else None
-            mode = mode_or_refusal if not isinstance(mode_or_refusal, Refusal) else "json"
-        if refusal is not None:
-            log.info("refused %s %s: %s", request.method, name, refusal.message)
-            return _refused(refusal, request)
-        json_mode = mode == "json"
-        fn, req_cls, _ = found
+        call = resolve_call(service, request.match_info["method"], request)
+        if isinstance(call, Answer):
+            return _response(call)
         try:
-            body = await request.read() if request.method == "POST" else b""
+            body = await request.read() if not call.is_get else b""
         except web.HTTPRequestEntityTooLarge:
-            return _error(f"request body too large (max {self.max_body} bytes)", json_mode)
+            return _response(
+                error_answer(f"request body too large (max {self.max_body} bytes)", call.json_mode)
+            )
         except ConnectionError:  # cut off (e.g. a body too slow): nobody to answer
-            return _error("connection lost", json_mode)
-        try:
-            req = req_cls()
-            if request.method == "GET":
-                query_to_message(request.query_string, req)
-            elif json_mode:
-                json_to_message(body, req)
-            else:
-                req.ParseFromString(body)
-        except (CodecError, DecodeError) as e:
-            return _error(f"failed to decode request: {e}", json_mode)
-        except Exception as e:  # a codec bug; the input is still what was bad
-            log.warning("rpc %s: request decoding raised %s", name, type(e).__name__)
-            return _error(f"failed to decode request: {type(e).__name__}", json_mode)
-        try:
-            resp = await fn(req, peer_context(request))
-        except DstackError as e:  # domain errors carry the message the caller should see
-            return _error(str(e), json_mode)
-        except Exception:  # a handler bug: logged, and the server keeps serving
-            log.exception("rpc %s failed", name)
-            return _error("internal error", json_mode, status=500)
-        if json_mode:
-            omit = service.omit_empty.get(service.bare_name(name), frozenset())
-            return web.Response(body=message_to_json(resp, omit), content_type=JSON_CT)
-        return web.Response(body=resp.SerializeToString(), content_type=PROTO_CT)
+            return _response(error_answer("connection lost", call.json_mode))
+        answer = await invoke_call(service, call, body, request.query_string, peer_context(request))
+        return _response(answer)
 
     # ------------------------------------------------------------------ listeners
     async def _runner_ready(self) -> LimitedRunner:
@@ -296,24 +374,15 @@ class PrpcServer:
     async def listen_unix(
         self, path: str | Path, mode: int = 0o660, group: str | int | None = None
     ) -> None:
-        """listen on a Unix socket at `path` (a stale socket there is replaced, any other file
-        refused with RuntimeError), then chmod it to `mode` and, when `group` (a name or gid) is
-        given, chown it to that group. An unknown group is a ValueError, before anything binds."""
-        gid = _gid(group)
-        path = Path(path)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise RuntimeError(f"refusing to replace non-socket file {path}")
-            path.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """listen on a Unix socket at `path` (see :func:`unix_listener`)."""
         runner = await self._runner_ready()
-        with SocketPath(path) as addr:
-            site = LimitedSite(runner, path=addr.address)
+
+        async def start(address: str) -> None:
+            site = LimitedSite(runner, path=address)
             await site.start()
-        os.chmod(path, mode)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        self._sites.append(site)
+            self._sites.append(site)
+
+        await unix_listener(path, mode, group, start)
 
     async def listen_tls(
         self,
@@ -336,6 +405,30 @@ class PrpcServer:
             await self._runner.cleanup()
             self._runner = None
             self._sites = []
+
+
+async def unix_listener(
+    path: str | Path,
+    mode: int,
+    group: str | int | None,
+    start: Callable[[str], Awaitable[None]],
+) -> None:
+    """a Unix socket listener at `path`: a stale socket there is replaced, any other file refused
+    with RuntimeError; `start(address)` binds it; then it is chmod-ed to `mode` and, when `group`
+    (a name or gid) is given, chown-ed to that group. An unknown group is a ValueError, before
+    anything binds."""
+    gid = _gid(group)
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise RuntimeError(f"refusing to replace non-socket file {path}")
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with SocketPath(path) as addr:
+        await start(addr.address)
+    os.chmod(path, mode)
+    if gid is not None:
+        os.chown(path, -1, gid)
 
 
 def parse_socket_mode(value: object) -> int:

@@ -95,9 +95,10 @@ def loads(
     """json.loads under the contract in the module docstring; JsonError for bad input (with
     `surrogates=False`, also for a string or key holding a lone surrogate)."""
     text = decode(data, max_bytes)
-    if text.count("{") + text.count("[") + text.count(",") > max_items:
+    # a text cannot hold more values, nor nest deeper, than it has characters
+    if len(text) > max_items and text.count("{") + text.count("[") + text.count(",") > max_items:
         raise JsonError(f"json holds more than {max_items} values")
-    if nesting_depth(text) > max_depth:
+    if len(text) > max_depth and nesting_depth(text) > max_depth:
         raise JsonError(f"json nested deeper than {max_depth} levels")
     try:
         obj = json.loads(text)
