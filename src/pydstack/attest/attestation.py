@@ -142,29 +142,77 @@ def _runtime_v1(ev: RuntimeEvent) -> dict[str, Any]:
     return obj
 
 
+def _pack(obj: Any) -> bytes:
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    return out
+
+
+class V1Encoder:
+    """the v1 (msgpack) encoding of attestations that share an event log and a config: the
+    parts that do not change are packed once; :meth:`encode` adds a quote and report data.
+
+    The bytes are those of packing upstream's document (maps in its key order, byte strings
+    as arrays of integers, as serde writes `Vec<u8>`)."""
+
+    __slots__ = ("_head", "_mid", "_tail")
+
+    def __init__(
+        self,
+        event_log: Sequence[TdxEvent],
+        runtime_events: Sequence[RuntimeEvent],
+        config: str,
+    ) -> None:
+        packer = msgpack.Packer(use_bin_type=True)
+        # {"version": 1, "platform": {"kind": "tdx", "data": {"quote": [..], "event_log": [..]}},
+        #  "stack": {"kind": "dstack", "data": {"report_data": [..], "runtime_events": [..],
+        #  "config": ".."}}}
+        self._head = b"".join(
+            (
+                packer.pack_map_header(3),
+                _pack("version"),
+                _pack(1),
+                _pack("platform"),
+                packer.pack_map_header(2),
+                _pack("kind"),
+                _pack("tdx"),
+                _pack("data"),
+                packer.pack_map_header(2),
+                _pack("quote"),
+            )
+        )
+        self._mid = b"".join(
+            (
+                _pack("event_log"),
+                _pack([_event_v1(e) for e in event_log]),
+                _pack("stack"),
+                packer.pack_map_header(2),
+                _pack("kind"),
+                _pack("dstack"),
+                _pack("data"),
+                packer.pack_map_header(3),
+                _pack("report_data"),
+            )
+        )
+        self._tail = b"".join(
+            (
+                _pack("runtime_events"),
+                _pack([_runtime_v1(e) for e in runtime_events]),
+                _pack("config"),
+                _pack(config),
+            )
+        )
+
+    def encode(self, quote: bytes, report_data: bytes) -> bytes:
+        return b"".join(
+            (self._head, _pack(list(quote)), self._mid, _pack(list(report_data)), self._tail)
+        )
+
+
 def encode_v1(att: Attestation) -> bytes:
     if att.platform != "tdx":
         raise ValueError(f"cannot encode platform {att.platform}")
-    doc = {
-        "version": 1,
-        "platform": {
-            "kind": "tdx",
-            "data": {
-                "quote": list(att.quote),
-                "event_log": [_event_v1(e) for e in att.event_log],
-            },
-        },
-        "stack": {
-            "kind": "dstack",
-            "data": {
-                "report_data": list(att.report_data),
-                "runtime_events": [_runtime_v1(e) for e in att.runtime_events],
-                "config": att.config,
-            },
-        },
-    }
-    out: bytes = msgpack.packb(doc, use_bin_type=True)
-    return out
+    encoder = V1Encoder(att.event_log, att.runtime_events, att.config)
+    return encoder.encode(att.quote, att.report_data)
 
 
 def _map(obj: Any, what: str) -> dict[str, Any]:

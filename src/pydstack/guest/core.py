@@ -24,7 +24,7 @@ from typing import Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pydstack.attest.attestation import Attestation, encode_v1, to_versioned_bytes
+from pydstack.attest.attestation import Attestation, V1Encoder, to_versioned_bytes
 from pydstack.attest.eventlog import (
     RuntimeEvent,
     TdxEvent,
@@ -62,6 +62,8 @@ class QuotePlatform(Protocol):
 
     #: True for the simulator (full event log and an attestation in GetQuote)
     simulated: bool
+    #: True when quotes are signed in this process (see :class:`pydstack.tee.base.TdxPlatform`)
+    in_process: bool
 
     def get_quote(self, report_data: bytes) -> bytes: ...
 
@@ -103,6 +105,17 @@ class QuoteResult:
 
 
 @dataclass(frozen=True)
+class _Evidence:
+    """what quotes carry besides the quote, for one set of runtime events."""
+
+    runtime_events: tuple[RuntimeEvent, ...]
+    event_log: tuple[TdxEvent, ...]
+    #: GetQuote's event log JSON (stripped as upstream's on real TDX)
+    quote_event_log: str
+    v1: V1Encoder
+
+
+@dataclass(frozen=True)
 class InfoResult:
     app_id: bytes
     instance_id: bytes
@@ -139,6 +152,8 @@ class GuestCore:
     _keys_lock: threading.Lock = field(default_factory=threading.Lock)
     #: Info of this boot per `external`, with the runtime-event count it was taken at
     _info: dict[bool, tuple[int, InfoResult]] = field(default_factory=dict)
+    #: the event log and its encodings, for the runtime events they were taken with
+    _evidence: _Evidence | None = None
 
     # ------------------------------------------------------------------ compose
     @property
@@ -240,13 +255,30 @@ class GuestCore:
         return key_pem(key), self.signer.sign(req, key)
 
     # ------------------------------------------------------------------ quotes
+    def _current_evidence(self) -> _Evidence:
+        """the event log as of now; rebuilt only when the runtime events changed."""
+        runtime = tuple(self.platform.runtime_events())
+        evidence = self._evidence
+        if evidence is None or evidence.runtime_events != runtime:
+            events = tuple(self.platform.event_log())
+            shown = list(events) if self.platform.simulated else strip_event_log(events)
+            evidence = _Evidence(
+                runtime_events=runtime,
+                event_log=events,
+                quote_event_log=event_log_to_json(shown),
+                v1=V1Encoder(events, runtime, self.sys_config.vm_config),
+            )
+            self._evidence = evidence
+        return evidence
+
     def attestation(self, report_data: bytes) -> Attestation:
         rd = pad64(report_data)
+        evidence = self._current_evidence()
         quote = self.platform.get_quote(rd)
         return Attestation(
             quote=quote,
-            event_log=tuple(self.platform.event_log()),
-            runtime_events=tuple(self.platform.runtime_events()),
+            event_log=evidence.event_log,
+            runtime_events=evidence.runtime_events,
             report_data=rd,
             config=self.sys_config.vm_config,
         )
@@ -267,19 +299,16 @@ class GuestCore:
         return to_versioned_bytes(stripped(att))
 
     def get_quote(self, report_data: bytes) -> QuoteResult:
-        att = self.attestation(report_data)
-        if self.platform.simulated:
-            events = list(att.event_log)
-            attestation = encode_v1(att)
-        else:
-            events = strip_event_log(list(att.event_log))
-            attestation = b""
+        rd = pad64(report_data)
+        evidence = self._current_evidence()
+        quote = self.platform.get_quote(rd)
         return QuoteResult(
-            quote=att.quote,
-            event_log=event_log_to_json(events),
-            report_data=att.report_data,
+            quote=quote,
+            event_log=evidence.quote_event_log,
+            report_data=rd,
             vm_config=self.sys_config.vm_config,
-            attestation=attestation,
+            # the simulator adds upstream's v1 attestation; real TDX leaves it out
+            attestation=evidence.v1.encode(quote, rd) if self.platform.simulated else b"",
         )
 
     def attest(self, report_data: bytes) -> bytes:

@@ -134,6 +134,11 @@ class DstackGuestService:
         return await self.replies.key(req.path, req.purpose, req.algorithm)
 
     async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.GetQuoteResponse:
+        if self.core.platform.in_process:  # signing here: a thread would only add GIL handoffs
+            try:
+                return _quote(self.core.get_quote(req.report_data))
+            except AgentError as e:
+                raise RpcError(str(e)) from e
         return _quote(await _run(lambda: self.core.get_quote(req.report_data)))
 
     async def Attest(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.AttestResponse:

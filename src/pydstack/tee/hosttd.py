@@ -54,6 +54,7 @@ class HostTdx:
     """the TD of this CVM, as its VMM keeps it."""
 
     simulated = True
+    in_process = False
 
     def __init__(self, socket_path: Path | str, timeout: float = 30.0) -> None:
         """`socket_path`: a Unix socket, or an `http://host:port` base; ValueError for another

@@ -154,6 +154,7 @@ class RealTdx:
     """the TDX platform of a real guest."""
 
     simulated = False
+    in_process = False
 
     def __init__(
         self, tsm: ConfigfsTsm | None = None, events: RuntimeEventLog | None = None

@@ -107,6 +107,7 @@ class SimulatedTdx:
     """a simulated TD: quote generation, RTMR state and event log."""
 
     simulated = True
+    in_process = True
 
     def __init__(
         self,

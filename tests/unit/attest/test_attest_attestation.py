@@ -131,3 +131,52 @@ def test_report_data_conventions():
 def test_compose_hash_is_raw_sha256(vectors):
     raw = (vectors / "dstack/simulator_app-compose.json").read_bytes()
     assert compose_hash(raw).hex().startswith("65b4e574")
+
+
+def test_v1_bytes_are_upstreams_document_packed(sim_bin):
+    """the spliced encoder writes exactly what packing upstream's v1 document writes."""
+    import msgpack
+
+    att = decode_versioned(sim_bin)
+    att = dataclasses.replace(
+        att,
+        runtime_events=(*att.runtime_events, RuntimeEvent("x", b"\x80\xff", version=2)),
+        report_data=bytes(range(200, 256)) + bytes(8),
+    )
+    doc = {
+        "version": 1,
+        "platform": {
+            "kind": "tdx",
+            "data": {
+                "quote": list(att.quote),
+                "event_log": [
+                    {
+                        "imr": e.imr,
+                        "event_type": e.event_type,
+                        "digest": e.digest,
+                        "event": e.event,
+                        "event_payload": e.event_payload,
+                        **({"version": 2} if e.version == 2 else {}),
+                        **({"preimage": e.preimage} if e.preimage is not None else {}),
+                    }
+                    for e in att.event_log
+                ],
+            },
+        },
+        "stack": {
+            "kind": "dstack",
+            "data": {
+                "report_data": list(att.report_data),
+                "runtime_events": [
+                    {
+                        "event": e.event,
+                        "payload": e.payload,
+                        **({"version": 2} if e.version == 2 else {}),
+                    }
+                    for e in att.runtime_events
+                ],
+                "config": att.config,
+            },
+        },
+    }
+    assert encode_v1(att) == msgpack.packb(doc, use_bin_type=True)
