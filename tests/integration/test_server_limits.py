@@ -220,3 +220,24 @@ def test_limits_config_and_file_limit():
     assert connection_cap(1024, soft) <= max(16, (soft - FD_RESERVE) // 2)
     assert connection_cap(1024, 1000) == (1000 - FD_RESERVE) // 2
     assert connection_cap(10, 1000) == 10
+
+
+def test_tls_listener_refuses_uvloop():
+    """uvloop reads before start_tls could take a new connection over: refused at listen time."""
+    import uvloop
+
+    async def listen() -> None:
+        srv = PrpcServer()
+        key = generate_p256_key()
+        cert = issue_cert(CertRequest("localhost", alt_names=("localhost",)), key.public_key(), key)
+        try:
+            await srv.listen_tls("127.0.0.1", 0, cert_pem=cert_pem(cert), key_pem=key_pem(key))
+        finally:
+            await srv.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        with pytest.raises(RuntimeError, match="asyncio's event loop"):
+            loop.run_until_complete(listen())
+    finally:
+        loop.close()

@@ -222,8 +222,13 @@ class LimitedSite(web.BaseSite):
         return self._ssl_context
 
     async def start(self) -> None:
-        await super().start()
         loop = asyncio.get_running_loop()
+        if self._ssl_context is not None and "uvloop" in type(loop).__module__:
+            # asyncio's loop runs the TLS task before a connection's first read; uvloop starts
+            # reading right after connection_made, so a ClientHello could reach the plain
+            # protocol before start_tls takes the transport over
+            raise RuntimeError("tls listeners need asyncio's event loop, not uvloop")
+        await super().start()
 
         def factory() -> _Connection:
             return _Connection(self, loop)
