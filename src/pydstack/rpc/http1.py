@@ -155,8 +155,13 @@ class Http1Server:
         response_headers: Mapping[str, str] | None = None,
         limits: ServerLimits | None = None,
         guard: RequestGuard | None = None,
+        route_error: Callable[[str, int], Answer] | None = None,
     ) -> None:
+        """`route_error(message, status)` writes the errors of plain routes and of requests
+        refused before routing (default `{"error": message}`); prpc paths answer in prpc's
+        error format whatever it is."""
         self.max_body = max_body
+        self.route_error = route_error or _json_error
         self.limits = limits or ServerLimits()
         self.guard = guard or RequestGuard()
         self._extra_head = b"".join(
@@ -211,7 +216,7 @@ class Http1Server:
             )
             if service is not None:
                 return refused_answer(refusal, request)
-            return _json_error(refusal.message, refusal.status)
+            return self.route_error(refusal.message, refusal.status)
         if service is not None:
             if request.method not in ("GET", "POST"):
                 return _json_error(
@@ -226,15 +231,17 @@ class Http1Server:
             )
         route = self._routes.get(request.path)
         if route is None:
-            return _json_error("not found", 404)
+            return self.route_error("not found", 404)
         if request.method not in route.methods:
             allow = ", ".join(sorted(route.methods))
-            return _json_error(f"method {request.method} is not allowed", 405, {"Allow": allow})
+            return _with_headers(
+                self.route_error(f"method {request.method} is not allowed", 405), {"Allow": allow}
+            )
         try:
             return await route.handler(request)
         except Exception:
             log.exception("%s %s failed", request.method, request.path[:100])
-            return _json_error("internal error", 500)
+            return self.route_error("internal error", 500)
 
     def _find(self, path: str) -> tuple[PrpcService | None, str]:
         for service in self._services:
@@ -252,7 +259,7 @@ class Http1Server:
         if service is not None:
             mode = request.method != "POST" or _json_mode(request)
             return error_answer(message, mode)
-        return _json_error(message, 413)
+        return self.route_error(message, 413)
 
     def encode(self, answer: Answer, keep_alive: bool) -> bytes:
         reason = _REASONS.get(answer.status, "Unknown")
@@ -332,6 +339,12 @@ def _json_mode(request: HttpRequest) -> bool:
     from .guard import body_mode
 
     return body_mode(request) != "proto"
+
+
+def _with_headers(answer: Answer, headers: Mapping[str, str]) -> Answer:
+    return Answer(
+        answer.status, answer.body, answer.content_type, {**(answer.headers or {}), **headers}
+    )
 
 
 def _json_error(message: str, status: int, headers: Mapping[str, str] | None = None) -> Answer:
@@ -465,16 +478,17 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(_json_error("protocol upgrades are not supported", 400))
+            self._fail(self._server.route_error("protocol upgrades are not supported", 400))
         except httptools.HttpParserError as e:
             refused = e.__context__
             if isinstance(refused, _Refused):
                 if refused.request is not None:
                     self._fail(self._server.refuse_early(refused.request, refused.message))
                 else:
-                    self._fail(_json_error(refused.message, refused.status))
+                    self._fail(self._server.route_error(refused.message, refused.status))
             else:
-                self._fail(_json_error(f"malformed request: {_parser_reason(e)}", 400))
+                message = f"malformed request: {_parser_reason(e)}"
+                self._fail(self._server.route_error(message, 400))
         if self._worker is None:
             self._pump()
 
