@@ -46,13 +46,12 @@ from pydstack.types.sysconfig import SysConfig, SysConfigError
 from . import gateway_client
 from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
-from .core import GuestCore
 from .guest_api import GUEST_API_SERVICE, GuestApi
 from .hostapi import HostApi
 from .luks import LuksStorage
+from .runtime import start_runtime
 from .sandbox import _key_provider, _project_name, app_owned_dir, registries_conf
-from .servers import RESPONSE_HEADERS, Listener, ListenerOptions, start_agent
-from .signer import KmsCertSigner, LocalCertSigner
+from .servers import RESPONSE_HEADERS
 
 log = logging.getLogger("dstack-guest")
 
@@ -188,38 +187,17 @@ async def boot_and_run() -> int:
         except BootError:
             reported = True
             raise
-        compose_raw = (WORK / ".host-shared" / hs.APP_COMPOSE).read_bytes()
-        sys_config = SysConfig.load(WORK / ".host-shared" / hs.SYS_CONFIG)
-        signer: LocalCertSigner | KmsCertSigner
-        if result.keys.key_provider.kind == "Kms":
-            signer = KmsCertSigner(result.keys, sys_config.vm_config, lambda spki: b"")
-        else:
-            signer = LocalCertSigner(result.keys)
-        core = GuestCore(tdx, result.keys, compose_raw, sys_config, signer)  # type: ignore[arg-type]
-        if isinstance(signer, KmsCertSigner):
-            signer.attest = core.spki_attestation
-        info = core.info(external=False)
-        print(
-            json.dumps(
-                {
-                    "app_id": info.app_id.hex(),
-                    "instance_id": info.instance_id.hex(),
-                    "compose_hash": info.compose_hash.hex(),
-                    "device_id": info.device_id.hex(),
-                }
-            ),
-            flush=True,
+        runtime = await start_runtime(
+            tdx,  # type: ignore[arg-type]
+            result,
+            WORK,
+            RUN,
+            host.notify,
+            socket_group=UID_BASE,
         )
-        sockets = ListenerOptions(socket_mode=0o660, socket_group=UID_BASE)
-        agent = await start_agent(
-            core,
-            [
-                Listener(f"unix:{RUN / 'dstack.sock'}", ("dstack",), sockets, "dstack"),
-                Listener(f"unix:{RUN / 'tappd.sock'}", ("tappd",), sockets, "tappd"),
-            ],
-        )
-        servers.extend(agent.servers)
-        gateway = await gateway_client.start(core, result.keys, sys_config, host.notify)
+        core, compose_raw, sys_config = runtime.core, runtime.compose_raw, runtime.sys_config
+        servers.extend(runtime.servers)
+        gateway = runtime.gateway
         app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         project = ComposeProject.parse(

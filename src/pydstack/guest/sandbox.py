@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import re
@@ -42,16 +41,14 @@ from pydstack.tee.hosttd import HostTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose, AppComposeError
 from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
-from pydstack.types.sysconfig import SysConfig
 
 from . import gateway_client
 from .boot import Booter, BootError, BootResult
 from .compose_runner import PodmanCompose
-from .core import GuestCore
 from .guest_api import GUEST_API_SERVICE, GuestApi
 from .hostapi import HostApi
-from .servers import RESPONSE_HEADERS, Listener, ListenerOptions, start_agent
-from .signer import KmsCertSigner, LocalCertSigner
+from .runtime import start_runtime
+from .servers import RESPONSE_HEADERS
 from .storage import Storage, sh
 
 log = logging.getLogger("dstack-guest")
@@ -258,40 +255,12 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         except BootError:
             reported = True  # the boot flow reported it already
             raise
-        compose_raw = (WORK / ".host-shared" / hs.APP_COMPOSE).read_bytes()
-        sys_config = SysConfig.load(WORK / ".host-shared" / hs.SYS_CONFIG)
-        signer: LocalCertSigner | KmsCertSigner
-        if result.keys.key_provider.kind == "Kms":
-            signer = KmsCertSigner(result.keys, sys_config.vm_config, lambda spki: b"")
-        else:
-            signer = LocalCertSigner(result.keys)
-        core = GuestCore(tdx, result.keys, compose_raw, sys_config, signer)
-        if isinstance(signer, KmsCertSigner):
-            signer.attest = core.spki_attestation
-        info = core.info(external=False)
-        print(
-            json.dumps(
-                {
-                    "app_id": info.app_id.hex(),
-                    "instance_id": info.instance_id.hex(),
-                    "compose_hash": info.compose_hash.hex(),
-                    "device_id": info.device_id.hex(),
-                }
-            ),
-            flush=True,
+        runtime = await start_runtime(
+            tdx, result, WORK, RUN, host.notify, socket_group=uid_base or None
         )
-        # 0660, group = the app containers' root (a container process running as another user
-        # reaches them with `group_add: ["0"]`); nothing else unprivileged can
-        sockets = ListenerOptions(socket_mode=0o660, socket_group=uid_base or None)
-        agent = await start_agent(
-            core,
-            [
-                Listener(f"unix:{RUN / 'dstack.sock'}", ("dstack",), sockets, "dstack"),
-                Listener(f"unix:{RUN / 'tappd.sock'}", ("tappd",), sockets, "tappd"),
-            ],
-        )
-        servers.extend(agent.servers)
-        gateway = await gateway_client.start(core, result.keys, sys_config, host.notify)
+        core, compose_raw, sys_config = runtime.core, runtime.compose_raw, runtime.sys_config
+        servers.extend(runtime.servers)
+        gateway = runtime.gateway
         app = AppCompose.parse(compose_raw)
         await host.notify("boot.progress", "setting up docker")
         envs = dict(result.envs)
