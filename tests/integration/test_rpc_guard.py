@@ -269,7 +269,8 @@ def test_guard_config_is_validated():
     assert split_host("a:b:c") is None and split_host("a:99999") is None
 
 
-async def test_tls_listener_answers_to_its_certificate_names():
+@pytest.mark.parametrize("kind", [PrpcServer, Http1Server])
+async def test_tls_listener_answers_to_its_certificate_names(kind):
     key = generate_p256_key()
     cert = issue_cert(
         CertRequest("kms.example", alt_names=("kms.example", "10.0.0.1"), usage_server_auth=True),
@@ -277,7 +278,7 @@ async def test_tls_listener_answers_to_its_certificate_names():
         key,
     )
     impl = CountingVmm()
-    srv = PrpcServer()
+    srv = kind()
     srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=VMM_GET_METHODS))
     port = await srv.listen_tls("127.0.0.1", 0, cert_pem=cert_pem(cert), key_pem=key_pem(key))
     ctx = ssl.create_default_context()

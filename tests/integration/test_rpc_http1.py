@@ -39,11 +39,16 @@ class Impl:
         self.calls["Version"] += 1
         return pb.VersionResponse(version="v")
 
+    async def Status(self, req: pb.StatusRequest, ctx: CallContext) -> pb.StatusResponse:
+        async with asyncio.timeout(5):  # needs a current task, as aiohttp's client does
+            await asyncio.sleep(0)
+        return pb.StatusResponse(total=1)
 
-@pytest.fixture
-async def served():
+
+@pytest.fixture(params=[False, True], ids=["tasks", "eager"])
+async def served(request):
     impl = Impl()
-    srv = Http1Server(max_body=1024)
+    srv = Http1Server(max_body=1024, eager=request.param)
     srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=frozenset({"Version"})))
 
     async def echo(request: HttpRequest) -> Answer:
@@ -246,3 +251,89 @@ async def test_a_closed_client_does_not_disturb_the_server(served):
             break
         await asyncio.sleep(0.01)
     assert srv.open_connections == 0
+
+
+def _tls_cert() -> tuple[str, str]:
+    from pydstack.crypto.certs import CertRequest, cert_pem, generate_p256_key, issue_cert, key_pem
+
+    key = generate_p256_key()
+    cert = issue_cert(
+        CertRequest("localhost", alt_names=("localhost",), usage_server_auth=True),
+        key.public_key(),
+        key,
+    )
+    return cert_pem(cert), key_pem(key)
+
+
+async def test_tls_client_that_never_says_hello_is_dropped():
+    from pydstack.rpc.limits import ServerLimits
+
+    from .slow_client import closed_while
+
+    cert, key = _tls_cert()
+    srv = Http1Server(limits=ServerLimits(tls_handshake_timeout=0.5, idle_timeout=60))
+    srv.mount(PrpcService(VMM, Impl(), prefix="/prpc", get_methods=frozenset({"Version"})))
+    port = await srv.listen_tls("127.0.0.1", 0, cert_pem=cert, key_pem=key)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_while(reader, writer)
+    finally:
+        await srv.close()
+
+
+def test_tls_on_uvloop_serves_every_connection():
+    """the handshake is the loop's own: on uvloop no ClientHello is lost (aiohttp's start_tls
+    path lost them, see test_server_limits.test_tls_listener_refuses_uvloop)."""
+    import ssl
+
+    import uvloop
+
+    cert, key = _tls_cert()
+
+    async def run() -> list[bytes]:
+        impl = Impl()
+        srv = Http1Server()
+        srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=frozenset({"Version"})))
+        port = await srv.listen_tls("127.0.0.1", 0, cert_pem=cert, key_pem=key)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        heads = []
+        try:
+            for _ in range(20):  # a fresh connection each time
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port, ssl=ctx), 10
+                )
+                w.write(
+                    b"GET /prpc/Version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+                heads.append((await asyncio.wait_for(r.read(), 10))[:12])
+                w.close()
+        finally:
+            await srv.close()
+        assert impl.calls["Version"] == 20
+        return heads
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(run()) == [b"HTTP/1.1 200"] * 20
+    finally:
+        loop.close()
+
+
+async def test_a_server_that_is_not_eager_runs_handlers_in_tasks():
+    srv = Http1Server()
+    srv.mount(PrpcService(VMM, Impl(), prefix="/prpc"))
+    port = await srv.listen_tcp("127.0.0.1", 0)
+    try:
+        request = (
+            b"POST /prpc/Status HTTP/1.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        [(status, body)] = responses(await exchange(port, request))
+        assert status == 200 and json.loads(body) == {
+            "vms": [],
+            "port_mapping_enabled": False,
+            "total": 1,
+        }
+    finally:
+        await srv.close()

@@ -242,7 +242,8 @@ async def test_node_unix_client(server, tmp_path):
     assert json.loads(out)["report_data"] == "ff"
 
 
-async def test_tls_with_client_certificates(tmp_path):
+@pytest.mark.parametrize("kind", [PrpcServer, Http1Server])
+async def test_tls_with_client_certificates(tmp_path, kind):
     ca_key = generate_p256_key()
     ca = issue_cert(CertRequest("Test CA", ca_level=1), ca_key.public_key(), ca_key)
     srv_key = generate_p256_key()
@@ -258,7 +259,7 @@ async def test_tls_with_client_certificates(tmp_path):
     )
     impl = Impl()
     for required in (False, True):
-        srv = PrpcServer()
+        srv = kind()
         srv.mount(PrpcService(GUEST, impl, prefix="/prpc/"))
         port = await srv.listen_tls(
             "127.0.0.1",

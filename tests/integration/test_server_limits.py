@@ -56,7 +56,6 @@ async def start(
     srv.mount(PrpcService(VMM, impl, prefix="/prpc", get_methods=frozenset({"Version"})))
     if not tls:
         return srv, impl, await srv.listen_tcp("127.0.0.1", 0)
-    assert isinstance(srv, PrpcServer)
     key = generate_p256_key()
     cert = issue_cert(
         CertRequest("localhost", alt_names=("localhost",), usage_server_auth=True),

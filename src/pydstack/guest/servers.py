@@ -132,7 +132,11 @@ async def start_agent(
                 server = PrpcServer(response_headers=RESPONSE_HEADERS, limits=limits, guard=guard)
                 add_routes(server.app, core)
             else:  # prpc only: the lean server (the apps' hot path)
-                server = Http1Server(response_headers=RESPONSE_HEADERS, limits=limits, guard=guard)
+                # eager: the agent's handlers answer from memory or wait on a thread, never
+                # on anything that needs a current task
+                server = Http1Server(
+                    response_headers=RESPONSE_HEADERS, limits=limits, guard=guard, eager=True
+                )
             out.servers.append(server)
             for api in listener.apis:
                 service: PrpcService = APIS[api](core)

@@ -8,14 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from aiohttp import web
-
 from pydstack.attest.verify import CollateralCache
 from pydstack.crypto.certs import cert_pem, key_pem
 from pydstack.errors import ConfigError, DstackError
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
-from pydstack.rpc.server import PrpcServer
+from pydstack.rpc.http1 import Http1Server, HttpRequest
+from pydstack.rpc.server import Answer
 
 from .admin import admin_server, admin_token
 from .attestation import AttestationChecker
@@ -25,6 +24,8 @@ from .keys import KeyStore
 from .onboard import onboard, ratls_attestation
 from .onboard_server import OnboardService, run_onboard
 from .service import KmsState, SelfNotAllowed, kms_service
+
+TEXT = "text/plain; charset=utf-8"
 
 log = logging.getLogger("dstack-kms")
 
@@ -132,32 +133,33 @@ async def _keys_and_state(
     return state
 
 
-async def start(cfg: KmsConfig, state: KmsState) -> tuple[PrpcServer, int]:
-    server = PrpcServer(
+async def start(cfg: KmsConfig, state: KmsState) -> tuple[Http1Server, int]:
+    """the KMS's RPC listener: HTTPS with optional client certificates (RA-TLS), `/health` and
+    `/metrics` beside the prpc methods."""
+    server = Http1Server(
         response_headers={"X-App-Version": "pydstack-kms"},
         limits=cfg.server_limits,
         guard=cfg.guard(),
     )
     server.mount(kms_service(state))
 
-    async def health(_: web.Request) -> web.Response:
-        return web.Response(text="OK")
+    async def health(_: HttpRequest) -> Answer:
+        return Answer(200, b"OK", TEXT)
 
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(_: HttpRequest) -> Answer:
         if not cfg.metrics_enabled:
-            return web.Response(status=404)
+            return Answer(404, b"metrics are disabled", TEXT)
         c = state.counters
-        return web.Response(
-            text=(
-                "# TYPE dstack_kms_attestation_requests_total counter\n"
-                f"dstack_kms_attestation_requests_total {c.attestation_requests}\n"
-                "# TYPE dstack_kms_attestation_failures_total counter\n"
-                f"dstack_kms_attestation_failures_total {c.attestation_failures}\n"
-            )
+        text = (
+            "# TYPE dstack_kms_attestation_requests_total counter\n"
+            f"dstack_kms_attestation_requests_total {c.attestation_requests}\n"
+            "# TYPE dstack_kms_attestation_failures_total counter\n"
+            f"dstack_kms_attestation_failures_total {c.attestation_failures}\n"
         )
+        return Answer(200, text.encode(), TEXT)
 
-    server.app.router.add_get("/health", health)
-    server.app.router.add_get("/metrics", metrics)
+    server.route("GET", "/health", health)
+    server.route("GET", "/metrics", metrics)
     k = state.keys
     port = await server.listen_tls(
         cfg.rpc_address,
@@ -224,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await state.auth.close()
 
-    return asyncio.run(run())
+    from pydstack.process import run_server
+
+    return run_server(run())
 
 
 if __name__ == "__main__":

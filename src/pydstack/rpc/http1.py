@@ -5,8 +5,9 @@ parses with llhttp (`httptools`, the parser aiohttp's C extension and uvicorn us
 per request beyond the request itself, and answers from the same prpc call path
 (:func:`~.server.resolve_call`, :func:`~.server.invoke_call`), the same :class:`RequestGuard` and
 the same :class:`ServerLimits` as the aiohttp server, so a service behaves alike on either. It
-serves plain TCP and Unix sockets (no TLS, no streaming, no upgrades); listeners that need those
-stay on :class:`~.server.PrpcServer`.
+serves plain TCP, Unix sockets and TLS (with optional client certificates; the handshake is the
+event loop's, so it works on uvloop); no streaming, no upgrades: listeners that need those stay
+on :class:`~.server.PrpcServer`.
 
 Hostile input, bounded before anything is kept:
 
@@ -22,7 +23,9 @@ Hostile input, bounded before anything is kept:
 * `ServerLimits`: the connection cap with eviction of the longest-waiting idle connection,
   `header_timeout` from the connection (or the first byte of a later request) to complete
   headers, `body_timeout` from headers to the end of the body, `idle_timeout` between requests.
-  A connection closed for a limit is aborted without an answer.
+  A connection closed for a limit is aborted without an answer. On TLS listeners the loop runs
+  the handshake under `tls_handshake_timeout` before the connection is counted: connections
+  still in their handshake are bounded by that timeout, not by the cap.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
+from cryptography import x509
 
 from .guard import RequestGuard
 from .limits import ConnectionTable, ServerLimits, connection_cap, raise_nofile_limit
@@ -47,11 +51,13 @@ from .server import (
     Answer,
     CallContext,
     PrpcService,
+    dns_names,
     error_answer,
     invoke_call,
     peer_cred,
     refused_answer,
     resolve_call,
+    server_ssl_context,
     unix_listener,
 )
 
@@ -113,7 +119,7 @@ class HttpRequest:
 
     @property
     def scheme(self) -> str:
-        return "http"
+        return "https" if self._conn is not None and self._conn.tls else "http"
 
     @property
     def is_unix(self) -> bool:
@@ -156,11 +162,18 @@ class Http1Server:
         limits: ServerLimits | None = None,
         guard: RequestGuard | None = None,
         route_error: Callable[[str, int], Answer] | None = None,
+        eager: bool = False,
     ) -> None:
         """`route_error(message, status)` writes the errors of plain routes and of requests
         refused before routing (default `{"error": message}`); prpc paths answer in prpc's
-        error format whatever it is."""
+        error format whatever it is.
+
+        `eager`: start each handler inside the read callback, so one that finishes without
+        waiting costs no task and no loop turn. Only for handlers that never need a current
+        task (`asyncio.timeout`, aiohttp's client and `asyncio.current_task()` do): until its
+        first wait such a handler runs outside any task."""
         self.max_body = max_body
+        self.eager = eager
         self.route_error = route_error or _json_error
         self.limits = limits or ServerLimits()
         self.guard = guard or RequestGuard()
@@ -309,6 +322,34 @@ class Http1Server:
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
+    async def listen_tls(
+        self,
+        host: str,
+        port: int,
+        *,
+        cert_pem: str,
+        key_pem: str,
+        client_ca_pem: str | None = None,
+        require_client_cert: bool = False,
+    ) -> int:
+        """TLS on `host`:`port` (0 picks one; returns the bound port); the certificate's DNS
+        names become allowed Host names; handlers see the client certificate in
+        `CallContext.peer_cert`."""
+        self.guard = self.guard.with_hosts(dns_names(cert_pem))
+        ctx = server_ssl_context(cert_pem, key_pem, client_ca_pem, require_client_cert)
+        self._setup()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._factory,
+            host,
+            port,
+            ssl=ctx,
+            ssl_handshake_timeout=self.limits.tls_handshake_timeout,
+            reuse_address=True,
+        )
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
     async def listen_unix(
         self, path: str | Path, mode: int = 0o660, group: str | int | None = None
     ) -> None:
@@ -382,9 +423,9 @@ class _Connection(asyncio.Protocol):
     """one accepted connection: admission, llhttp parsing with bounds, the phase deadlines, and
     answering its requests in order.
 
-    A request is answered as soon as it is complete, inside the read callback: a handler that
-    finishes without waiting (a cached key, `Version`) costs no task and no loop turn; one that
-    waits continues in a task, and the requests behind it wait their turn.
+    Requests are answered in order, each in a task; on an `eager` server a handler starts inside
+    the read callback, so one that finishes without waiting (a cached key, `Version`) costs no
+    task and no loop turn, and one that waits continues in a task.
     """
 
     def __init__(self, server: Http1Server, loop: asyncio.AbstractEventLoop) -> None:
@@ -395,6 +436,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.is_unix = False
+        self.tls = False
         self._parser = httptools.HttpRequestParser(self)
         self._ctx: CallContext | None = None
         self._queue: deque[tuple[HttpRequest, bool]] = deque()
@@ -429,7 +471,13 @@ class _Connection(asyncio.Protocol):
         if self._ctx is None:
             sock = self.transport.get_extra_info("socket") if self.transport else None
             cred = peer_cred(sock)
-            self._ctx = CallContext(None, cred, self.remote)
+            cert = None
+            ssl_obj = self.transport.get_extra_info("ssl_object") if self.transport else None
+            if ssl_obj is not None:
+                der = ssl_obj.getpeercert(binary_form=True)
+                if der:
+                    cert = x509.load_der_x509_certificate(der)
+            self._ctx = CallContext(cert, cred, self.remote)
         return self._ctx
 
     # ---------------------------------------------------------------- lifecycle
@@ -442,6 +490,7 @@ class _Connection(asyncio.Protocol):
             return
         sock = transport.get_extra_info("socket")
         self.is_unix = sock is not None and sock.family == socket.AF_UNIX
+        self.tls = transport.get_extra_info("ssl_object") is not None
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.remote = str(peer[0])
@@ -585,6 +634,10 @@ class _Connection(asyncio.Protocol):
         while self._queue and self.phase != "closed":
             request, keep_alive = self._queue.popleft()
             coro = self._server.answer(request)
+            if not self._server.eager:
+                self.phase = "busy"
+                self._worker = self._loop.create_task(self._finish_answer(coro, None, keep_alive))
+                return
             try:
                 first = coro.send(None)
             except StopIteration as stop:
@@ -603,8 +656,10 @@ class _Connection(asyncio.Protocol):
     async def _finish_answer(
         self, coro: Coroutine[Any, Any, Answer], first: Any, keep_alive: bool
     ) -> None:
+        """finish answering in a task: `coro` from its start, or (eager) from where it yielded
+        `first`."""
         try:
-            answer = await _Continue(coro, first)
+            answer = await (coro if not self._server.eager else _Continue(coro, first))
         finally:
             self._worker = None
         if self._write(answer, keep_alive):

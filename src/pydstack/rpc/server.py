@@ -395,7 +395,7 @@ class PrpcServer:
         require_client_cert: bool = False,
     ) -> int:
         """TLS on `host`:`port`; the certificate's DNS names become allowed Host names."""
-        self.guard = self.guard.with_hosts(_dns_names(cert_pem))
+        self.guard = self.guard.with_hosts(dns_names(cert_pem))
         return await self.listen_tcp(
             host, port, server_ssl_context(cert_pem, key_pem, client_ca_pem, require_client_cert)
         )
@@ -461,7 +461,7 @@ def _gid(group: str | int | None) -> int | None:
         raise ValueError(f"unknown group {group!r} for the socket") from None
 
 
-def _dns_names(cert_pem: str) -> list[str]:
+def dns_names(cert_pem: str) -> list[str]:
     """the DNS subject alternative names of the first certificate in `cert_pem`."""
     cert = x509.load_pem_x509_certificate(cert_pem.encode())
     try:

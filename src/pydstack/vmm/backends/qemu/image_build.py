@@ -259,6 +259,10 @@ def _python(rootfs: Path, cache: Path, flavour: str, say: Progress) -> list[str]
         ]
         (t / "constraints.txt").write_text("\n".join(pins) + "\n")
         req = f"pydstack[stack] @ {wheel.as_uri()}"
+        # pip takes a wheel of the same name and version in the download directory for the one
+        # asked: an earlier build's pydstack would bring its own (stale) dependency list
+        for stale in wheels.glob("pydstack-*.whl"):
+            stale.unlink()
         say(f"fetching the python dependencies (pinned to this environment, cached in {wheels})")
         _run(
             "wheels",
