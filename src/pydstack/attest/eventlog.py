@@ -38,7 +38,7 @@ _ALG_SIZES = {0x4: 20, 0xB: 32, 0xC: 48, 0xD: 64, 0x12: 32}
 _SHA384 = 0xC
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TdxEvent:
     imr: int
     event_type: int
@@ -100,7 +100,7 @@ class TdxEvent:
         return RuntimeEvent(self.event, self.event_payload, self.version)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuntimeEvent:
     event: str
     payload: bytes
