@@ -142,7 +142,7 @@ def _events_v0(r: Reader, count: int) -> list[TdxEvent]:
                     p_end = n_end + 1 + (data[n_end] >> 2)
                     imr, event_type = _TWO_U32.unpack_from(data, pos)
                     if p_end <= size and imr <= 3:
-                        name = _name(data[d_end + 1 : n_end])
+                        name = _name(data[d_end + 1 : n_end]) if n_end > d_end + 1 else ""
                         events.append(
                             TdxEvent(
                                 imr,

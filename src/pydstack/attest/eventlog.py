@@ -17,8 +17,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydstack.types import jsonlimits
 
@@ -36,10 +35,13 @@ MAX_EVENT_LOG_JSON = 32 * 1024 * 1024
 MAX_EVENT_NAME = 4096
 _ALG_SIZES = {0x4: 20, 0xB: 32, 0xC: 48, 0xD: 64, 0x12: 32}
 _SHA384 = 0xC
+_V1_PREFIX = struct.pack("<I", RUNTIME_EVENT_TYPE) + b":"
 
 
-@dataclass(frozen=True, slots=True)
-class TdxEvent:
+class TdxEvent(NamedTuple):
+    """one event of a TDX event log. A named tuple, not a dataclass: a log of hundreds of
+    events is decoded per verification, and a tuple is built three times faster."""
+
     imr: int
     event_type: int
     digest: bytes
@@ -100,8 +102,9 @@ class TdxEvent:
         return RuntimeEvent(self.event, self.event_payload, self.version)
 
 
-@dataclass(frozen=True, slots=True)
-class RuntimeEvent:
+class RuntimeEvent(NamedTuple):
+    """one runtime (RTMR3) event; a named tuple for the reason `TdxEvent` is one."""
+
     event: str
     payload: bytes
     version: int = 1
@@ -112,9 +115,7 @@ class RuntimeEvent:
             return json.dumps(
                 doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False
             ).encode()
-        return (
-            struct.pack("<I", RUNTIME_EVENT_TYPE) + b":" + self.event.encode() + b":" + self.payload
-        )
+        return _V1_PREFIX + self.event.encode() + b":" + self.payload
 
     def digest(self) -> bytes:
         return hashlib.sha384(self.preimage()).digest()
@@ -204,19 +205,28 @@ def extend_mr(mr: bytes, digest: bytes) -> bytes:
 def replay_rtmrs(events: Iterable[TdxEvent]) -> tuple[bytes, bytes, bytes, bytes]:
     """replay each register from 48 zero bytes over its events' digests, in log order."""
     mrs = [bytes(MR_LEN)] * 4
+    sha384 = hashlib.sha384
     for ev in events:
-        digest = ev.digest
-        if ev.is_runtime and not digest:
+        digest, imr = ev.digest, ev.imr
+        if not digest and ev.event_type == RUNTIME_EVENT_TYPE:
             digest = ev.to_runtime_event().digest()
-        mrs[ev.imr] = extend_mr(mrs[ev.imr], digest)
+        if len(digest) == MR_LEN:
+            mrs[imr] = sha384(mrs[imr] + digest).digest()
+        else:
+            mrs[imr] = extend_mr(mrs[imr], digest)
     return mrs[0], mrs[1], mrs[2], mrs[3]
 
 
 def replay_runtime_events(events: Iterable[RuntimeEvent], stop_after: str | None = None) -> bytes:
     """RTMR3 from runtime events, optionally stopping after the first event named `stop_after`."""
     mr = bytes(MR_LEN)
+    sha384 = hashlib.sha384
     for ev in events:
-        mr = extend_mr(mr, ev.digest())
+        if ev.version == 1:  # RuntimeEvent.digest(), inline for the common version
+            digest = sha384(_V1_PREFIX + ev.event.encode() + b":" + ev.payload).digest()
+        else:
+            digest = ev.digest()
+        mr = sha384(mr + digest).digest()  # a sha384 digest needs no padding to extend
         if stop_after is not None and ev.event == stop_after:
             break
     return mr
