@@ -29,6 +29,9 @@ from .quote import TdReport, parse_quote
 
 SYSTEM_READY = "system-ready"
 BOOT_MR_DONE = "boot-mr-done"
+APP_ID, COMPOSE_HASH, INSTANCE_ID = "app-id", "compose-hash", "instance-id"
+KEY_PROVIDER, INIT_SCRIPT_HASH = "key-provider", "init-script-hash"
+_IDENTITY_EVENTS = frozenset({APP_ID, COMPOSE_HASH, INSTANCE_ID, KEY_PROVIDER})
 KEY_PROVIDER_KINDS = {"none": 0, "local": 1, "kms": 2, "tpm": 3}
 
 
@@ -88,7 +91,7 @@ def mr_aggregated(
 ) -> bytes:
     h = hashlib.sha256(mrtd + b"".join(rtmrs))
     tail = mr_config_id + mr_owner + mr_owner_config
-    if any(tail):
+    if tail.strip(b"\0"):  # any non-zero byte
         h.update(tail)
     return h.digest()
 
@@ -139,7 +142,7 @@ def os_image_hash_from_config(config: str) -> bytes:
         return b""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppInfo:
     app_id: bytes
     compose_hash: bytes
@@ -159,28 +162,43 @@ class AppInfo:
         boottime_mr: bool,
         ppid: bytes | None = None,
         report: TdReport | None = None,
+        os_image_hash: bytes | None = None,
     ) -> AppInfo:
         """decode identity from an attestation (TDX); `ppid` comes from a verified quote.
         `report`: the TD report of `att.quote` when the caller parsed it and checked that its
-        RTMR3 is the replay of the runtime events (both are then not done again). ParseError
-        when its quote does not parse or is not a TDX quote; linear time."""
+        RTMR3 is the replay of the runtime events (both are then not done again).
+        `os_image_hash`: what `os_image_hash_from_config(att.config)` gives, when the caller
+        has read the config already. ParseError when its quote does not parse or is not a TDX
+        quote; linear time."""
         replayed = report is not None
         if report is None:
             report = parse_quote(att.quote).td_report
         if report is None:
             raise ParseError("attestation quote is not a tdx quote")
-        events = list(att.runtime_events)
-        kp_info = find_event(events, "key-provider") or b""
+        events = att.runtime_events
+        # the first of each identity event before system-ready (`find_event`), in one pass
+        found: dict[str, bytes] = {}
+        init_scripts: list[bytes] = []
+        for ev in events:
+            name = ev.event
+            if name == SYSTEM_READY:
+                break
+            if name == INIT_SCRIPT_HASH:
+                init_scripts.append(ev.payload)
+            elif name in _IDENTITY_EVENTS and name not in found:
+                found[name] = ev.payload
+        kp_info = found.get(KEY_PROVIDER, b"")
         if boottime_mr:
             rtmr3 = replay_runtime_events(events, stop_after=BOOT_MR_DONE)
             kp_info = b""
         else:
             rtmr3 = report.rtmr3 if replayed else replay_runtime_events(events)
-        init_scripts = find_events(events, "init-script-hash")
+        if os_image_hash is None:
+            os_image_hash = os_image_hash_from_config(att.config)
         return cls(
-            app_id=find_event(events, "app-id") or b"",
-            compose_hash=find_event(events, "compose-hash") or b"",
-            instance_id=find_event(events, "instance-id") or b"",
+            app_id=found.get(APP_ID, b""),
+            compose_hash=found.get(COMPOSE_HASH, b""),
+            instance_id=found.get(INSTANCE_ID, b""),
             device_id=device_id(ppid),
             mr_system=mr_system(report.mr_td, report.rtmr0, report.rtmr1, report.rtmr2, kp_info),
             mr_aggregated=mr_aggregated(
@@ -190,7 +208,7 @@ class AppInfo:
                 report.mr_owner,
                 report.mr_owner_config,
             ),
-            os_image_hash=os_image_hash_from_config(att.config),
+            os_image_hash=os_image_hash,
             key_provider_info=kp_info,
             init_script_hashes=tuple(init_scripts) if init_scripts else None,
         )
