@@ -60,6 +60,7 @@ def verifier(tmp_path):
 async def test_genuine_evidence_is_valid(verifier):
     v = await verifier.verify(attestation())
     assert v.is_valid and v.reason is None
+    assert v.app_info is not None and v.app_info.os_image_hash.hex() == DIGEST
     out = v.to_json_obj()
     d = out["details"]
     assert (d["quote_verified"], d["event_log_verified"], d["os_image_hash_verified"]) == (
