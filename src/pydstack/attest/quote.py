@@ -7,13 +7,16 @@ ECDSA auth data: signature (64, raw r||s over header+body), attestation key (64,
 certification data type 6 (QE report, its signature by the PCK key, QE auth data, and inner
 certification data type 5: the PEM PCK chain). Real quotes carry trailing zero padding, which is
 ignored.
+
+The parsed parts are named tuples (immutable, and built several times faster than frozen
+dataclasses: a verification parses one quote and builds four of them).
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import ParseError
 
@@ -92,8 +95,7 @@ class _Cursor:
         return int(_U32.unpack_from(self.data, self._need(4, what))[0])
 
 
-@dataclass(frozen=True, slots=True)
-class QuoteHeader:
+class QuoteHeader(NamedTuple):
     version: int
     attestation_key_type: int
     tee_type: int
@@ -123,8 +125,7 @@ class QuoteHeader:
         return cls(*_HEADER.unpack_from(data))
 
 
-@dataclass(frozen=True, slots=True)
-class TdReport:
+class TdReport(NamedTuple):
     """a TD report 1.0 (584 bytes), or 1.5 (648 bytes) when tee_tcb_svn2 is set."""
 
     tee_tcb_svn: bytes
@@ -185,8 +186,7 @@ class TdReport:
         return bool(self.td_attributes[0] & 0x01)
 
 
-@dataclass(frozen=True, slots=True)
-class EnclaveReport:
+class EnclaveReport(NamedTuple):
     """the 384-byte SGX enclave report (the QE report of a quote, or an SGX quote's body)."""
 
     cpu_svn: bytes
@@ -219,8 +219,7 @@ class EnclaveReport:
         return cls(*_ENCLAVE.unpack_from(data))
 
 
-@dataclass(frozen=True, slots=True)
-class Quote:
+class Quote(NamedTuple):
     raw: bytes
     header: QuoteHeader
     body_type: int
