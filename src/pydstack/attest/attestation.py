@@ -33,6 +33,7 @@ from .eventlog import (
     event_name,
     strip_for_certificate,
 )
+from .quote import Quote, parse_quote
 from .scale import Reader, Writer
 
 MAX_ATTESTATION_SIZE = 10 * 1024 * 1024
@@ -363,11 +364,11 @@ def to_versioned_bytes(att: Attestation) -> bytes:
 
 
 def from_quote_and_event_log(
-    quote: bytes, event_log: Sequence[TdxEvent], config: str = ""
+    quote: bytes, event_log: Sequence[TdxEvent], config: str = "", parsed: Quote | None = None
 ) -> Attestation:
-    """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier)."""
-    from .quote import parse_quote
-
-    parsed = parse_quote(quote)
+    """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier);
+    `parsed`: the caller's parse of `quote`, not parsed again. ParseError for a bad quote."""
+    if parsed is None or parsed.raw != quote:
+        parsed = parse_quote(quote)
     runtime = tuple(e.to_runtime_event() for e in event_log if e.is_runtime)
     return Attestation(quote, tuple(event_log), runtime, parsed.report_data, config)

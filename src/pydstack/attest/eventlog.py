@@ -69,29 +69,30 @@ class TdxEvent(NamedTuple):
         """one decoded JSON event; ParseError if a field is missing or out of range."""
         if not isinstance(obj, dict):
             raise ParseError("event log entry must be an object")
-        imr = obj.get("imr")
-        event_type = obj.get("event_type")
-        if not isinstance(imr, int) or isinstance(imr, bool) or not 0 <= imr <= 3:
+        get = obj.get
+        imr: Any = get("imr")
+        event_type: Any = get("event_type")
+        if not (type(imr) is int or _plain_int(imr)) or not 0 <= imr <= 3:
             raise ParseError(f"event log entry has an invalid imr: {imr!r}")
-        if not isinstance(event_type, int) or isinstance(event_type, bool):
+        if not (type(event_type) is int or _plain_int(event_type)):
             raise ParseError("event log entry has an invalid event_type")
         if not 0 <= event_type <= 0xFFFFFFFF:
             raise ParseError("event log entry has an invalid event_type")
-        event = event_name(obj.get("event", ""))
+        event = event_name(get("event", ""))
         if "event_payload" not in obj:
             raise ParseError("event log entry has no event_payload")
-        version = obj.get("version", 1)
+        version = get("version", 1)
         if version not in (1, 2) or isinstance(version, bool):
             raise ParseError(f"event log entry has an unsupported version: {version!r}")
-        preimage = obj.get("preimage")
+        preimage = get("preimage")
         return cls(
-            imr=imr,
-            event_type=event_type,
-            digest=event_digest(_unhex(obj.get("digest", ""), "digest")),
-            event=event,
-            event_payload=_unhex(obj["event_payload"], "event_payload"),
-            version=version,
-            preimage=None if preimage is None else _unhex(preimage, "preimage"),
+            imr,
+            event_type,
+            event_digest(_unhex(get("digest", ""), "digest")),
+            event,
+            _unhex(obj["event_payload"], "event_payload"),
+            version,
+            None if preimage is None else _unhex(preimage, "preimage"),
         )
 
     @property
@@ -170,6 +171,10 @@ def event_name(value: Any) -> str:
     surrogate, which json escapes can carry), at most MAX_EVENT_NAME bytes."""
     if not isinstance(value, str):
         raise ParseError("event name must be a string")
+    if value.isascii():  # the common case: no surrogate, one byte a character
+        if len(value) > MAX_EVENT_NAME:
+            raise ParseError(f"event name longer than {MAX_EVENT_NAME} bytes")
+        return value
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
@@ -177,6 +182,10 @@ def event_name(value: Any) -> str:
     if size > MAX_EVENT_NAME:
         raise ParseError(f"event name longer than {MAX_EVENT_NAME} bytes")
     return value
+
+
+def _plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def event_digest(value: bytes) -> bytes:

@@ -120,6 +120,8 @@ class Evidence:
 
     attestation: Attestation
     vm_config: str = ""
+    #: the parse of `attestation.quote`, when decoding the request made one
+    quote: Quote | None = None
 
 
 def _unhex(value: Any, what: str, limit: int) -> bytes:
@@ -155,8 +157,9 @@ def evidence_from_request(body: Any) -> Evidence:
         raise ParseError("vm_config must be the vm config's json text")
     if len(vm_config) > MAX_VM_CONFIG:
         raise ParseError(f"vm_config is larger than {MAX_VM_CONFIG} bytes")
-    att = from_quote_and_event_log(quote, event_log_from_json(event_log), vm_config)
-    return Evidence(att, vm_config)
+    events = event_log_from_json(event_log)
+    parsed = parse_quote(quote)
+    return Evidence(from_quote_and_event_log(quote, events, vm_config, parsed), vm_config, parsed)
 
 
 # ---------------------------------------------------------------------------------- results
@@ -385,7 +388,9 @@ class EvidenceVerifier:
             v = Verification()
             v.fail("request", str(e))
             return v
-        return await self.verify(evidence.attestation, vm_config=evidence.vm_config)
+        return await self._verify(
+            evidence.attestation, evidence.quote, vm_config=evidence.vm_config
+        )
 
     async def verify(
         self,
@@ -398,16 +403,40 @@ class EvidenceVerifier:
     ) -> Verification:
         """verify `att`; `vm_config` overrides the attestation's own config (the KMS gets it
         with the request). Never raises for bad evidence: failures are in the result."""
+        return await self._verify(
+            att,
+            None,
+            vm_config=vm_config,
+            boottime_mr=boottime_mr,
+            check_image=check_image,
+            fail_fast=fail_fast,
+        )
+
+    async def _verify(
+        self,
+        att: Attestation,
+        parsed: Quote | None,
+        *,
+        vm_config: str = "",
+        boottime_mr: bool = False,
+        check_image: bool = True,
+        fail_fast: bool = False,
+    ) -> Verification:
+        """`verify`; `parsed`: the request decoder's parse of `att.quote` (used only when it is
+        the parse of these very bytes)."""
         v = Verification(image_required=check_image, report_data=att.report_data)
         config = vm_config or att.config
         if att.platform != "tdx":
             v.fail(QUOTE, f"unsupported platform {att.platform}")
             return v
-        try:
-            quote = parse_quote(att.quote)
-        except ParseError as e:
-            v.fail(QUOTE, f"malformed quote: {e}")
-            return v
+        if parsed is not None and parsed.raw == att.quote:
+            quote = parsed
+        else:
+            try:
+                quote = parse_quote(att.quote)
+            except ParseError as e:
+                v.fail(QUOTE, f"malformed quote: {e}")
+                return v
         report = quote.td_report
         if report is None:
             v.fail(QUOTE, "attestation quote is not a tdx quote")

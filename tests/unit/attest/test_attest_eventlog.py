@@ -115,6 +115,38 @@ def test_bad_event_log_json(bad):
         event_log_from_json(bad)
 
 
+_OK = {"imr": 3, "event_type": 1, "digest": "", "event": "e", "event_payload": ""}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("imr", True, "invalid imr"),
+        ("imr", 4, "invalid imr"),
+        ("imr", -1, "invalid imr"),
+        ("imr", "1", "invalid imr"),
+        ("imr", 1.0, "invalid imr"),
+        ("event_type", False, "invalid event_type"),
+        ("event_type", -1, "invalid event_type"),
+        ("event_type", 1 << 32, "invalid event_type"),
+        ("event_type", None, "invalid event_type"),
+        ("version", True, "unsupported version"),
+        ("version", 3, "unsupported version"),
+        ("event", 7, "must be a string"),
+        ("event", "\udcff", "lone surrogate"),
+        ("event", "a" * 4097, "longer than 4096 bytes"),
+        ("event", "\u00e9" * 2049, "longer than 4096 bytes"),  # 2049 characters, 4098 bytes
+        ("digest", "00" * 49, "longer than 48"),
+    ],
+)
+def test_json_event_fields_are_checked_one_by_one(field, value, reason):
+    assert TdxEvent.from_json_obj(_OK) == TdxEvent(3, 1, b"", "e", b"")
+    assert TdxEvent.from_json_obj({**_OK, "event": "a" * 4096}).event == "a" * 4096
+    assert TdxEvent.from_json_obj({**_OK, "event": "\u00e9" * 2048}).event == "\u00e9" * 2048
+    with pytest.raises(ParseError, match=reason):
+        TdxEvent.from_json_obj({**_OK, field: value})
+
+
 def test_runtime_log_line_roundtrip():
     ev = RuntimeEvent("key-provider", b'{"name":"kms"}', version=2)
     line = ev.to_log_line()

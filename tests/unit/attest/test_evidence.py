@@ -239,3 +239,35 @@ def genuine(tmp_path_factory):
     v = asyncio.run(verifier.verify(attestation()))
     assert v.is_valid and v.to_json_bytes() == json.dumps(v.to_json_obj()).encode()
     return v
+
+
+async def test_a_raw_form_request_parses_its_quote_once(verifier, monkeypatch):
+    import pydstack.attest.attestation as attestation_module
+    import pydstack.attest.evidence as evidence_module
+    from pydstack.attest.quote import parse_quote
+
+    calls = []
+
+    def counted(data):
+        calls.append(len(data))
+        return parse_quote(data)
+
+    for module in (evidence_module, attestation_module):
+        monkeypatch.setattr(module, "parse_quote", counted)
+    att = attestation()
+    raw = {"quote": att.quote.hex(), "event_log": event_log_to_json(att.event_log)}
+    v = await verifier.verify_request({**raw, "vm_config": VM_CONFIG})
+    assert v.is_valid and calls == [len(att.quote)]
+
+
+async def test_a_parse_of_other_bytes_is_not_taken_for_the_quote(verifier):
+    from pydstack.attest.attestation import from_quote_and_event_log
+    from pydstack.attest.quote import parse_quote
+
+    att = attestation()
+    other_quote = SimulatedTdx(SEED).get_quote(hashlib.sha512(b"other").digest())
+    made = from_quote_and_event_log(att.quote, att.event_log, VM_CONFIG, parse_quote(other_quote))
+    assert made.report_data == att.report_data != hashlib.sha512(b"other").digest()
+    v = await verifier._verify(att, parse_quote(other_quote))
+    assert v.is_valid and v.report is not None
+    assert v.report.report_data == att.report_data
