@@ -59,6 +59,11 @@ _TD10 = struct.Struct("<" + "".join(f"{size}s" for _, size in _TD10_FIELDS))
 _ENCLAVE = struct.Struct("<16sI28x16s32s32x32s96xHH60x64s")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
+#: signature, attestation key, certification data type and size (the auth data's head), then
+#: the qe report, its signature and the qe auth data length
+_AUTH_FIXED = struct.Struct("<64s64sHI384s64sH")
+_AUTH_HEAD = 64 + 64 + 2 + 4
+_INNER = struct.Struct("<HI")
 _V5_BODY_SIZES = {
     BODY_SGX_ENCLAVE: ENCLAVE_REPORT_LEN,
     BODY_TD_REPORT10: TD_REPORT10_LEN,
@@ -250,6 +255,58 @@ class Quote(NamedTuple):
         return self.raw[: self.signed_length]
 
 
+_AuthFields = tuple[bytes, bytes, bytes, bytes, bytes, bytes]
+
+
+def _auth_checked(data: bytes, pos: int, end: int, version: int) -> _AuthFields:
+    """signature, attestation key, qe report, its signature, qe auth data and pck chain of the
+    auth data in data[pos:end], each length checked before it is read (ParseError naming the
+    first that does not fit)."""
+    auth = _Cursor(data, pos, end)
+    signature = auth.take(64, "ecdsa signature")
+    att_key = auth.take(64, "attestation key")
+    if version == 3:
+        # sgx v3 flattens the qe report certification data into the auth data
+        cert = auth
+    else:
+        cert_type = auth.u16("certification data type")
+        cert_size = auth.u32("certification data size")
+        if cert_type != CERT_TYPE_QE_REPORT:
+            raise ParseError(f"unsupported certification data type {cert_type}")
+        cert = _Cursor(data, auth.pos, auth.pos + cert_size)
+        if cert.end > auth.end:
+            raise ParseError("certification data exceeds the auth data")
+    qe_raw = cert.take(ENCLAVE_REPORT_LEN, "qe report")
+    qe_sig = cert.take(64, "qe report signature")
+    qe_auth = cert.take(cert.u16("qe auth data length"), "qe auth data")
+    inner_type = cert.u16("inner certification data type")
+    inner_size = cert.u32("inner certification data size")
+    if inner_type != CERT_TYPE_PCK_CHAIN:
+        raise ParseError(f"unsupported inner certification data type {inner_type}")
+    chain = cert.take(inner_size, "pck certificate chain")
+    return signature, att_key, qe_raw, qe_sig, qe_auth, chain
+
+
+def _auth_fast(data: bytes, pos: int, end: int) -> _AuthFields | None:
+    """`_auth_checked` of a v4/v5 auth data in one unpack when every part fits and has the
+    expected type; None otherwise (the checked path then says what is wrong)."""
+    if pos + _AUTH_FIXED.size > end:
+        return None
+    signature, att_key, cert_type, cert_size, qe_raw, qe_sig, qe_auth_len = _AUTH_FIXED.unpack_from(
+        data, pos
+    )
+    cert_end = pos + _AUTH_HEAD + cert_size
+    inner = pos + _AUTH_FIXED.size + qe_auth_len
+    if cert_type != CERT_TYPE_QE_REPORT or cert_end > end or inner + 6 > cert_end:
+        return None
+    inner_type, inner_size = _INNER.unpack_from(data, inner)
+    chain_end = inner + 6 + inner_size
+    if inner_type != CERT_TYPE_PCK_CHAIN or chain_end > cert_end:
+        return None
+    qe_auth = data[inner - qe_auth_len : inner]
+    return signature, att_key, qe_raw, qe_sig, qe_auth, data[inner + 6 : chain_end]
+
+
 def parse_quote(data: bytes) -> Quote:
     """parse a v3, v4 or v5 quote; trailing bytes after the auth data are ignored.
 
@@ -302,30 +359,13 @@ def parse_quote(data: bytes) -> Quote:
         raise ParseError(f"unsupported quote version {version}")
     signed_length = cur.pos
     auth_len = cur.u32("auth data length")
-    auth = _Cursor(data, cur.pos, cur.pos + auth_len)
-    if auth.end > size:
+    auth_end = cur.pos + auth_len
+    if auth_end > size:
         raise ParseError(f"quote auth data length {auth_len} exceeds the quote")
-    signature = auth.take(64, "ecdsa signature")
-    att_key = auth.take(64, "attestation key")
-    if version == 3:
-        # sgx v3 flattens the qe report certification data into the auth data
-        cert = auth
-    else:
-        cert_type = auth.u16("certification data type")
-        cert_size = auth.u32("certification data size")
-        if cert_type != CERT_TYPE_QE_REPORT:
-            raise ParseError(f"unsupported certification data type {cert_type}")
-        cert = _Cursor(data, auth.pos, auth.pos + cert_size)
-        if cert.end > auth.end:
-            raise ParseError("certification data exceeds the auth data")
-    qe_raw = cert.take(ENCLAVE_REPORT_LEN, "qe report")
-    qe_sig = cert.take(64, "qe report signature")
-    qe_auth = cert.take(cert.u16("qe auth data length"), "qe auth data")
-    inner_type = cert.u16("inner certification data type")
-    inner_size = cert.u32("inner certification data size")
-    if inner_type != CERT_TYPE_PCK_CHAIN:
-        raise ParseError(f"unsupported inner certification data type {inner_type}")
-    chain = cert.take(inner_size, "pck certificate chain")
+    fields = None if version == 3 else _auth_fast(data, cur.pos, auth_end)
+    if fields is None:
+        fields = _auth_checked(data, cur.pos, auth_end, version)
+    signature, att_key, qe_raw, qe_sig, qe_auth, chain = fields
     return Quote(
         raw=data,
         header=header,
