@@ -118,6 +118,20 @@ def test_depth_limit_holds_whatever_the_bracket_count(text: str, depth: int):
     assert too_deep == (_reference_depth(text) > depth)
 
 
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet='[]{}",1 ', max_size=30), st.integers(0, 12))
+def test_item_limit_holds_whatever_the_length(text: str, items: int):
+    # the count is skipped only for a text no longer than the limit, which cannot exceed it
+    try:
+        jsonlimits.loads(text, max_items=items)
+    except jsonlimits.JsonError as e:
+        too_many = "more than" in str(e)
+    else:
+        too_many = False
+    counted = text.count("{") + text.count("[") + text.count(",")
+    assert too_many == (counted > items)
+
+
 def test_depth_check_is_not_quadratic_in_unterminated_strings():
     # a string-literal pattern that could fail and retry from every later quote would take
     # minutes here; the count must see one unterminated string running to the end

@@ -14,6 +14,7 @@ bytes are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ MAX_ITEMS = 4096
 #: the longest msgpack array: a quote as an array of byte values
 MAX_ARRAY = 64 * 1024
 _TWO_U32 = struct.Struct("<II")
+#: a TdxEvent from all seven fields, without the named tuple's keyword-handling __new__
+_event = functools.partial(tuple.__new__, TdxEvent)
 V0_PLATFORMS = {0: "tdx", 1: "gcp-tdx", 2: "nitro-enclave", 3: "sev-snp", 4: "aws-nitro-tpm"}
 
 
@@ -144,15 +147,8 @@ def _events_v0(r: Reader, count: int) -> list[TdxEvent]:
                     imr, event_type = _TWO_U32.unpack_from(data, pos)
                     if p_end <= size and imr <= 3:
                         name = _name(data[d_end + 1 : n_end]) if n_end > d_end + 1 else ""
-                        events.append(
-                            TdxEvent(
-                                imr,
-                                event_type,
-                                data[at + 1 : d_end],
-                                name,
-                                data[n_end + 1 : p_end],
-                            )
-                        )
+                        digest, payload = data[at + 1 : d_end], data[n_end + 1 : p_end]
+                        events.append(_event((imr, event_type, digest, name, payload, 1, None)))
                         pos = p_end
                         continue
         r.pos = pos

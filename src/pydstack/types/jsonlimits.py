@@ -98,7 +98,8 @@ def loads(
     `surrogates=False`, also for a string or key holding a lone surrogate)."""
     text = decode(data, max_bytes)
     opening = text.count("{") + text.count("[")
-    if opening + text.count(",") > max_items:
+    # each counted value takes a character: a text no longer than the limit cannot exceed it
+    if len(text) > max_items and opening + text.count(",") > max_items:
         raise JsonError(f"json holds more than {max_items} values")
     # no nesting is deeper than the count of opening brackets: measured only when it could be
     if opening > max_depth and nesting_depth(text) > max_depth:
