@@ -36,6 +36,9 @@ MAX_EVENT_NAME = 4096
 _ALG_SIZES = {0x4: 20, 0xB: 32, 0xC: 48, 0xD: 64, 0x12: 32}
 _SHA384 = 0xC
 _V1_PREFIX = struct.pack("<I", RUNTIME_EVENT_TYPE) + b":"
+#: a CCEL record's register index, event type, digest count and first digest's algorithm
+_CCEL_EVENT = struct.Struct("<IIIH")
+_U32 = struct.Struct("<I")
 
 
 class TdxEvent(NamedTuple):
@@ -166,6 +169,11 @@ class RuntimeEvent(NamedTuple):
         return cls(name, raw, version)
 
 
+def _new_event(fields: tuple[int, int, bytes, str, bytes]) -> TdxEvent:
+    """a version-1 TdxEvent without a preimage, without the named tuple's keyword handling."""
+    return tuple.__new__(TdxEvent, (*fields, 1, None))
+
+
 def event_name(value: Any) -> str:
     """an event name as every decoder must take it: text that encodes as utf-8 (no lone
     surrogate, which json escapes can carry), at most MAX_EVENT_NAME bytes."""
@@ -278,7 +286,28 @@ def parse_ccel(data: bytes) -> list[TdxEvent]:
         raise ParseError("ccel spec id event signature is not 'Spec ID Event03'")
     alg_sizes = _spec_id_algorithms(header)
     events: list[TdxEvent] = []
-    while pos + 4 <= len(data):
+    end = len(data)
+    while pos + 4 <= end:
+        if pos + _CCEL_EVENT.size <= end:
+            # the common record, read at once: one digest of a known algorithm, at most 48
+            # bytes, for RTMR0-3, all of it there; any other goes through the checks below
+            mr_index, event_type, count, alg = _CCEL_EVENT.unpack_from(data, pos)
+            size = alg_sizes.get(alg, _ALG_SIZES.get(alg))
+            at = pos + _CCEL_EVENT.size + (size or 0)
+            if (
+                count == 1
+                and size is not None
+                and size <= MR_LEN
+                and 0 < mr_index <= 4
+                and at + 4 <= end
+                and len(events) < MAX_EVENTS
+            ):
+                payload_end = at + 4 + int(_U32.unpack_from(data, at)[0])
+                if payload_end - at - 4 <= MAX_EVENT_SIZE and payload_end <= end:
+                    digest, payload = data[at - size : at], data[at + 4 : payload_end]
+                    events.append(_new_event((mr_index - 1, event_type, digest, "", payload)))
+                    pos = payload_end
+                    continue
         mr_index = int(struct.unpack("<I", data[pos : pos + 4])[0])
         if mr_index == 0xFFFFFFFF:
             break
