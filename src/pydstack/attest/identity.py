@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from pydstack.types import jsonlimits, msgpacklimits
 
 from .attestation import Attestation
 from .errors import ParseError
-from .eventlog import RuntimeEvent, replay_runtime_events
+from .eventlog import replay_runtime_events
 from .quote import TdReport, parse_quote
 
 SYSTEM_READY = "system-ready"
@@ -56,26 +56,6 @@ def device_id(ppid: bytes | None) -> bytes:
 
 def mr_key_provider(key_provider_info: bytes) -> bytes:
     return hashlib.sha256(key_provider_info).digest() if key_provider_info else bytes(32)
-
-
-def find_event(events: Iterable[RuntimeEvent], name: str) -> bytes | None:
-    """payload of the first event named `name` before `system-ready`."""
-    for ev in events:
-        if ev.event == SYSTEM_READY:
-            return None
-        if ev.event == name:
-            return ev.payload
-    return None
-
-
-def find_events(events: Iterable[RuntimeEvent], name: str) -> list[bytes]:
-    out = []
-    for ev in events:
-        if ev.event == SYSTEM_READY:
-            break
-        if ev.event == name:
-            out.append(ev.payload)
-    return out
 
 
 def mr_system(mrtd: bytes, rtmr0: bytes, rtmr1: bytes, rtmr2: bytes, kp_info: bytes) -> bytes:
@@ -176,7 +156,7 @@ class AppInfo:
         if report is None:
             raise ParseError("attestation quote is not a tdx quote")
         events = att.runtime_events
-        # the first of each identity event before system-ready (`find_event`), in one pass
+        # before system-ready: the first payload of each identity event, every init script
         found: dict[str, bytes] = {}
         init_scripts: list[bytes] = []
         for ev in events:

@@ -202,3 +202,28 @@ def test_v0_events_of_every_field_size_decode_as_read_field_by_field(sim_bin, si
             mutated.append(data[:i] + bytes([value]) + data[i + 1 :])
     for case in mutated:
         assert _v0_or_error(case) == _reference_or_error(case)
+
+
+def test_identity_events_count_before_system_ready_and_only_the_first(sim_bin):
+    att = decode_versioned(sim_bin)
+    report = parse_quote(att.quote).td_report
+    events = (
+        RuntimeEvent("app-id", b"\x01" * 20),
+        RuntimeEvent("init-script-hash", b"\x0a" * 32),
+        RuntimeEvent("app-id", b"\x02" * 20),
+        RuntimeEvent("key-provider", b"kp"),
+        RuntimeEvent("init-script-hash", b"\x0b" * 32),
+        RuntimeEvent("system-ready", b""),
+        RuntimeEvent("compose-hash", b"\x03" * 32),
+        RuntimeEvent("init-script-hash", b"\x0c" * 32),
+    )
+    info = AppInfo.from_attestation(
+        dataclasses.replace(att, runtime_events=events), boottime_mr=False, report=report
+    )
+    assert info.app_id == b"\x01" * 20 and info.compose_hash == b"" and info.instance_id == b""
+    assert info.key_provider_info == b"kp"
+    assert info.init_script_hashes == (b"\x0a" * 32, b"\x0b" * 32)
+    none = AppInfo.from_attestation(
+        dataclasses.replace(att, runtime_events=events[5:]), boottime_mr=False, report=report
+    )
+    assert (none.app_id, none.key_provider_info, none.init_script_hashes) == (b"", b"", None)
