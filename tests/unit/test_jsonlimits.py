@@ -91,6 +91,47 @@ def test_depth_matches_the_character_by_character_count(text: str):
     assert jsonlimits.nesting_depth(text) == _reference_depth(text)
 
 
+def test_few_brackets_skip_the_depth_scan(monkeypatch: pytest.MonkeyPatch):
+    # a /verify body is one object around a long hex string: its depth cannot exceed its
+    # bracket count, so the string is not scanned for string literals
+    def scanned(_text: object) -> int:
+        raise AssertionError("nesting_depth ran")
+
+    monkeypatch.setattr(jsonlimits, "nesting_depth", scanned)
+    body = '{"attestation": "' + "ab" * 50_000 + '"}'
+    assert jsonlimits.loads(body)["attestation"] == "ab" * 50_000
+    assert jsonlimits.loads("[" * 3 + "]" * 3, max_depth=3) == [[[]]]
+    with pytest.raises(AssertionError, match="nesting_depth ran"):
+        jsonlimits.loads("[" * 4 + "]" * 4, max_depth=3)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet='[]{}"\\ax,', max_size=40), st.integers(0, 6))
+def test_depth_limit_holds_whatever_the_bracket_count(text: str, depth: int):
+    # refused for depth exactly when the full scan says it is too deep, skip or no skip
+    try:
+        jsonlimits.loads(text, max_depth=depth)
+    except jsonlimits.JsonError as e:
+        too_deep = "nested deeper" in str(e)
+    else:
+        too_deep = False
+    assert too_deep == (_reference_depth(text) > depth)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet='[]{}",1 ', max_size=30), st.integers(0, 12))
+def test_item_limit_holds_whatever_the_length(text: str, items: int):
+    # the count is skipped only for a text no longer than the limit, which cannot exceed it
+    try:
+        jsonlimits.loads(text, max_items=items)
+    except jsonlimits.JsonError as e:
+        too_many = "more than" in str(e)
+    else:
+        too_many = False
+    counted = text.count("{") + text.count("[") + text.count(",")
+    assert too_many == (counted > items)
+
+
 def test_depth_check_is_not_quadratic_in_unterminated_strings():
     # a string-literal pattern that could fail and retry from every later quote would take
     # minutes here; the count must see one unterminated string running to the end

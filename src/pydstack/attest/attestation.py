@@ -14,6 +14,8 @@ bytes are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +25,16 @@ import msgpack
 from pydstack.types import msgpacklimits
 
 from .errors import ParseError
-from .eventlog import RuntimeEvent, TdxEvent, event_digest, event_name, strip_for_certificate
+from .eventlog import (
+    MAX_EVENT_NAME,
+    MR_LEN,
+    RuntimeEvent,
+    TdxEvent,
+    event_digest,
+    event_name,
+    strip_for_certificate,
+)
+from .quote import Quote, parse_quote
 from .scale import Reader, Writer
 
 MAX_ATTESTATION_SIZE = 10 * 1024 * 1024
@@ -31,6 +42,9 @@ MAX_ATTESTATION_SIZE = 10 * 1024 * 1024
 MAX_ITEMS = 4096
 #: the longest msgpack array: a quote as an array of byte values
 MAX_ARRAY = 64 * 1024
+_TWO_U32 = struct.Struct("<II")
+#: a TdxEvent from all seven fields, without the named tuple's keyword-handling __new__
+_event = functools.partial(tuple.__new__, TdxEvent)
 V0_PLATFORMS = {0: "tdx", 1: "gcp-tdx", 2: "nitro-enclave", 3: "sev-snp", 4: "aws-nitro-tpm"}
 
 
@@ -90,6 +104,60 @@ def _count(n: int, what: str) -> int:
     return n
 
 
+def _name(raw: bytes) -> str:
+    """an event name read as SCALE bytes: utf-8 (strict decoding cannot yield a lone
+    surrogate) of at most MAX_EVENT_NAME bytes, as `event_name` takes it."""
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParseError(f"scale: string is not utf-8: {e}") from e
+    if len(raw) > MAX_EVENT_NAME:
+        raise ParseError(f"event name longer than {MAX_EVENT_NAME} bytes")
+    return name
+
+
+def _event_v0(r: Reader) -> TdxEvent:
+    imr = r.read_u32()
+    event_type = r.read_u32()
+    digest = r.read_bytes()
+    if len(digest) > MR_LEN:
+        raise ParseError(f"event digest longer than {MR_LEN} bytes")
+    name = _name(r.read_bytes())
+    payload = r.read_bytes()
+    if imr > 3:
+        raise ParseError(f"event imr {imr} out of range")
+    return TdxEvent(imr, event_type, digest, name, payload)
+
+
+def _events_v0(r: Reader, count: int) -> list[TdxEvent]:
+    """`count` boot events. An event whose three lengths are one byte each (under 64: every
+    field of a real log but a long payload) and that fits is read inline; any other goes
+    through `_event_v0`, which also raises for whatever is wrong."""
+    data, pos = r.data, r.pos
+    size = len(data)
+    events = []
+    for _ in range(count):
+        at = pos + 8
+        if at < size and not data[at] & 0b11:
+            d_end = at + 1 + (data[at] >> 2)
+            if d_end < size and not data[d_end] & 0b11 and d_end - at - 1 <= MR_LEN:
+                n_end = d_end + 1 + (data[d_end] >> 2)
+                if n_end < size and not data[n_end] & 0b11:
+                    p_end = n_end + 1 + (data[n_end] >> 2)
+                    imr, event_type = _TWO_U32.unpack_from(data, pos)
+                    if p_end <= size and imr <= 3:
+                        name = _name(data[d_end + 1 : n_end]) if n_end > d_end + 1 else ""
+                        digest, payload = data[at + 1 : d_end], data[n_end + 1 : p_end]
+                        events.append(_event((imr, event_type, digest, name, payload, 1, None)))
+                        pos = p_end
+                        continue
+        r.pos = pos
+        events.append(_event_v0(r))
+        pos = r.pos
+    r.pos = pos
+    return events
+
+
 def _decode_v0(data: bytes) -> Attestation:
     r = Reader(data)
     r.read_u8()
@@ -97,18 +165,10 @@ def _decode_v0(data: bytes) -> Attestation:
     if variant != 0:
         raise ParseError(f"unsupported platform: {V0_PLATFORMS.get(variant, variant)}")
     quote = r.read_bytes()
-    events = []
-    for _ in range(_count(r.read_len(min_item_size=11), "event_log")):
-        imr = r.read_u32()
-        event_type = r.read_u32()
-        digest = event_digest(r.read_bytes())
-        name = event_name(r.read_str())
-        payload = r.read_bytes()
-        if imr > 3:
-            raise ParseError(f"event imr {imr} out of range")
-        events.append(TdxEvent(imr, event_type, digest, name, payload))
+    events = _events_v0(r, _count(r.read_len(min_item_size=11), "event_log"))
+    read_bytes = r.read_bytes
     runtime = [
-        RuntimeEvent(event_name(r.read_str()), r.read_bytes())
+        RuntimeEvent(_name(read_bytes()), read_bytes())
         for _ in range(_count(r.read_len(2), "runtime_events"))
     ]
     report_data = r.read_fixed(64)
@@ -348,11 +408,11 @@ def to_versioned_bytes(att: Attestation) -> bytes:
 
 
 def from_quote_and_event_log(
-    quote: bytes, event_log: Sequence[TdxEvent], config: str = ""
+    quote: bytes, event_log: Sequence[TdxEvent], config: str = "", parsed: Quote | None = None
 ) -> Attestation:
-    """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier)."""
-    from .quote import parse_quote
-
-    parsed = parse_quote(quote)
+    """a V0-style attestation from a raw quote and its JSON event log (legacy RA-TLS, verifier);
+    `parsed`: the caller's parse of `quote`, not parsed again. ParseError for a bad quote."""
+    if parsed is None or parsed.raw != quote:
+        parsed = parse_quote(quote)
     runtime = tuple(e.to_runtime_event() for e in event_log if e.is_runtime)
     return Attestation(quote, tuple(event_log), runtime, parsed.report_data, config)

@@ -16,7 +16,7 @@ HASH_LEN = 32
 OPTIONAL_HASHES = ("device_id", "mr_aggregated", "mr_system", "os_image_hash")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BootInfo:
     tee_variant: str
     mr_aggregated: bytes

@@ -120,6 +120,8 @@ class Evidence:
 
     attestation: Attestation
     vm_config: str = ""
+    #: the parse of `attestation.quote`, when decoding the request made one
+    quote: Quote | None = None
 
 
 def _unhex(value: Any, what: str, limit: int) -> bytes:
@@ -155,11 +157,28 @@ def evidence_from_request(body: Any) -> Evidence:
         raise ParseError("vm_config must be the vm config's json text")
     if len(vm_config) > MAX_VM_CONFIG:
         raise ParseError(f"vm_config is larger than {MAX_VM_CONFIG} bytes")
-    att = from_quote_and_event_log(quote, event_log_from_json(event_log), vm_config)
-    return Evidence(att, vm_config)
+    events = event_log_from_json(event_log)
+    parsed = parse_quote(quote)
+    return Evidence(from_quote_and_event_log(quote, events, vm_config, parsed), vm_config, parsed)
 
 
 # ---------------------------------------------------------------------------------- results
+
+
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _js(value: str | None) -> str:
+    """a JSON string (or null) exactly as json.dumps writes it."""
+    return "null" if value is None else _json_str(value)
+
+
+def _jb(value: bool | None) -> str:
+    return "null" if value is None else "true" if value else "false"
+
+
+def _jlist(values: Sequence[str]) -> str:
+    return "[" + ", ".join(_json_str(x) for x in values) + "]"
 
 
 def key_provider_of(info: bytes) -> dict[str, str] | None:
@@ -272,6 +291,70 @@ class Verification:
             details["boot_info"] = boot.to_json_obj()
         return {"is_valid": self.is_valid, "details": details, "reason": self.reason}
 
+    def to_json_bytes(self) -> bytes:
+        """`json.dumps(self.to_json_obj()).encode()`, byte for byte, written directly: the
+        `/verify` answer without building its dicts, each hex field formatted once (hex needs
+        no escaping; every other string is escaped as json.dumps escapes it)."""
+        valid = self.is_valid
+        app, report = self.app_info, self.report
+        key_provider = app_info = "null"
+        boot_info = ""
+        if app is not None:
+            app_id, compose, instance = (
+                app.app_id.hex(),
+                app.compose_hash.hex(),
+                app.instance_id.hex(),
+            )
+            device, system, aggregated = (
+                app.device_id.hex(),
+                app.mr_system.hex(),
+                app.mr_aggregated.hex(),
+            )
+            image, kp_info = self.os_image_hash.hex(), app.key_provider_info.hex()
+            if report is not None:
+                kp = key_provider_of(app.key_provider_info)
+                if kp is not None:
+                    key_provider = (
+                        f'{{"name": {_json_str(kp["name"])}, "id": {_json_str(kp["id"])}}}'
+                    )
+                scripts = app.init_script_hashes
+                app_info = (
+                    f'{{"app_id": "{app_id}", "compose_hash": "{compose}", '
+                    f'"instance_id": "{instance}", "device_id": "{device}", '
+                    f'"mrtd": "{report.mr_td.hex()}", "rtmr0": "{report.rtmr0.hex()}", '
+                    f'"rtmr1": "{report.rtmr1.hex()}", "rtmr2": "{report.rtmr2.hex()}", '
+                    f'"rtmr3": "{report.rtmr3.hex()}", "mr_system": "{system}", '
+                    f'"mr_aggregated": "{aggregated}", "os_image_hash": "{image}", '
+                    f'"key_provider_info": "{kp_info}", "init_script_hashes": '
+                    + ("null" if scripts is None else _jlist([h.hex() for h in scripts]))
+                    + "}"
+                )
+            if valid:  # boot_info (`self.boot_info`), from the same values
+                boot_info = (
+                    f', "boot_info": {{"teeVariant": "{TEE_VARIANT_TDX}", '
+                    f'"mrAggregated": "{aggregated}", "osImageHash": "{image}", '
+                    f'"mrSystem": "{system}", "appId": "{app_id}", '
+                    f'"composeHash": "{compose}", "instanceId": "{instance}", '
+                    f'"deviceId": "{device}", "keyProviderInfo": "{kp_info}", '
+                    f'"tcbStatus": {_json_str(self.tcb_status or "")}, '
+                    f'"advisoryIds": {_jlist(self.advisory_ids)}}}'
+                )
+        report_data = "null" if self.report_data is None else f'"{self.report_data.hex()}"'
+        return (
+            f'{{"is_valid": {_jb(valid)}, "details": {{'
+            f'"quote_verified": {_jb(self.quote_verified)}, '
+            f'"event_log_verified": {_jb(self.event_log_verified)}, '
+            f'"os_image_hash_verified": {_jb(self.os_image_hash_verified)}, '
+            f'"acpi_tables_verified": {_jb(self.acpi_tables_verified)}, '
+            f'"os_image_is_dev": {_jb(self.os_image_is_dev)}, '
+            f'"os_image_version": {_js(self.os_image_version)}, '
+            f'"tee_variant": {_js(self.tee_variant)}, "report_data": {report_data}, '
+            f'"tcb_status": {_js(self.tcb_status)}, '
+            f'"advisory_ids": {_jlist(self.advisory_ids)}, '
+            f'"key_provider": {key_provider}, "app_info": {app_info}{boot_info}}}, '
+            f'"reason": {_js(self.reason)}}}'
+        ).encode()
+
 
 # ---------------------------------------------------------------------------------- verifier
 
@@ -305,7 +388,9 @@ class EvidenceVerifier:
             v = Verification()
             v.fail("request", str(e))
             return v
-        return await self.verify(evidence.attestation, vm_config=evidence.vm_config)
+        return await self._verify(
+            evidence.attestation, evidence.quote, vm_config=evidence.vm_config
+        )
 
     async def verify(
         self,
@@ -318,16 +403,40 @@ class EvidenceVerifier:
     ) -> Verification:
         """verify `att`; `vm_config` overrides the attestation's own config (the KMS gets it
         with the request). Never raises for bad evidence: failures are in the result."""
+        return await self._verify(
+            att,
+            None,
+            vm_config=vm_config,
+            boottime_mr=boottime_mr,
+            check_image=check_image,
+            fail_fast=fail_fast,
+        )
+
+    async def _verify(
+        self,
+        att: Attestation,
+        parsed: Quote | None,
+        *,
+        vm_config: str = "",
+        boottime_mr: bool = False,
+        check_image: bool = True,
+        fail_fast: bool = False,
+    ) -> Verification:
+        """`verify`; `parsed`: the request decoder's parse of `att.quote` (used only when it is
+        the parse of these very bytes)."""
         v = Verification(image_required=check_image, report_data=att.report_data)
         config = vm_config or att.config
         if att.platform != "tdx":
             v.fail(QUOTE, f"unsupported platform {att.platform}")
             return v
-        try:
-            quote = parse_quote(att.quote)
-        except ParseError as e:
-            v.fail(QUOTE, f"malformed quote: {e}")
-            return v
+        if parsed is not None and parsed.raw == att.quote:
+            quote = parsed
+        else:
+            try:
+                quote = parse_quote(att.quote)
+            except ParseError as e:
+                v.fail(QUOTE, f"malformed quote: {e}")
+                return v
         report = quote.td_report
         if report is None:
             v.fail(QUOTE, "attestation quote is not a tdx quote")
@@ -342,7 +451,9 @@ class EvidenceVerifier:
             vm = load_vm_config(config)
         except ParseError as e:
             vm_error = str(e)
-        self._check_event_log(att, report, ppid, vm, vm_error, bool(vm_config), boottime_mr, v)
+        self._check_event_log(
+            att, report, ppid, config, vm, vm_error, bool(vm_config), boottime_mr, v
+        )
         if fail_fast and v.failures:
             return v
         if check_image:
@@ -375,13 +486,14 @@ class EvidenceVerifier:
         att: Attestation,
         report: TdReport,
         ppid: bytes | None,
+        config: str,
         vm: dict[str, Any] | None,
         vm_error: str,
         given: bool,
         boottime_mr: bool,
         v: Verification,
     ) -> None:
-        """`vm`: the decoded config (None: `vm_error`); `given`: it came with the request."""
+        """`vm`: `config` decoded (None: `vm_error`); `given`: it came with the request."""
         if report.report_data != att.report_data:
             v.fail(EVENT_LOG, "quote report_data does not match the attestation")
             return
@@ -391,14 +503,18 @@ class EvidenceVerifier:
             )
             return
         for ev in att.event_log:
-            if ev.is_runtime and ev.version == 2 and ev.preimage is not None:
+            if ev.version == 2 and ev.preimage is not None and ev.is_runtime:
                 runtime = ev.to_runtime_event()
                 if ev.preimage != runtime.preimage() or (
                     ev.digest and ev.digest != runtime.digest()
                 ):
                     v.fail(EVENT_LOG, f"runtime event {ev.event[:64]!r} has a wrong preimage")
                     return
-        app = AppInfo.from_attestation(att, boottime_mr=boottime_mr, ppid=ppid, report=report)
+        # the attestation's own config, when that is what `vm` was read from
+        own_image = _image_hash(vm) if vm is not None and config == att.config else None
+        app = AppInfo.from_attestation(
+            att, boottime_mr=boottime_mr, ppid=ppid, report=report, os_image_hash=own_image
+        )
         if len(app.app_id) != 20:
             v.fail(EVENT_LOG, "app_id must be 20 bytes")
             return

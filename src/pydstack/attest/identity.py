@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +24,14 @@ from pydstack.types import jsonlimits, msgpacklimits
 
 from .attestation import Attestation
 from .errors import ParseError
-from .eventlog import RuntimeEvent, replay_runtime_events
+from .eventlog import replay_runtime_events
 from .quote import TdReport, parse_quote
 
 SYSTEM_READY = "system-ready"
 BOOT_MR_DONE = "boot-mr-done"
+APP_ID, COMPOSE_HASH, INSTANCE_ID = "app-id", "compose-hash", "instance-id"
+KEY_PROVIDER, INIT_SCRIPT_HASH = "key-provider", "init-script-hash"
+_IDENTITY_EVENTS = frozenset({APP_ID, COMPOSE_HASH, INSTANCE_ID, KEY_PROVIDER})
 KEY_PROVIDER_KINDS = {"none": 0, "local": 1, "kms": 2, "tpm": 3}
 
 
@@ -55,26 +58,6 @@ def mr_key_provider(key_provider_info: bytes) -> bytes:
     return hashlib.sha256(key_provider_info).digest() if key_provider_info else bytes(32)
 
 
-def find_event(events: Iterable[RuntimeEvent], name: str) -> bytes | None:
-    """payload of the first event named `name` before `system-ready`."""
-    for ev in events:
-        if ev.event == SYSTEM_READY:
-            return None
-        if ev.event == name:
-            return ev.payload
-    return None
-
-
-def find_events(events: Iterable[RuntimeEvent], name: str) -> list[bytes]:
-    out = []
-    for ev in events:
-        if ev.event == SYSTEM_READY:
-            break
-        if ev.event == name:
-            out.append(ev.payload)
-    return out
-
-
 def mr_system(mrtd: bytes, rtmr0: bytes, rtmr1: bytes, rtmr2: bytes, kp_info: bytes) -> bytes:
     return hashlib.sha256(mrtd + rtmr0 + rtmr1 + rtmr2 + mr_key_provider(kp_info)).digest()
 
@@ -88,7 +71,7 @@ def mr_aggregated(
 ) -> bytes:
     h = hashlib.sha256(mrtd + b"".join(rtmrs))
     tail = mr_config_id + mr_owner + mr_owner_config
-    if any(tail):
+    if tail.strip(b"\0"):  # any non-zero byte
         h.update(tail)
     return h.digest()
 
@@ -139,7 +122,7 @@ def os_image_hash_from_config(config: str) -> bytes:
         return b""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AppInfo:
     app_id: bytes
     compose_hash: bytes
@@ -159,28 +142,43 @@ class AppInfo:
         boottime_mr: bool,
         ppid: bytes | None = None,
         report: TdReport | None = None,
+        os_image_hash: bytes | None = None,
     ) -> AppInfo:
         """decode identity from an attestation (TDX); `ppid` comes from a verified quote.
         `report`: the TD report of `att.quote` when the caller parsed it and checked that its
-        RTMR3 is the replay of the runtime events (both are then not done again). ParseError
-        when its quote does not parse or is not a TDX quote; linear time."""
+        RTMR3 is the replay of the runtime events (both are then not done again).
+        `os_image_hash`: what `os_image_hash_from_config(att.config)` gives, when the caller
+        has read the config already. ParseError when its quote does not parse or is not a TDX
+        quote; linear time."""
         replayed = report is not None
         if report is None:
             report = parse_quote(att.quote).td_report
         if report is None:
             raise ParseError("attestation quote is not a tdx quote")
-        events = list(att.runtime_events)
-        kp_info = find_event(events, "key-provider") or b""
+        events = att.runtime_events
+        # before system-ready: the first payload of each identity event, every init script
+        found: dict[str, bytes] = {}
+        init_scripts: list[bytes] = []
+        for ev in events:
+            name = ev.event
+            if name == SYSTEM_READY:
+                break
+            if name == INIT_SCRIPT_HASH:
+                init_scripts.append(ev.payload)
+            elif name in _IDENTITY_EVENTS and name not in found:
+                found[name] = ev.payload
+        kp_info = found.get(KEY_PROVIDER, b"")
         if boottime_mr:
             rtmr3 = replay_runtime_events(events, stop_after=BOOT_MR_DONE)
             kp_info = b""
         else:
             rtmr3 = report.rtmr3 if replayed else replay_runtime_events(events)
-        init_scripts = find_events(events, "init-script-hash")
+        if os_image_hash is None:
+            os_image_hash = os_image_hash_from_config(att.config)
         return cls(
-            app_id=find_event(events, "app-id") or b"",
-            compose_hash=find_event(events, "compose-hash") or b"",
-            instance_id=find_event(events, "instance-id") or b"",
+            app_id=found.get(APP_ID, b""),
+            compose_hash=found.get(COMPOSE_HASH, b""),
+            instance_id=found.get(INSTANCE_ID, b""),
             device_id=device_id(ppid),
             mr_system=mr_system(report.mr_td, report.rtmr0, report.rtmr1, report.rtmr2, kp_info),
             mr_aggregated=mr_aggregated(
@@ -190,7 +188,7 @@ class AppInfo:
                 report.mr_owner,
                 report.mr_owner_config,
             ),
-            os_image_hash=os_image_hash_from_config(att.config),
+            os_image_hash=os_image_hash,
             key_provider_info=kp_info,
             init_script_hashes=tuple(init_scripts) if init_scripts else None,
         )

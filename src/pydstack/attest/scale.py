@@ -13,6 +13,9 @@ from typing import TypeVar
 from .errors import ParseError
 
 T = TypeVar("T")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
 class Reader:
@@ -39,14 +42,22 @@ class Reader:
         self.pos = pos + 1
         return self.data[pos]
 
+    def _fixed(self, n: int) -> int:
+        """the offset of the next `n` bytes, which are then consumed."""
+        pos = self.pos
+        if pos + n > len(self.data):
+            raise ParseError(f"scale: need {n} bytes at offset {pos}, {self.remaining} left")
+        self.pos = pos + n
+        return pos
+
     def read_u16(self) -> int:
-        return int(struct.unpack("<H", self.take(2))[0])
+        return int(_U16.unpack_from(self.data, self._fixed(2))[0])
 
     def read_u32(self) -> int:
-        return int(struct.unpack("<I", self.take(4))[0])
+        return int(_U32.unpack_from(self.data, self._fixed(4))[0])
 
     def read_u64(self) -> int:
-        return int(struct.unpack("<Q", self.take(8))[0])
+        return int(_U64.unpack_from(self.data, self._fixed(8))[0])
 
     def read_bool(self) -> bool:
         b = self.read_u8()
@@ -84,6 +95,13 @@ class Reader:
         return n
 
     def read_bytes(self) -> bytes:
+        data, pos = self.data, self.pos
+        if pos < len(data) and not data[pos] & 0b11:
+            # the common case, a length under 64 in one byte: read without the general path
+            end = pos + 1 + (data[pos] >> 2)
+            if end <= len(data):
+                self.pos = end
+                return data[pos + 1 : end]
         return self.take(self.read_len())
 
     def read_str(self) -> str:

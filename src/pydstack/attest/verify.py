@@ -69,7 +69,7 @@ class VerificationPolicy:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VerifiedQuote:
     status: str
     advisory_ids: tuple[str, ...]
@@ -140,7 +140,7 @@ def verify_quote(
         # a dcap-qvl release does about debug tds
         if report_td.is_debug:
             raise VerifyError("debug td refused")
-        if any(report_td.mr_signer_seam):
+        if report_td.mr_signer_seam.strip(b"\0"):
             raise VerifyError("td refused: mr_signer_seam is not zero")
     col = _collateral_obj(collateral)
     if policy.max_collateral_age_seconds is not None:
@@ -169,7 +169,7 @@ def verify_quote(
             reason = reason[:1].lower() + reason[1:]
         raise VerifyError(f"quote verification failed: {reason}") from e
     status = str(report.status)
-    advisories = tuple(str(a) for a in report.advisory_ids)
+    advisories = tuple(map(str, report.advisory_ids))
     if status not in policy.allowed_tcb_statuses:
         adv = f" (advisories: {', '.join(advisories)})" if advisories else ""
         raise VerifyError(f"tcb status {status} is not allowed{adv}")

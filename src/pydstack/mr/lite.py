@@ -39,7 +39,7 @@ MAX_DOCUMENT = 64 * 1024
 MAX_CHECKSUM_FILE = 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TdxMeasurements:
     mrtd: bytes
     rtmr0: bytes

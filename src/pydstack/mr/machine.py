@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -67,7 +68,7 @@ def _int(obj: dict[str, Any], key: str, hi: int) -> int:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VmMeasureConfig:
     os_image_hash: bytes
     cpu_count: int
@@ -144,9 +145,12 @@ class VmMeasureConfig:
 
     def measurement_key(self) -> str:
         """what an image's expected measurement depends on, as a stable string."""
-        key = {
-            "memory_size": self.memory_size,
-            "two_pass": self.two_pass(),
-            "ovmf_variant": self.ovmf_variant or OVMF_VARIANTS[0],
-        }
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return _measurement_key(
+            self.memory_size, self.two_pass(), self.ovmf_variant or OVMF_VARIANTS[0]
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _measurement_key(memory_size: int, two_pass: bool, ovmf_variant: str) -> str:
+    key = {"memory_size": memory_size, "two_pass": two_pass, "ovmf_variant": ovmf_variant}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -22,8 +22,10 @@ The contract of `loads`:
   them). `load_object`, for documents, always refuses them.
 
 Cost: linear. The depth is measured by regular expressions and C iterators (no Python loop
-per character), then the C parser runs; no recursion deeper than `max_depth`. Memory: about
-twice the text for the depth check, then what the document builds.
+per character), and only when the text holds more opening brackets than `max_depth` (a
+request of a few objects around long strings is not scanned); then the C parser runs; no
+recursion deeper than `max_depth`. Memory: about twice the text for the depth check, then
+what the document builds.
 """
 
 from __future__ import annotations
@@ -95,10 +97,12 @@ def loads(
     """json.loads under the contract in the module docstring; JsonError for bad input (with
     `surrogates=False`, also for a string or key holding a lone surrogate)."""
     text = decode(data, max_bytes)
-    # a text cannot hold more values, nor nest deeper, than it has characters
-    if len(text) > max_items and text.count("{") + text.count("[") + text.count(",") > max_items:
+    opening = text.count("{") + text.count("[")
+    # each counted value takes a character: a text no longer than the limit cannot exceed it
+    if len(text) > max_items and opening + text.count(",") > max_items:
         raise JsonError(f"json holds more than {max_items} values")
-    if len(text) > max_depth and nesting_depth(text) > max_depth:
+    # no nesting is deeper than the count of opening brackets: measured only when it could be
+    if opening > max_depth and nesting_depth(text) > max_depth:
         raise JsonError(f"json nested deeper than {max_depth} levels")
     try:
         obj = json.loads(text)

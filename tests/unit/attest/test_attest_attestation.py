@@ -180,3 +180,99 @@ def test_v1_bytes_are_upstreams_document_packed(sim_bin):
         },
     }
     assert encode_v1(att) == msgpack.packb(doc, use_bin_type=True)
+
+
+def _reference_v0(data: bytes) -> tuple[object, ...]:
+    """V0 read field by field with the plain SCALE reader (the wire format's definition)."""
+    from pydstack.attest.scale import Reader
+
+    def name(raw: bytes) -> str:
+        text = raw.decode("utf-8")
+        if len(raw) > 4096:
+            raise ParseError("event name longer than 4096 bytes")
+        return text
+
+    r = Reader(data)
+    assert r.read_u8() == 0 and r.read_u8() == 0
+    quote = r.take(r.read_len())
+    events = []
+    for _ in range(r.read_len(11)):
+        imr, event_type, digest = r.read_u32(), r.read_u32(), r.take(r.read_len())
+        if len(digest) > 48:
+            raise ParseError("digest")
+        events.append((imr, event_type, digest, name(r.take(r.read_len())), r.take(r.read_len())))
+        if imr > 3:
+            raise ParseError("imr")
+    runtime = [(name(r.take(r.read_len())), r.take(r.read_len())) for _ in range(r.read_len(2))]
+    report_data, config = r.take(64), r.take(r.read_len()).decode()
+    r.expect_end()
+    return quote, events, runtime, report_data, config
+
+
+def _v0_or_error(data: bytes) -> tuple[object, ...] | None:
+    try:
+        att = decode_versioned(data)
+    except ParseError:
+        return None
+    events = [(e.imr, e.event_type, e.digest, e.event, e.event_payload) for e in att.event_log]
+    runtime = [(e.event, e.payload) for e in att.runtime_events]
+    return att.quote, events, runtime, att.report_data, att.config
+
+
+def _reference_or_error(data: bytes) -> tuple[object, ...] | None:
+    try:
+        return _reference_v0(data)
+    except (ParseError, UnicodeDecodeError):
+        return None
+
+
+@pytest.mark.parametrize("size", [0, 1, 47, 48, 49, 63, 64, 65, 300, 20_000])
+def test_v0_events_of_every_field_size_decode_as_read_field_by_field(sim_bin, size):
+    # boot events whose fields fit a one-byte length are read inline, others field by field:
+    # both must give what the wire format says, at the one-byte boundary (63/64) and beyond,
+    # for a digest past 48 bytes, an imr past 3, a truncation anywhere
+    from pydstack.attest.eventlog import TdxEvent
+
+    att = decode_versioned(sim_bin)
+    odd = (
+        TdxEvent(1, 7, b"\x01" * min(size, 48), "n" * min(size, 4096), b"p" * size),
+        TdxEvent(2, 8, b"\x02" * 48, "é" * min(size // 2, 2048), b""),
+        TdxEvent(3, 9, b"", "", b"q" * size),
+    )
+    data = encode_v0(dataclasses.replace(att, event_log=att.event_log[:3] + odd))
+    assert _v0_or_error(data) == _reference_or_error(data) is not None
+    long_digest = TdxEvent(1, 7, b"\x01" * 49, "n", b"")
+    refused = encode_v0(dataclasses.replace(att, event_log=(*att.event_log[:3], long_digest)))
+    assert _v0_or_error(refused) is _reference_or_error(refused) is None
+    at = len(att.quote) + 3  # the event count's byte
+    mutated = [data[:cut] for cut in range(at, min(len(data), at + 900), 5)]
+    for i in range(at, min(len(data), at + 900), 3):
+        for value in (0x00, 0x04, 0xC1, 0xC4, 0xFC, 0x10, 0xFF):
+            mutated.append(data[:i] + bytes([value]) + data[i + 1 :])
+    for case in mutated:
+        assert _v0_or_error(case) == _reference_or_error(case)
+
+
+def test_identity_events_count_before_system_ready_and_only_the_first(sim_bin):
+    att = decode_versioned(sim_bin)
+    report = parse_quote(att.quote).td_report
+    events = (
+        RuntimeEvent("app-id", b"\x01" * 20),
+        RuntimeEvent("init-script-hash", b"\x0a" * 32),
+        RuntimeEvent("app-id", b"\x02" * 20),
+        RuntimeEvent("key-provider", b"kp"),
+        RuntimeEvent("init-script-hash", b"\x0b" * 32),
+        RuntimeEvent("system-ready", b""),
+        RuntimeEvent("compose-hash", b"\x03" * 32),
+        RuntimeEvent("init-script-hash", b"\x0c" * 32),
+    )
+    info = AppInfo.from_attestation(
+        dataclasses.replace(att, runtime_events=events), boottime_mr=False, report=report
+    )
+    assert info.app_id == b"\x01" * 20 and info.compose_hash == b"" and info.instance_id == b""
+    assert info.key_provider_info == b"kp"
+    assert info.init_script_hashes == (b"\x0a" * 32, b"\x0b" * 32)
+    none = AppInfo.from_attestation(
+        dataclasses.replace(att, runtime_events=events[5:]), boottime_mr=False, report=report
+    )
+    assert (none.app_id, none.key_provider_info, none.init_script_hashes) == (b"", b"", None)

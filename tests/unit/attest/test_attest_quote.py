@@ -140,3 +140,55 @@ def test_sub_cursors_never_read_past_their_declared_length(vectors):
     shrunk_cert = raw[: cert_at + 2] + struct.pack("<I", cert_len - 10) + raw[cert_at + 6 :]
     with pytest.raises(ParseError, match="truncated"):
         parse_quote(shrunk_cert)
+
+
+def test_the_one_unpack_auth_path_reads_what_the_checked_path_reads(vectors):
+    # the auth data is unpacked at once when it all fits, else read field by field: for the
+    # length fields at and around every bound, both give the same parts or the fast one
+    # declines (and the checked one then raises or reads them)
+    import struct
+
+    from pydstack.attest.quote import _auth_checked, _auth_fast
+
+    raw = _load(vectors, "dcap-qvl/tdx_quote")
+    q = parse_quote(raw)
+    start = q.signed_length + 4
+    end = start + struct.unpack_from("<I", raw, q.signed_length)[0]
+    qe_auth_at = start + 134 + 384 + 64
+    inner_at = qe_auth_at + 2 + len(q.qe_auth_data)
+    fields = {  # offset, struct format, genuine value
+        "cert type": (start + 128, "<H", 6),
+        "cert size": (start + 130, "<I", end - start - 134),
+        "qe auth length": (qe_auth_at, "<H", len(q.qe_auth_data)),
+        "inner type": (inner_at, "<H", 5),
+        "inner size": (inner_at + 2, "<I", len(q.pck_cert_chain_pem)),
+    }
+    cases = [(raw[:cut], cut) for cut in range(start, end + 1, 7)]
+    for at, fmt, genuine in fields.values():
+        for value in {0, 1, 5, 6, genuine - 1, genuine, genuine + 1, 0xFFFF}:
+            data = bytearray(raw)
+            struct.pack_into(fmt, data, at, value)
+            cases += [(bytes(data), end), (bytes(data), end - 1)]
+    for short in range(1, 7):  # the inner header cut by the end of the quote
+        data = bytearray(raw[:end])
+        struct.pack_into("<H", data, qe_auth_at, end - qe_auth_at - 2 - short)
+        cases.append((bytes(data), end))
+    taken = 0
+    for data, stop in cases:
+        fast = _auth_fast(data, start, stop)
+        try:
+            checked = _auth_checked(data, start, stop, 4)
+        except ParseError:
+            assert fast is None
+            continue
+        assert fast is None or fast == checked
+        taken += fast is not None
+    assert taken >= 4
+    assert _auth_fast(raw, start, end) == (
+        q.ecdsa_signature,
+        q.attestation_key,
+        q.qe_report_raw,
+        q.qe_report_signature,
+        q.qe_auth_data,
+        q.pck_cert_chain_pem,
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydstack.attest.attestation import Attestation, encode_v0
 from pydstack.attest.eventlog import RuntimeEvent, event_log_to_json
@@ -40,19 +43,24 @@ def attestation(os_image: str = DIGEST, *, config: str = VM_CONFIG) -> Attestati
     )
 
 
-@pytest.fixture
-def verifier(tmp_path):
-    ensure_sandbox_image(tmp_path)
+def _verifier(images_dir):
+    ensure_sandbox_image(images_dir)
     tdx = SimulatedTdx(SEED)
     cache = CollateralCache(None)
     cache.put(tdx.pki.platform.fmspc.hex(), tdx.collateral_json())
-    images = OsImageVerifier(ImageStore(tmp_path))
+    images = OsImageVerifier(ImageStore(images_dir))
     return EvidenceVerifier(cache, root_ca_der=tdx.root_ca_der, images=images)
+
+
+@pytest.fixture
+def verifier(tmp_path):
+    return _verifier(tmp_path)
 
 
 async def test_genuine_evidence_is_valid(verifier):
     v = await verifier.verify(attestation())
     assert v.is_valid and v.reason is None
+    assert v.app_info is not None and v.app_info.os_image_hash.hex() == DIGEST
     out = v.to_json_obj()
     d = out["details"]
     assert (d["quote_verified"], d["event_log_verified"], d["os_image_hash_verified"]) == (
@@ -188,3 +196,78 @@ async def test_a_forged_quote_fails_even_with_collateral_cached(verifier):
     forged[200] ^= 1  # body changed after signing
     v = await verifier.verify(dataclasses.replace(att, quote=bytes(forged)))
     assert not v.quote_verified and v.reason.startswith("quote: quote verification failed")
+
+
+_TEXT = st.text(max_size=12)  # any code point: quotes, controls, non-ascii, lone surrogates
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    flags=st.tuples(*[st.booleans()] * 4),
+    optional=st.tuples(st.none() | st.booleans(), st.none() | _TEXT, st.none() | _TEXT),
+    status=st.none() | _TEXT,
+    advisories=st.lists(_TEXT, max_size=3),
+    failures=st.lists(st.tuples(_TEXT, _TEXT), max_size=2),
+    kp_name=st.none() | _TEXT,
+    scripts=st.none() | st.lists(st.binary(max_size=4), min_size=1, max_size=2),
+    with_app=st.booleans(),
+    with_report=st.booleans(),
+)
+def test_the_json_answer_is_written_as_json_dumps_writes_it(
+    genuine, flags, optional, status, advisories, failures, kp_name, scripts, with_app, with_report
+):
+    v = dataclasses.replace(genuine, failures=list(failures))
+    v.quote_verified, v.event_log_verified, v.os_image_hash_verified = flags[:3]
+    v.acpi_tables_verified = flags[3]
+    v.os_image_is_dev, v.os_image_version, v.tee_variant = optional
+    v.tcb_status, v.advisory_ids = status, tuple(advisories)
+    if v.app_info is not None:
+        kp = b"" if kp_name is None else json.dumps({"name": kp_name, "id": "i\u00e9"}).encode()
+        v.app_info = dataclasses.replace(
+            v.app_info, key_provider_info=kp, init_script_hashes=scripts and tuple(scripts)
+        )
+    v.app_info = v.app_info if with_app else None
+    v.report = v.report if with_report else None
+    if not with_report:
+        v.report_data = None
+    assert v.to_json_bytes() == json.dumps(v.to_json_obj()).encode()
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    verifier = _verifier(tmp_path_factory.mktemp("images"))
+    v = asyncio.run(verifier.verify(attestation()))
+    assert v.is_valid and v.to_json_bytes() == json.dumps(v.to_json_obj()).encode()
+    return v
+
+
+async def test_a_raw_form_request_parses_its_quote_once(verifier, monkeypatch):
+    import pydstack.attest.attestation as attestation_module
+    import pydstack.attest.evidence as evidence_module
+    from pydstack.attest.quote import parse_quote
+
+    calls = []
+
+    def counted(data):
+        calls.append(len(data))
+        return parse_quote(data)
+
+    for module in (evidence_module, attestation_module):
+        monkeypatch.setattr(module, "parse_quote", counted)
+    att = attestation()
+    raw = {"quote": att.quote.hex(), "event_log": event_log_to_json(att.event_log)}
+    v = await verifier.verify_request({**raw, "vm_config": VM_CONFIG})
+    assert v.is_valid and calls == [len(att.quote)]
+
+
+async def test_a_parse_of_other_bytes_is_not_taken_for_the_quote(verifier):
+    from pydstack.attest.attestation import from_quote_and_event_log
+    from pydstack.attest.quote import parse_quote
+
+    att = attestation()
+    other_quote = SimulatedTdx(SEED).get_quote(hashlib.sha512(b"other").digest())
+    made = from_quote_and_event_log(att.quote, att.event_log, VM_CONFIG, parse_quote(other_quote))
+    assert made.report_data == att.report_data != hashlib.sha512(b"other").digest()
+    v = await verifier._verify(att, parse_quote(other_quote))
+    assert v.is_valid and v.report is not None
+    assert v.report.report_data == att.report_data
