@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = VerifierConfig.load(args.config) if args.config else VerifierConfig()
         if args.verify is not None:
             return asyncio.run(verify_file(cfg, args.verify))
-        return asyncio.run(serve(cfg))
+        from pydstack.process import run_server
+
+        return run_server(serve(cfg))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,16 +7,15 @@ the size limit is 413 with the same shape; a body that is not JSON is 400 with i
 type is taken (upstream's README posts with `curl -d`); the request guard still refuses
 cross-site browser requests. `GET /health` is `{"status": "ok", "service": "dstack-verifier"}`.
 
-The service runs on :class:`PrpcServer`'s listeners (connection limits, request guard) without
-prpc services.
+The service runs on the lean :class:`~pydstack.rpc.http1.Http1Server` (connection limits,
+request guard, bounded parsing) on uvloop, without prpc services.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
-
-from aiohttp import web
 
 from pydstack.attest.errors import VerifyError
 from pydstack.attest.evidence import EvidenceVerifier, Verification
@@ -24,7 +23,8 @@ from pydstack.attest.verify import CollateralCache
 from pydstack.errors import ConfigError
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
-from pydstack.rpc.server import PrpcServer
+from pydstack.rpc.http1 import Http1Server, HttpRequest
+from pydstack.rpc.server import Answer
 from pydstack.types import jsonlimits
 
 from .config import VerifierConfig
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SERVICE = "dstack-verifier"
 #: a 10 MiB attestation in hex with room for the JSON around it
 MAX_BODY = 24 * 1024 * 1024
+JSON = "application/json"
+HEALTH = json.dumps({"status": "ok", "service": SERVICE}).encode()
 
 
 def build_verifier(cfg: VerifierConfig) -> EvidenceVerifier:
@@ -55,10 +57,12 @@ def build_verifier(cfg: VerifierConfig) -> EvidenceVerifier:
     return EvidenceVerifier(collateral, root_ca_der=root, images=OsImageVerifier(store))
 
 
-def _refusal(status: int, reason: str) -> web.Response:
+def _refusal(reason: str, status: int) -> Answer:
+    """an answer in /verify's shape for a request that cannot be verified at all (also the
+    server's answer to requests it refuses before any route: too large, malformed, 404)."""
     v = Verification()
     v.fail("request", reason)
-    return web.json_response(v.to_json_obj(), status=status)
+    return Answer(status, v.to_json_bytes(), JSON)
 
 
 class VerifierService:
@@ -67,39 +71,36 @@ class VerifierService:
         self.max_body = max_body
         self.requests = 0
 
-    async def verify(self, request: web.Request) -> web.Response:
+    async def verify(self, request: HttpRequest) -> Answer:
         self.requests += 1
-        if request.content_length is not None and request.content_length > self.max_body:
-            return _refusal(413, f"request body larger than {self.max_body} bytes")
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _refusal(413, f"request body larger than {self.max_body} bytes")
-        try:
-            doc: Any = jsonlimits.loads(body, max_bytes=self.max_body)
+            doc: Any = jsonlimits.loads(request.body, max_bytes=self.max_body)
         except ValueError as e:
-            return _refusal(400, f"request is not valid json: {e}")
+            return _refusal(f"request is not valid json: {e}", 400)
         result = await self.verifier.verify_request(doc)
         if not result.is_valid:
             log.info("verification refused: %s", result.reason)
-        return web.json_response(result.to_json_obj())
+        return Answer(200, result.to_json_bytes(), JSON)
 
-    async def health(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "service": SERVICE})
+    async def health(self, _: HttpRequest) -> Answer:
+        return Answer(200, HEALTH, JSON)
 
-    def mount(self, server: PrpcServer) -> None:
-        server.app.router.add_post("/verify", self.verify)
-        server.app.router.add_get("/health", self.health)
+    def mount(self, server: Http1Server) -> None:
+        server.route("POST", "/verify", self.verify)
+        server.route("GET", "/health", self.health)
 
 
 def make_server(
     cfg: VerifierConfig, verifier: EvidenceVerifier
-) -> tuple[PrpcServer, VerifierService]:
-    server = PrpcServer(
+) -> tuple[Http1Server, VerifierService]:
+    """the verifier's server: the lean HTTP/1.1 server (bodies over MAX_BODY refused from their
+    length with 413 in /verify's shape), the config's limits and browser rules."""
+    server = Http1Server(
         max_body=MAX_BODY,
         response_headers={"X-App-Version": SERVICE},
         limits=cfg.server_limits,
         guard=cfg.guard(),
+        route_error=_refusal,
     )
     service = VerifierService(verifier)
     service.mount(server)
