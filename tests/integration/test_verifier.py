@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,3 +195,53 @@ def test_dstack_verify_prints_a_summary(verifier, tmp_path):
     assert local.stdout == remote.stdout  # the same result, the same summary
     bad = subprocess.run([*cli, "-"], input="{}", capture_output=True, text=True)
     assert bad.returncode == 1 and "refused: request: " in bad.stdout
+
+
+def test_workers_share_the_port_and_stop_with_the_parent(tmp_path):
+    """`workers = 3`: two more processes serve the parent's port; one that dies is started
+    again, and all stop with the parent."""
+    import os
+    import signal
+    import time
+
+    def workers() -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-f", "pydstack.verifier.main --worker-port"], capture_output=True, text=True
+        ).stdout
+        return [int(p) for p in out.split()]
+
+    def wait_for(count: int) -> list[int]:
+        for _ in range(200):
+            if len(found := workers()) == count:
+                return found
+            time.sleep(0.05)
+        return workers()
+
+    cfg = Path(_config(tmp_path))
+    cfg.write_text("workers = 3\n" + cfg.read_text())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydstack.verifier.main", "-c", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = _wait(proc, "listening on")
+        assert line.rstrip().endswith("(3 processes)")
+        url = next(word for word in line.split() if word.startswith("http://"))
+        first = wait_for(2)
+        assert len(first) == 2
+        body = {"attestation": encode_v0(attestation()).hex()}
+        for _ in range(30):  # new connections, whichever process takes them
+            r = httpx.post(f"{url}/verify", json=body, headers={"connection": "close"})
+            assert r.status_code == 200 and r.json()["is_valid"]
+        os.kill(first[0], signal.SIGKILL)
+        for _ in range(200):  # restarted
+            if first[0] not in (now := workers()) and len(now) == 2:
+                break
+            time.sleep(0.05)
+        assert first[0] not in workers() and len(workers()) == 2
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert wait_for(0) == []

@@ -314,11 +314,15 @@ class Http1Server:
     def _factory(self) -> _Connection:
         return _Connection(self, asyncio.get_running_loop())
 
-    async def listen_tcp(self, host: str, port: int) -> int:
-        """listen on `host`:`port` (0 picks one); returns the bound port."""
+    async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """listen on `host`:`port` (0 picks one); returns the bound port. `reuse_port`: other
+        processes of the same user may listen on the port too (the kernel spreads connections
+        over them)."""
         self._setup()
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(self._factory, host, port, reuse_address=True)
+        server = await loop.create_server(
+            self._factory, host, port, reuse_address=True, reuse_port=reuse_port or None
+        )
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 

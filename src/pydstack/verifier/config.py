@@ -9,11 +9,14 @@ insecure_allow_external_trust_anchors`, `[attestation.urls] pccs`, `[attestation
 This implementation's: `[attestation] collateral_files` (QuoteCollateralV3 JSON files, e.g.
 saved from a PCCS, for offline use), `[attestation] cache_dir` (collateral kept on disk),
 `[attestation] max_concurrent_fetches` (4), `allowed_hosts` / `allowed_origins` (as every
-server's request guard) and `[server_limits]` (connection cap and timeouts).
+server's request guard), `[server_limits]` (connection cap and timeouts) and `workers` (1; the
+number of processes serving the port, 0 for one per CPU: a verification holds its process's
+interpreter, so more cores need more processes).
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ class VerifierConfig:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     server_limits: ServerLimits = field(default_factory=ServerLimits)
+    workers: int = 1
 
     @classmethod
     def load(cls, path: Path) -> VerifierConfig:
@@ -97,6 +101,7 @@ class VerifierConfig:
                 allowed_hosts=tuple(sorted(guard.allowed_hosts)),
                 allowed_origins=tuple(doc.get("allowed_origins") or ()),
                 server_limits=limits,
+                workers=_workers(doc.get("workers", 1)),
             )
         except (ValueError, TypeError) as e:
             raise ConfigError(f"invalid verifier config: {e}") from e
@@ -115,8 +120,15 @@ class VerifierConfig:
                 "attestation.root_ca.tdx needs attestation.insecure_allow_external_trust_anchors"
                 " = true"
             )
+        if not 0 <= self.workers <= 256:
+            raise ConfigError("workers must be between 0 (one per cpu) and 256")
         if not 1 <= self.max_concurrent_fetches <= 64:
             raise ConfigError("attestation.max_concurrent_fetches must be between 1 and 64")
+
+    @property
+    def processes(self) -> int:
+        """how many processes serve the port (`workers`, 0 meaning one per CPU)."""
+        return self.workers or (os.cpu_count() or 1)
 
     def guard(self) -> RequestGuard:
         return RequestGuard.from_config(list(self.allowed_hosts), list(self.allowed_origins))
@@ -136,3 +148,9 @@ class VerifierConfig:
         except ValueError as e:
             raise ConfigError(f"{self.root_ca_tdx} is not a certificate: {e}") from e
         return data
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError("workers must be an integer (0 for one per cpu)")
+    return value

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,17 +45,70 @@ async def verify_file(cfg: VerifierConfig, path: Path) -> int:
     return 0 if result.is_valid else 1
 
 
-async def serve(cfg: VerifierConfig) -> int:
+async def serve(
+    cfg: VerifierConfig, config_path: Path | None = None, *, worker: bool = False
+) -> int:
+    """serve until SIGINT/SIGTERM. With `processes` > 1 this process binds the port, starts the
+    other workers on it (restarting one that dies, after a second) and stops them when it stops;
+    a `worker` serves the port it is given and nothing else."""
     from pydstack.process import stop_signal
 
     server, _ = make_server(cfg, build_verifier(cfg))
-    port = await server.listen_tcp(cfg.address, cfg.port)
-    print(f"dstack-verifier listening on http://{cfg.address}:{port}", flush=True)
+    shared = worker or cfg.processes > 1
+    port = await server.listen_tcp(cfg.address, cfg.port, reuse_port=shared)
+    stop = stop_signal()
+    supervisor = None
+    if not worker:
+        print(
+            f"dstack-verifier listening on http://{cfg.address}:{port}"
+            + (f" ({cfg.processes} processes)" if shared else ""),
+            flush=True,
+        )
+        if cfg.processes > 1:
+            supervisor = asyncio.create_task(_workers(cfg, config_path, port, stop))
     try:
-        await stop_signal().wait()
+        await stop.wait()
     finally:
+        if supervisor is not None:
+            await supervisor
         await server.close()
     return 0
+
+
+def _start_worker(args: list[str]) -> subprocess.Popen[bytes]:
+    def die_with_parent() -> None:  # a worker must not outlive its parent (even a SIGKILL-ed one)
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return subprocess.Popen(args, preexec_fn=die_with_parent)
+
+
+async def _workers(
+    cfg: VerifierConfig, config_path: Path | None, port: int, stop: asyncio.Event
+) -> None:
+    args = [sys.executable, "-m", "pydstack.verifier.main", "--worker-port", str(port)]
+    if config_path is not None:
+        args += ["-c", str(config_path)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs = [_start_worker(args) for _ in range(cfg.processes - 1)]
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None and not stop.is_set():
+                    log.warning("verifier worker %d exited (%s): restarting it", i, proc.returncode)
+                    procs[i] = _start_worker(args)
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "-c", "--config", type=Path, help="dstack-verifier.toml (default: defaults)"
     )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="verify one request and exit")
+    parser.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)  # a worker process
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -73,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(verify_file(cfg, args.verify))
         from pydstack.process import run_server
 
-        return run_server(serve(cfg))
+        if args.worker_port is not None:
+            cfg = dataclasses.replace(cfg, port=args.worker_port, workers=1)
+            return run_server(serve(cfg, args.config, worker=True))
+        return run_server(serve(cfg, args.config))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
