@@ -5,9 +5,10 @@ collateral, and the time of a full `dstack-mr measure`.
   back to back on one core;
 * the verification core in process (DCAP with policy, RTMR3 replay, identity, OS image);
 * `/verify` on dstack-verifier (one process, then `workers` = one per CPU) on loopback
-  (collateral from a file, the sandbox image in its cache), CONCURRENCY connections from wrk (C, one thread) after a 1 s check that every
-  answer is valid, the same attestation each time, and `GET /health` on the same server (what
-  HTTP alone costs with the load generator on the same cores);
+  (collateral from a file, the sandbox image in its cache), CONCURRENCY connections from wrk
+  (C, one thread) after a 1 s check that every answer is valid, the same attestation each
+  time, and `GET /health` on the same server (what HTTP alone costs with the load generator on
+  the same cores);
 * `dstack-mr measure` (a process, as a user runs it) on a synthetic image of realistic size:
   4 MiB firmware with a 2 MiB extended BFV, a 16 MiB kernel, a 64 MiB initrd; with --cbor-out.
 
