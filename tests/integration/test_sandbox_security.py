@@ -86,8 +86,12 @@ def boot(stack: DevStack, d: Path, name: str, *, kms: bool) -> tuple[str, int]:
     return vm, port
 
 
+FAILED_PROBES: list[str] = []
+
+
 def connects_from(vm: str, host: str, port: int) -> bool:
-    """whether a tcp connection from inside `vm`'s network (what its app shares) succeeds."""
+    """whether a tcp connection from inside `vm`'s network (what its app shares) succeeds
+    (why one failed is kept in FAILED_PROBES for the assertion messages)."""
     probe = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3)"
     out = subprocess.run(
         ["nsenter", f"--net=/run/netns/{names_for(vm)[0]}", sys.executable, "-c", probe, host,
@@ -95,6 +99,9 @@ def connects_from(vm: str, host: str, port: int) -> bool:
         capture_output=True,
         timeout=30,
     )  # fmt: skip
+    if out.returncode != 0:
+        last = out.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        FAILED_PROBES.append(f"{host}:{port}: {' '.join(last)}")
     return out.returncode == 0
 
 
@@ -139,8 +146,8 @@ def test_cvms_reach_neither_each_other_nor_other_host_services(stack, image, tmp
     kms_port = int(stack.kms_url.rsplit(":", 1)[1])
     # the probe works where traffic is allowed: a cvm's own app, its kms on the host (a few
     # tries: on a loaded machine one 3 s connect may time out where nothing refuses it)
-    assert any(connects_from(a, a_ip, 8080) for _ in range(3))
-    assert any(connects_from(a, stack.host_ip, kms_port) for _ in range(3))
+    assert any(connects_from(a, a_ip, 8080) for _ in range(3)), FAILED_PROBES[-3:]
+    assert any(connects_from(a, stack.host_ip, kms_port) for _ in range(3)), FAILED_PROBES[-3:]
     # never a neighbour, in either direction
     assert not connects_from(a, b_ip, 8080)
     assert not connects_from(b, a_ip, 8080)

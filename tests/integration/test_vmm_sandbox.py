@@ -555,8 +555,9 @@ services:
     wait_for(lambda: hog()["state"] == "exited", "the hog to be killed")
     assert "(137)" in hog()["status"]  # SIGKILL from the cgroup's oom killer
     assert "hog | allocated" not in stack.logs(vm, 200)
-    # the cvm's usage went up to its limit and no further (the host was never at risk)
-    assert int((mem / "memory.max_usage_in_bytes").read_text()) <= 384 << 20
+    # the cvm's usage went up to its limit and no further (the host was never at risk); cgroup
+    # v1 may record a page or a few over the limit while the oom killer acts (seen: 4 KiB)
+    assert int((mem / "memory.max_usage_in_bytes").read_text()) <= (384 << 20) + (1 << 20)
     # the rest of the cvm lives on
     assert get(port, "/health") == {"ok": True}
     assert stack.info(vm)["status"] == "running"
