@@ -454,3 +454,27 @@ def test_the_data_disk_is_made_once_and_grown_by_a_resize(tmp_path: Path) -> Non
     assert size() == 3 << 30
     b._data_disk(vm)  # nothing to do: never shrunk, never recreated
     assert size() == 3 << 30
+
+
+def test_finishing_an_image_of_links_never_writes_through_them(tmp_path):
+    """an image made of symlinks to another (as the qemu test's broken images are) gets files
+    of its own; the image it links to keeps its checksums and measurement."""
+    from pydstack.mr.image import SIMULATED_MEASUREMENT
+    from pydstack.vmm.backends.qemu.image_build import IMAGE_FILES, finish_image
+
+    good, other = tmp_path / "good", tmp_path / "other"
+    good.mkdir()
+    other.mkdir()
+    for name in IMAGE_FILES:
+        (good / name).write_bytes(name.encode())
+    meta = {"bios": "OVMF.fd", "kernel": "bzImage", "initrd": "initramfs.cpio.gz", "cmdline": ""}
+    finish_image(good, meta, True)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    for p in good.iterdir():
+        (other / p.name).symlink_to(p)
+    (other / "bzImage").unlink()
+    (other / "bzImage").write_bytes(b"another kernel")
+    finish_image(other, meta, True)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert (other / SIMULATED_MEASUREMENT).read_bytes() != before[SIMULATED_MEASUREMENT]
+    assert not (other / SIMULATED_MEASUREMENT).is_symlink()

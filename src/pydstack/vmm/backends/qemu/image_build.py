@@ -365,16 +365,27 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """write `path` as a new file (a symlink or hard link there is replaced, never written
+    through: an image made of links to another must not change that one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def finish_image(out: Path, metadata: dict[str, object], simulated: bool) -> str:
     """write metadata.json, sha256sum.txt, digest.txt (and the simulated measurement) into
     `out`, which holds the other IMAGE_FILES; returns the os_image_hash."""
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    _replace(
+        out / "metadata.json", (json.dumps(metadata, indent=2, sort_keys=True) + "\n").encode()
+    )
     lines = "".join(f"{sha256_file(out / n)}  {n}\n" for n in sorted(IMAGE_FILES))
-    (out / "sha256sum.txt").write_text(lines)
+    _replace(out / "sha256sum.txt", lines.encode())
     digest = hashlib.sha256(lines.encode()).hexdigest()
-    (out / "digest.txt").write_text(digest + "\n")
+    _replace(out / "digest.txt", (digest + "\n").encode())
     if simulated:
-        (out / SIMULATED_MEASUREMENT).write_bytes(simulated_measurement_doc(digest))
+        _replace(out / SIMULATED_MEASUREMENT, simulated_measurement_doc(digest))
     return digest
 
 
