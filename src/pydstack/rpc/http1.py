@@ -59,6 +59,7 @@ from .server import (
     resolve_call,
     server_ssl_context,
     unix_listener,
+    wants_json,
 )
 
 __all__ = ["MAX_HEAD", "MAX_HEADERS", "MAX_PIPELINED", "Http1Server", "HttpRequest", "Route"]
@@ -270,8 +271,7 @@ class Http1Server:
         path, JSON elsewhere."""
         service, _ = self._find(request.path)
         if service is not None:
-            mode = request.method != "POST" or _json_mode(request)
-            return error_answer(message, mode)
+            return error_answer(message, wants_json(request))
         return self.route_error(message, 413)
 
     def encode(self, answer: Answer, keep_alive: bool) -> bytes:
@@ -378,12 +378,6 @@ class Http1Server:
         self.connections.abort_all("server stopping")
         for server in servers:
             await server.wait_closed()
-
-
-def _json_mode(request: HttpRequest) -> bool:
-    from .guard import body_mode
-
-    return body_mode(request) != "proto"
 
 
 def _with_headers(answer: Answer, headers: Mapping[str, str]) -> Answer:
@@ -602,9 +596,8 @@ class _Connection(asyncio.Protocol):
         request._conn = self
         self._request = request
         length = self._headers.get("content-length")
-        too_large = f"request body too large (max {self._server.max_body} bytes)"
         if length is not None and (len(length) > 18 or int(length) > self._server.max_body):
-            raise _Refused(400, too_large, request)
+            raise _Refused(400, self._too_large(), request)
         if self._headers.get("expect", "").lower() == "100-continue" and self.transport:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._parsing = "body"
@@ -614,10 +607,11 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
         if self._body_len > self._server.max_body:
-            raise _Refused(
-                400, f"request body too large (max {self._server.max_body} bytes)", self._request
-            )
+            raise _Refused(400, self._too_large(), self._request)
         self._body.append(body)
+
+    def _too_large(self) -> str:
+        return f"request body too large (max {self._server.max_body} bytes)"
 
     def on_message_complete(self) -> None:
         request = self._request

@@ -138,7 +138,7 @@ class PrpcService:
         return fn, GetMessageClass(m.input_type), GetMessageClass(m.output_type)
 
 
-def _wants_json(request: RequestLike) -> bool:
+def wants_json(request: RequestLike) -> bool:
     """whether an error for this request is best written as JSON (a refused request included)."""
     if request.method != "POST":
         return True
@@ -169,7 +169,7 @@ def error_answer(
 
 def refused_answer(refusal: Refusal, request: RequestLike) -> Answer:
     headers = {"Allow": "POST"} if refusal.status == 405 else None
-    return error_answer(refusal.message, _wants_json(request), refusal.status, headers)
+    return error_answer(refusal.message, wants_json(request), refusal.status, headers)
 
 
 @dataclass(frozen=True)
