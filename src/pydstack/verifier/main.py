@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,13 +77,20 @@ async def serve(
 
 
 def _start_worker(args: list[str]) -> subprocess.Popen[bytes]:
-    def die_with_parent() -> None:  # a worker must not outlive its parent (even a SIGKILL-ed one)
-        import ctypes
-        import signal
+    # no preexec_fn: forking a process that runs threads may deadlock in the child; the worker
+    # ties its life to this process itself (_die_with_parent)
+    return subprocess.Popen([*args, "--parent-pid", str(os.getpid())])
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
-    return subprocess.Popen(args, preexec_fn=die_with_parent)
+def _die_with_parent(parent: int) -> None:
+    """a worker must not outlive its parent, even a SIGKILL-ed one (PR_SET_PDEATHSIG; a parent
+    gone before that was set is caught by the pid check)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit(0)
 
 
 async def _workers(
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verify", type=Path, metavar="FILE", help="verify one request and exit")
     parser.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)  # a worker process
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -131,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         from pydstack.process import run_server
 
         if args.worker_port is not None:
+            if args.parent_pid is not None:
+                _die_with_parent(args.parent_pid)
             cfg = dataclasses.replace(cfg, port=args.worker_port, workers=1)
             return run_server(serve(cfg, args.config, worker=True))
         return run_server(serve(cfg, args.config))
