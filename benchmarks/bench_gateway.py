@@ -11,7 +11,9 @@ Figures: keep-alive requests/s (c=50), new TLS connections/s (c=20, `Connection:
 10 MB MB/s (c=4), p99 latency added to nginx direct (c=10), memory per idle connection (RSS
 delta over N held TLS connections / N), and a passthrough run (`-443s`; HAProxy without `ssl`).
 Each figure alternates HAProxy and the gateway `--rounds` times and keeps the best of each.
-Prints the table with ratios and the load average seen; asserts nothing.
+A third column is the same-run floor: ``benchmarks/uvloop_floor.py``, a bare uvloop TLS proxy
+(`--workers` processes), what any Python proxy on this machine can at most reach. Prints the
+table with both ratios and the load average seen; asserts nothing.
 
     sudo .venv/bin/python benchmarks/bench_gateway.py [--workers 2] [--seconds 8] [--idle 9000]
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, str(REPO / "tests" / "integration"))
 from gateway_env import make_pki  # noqa: E402
 
 DOMAIN = "gw.test"
+PROXIES = ("haproxy", "gateway", "floor")
 
 
 def free_port() -> int:
@@ -78,7 +81,9 @@ class Stack:
         self.haproxy_port = free_port()
         self.haproxy_pt_port = free_port()
         self.gateway_port = free_port()
+        self.floor_port = free_port()
         self.gateway_pids: list[int] = []
+        self.floor_pids: list[int] = []
         self.haproxy_pid = 0
 
     def write_files(self) -> None:
@@ -177,7 +182,23 @@ insecure_localhost_backend = true
         line = gw.stdout.readline().decode()
         if not line.startswith("ready"):
             raise RuntimeError(f"gateway did not start: {line!r} (see {t}/procs.log)")
-        for port in (self.nginx_port, self.nginx_tls_port, self.haproxy_port, self.gateway_port):
+        floor = [
+            sys.executable,
+            str(REPO / "benchmarks" / "uvloop_floor.py"),
+            str(t / "chain.pem"),
+            str(t / "key.pem"),
+            str(self.floor_port),
+            str(self.nginx_port),
+        ]
+        for _ in range(self.workers):
+            p = subprocess.Popen(floor, stdout=subprocess.PIPE, stderr=out)
+            self.procs.append(p)
+            self.floor_pids.append(p.pid)
+            assert p.stdout is not None
+            if not p.stdout.readline().startswith(b"ready"):
+                raise RuntimeError(f"uvloop floor proxy did not start (see {t}/procs.log)")
+        ports = (self.nginx_port, self.nginx_tls_port, self.haproxy_port, self.gateway_port)
+        for port in (*ports, self.floor_port):
             wait_port(port)
         kids = subprocess.run(["pgrep", "-P", str(gw.pid)], capture_output=True, text=True)
         self.gateway_pids = [gw.pid] + [int(p) for p in kids.stdout.split()]
@@ -197,7 +218,11 @@ insecure_localhost_backend = true
         if passthrough:
             port = self.haproxy_pt_port if proxy == "haproxy" else self.gateway_port
             return f"https://localhost-{self.nginx_tls_port}s.{DOMAIN}:{port}{path}"
-        port = self.haproxy_port if proxy == "haproxy" else self.gateway_port
+        port = {
+            "haproxy": self.haproxy_port,
+            "gateway": self.gateway_port,
+            "floor": self.floor_port,
+        }[proxy]
         return f"https://localhost-{self.nginx_port}.{DOMAIN}:{port}{path}"
 
 
@@ -245,8 +270,12 @@ async def hold_idle(port: int, sni: str, ca: Path, n: int) -> list[asyncio.Strea
 
 
 def idle_memory(stack: Stack, proxy: str, n: int) -> tuple[float, int]:
-    pids = [stack.haproxy_pid] if proxy == "haproxy" else stack.gateway_pids
-    port = stack.haproxy_port if proxy == "haproxy" else stack.gateway_port
+    pids = {"haproxy": [stack.haproxy_pid], "gateway": stack.gateway_pids}.get(
+        proxy, stack.floor_pids
+    )
+    port = {"haproxy": stack.haproxy_port, "gateway": stack.gateway_port}.get(
+        proxy, stack.floor_port
+    )
     sni = f"localhost-{stack.nginx_port}.{DOMAIN}"
 
     async def run() -> tuple[float, int]:
@@ -310,7 +339,7 @@ def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, float
     for _ in range(args.rounds):
         direct = wrk(stack, stack.url("nginx", "/index.html"), 10, s).get("p99_ms", 0.0)
         p99["nginx"] = min(p99.get("nginx", direct), direct)
-        for proxy in ("haproxy", "gateway"):
+        for proxy in PROXIES:
             print(f"running {proxy} ...", file=sys.stderr, flush=True)
             ka = wrk(stack, stack.url(proxy, "/index.html"), 50, s)
             best("keep-alive req/s (c=50)", "rps", proxy, ka["rps"])
@@ -320,13 +349,15 @@ def run_all(stack: Stack, args: argparse.Namespace) -> dict[str, dict[str, float
             best("bulk 10 MB MB/s (c=4)", "mbps", proxy, bulk.get("mbps", 0.0))
             lat = wrk(stack, stack.url(proxy, "/index.html"), 10, s).get("p99_ms", 0.0)
             p99[proxy] = min(p99.get(proxy, lat), lat)
+            if proxy == "floor":
+                continue  # the floor only terminates
             pk = wrk(stack, stack.url(proxy, "/index.html", passthrough=True), 50, s)
             best("passthrough keep-alive req/s", "rps", proxy, pk["rps"])
             pb = wrk(stack, stack.url(proxy, "/10m.bin", passthrough=True), 4, s)
             best("passthrough bulk MB/s", "mbps", proxy, pb.get("mbps", 0.0))
     r["p99 direct nginx ms (c=10)"] = {"nginx": p99["nginx"]}
-    r["added p99 ms (c=10)"] = {p: p99[p] - p99["nginx"] for p in ("haproxy", "gateway")}
-    for proxy in ("haproxy", "gateway"):
+    r["added p99 ms (c=10)"] = {p: p99[p] - p99["nginx"] for p in PROXIES}
+    for proxy in PROXIES:
         per, held = idle_memory(stack, proxy, args.idle)
         r.setdefault(f"bytes per idle conn (n={args.idle})", {})[proxy] = per
         r.setdefault("idle conns held", {})[proxy] = held
@@ -341,21 +372,35 @@ def report(
 ) -> None:
     print(
         f"\ngateway data plane vs HAProxy 2.6 (workers={args.workers}, {args.seconds}s runs, "
-        f"best of {args.rounds}); load average before {lb[0]:.2f}, after {la[0]:.2f}"
+        f"best of {args.rounds}); load average before {lb[0]:.2f}, after {la[0]:.2f}\n"
+        "floor: benchmarks/uvloop_floor.py, a bare uvloop TLS proxy (no SNI, routing or limits)"
     )
-    print(f"{'figure':<34} {'haproxy':>12} {'gateway':>12} {'ratio':>8}")
+    print(
+        f"{'figure':<34} {'haproxy':>10} {'gateway':>10} {'floor':>10} "
+        f"{'gw/haproxy':>11} {'gw/floor':>9}"
+    )
     lower_better = ("added p99", "bytes per idle")
     for key, vals in r.items():
         if "haproxy" not in vals:
-            print(f"{key:<34} {vals.get('nginx', 0.0):>12.2f}")
+            print(f"{key:<34} {vals.get('nginx', 0.0):>10.2f}")
             continue
-        h, g = vals["haproxy"], vals["gateway"]
-        if any(key.startswith(x) for x in lower_better):
-            ok = h > 0 and g > 0
-            ratio = f"{h / g:>7.2f}x (haproxy/gateway)" if ok else "    n/a (within noise)"
-        else:
-            ratio = f"{g / h:>7.2f}x" if h > 0 else "    n/a"
-        print(f"{key:<34} {h:>12.1f} {g:>12.1f} {ratio}")
+        h, g, f = vals["haproxy"], vals["gateway"], vals.get("floor")
+        lower = any(key.startswith(x) for x in lower_better)
+        floor = f"{f:>10.1f}" if f is not None else f"{'-':>10}"
+        print(
+            f"{key:<34} {h:>10.1f} {g:>10.1f} {floor} "
+            f"{_ratio(g, h, lower):>11} {_ratio(g, f, lower):>9}"
+        )
+    print("ratios are gateway over reference; for added p99 and memory, reference over gateway")
+
+
+def _ratio(gateway: float, ref: float | None, lower_better: bool) -> str:
+    """how the gateway compares, >1 better: g/ref for rates, ref/g for costs."""
+    if ref is None:
+        return "-"
+    if lower_better:
+        return f"{ref / gateway:.2f}x" if ref > 0 and gateway > 0 else "n/a"
+    return f"{gateway / ref:.2f}x" if ref > 0 else "n/a"
 
 
 if __name__ == "__main__":

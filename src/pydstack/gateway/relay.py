@@ -15,6 +15,9 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+#: the least pause mark of a TLS side's writes (uvloop reads in chunks of up to 256 KiB)
+TLS_WRITE_HIGH_WATER = 256 * 1024
+
 
 class Side(asyncio.Protocol):
     """one end of a relay (the client's or the backend's transport)."""
@@ -113,7 +116,13 @@ class Relay:
             return
         c, b = self.client, self.backend
         for side in (c, b):
-            side.transport.set_write_buffer_limits(high=self.high_water)
+            high = self.high_water
+            if side.transport.get_extra_info("ssl_object") is not None:
+                # a TLS transport keeps plaintext until it is sealed into records; with its
+                # pause mark below one read of the other side (the loop reads up to 256 KiB),
+                # every read would pause the other side and the pipe would run dry
+                high = max(high, TLS_WRITE_HIGH_WATER)
+            side.transport.set_write_buffer_limits(high=high)
         if first_to_backend:
             b.transport.write(first_to_backend)
         c.out = b.transport

@@ -7,6 +7,7 @@ event loop (quotes and signatures are CPU work) and converts the result back.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
@@ -104,6 +105,55 @@ def _quote(r: QuoteResult) -> pb.GetQuoteResponse:
     )
 
 
+class _QuoteReply(Encoded):
+    """GetQuote's answer. Its JSON is written from parts: the hex of what changes per call (quote,
+    report data, attestation) between the JSON strings of the event log and the VM config,
+    which :class:`_QuoteTexts` escapes once per evidence. The bytes equal ``message_to_json``'s
+    (a test compares them)."""
+
+    __slots__ = ("_result", "_texts")
+
+    def __init__(self, result: QuoteResult, texts: tuple[bytes, bytes]) -> None:
+        super().__init__(_quote(result))
+        self._result = result
+        self._texts = texts
+
+    def json(self, omit_empty: frozenset[str]) -> bytes:
+        r = self._result
+        event_log, vm_config = self._texts
+        parts = [
+            b'{"quote":"',
+            r.quote.hex().encode(),
+            b'","event_log":',
+            event_log,
+            b',"report_data":"',
+            r.report_data.hex().encode(),
+            b'","vm_config":',
+            vm_config,
+        ]
+        if r.attestation or "attestation" not in omit_empty:
+            parts += (b',"attestation":"', r.attestation.hex().encode(), b'"}')
+        else:
+            parts.append(b"}")
+        return b"".join(parts)
+
+
+class _QuoteTexts:
+    """the JSON strings of the last event log and VM config quotes carried (they change only
+    when a runtime event is added)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[str, str] | None = None
+        self._texts = (b"", b"")
+
+    def reply(self, result: QuoteResult) -> _QuoteReply:
+        key = (result.event_log, result.vm_config)
+        if self._key is None or self._key[0] is not key[0] or self._key[1] != key[1]:
+            self._texts = (json.dumps(key[0]).encode(), json.dumps(key[1]).encode())
+            self._key = key
+        return _QuoteReply(result, self._texts)
+
+
 def version_message() -> pb.WorkerVersion:
     return pb.WorkerVersion(version=UPSTREAM_VERSION, rev=f"pydstack-{__version__}")
 
@@ -112,6 +162,7 @@ class DstackGuestService:
     def __init__(self, core: GuestCore) -> None:
         self.core = core
         self.replies = _Replies(core)
+        self.quotes = _QuoteTexts()
 
     async def GetTlsKey(self, req: pb.GetTlsKeyArgs, ctx: CallContext) -> pb.GetTlsKeyResponse:
         nb = req.not_before if req.HasField("not_before") else None
@@ -133,13 +184,13 @@ class DstackGuestService:
     async def GetKey(self, req: pb.GetKeyArgs, ctx: CallContext) -> Encoded:
         return await self.replies.key(req.path, req.purpose, req.algorithm)
 
-    async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.GetQuoteResponse:
+    async def GetQuote(self, req: pb.RawQuoteArgs, ctx: CallContext) -> Encoded:
         if self.core.platform.in_process:  # signing here: a thread would only add GIL handoffs
             try:
-                return _quote(self.core.get_quote(req.report_data))
+                return self.quotes.reply(self.core.get_quote(req.report_data))
             except AgentError as e:
                 raise RpcError(str(e)) from e
-        return _quote(await _run(lambda: self.core.get_quote(req.report_data)))
+        return self.quotes.reply(await _run(lambda: self.core.get_quote(req.report_data)))
 
     async def Attest(self, req: pb.RawQuoteArgs, ctx: CallContext) -> pb.AttestResponse:
         return pb.AttestResponse(attestation=await _run(lambda: self.core.attest(req.report_data)))

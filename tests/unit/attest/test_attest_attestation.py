@@ -182,6 +182,25 @@ def test_v1_bytes_are_upstreams_document_packed(sim_bin):
     assert encode_v1(att) == msgpack.packb(doc, use_bin_type=True)
 
 
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 255, 256, 257, 4509, 65535, 65536, 70_000])
+def test_byte_arrays_pack_as_msgpack_packs_their_integers(size):
+    """the chunked packer (with its cache) writes what packing the list of integers writes,
+    also for data that shares chunks with data packed before."""
+    import os
+
+    import msgpack
+
+    from pydstack.attest.attestation import pack_byte_array
+
+    data = bytearray(os.urandom(size))
+    for _ in range(3):
+        assert pack_byte_array(bytes(data)) == msgpack.packb(list(data))
+        if size:
+            data[size // 2] ^= 0xFF  # one chunk changes, the others come from the cache
+    every = bytes(range(256)) * 3
+    assert pack_byte_array(every) == msgpack.packb(list(every))
+
+
 def _reference_v0(data: bytes) -> tuple[object, ...]:
     """V0 read field by field with the plain SCALE reader (the wire format's definition)."""
     from pydstack.attest.scale import Reader

@@ -67,3 +67,38 @@ def test_info_is_served_from_memory_until_rtmr3_moves(agent):
     assert core.cached_info(external=False) is None
     after = core.info(external=False)
     assert after is not first and after.tcb_info != first.tcb_info
+
+
+@pytest.mark.parametrize(
+    ("event_log", "vm_config", "attestation"),
+    [
+        (None, None, None),  # as the simulator answers
+        ('[{"event":"caf\u00e9 \\ "q"\n"}]', "", b""),  # escapes; no attestation
+        ("", '{"k":"\u2603"}', b"\x00\xff"),
+    ],
+)
+def test_get_quote_json_is_the_generic_encoding(agent, event_log, vm_config, attestation):
+    """GetQuote's JSON, written from parts, is byte for byte what the generic encoder writes,
+    with and without the attestation left out when empty."""
+    import dataclasses
+
+    from pydstack.guest.service import QUOTE_OMIT, _QuoteTexts
+    from pydstack.rpc.json_codec import message_to_json
+
+    _, core = agent
+    result = core.get_quote(b"\x07" * 64)
+    changes = {"event_log": event_log, "vm_config": vm_config, "attestation": attestation}
+    result = dataclasses.replace(result, **{k: v for k, v in changes.items() if v is not None})
+    texts = _QuoteTexts()
+    for _ in range(2):  # the texts are escaped once, then reused
+        reply = texts.reply(result)
+        for omit in (frozenset(), QUOTE_OMIT["GetQuote"]):
+            assert reply.json(omit) == message_to_json(reply.message, omit)
+        assert reply.proto() == reply.message.SerializeToString()
+    # a new runtime event (a new event log), then another config: neither served stale
+    for later in (
+        dataclasses.replace(result, event_log=result.event_log + " "),
+        dataclasses.replace(result, event_log=result.event_log + " ", vm_config="{}"),
+    ):
+        reply = texts.reply(later)
+        assert reply.json(frozenset()) == message_to_json(reply.message, frozenset())
