@@ -53,6 +53,7 @@ _TD10_FIELDS = (
     ("rtmr3", 48),
     ("report_data", 64),
 )
+_TD10_SIZES = tuple(size for _, size in _TD10_FIELDS)
 _HEADER = struct.Struct("<HHIHH16s20s")
 _TD10 = struct.Struct("<" + "".join(f"{size}s" for _, size in _TD10_FIELDS))
 #: cpu_svn, misc_select, attributes, mr_enclave, mr_signer, isv_prod_id, isv_svn, report_data
@@ -152,12 +153,12 @@ class TdReport(NamedTuple):
     mr_service_td: bytes | None = None
 
     def to_bytes(self) -> bytes:
-        out = bytearray()
-        for name, size in _TD10_FIELDS:
-            value = getattr(self, name)
-            if len(value) != size:
-                raise ValueError(f"td report field {name} must be {size} bytes")
-            out += value
+        fields = self[:15]
+        if tuple(map(len, fields)) != _TD10_SIZES:
+            for (name, size), value in zip(_TD10_FIELDS, fields, strict=True):
+                if len(value) != size:
+                    raise ValueError(f"td report field {name} must be {size} bytes")
+        out = b"".join(fields)
         if self.tee_tcb_svn2 is not None or self.mr_service_td is not None:
             svn2 = self.tee_tcb_svn2 or bytes(16)
             service = self.mr_service_td or bytes(48)
@@ -383,6 +384,57 @@ def parse_quote(data: bytes) -> Quote:
     )
 
 
+class QuoteTemplate:
+    """what the v4 quotes of one quoting enclave share: the header, the attestation key and
+    the certification data (QE report, its signature, auth data, PCK chain), laid out once;
+    :meth:`build` adds a TD report and its signature."""
+
+    __slots__ = ("_auth_len", "_header", "_rest")
+
+    def __init__(
+        self,
+        header: QuoteHeader,
+        *,
+        attestation_key: bytes,
+        qe_report: bytes,
+        qe_report_signature: bytes,
+        qe_auth_data: bytes,
+        pck_cert_chain_pem: bytes,
+    ) -> None:
+        if header.version != 4:
+            raise ValueError("build_quote writes v4 quotes")
+        if len(attestation_key) != 64:
+            raise ValueError("signature and attestation key must be 64 bytes each")
+        if len(qe_report) != ENCLAVE_REPORT_LEN or len(qe_report_signature) != 64:
+            raise ValueError("qe report must be 384 bytes and its signature 64")
+        inner = struct.pack("<HI", CERT_TYPE_PCK_CHAIN, len(pck_cert_chain_pem))
+        cert_body = b"".join(
+            (
+                qe_report,
+                qe_report_signature,
+                struct.pack("<H", len(qe_auth_data)),
+                qe_auth_data,
+                inner,
+                pck_cert_chain_pem,
+            )
+        )
+        self._header = header.to_bytes()
+        #: what follows the signature in the signature data
+        self._rest = (
+            attestation_key + struct.pack("<HI", CERT_TYPE_QE_REPORT, len(cert_body)) + cert_body
+        )
+        self._auth_len = struct.pack("<I", 64 + len(self._rest))
+
+    def build(self, report: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+        """the quote of a TD report's bytes; `sign` returns the raw 64-byte r||s ECDSA
+        signature of its input."""
+        signed = self._header + report
+        signature = sign(signed)
+        if len(signature) != 64:
+            raise ValueError("signature and attestation key must be 64 bytes each")
+        return b"".join((signed, self._auth_len, signature, self._rest))
+
+
 def build_quote(
     header: QuoteHeader,
     report: TdReport,
@@ -395,26 +447,12 @@ def build_quote(
     pck_cert_chain_pem: bytes,
 ) -> bytes:
     """a v4 TDX quote; `sign` returns the raw 64-byte r||s ECDSA signature of its input."""
-    if header.version != 4:
-        raise ValueError("build_quote writes v4 quotes")
-    signed = header.to_bytes() + report.to_bytes()
-    signature = sign(signed)
-    if len(signature) != 64 or len(attestation_key) != 64:
-        raise ValueError("signature and attestation key must be 64 bytes each")
-    if len(qe_report) != ENCLAVE_REPORT_LEN or len(qe_report_signature) != 64:
-        raise ValueError("qe report must be 384 bytes and its signature 64")
-    inner = struct.pack("<HI", CERT_TYPE_PCK_CHAIN, len(pck_cert_chain_pem)) + pck_cert_chain_pem
-    cert_body = (
-        qe_report
-        + qe_report_signature
-        + struct.pack("<H", len(qe_auth_data))
-        + qe_auth_data
-        + inner
+    template = QuoteTemplate(
+        header,
+        attestation_key=attestation_key,
+        qe_report=qe_report,
+        qe_report_signature=qe_report_signature,
+        qe_auth_data=qe_auth_data,
+        pck_cert_chain_pem=pck_cert_chain_pem,
     )
-    auth = (
-        signature
-        + attestation_key
-        + struct.pack("<HI", CERT_TYPE_QE_REPORT, len(cert_body))
-        + cert_body
-    )
-    return signed + struct.pack("<I", len(auth)) + auth
+    return template.build(report.to_bytes(), sign)

@@ -36,9 +36,12 @@ def compact(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
 def sign_raw(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
     """raw 64-byte r || s ECDSA-P256-SHA256 signature."""
-    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    r, s = decode_dss_signature(key.sign(data, _ECDSA_SHA256))
     return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 

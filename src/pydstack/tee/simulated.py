@@ -29,8 +29,8 @@ from pydstack.attest.quote import (
     TEE_TYPE_TDX,
     EnclaveReport,
     QuoteHeader,
+    QuoteTemplate,
     TdReport,
-    build_quote,
 )
 
 from .collateral import (
@@ -48,6 +48,7 @@ from .mockpki import MockPki, PlatformTcb, derive_p256
 
 TD_ATTRIBUTES = bytes.fromhex("0000001000000000")  # SEPT_VE_DISABLE, not debug
 XFAM = bytes.fromhex("e702060000000000")
+MR_SEAM = hashlib.sha384(b"pydstack simulated tdx module").digest()
 EV_EFI_HANDOFF_TABLES2 = 0x8000000B
 EV_EFI_PLATFORM_FIRMWARE_BLOB2 = 0x8000000A
 EV_EFI_VARIABLE_DRIVER_CONFIG = 0x80000001
@@ -158,6 +159,14 @@ class SimulatedTdx:
             user_data=hashlib.sha256(b"qeid" + seed).digest()[:16] + bytes(4),
         )
         self._chain = self.pki.pck_chain_pem.encode()
+        self._quote_template = QuoteTemplate(
+            self._header,
+            attestation_key=_raw_pub(self._att_key),
+            qe_report=self._qe_report,
+            qe_report_signature=self._qe_report_sig,
+            qe_auth_data=self._qe_auth,
+            pck_cert_chain_pem=self._chain,
+        )
 
     # ---------------------------------------------------------------- measurement
     def extend_rtmr3(self, event: RuntimeEvent) -> None:
@@ -190,7 +199,7 @@ class SimulatedTdx:
         r0, r1, r2, r3 = self.rtmrs()
         return TdReport(
             tee_tcb_svn=TEE_TCB_SVN,
-            mr_seam=hashlib.sha384(b"pydstack simulated tdx module").digest(),
+            mr_seam=MR_SEAM,
             mr_signer_seam=bytes(48),
             seam_attributes=bytes(8),
             td_attributes=self.td_attributes,
@@ -208,16 +217,8 @@ class SimulatedTdx:
 
     def get_quote(self, report_data: bytes) -> bytes:
         """a v4 quote over `report_data` (zero-padded to 64 bytes) and the current RTMRs."""
-        return build_quote(
-            self._header,
-            self.td_report(report_data),
-            sign=lambda data: sign_raw(self._att_key, data),
-            attestation_key=_raw_pub(self._att_key),
-            qe_report=self._qe_report,
-            qe_report_signature=self._qe_report_sig,
-            qe_auth_data=self._qe_auth,
-            pck_cert_chain_pem=self._chain,
-        )
+        report = self.td_report(report_data).to_bytes()
+        return self._quote_template.build(report, lambda data: sign_raw(self._att_key, data))
 
     # ---------------------------------------------------------------- trust material
     @property
