@@ -294,3 +294,50 @@ async def test_tls_with_client_certificates(tmp_path, kind):
             await anonymous.close()
         finally:
             await srv.close()
+
+
+@pytest.mark.parametrize("kind", [PrpcServer, Http1Server])
+async def test_servers_that_check_client_certificates_issue_no_session_tickets(kind):
+    """where clients prove who they are, every connection shows its certificate again: no
+    TLS 1.3 or 1.2 tickets to resume with. A server without client certificates sends them
+    (the control: the client sees tickets when there are any)."""
+    import ssl
+    import tempfile
+    from pathlib import Path
+
+    ca_key = generate_p256_key()
+    ca = issue_cert(CertRequest("Test CA", ca_level=1), ca_key.public_key(), ca_key)
+    srv_key = generate_p256_key()
+    srv_cert = issue_cert(
+        CertRequest("localhost", usage_server_auth=True), srv_key.public_key(), ca_key, ca
+    )
+    cli_key = generate_p256_key()
+    cli_cert = issue_cert(CertRequest("client-1"), cli_key.public_key(), ca_key, ca)
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "c.pem").write_text(cert_pem(cli_cert))
+    (tmp / "k.pem").write_text(key_pem(cli_key))
+
+    def has_ticket(port: int, version: ssl.TLSVersion) -> bool:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.minimum_version = ctx.maximum_version = version
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+        raw = socket.create_connection(("127.0.0.1", port), 5)
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(b"GET /prpc/Version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while s.recv(65536):  # tickets come after the handshake, with the answer
+                pass
+            return bool(s.session is not None and s.session.has_ticket)
+
+    for client_ca, want in ((cert_pem(ca), False), (None, True)):
+        srv = kind()
+        srv.mount(PrpcService(GUEST, Impl(), prefix="/prpc/"))
+        port = await srv.listen_tls(
+            "127.0.0.1", 0, cert_pem=cert_pem(srv_cert), key_pem=key_pem(srv_key),
+            client_ca_pem=client_ca,
+        )  # fmt: skip
+        try:
+            for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+                assert await asyncio.to_thread(has_ticket, port, version) is want, version
+        finally:
+            await srv.close()

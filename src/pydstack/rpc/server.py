@@ -493,6 +493,11 @@ def server_ssl_context(
     if client_ca_pem:
         ctx.load_verify_locations(cadata=client_ca_pem)
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+        # no session tickets where clients prove who they are: a resumed session would skip the
+        # certificate (an RA-TLS one carries a fresh attestation each time), and each ticket
+        # made copies the session through DER, client certificate and its quote included
+        ctx.num_tickets = 0
+        ctx.options |= ssl.OP_NO_TICKET
     elif require_client_cert:
         raise ValueError("requiring client certificates needs a client ca")
     return ctx
