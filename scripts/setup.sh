@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # system packages the stack and its tests use (real components, no mocks)
 # podman/runc run the apps' containers, gocryptfs+fuse3 encrypt sandbox CVM disks, busybox-static
-# builds the test images, chromium drives the web UI test, iptables NATs the CVM bridge,
+# builds the test images (binutils' strip slims their shared libraries), chromium drives the web UI test, iptables NATs the CVM bridge,
 # docker-registry (CNCF distribution) holds the images CVMs pull; qemu-system-x86, qemu-utils and
 # socat run qemu CVMs, mmdebstrap and squashfs-tools build their guest image; haproxy, nginx and
 # wrk are what benchmarks/bench_gateway.py measures the gateway against; pebble (an ACME server)
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 # etcd-server is the gateway cluster's shared store (tests start their own members).
 APT_PACKAGES=(iproute2 curl ca-certificates podman runc gocryptfs fuse3 busybox-static chromium
     iptables uidmap util-linux docker-registry qemu-system-x86 qemu-utils socat mmdebstrap
-    squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils etcd-server)
+    squashfs-tools haproxy nginx wrk pebble bind9 bind9-dnsutils etcd-server binutils)
 APT_BARE=(wireguard-tools wireguard-go)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

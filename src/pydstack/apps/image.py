@@ -11,9 +11,13 @@ is neither rebuilt nor pushed again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib.util
 import json
+import modulefinder
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
@@ -51,6 +55,76 @@ def _copy(src: Path, root: Path) -> None:
     shutil.copy2(src.resolve(), dst)
 
 
+def stdlib_closure(scripts: dict[str, bytes]) -> set[Path]:
+    """the standard-library files `scripts` can import: modulefinder's static closure (every
+    import statement, also those inside functions and branches), with every codec (looked up by
+    name at run time) and what the interpreter imports at start-up."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    dynload = stdlib / "lib-dynload"
+    finder = modulefinder.ModuleFinder(path=[str(stdlib), str(dynload)], excludes=_NOT_FOR_APPS)
+    with tempfile.TemporaryDirectory(prefix="pydstack-closure-") as tmp:
+        for i, data in enumerate(scripts.values()):
+            script = Path(tmp) / f"script{i}.py"
+            script.write_bytes(data)
+            finder.run_script(str(script))
+    codecs = [f"encodings.{m.name}" for m in pkgutil.iter_modules([str(stdlib / "encodings")])]
+    for name in ("site", "encodings", *codecs, *_STARTUP):
+        with contextlib.suppress(ImportError, SyntaxError):
+            finder.import_hook(name)
+    out: set[Path] = set()
+    for module in finder.modules.values():
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        path = Path(file)
+        if not path.is_relative_to(stdlib):
+            continue
+        out.add(path)
+        if path.suffix == ".py":
+            cached = Path(importlib.util.cache_from_source(str(path)))
+            if cached.exists():
+                out.add(cached)
+    return out
+
+
+#: what a service never imports, though some import statement somewhere names it (GUI, tests,
+#: debuggers and documentation browsers, build tools); left out of the closure and not followed
+_NOT_FOR_APPS = ["tkinter", "_tkinter", "turtle", "turtledemo", "idlelib", "test", "unittest",
+                 "lib2to3", "pydoc", "pydoc_data", "doctest", "pdb", "ensurepip", "distutils",
+                 "curses", "_curses", "_curses_panel", "sqlite3", "_sqlite3", "dbm", "readline",
+                 "_testcapi", "_testinternalcapi", "_testbuffer", "_testimportmultiple",
+                 "_testmultiphase", "_xxtestfuzz", "xxlimited", "xxsubtype"]  # fmt: skip
+#: modules a plain `python3 script.py` imports before the script (frozen ones need no file,
+#: but the interpreter finds its prefix by os.py)
+_STARTUP = ("os", "stat", "posixpath", "genericpath", "io", "abc", "codecs", "_collections_abc",
+            "_sitebuiltins", "warnings", "linecache", "tokenize", "traceback")  # fmt: skip
+
+
+def _copy_python(root: Path, scripts: dict[str, bytes]) -> None:
+    """the host's interpreter with the standard library `scripts` can import, the extension
+    modules among it and the shared libraries they link, debug symbols stripped: every byte
+    here is pulled and unpacked by every CVM boot."""
+    exe = Path(sys.executable).resolve()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    _copy(exe, root)
+    (root / "bin/python3").unlink(missing_ok=True)
+    (root / "bin/python3").symlink_to(str(exe))
+    (root / (stdlib / "lib-dynload").relative_to("/")).mkdir(parents=True, exist_ok=True)
+    libs = _libs(exe)
+    for path in stdlib_closure(scripts):
+        _copy(path, root)
+        if path.suffix == ".so":
+            libs |= _libs(path)
+    for lib in libs:
+        _copy(lib, root)  # at the name the loader asks for, with the target's bytes
+    strip = shutil.which("strip")
+    if strip is None:
+        return
+    elf = [root / p.relative_to("/") for p in (exe, *libs)]
+    elf += [p for p in root.rglob("*.so") if p.is_file()]
+    subprocess.run([strip, "--strip-unneeded", *map(str, elf)], capture_output=True)
+
+
 def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
     if not BUSYBOX.exists():
         raise ImageError("busybox is missing (apt-get install busybox-static)")
@@ -70,44 +144,8 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
     )
     (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
     if python:
-        exe = Path(sys.executable).resolve()
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        dynload = stdlib / "lib-dynload"
-        _copy(exe, root)
-        (root / "bin/python3").unlink(missing_ok=True)
-        (root / "bin/python3").symlink_to(str(exe))
-        skip = {
-            "test",
-            "idlelib",
-            "tkinter",
-            "turtledemo",
-            "ensurepip",
-            "site-packages",
-            "dist-packages",
-            "lib2to3",
-            "pydoc_data",
-            "unittest",
-            "distutils",
-            "__phello__",
-        }
-        # what an app never needs at run time: every byte here is pulled by every cvm boot
-        # (the static libpython under config-*/ alone is tens of MiB)
-        shutil.copytree(
-            stdlib,
-            root / stdlib.relative_to("/"),
-            symlinks=True,
-            ignore=lambda d, names: [
-                n
-                for n in names
-                if n in skip or n.startswith("config-") or n.endswith((".opt-1.pyc", ".opt-2.pyc"))
-            ],
-            dirs_exist_ok=True,
-        )
-        libs = _libs(exe)
-        for so in dynload.glob("*.so"):
-            libs |= _libs(so)
-        for lib in libs:
-            _copy(lib, root)  # at the name the loader asks for, with the target's bytes
+        scripts = {rel: data for rel, data in files.items() if rel.endswith(".py")}
+        _copy_python(root, scripts)
     for rel, data in files.items():
         dst = root / rel.lstrip("/")
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +154,7 @@ def build_rootfs(root: Path, files: dict[str, bytes], *, python: bool) -> None:
 
 def digest_of(files: dict[str, bytes], python: bool, cmd: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(f"v2 python={python} {sys.version} cmd={cmd!r}".encode())
+    h.update(f"v3 python={python} {sys.version} cmd={cmd!r}".encode())
     for rel in sorted(files):
         h.update(rel.encode() + b"\0" + hashlib.sha256(files[rel]).digest())
     return h.hexdigest()[:12]

@@ -18,6 +18,7 @@ import os
 import posixpath
 import resource
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -198,19 +199,25 @@ class PodmanCompose:
             if code == 0:
                 continue
             log.info("pulling image %s", image)
+            started = time.monotonic()
             code, out = await self._podman("pull", "--quiet", "--", image, check=False)
             if code != 0:
                 users = ", ".join(s.name for s in self.project.services if s.image == image)
                 raise ComposeError(
                     f"image {image} of service {users} cannot be pulled: {out.strip()[-500:]}"
                 )
+            log.info("pulled image %s in %.1f s", image, time.monotonic() - started)
 
     async def up(self, log_sink: asyncio.StreamWriter | None = None) -> None:
         await self.pull_images()
+        t = time.monotonic()
         await self.down()
+        log.info("cleared old containers in %.1f s", time.monotonic() - t)
         for svc in self.project.services:
             log.info("starting service %s (%s)", svc.name, svc.image)
+            t = time.monotonic()
             await self._podman(*self.run_args(svc))
+            log.info("started service %s in %.1f s", svc.name, time.monotonic() - t)
             self._log_tasks.append(asyncio.create_task(self._follow(svc)))
 
     def log_path(self, svc: Service) -> Path:
