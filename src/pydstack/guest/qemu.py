@@ -49,6 +49,7 @@ from .compose_runner import PodmanCompose
 from .guest_api import GUEST_API_SERVICE, GuestApi
 from .hostapi import HostApi
 from .luks import LuksStorage
+from .qemu_init import uptime
 from .runtime import start_runtime
 from .sandbox import _key_provider, _project_name, app_owned_dir, registries_conf
 from .servers import RESPONSE_HEADERS
@@ -267,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    log.info("pydstack qemu guest %s on %s booting", __version__, socket.gethostname())
+    log.info(
+        "pydstack qemu guest %s on %s booting (%.1f s after the kernel)",
+        __version__,
+        socket.gethostname(),
+        uptime(),
+    )
     return asyncio.run(boot_and_run())
 
 

@@ -110,6 +110,14 @@ def power_off() -> None:
     time.sleep(5)
 
 
+def uptime() -> float:
+    """seconds since the kernel started (0 when /proc is not there)."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def main() -> int:
     if os.getpid() != 1:
         print("dstack-init must run as pid 1", file=sys.stderr)
@@ -117,6 +125,7 @@ def main() -> int:
     os.environ.update({"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
     try:
         system_mounts()
+        print(f"dstack-init: started {uptime():.1f} s after the kernel", flush=True)
         network()
         host_share()
         child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.qemu"])
