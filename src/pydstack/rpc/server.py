@@ -37,10 +37,11 @@ from google.protobuf.message_factory import GetMessageClass
 
 from pydstack.errors import DstackError
 
+from .aiolimits import LimitedRunner, LimitedSite
 from .errors import RpcError
 from .guard import Refusal, RequestGuard, RequestLike, body_mode, get_allowed
 from .json_codec import CodecError, json_to_message, message_to_json, query_to_message
-from .limits import LimitedRunner, LimitedSite, ServerLimits, raise_nofile_limit
+from .limits import ServerLimits, raise_nofile_limit
 from .proto import prpc_pb2
 from .unixpath import SocketPath
 

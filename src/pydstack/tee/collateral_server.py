@@ -23,7 +23,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from pydstack.rpc.limits import LimitedRunner, LimitedSite, ServerLimits
+from pydstack.rpc.aiolimits import LimitedRunner, LimitedSite
+from pydstack.rpc.limits import ServerLimits
 
 from .collateral import SignedCollateral
 from .mockpki import MockPki
