@@ -54,11 +54,16 @@ class PodmanCompose:
         env: Mapping[str, str] | None = None,
         userns: tuple[int, int] | None = None,
         registries_conf: Path | None = None,
+        new_storage: bool = False,
     ) -> None:
         """`binds_dir` holds the app's relative bind mounts (`./data`), created on first use
         with mode 0700; `agent_sockets` maps an agent socket path a compose file may mount
-        (`/var/run/dstack.sock`, ...) to the socket on this side (default: the same path)."""
+        (`/var/run/dstack.sock`, ...) to the socket on this side (default: the same path).
+        `new_storage`: the storage was created empty for this boot, so `up` neither asks which
+        images are there nor removes an earlier boot's containers (two podman calls, about a
+        second each under TCG)."""
         self.project = project
+        self.new_storage = new_storage
         #: (first host id, count): container root is that unprivileged host uid, not host root
         self.userns = userns
         self.volumes_dir = volumes_dir
@@ -195,9 +200,10 @@ class PodmanCompose:
         """pull every service's image that is not here yet, each once; ComposeError naming the
         first one that cannot be pulled."""
         for image in dict.fromkeys(svc.image for svc in self.project.services):
-            code, _ = await self._podman("image", "exists", "--", image, check=False)
-            if code == 0:
-                continue
+            if not self.new_storage:
+                code, _ = await self._podman("image", "exists", "--", image, check=False)
+                if code == 0:
+                    continue
             log.info("pulling image %s", image)
             started = time.monotonic()
             code, out = await self._podman("pull", "--quiet", "--", image, check=False)
@@ -212,8 +218,10 @@ class PodmanCompose:
         await self.pull_images()
         # containers of an earlier boot of this CVM are not running (their processes went with
         # it): removing them is one podman call, where down() stops gracefully first
-        names = [self.container(s) for s in self.project.services]
-        await self._podman("rm", "--ignore", "-f", *names, check=False)
+        if not self.new_storage:
+            names = [self.container(s) for s in self.project.services]
+            await self._podman("rm", "--ignore", "-f", *names, check=False)
+        self.new_storage = False  # a later up() in this boot finds this one's containers
         for svc in self.project.services:
             log.info("starting service %s (%s)", svc.name, svc.image)
             t = time.monotonic()

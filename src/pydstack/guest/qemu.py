@@ -205,6 +205,7 @@ async def boot_and_run() -> int:
             app.docker_compose_file, _project_name(app.name), dict(result.envs), policy=STRICT
         )
         graph = PERSISTENT / "containers"
+        new_storage = not graph.exists()
         graph.mkdir(mode=0o700, exist_ok=True)
         storage_conf = DSTACK / "storage.conf"
         storage_conf.write_text(
@@ -214,6 +215,7 @@ async def boot_and_run() -> int:
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf,
+            new_storage=new_storage,
             registries_conf=registries_conf(sys_config.docker_registry),
             volumes_dir=app_owned_dir(PERSISTENT / "volumes", UID_BASE),
             binds_dir=app_owned_dir(PERSISTENT / "binds", UID_BASE),

@@ -267,9 +267,11 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         project = ComposeProject.parse(
             app.docker_compose_file, _project_name(app.name), envs, policy=STRICT
         )
+        new_storage = not (wd / "containers").exists()
         compose = PodmanCompose(
             project,
             storage_conf=storage_conf(wd),
+            new_storage=new_storage,
             registries_conf=registries_conf(sys_config.docker_registry),
             volumes_dir=app_owned_dir(PERSISTENT / "volumes", uid_base),
             binds_dir=app_owned_dir(PERSISTENT / "binds", uid_base),

@@ -210,3 +210,37 @@ def test_storage_conf_keeps_pulled_images_and_mounts_no_host_store(tmp_path, mon
     text = sandbox.storage_conf(wd).read_text()
     assert "additionalimagestores" not in text and f'graphroot = "{wd / "containers"}"' in text
     assert (wd / "containers" / "overlay-images").is_dir()
+
+
+def _recording_podman(tmp_path: Path) -> tuple[Path, Path]:
+    """a podman that logs its arguments; `image exists` answers "no" (status 1)."""
+    log = tmp_path / "calls.log"
+    script = tmp_path / "podman"
+    script.write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\nif [ "$1 $2" = "image exists" ]; then exit 1; fi\n'
+    )
+    script.chmod(0o755)
+    return script, log
+
+
+@pytest.mark.parametrize("new_storage", [True, False])
+async def test_up_on_new_storage_skips_the_image_check_and_the_cleanup(tmp_path, new_storage):
+    podman, log = _recording_podman(tmp_path)
+    _, pc = runner(tmp_path, podman=str(podman), new_storage=new_storage)
+    await pc.up()
+    for t in pc._log_tasks:
+        t.cancel()
+    verbs = [" ".join(line.split()[:2]) for line in log.read_text().splitlines()]
+    pulls = ["pull --quiet"] * 2  # both images, each once
+    runs = ["run -d"] * 2
+    if new_storage:
+        assert verbs == [*pulls, *runs]
+    else:
+        checks = ["image exists", "pull --quiet"]
+        assert verbs == [*checks, *checks, "rm --ignore", *runs]
+    # a second up in the same boot must clear what the first one started
+    log.write_text("")
+    await pc.up()
+    for t in pc._log_tasks:
+        t.cancel()
+    assert "rm --ignore" in [" ".join(line.split()[:2]) for line in log.read_text().splitlines()]
