@@ -13,8 +13,8 @@ from pydstack.crypto.certs import cert_pem, key_pem
 from pydstack.errors import ConfigError, DstackError
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
+from pydstack.rpc.calls import Answer
 from pydstack.rpc.http1 import Http1Server, HttpRequest
-from pydstack.rpc.server import Answer
 
 from .admin import admin_server, admin_token
 from .attestation import AttestationChecker

@@ -14,9 +14,9 @@ import aiohttp
 from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
+from .errors import RpcError
 from .json_codec import CodecError, json_to_message, message_to_json
 from .proto import prpc_pb2
-from .server import RpcError
 from .unixpath import SocketPath
 
 M = TypeVar("M", bound=Message)

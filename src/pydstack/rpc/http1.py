@@ -43,9 +43,7 @@ from urllib.parse import parse_qsl
 import httptools
 from cryptography import x509
 
-from .guard import RequestGuard
-from .limits import ConnectionTable, ServerLimits, connection_cap, raise_nofile_limit
-from .server import (
+from .calls import (
     DEFAULT_MAX_BODY,
     JSON_CT,
     Answer,
@@ -61,6 +59,8 @@ from .server import (
     unix_listener,
     wants_json,
 )
+from .guard import RequestGuard
+from .limits import ConnectionTable, ServerLimits, connection_cap, raise_nofile_limit
 
 __all__ = ["MAX_HEAD", "MAX_HEADERS", "MAX_PIPELINED", "Http1Server", "HttpRequest", "Route"]
 

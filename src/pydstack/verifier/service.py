@@ -23,8 +23,8 @@ from pydstack.attest.verify import CollateralCache
 from pydstack.errors import ConfigError
 from pydstack.mr.store import ImageStore
 from pydstack.mr.verify import OsImageVerifier
+from pydstack.rpc.calls import Answer
 from pydstack.rpc.http1 import Http1Server, HttpRequest
-from pydstack.rpc.server import Answer
 from pydstack.types import jsonlimits
 
 from .config import VerifierConfig
