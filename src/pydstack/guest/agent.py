@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from pydstack.process import run_server, stop_signal
-from pydstack.rpc.server import ServerLimits
+from pydstack.rpc.limits import ServerLimits
 from pydstack.tee.real import RealTdx, tdx_available
 from pydstack.types.sysconfig import SysConfig
 

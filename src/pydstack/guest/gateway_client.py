@@ -48,10 +48,12 @@ from pydstack.attest.ratls import parse_ratls_cert
 from pydstack.crypto.certs import load_cert_pem
 from pydstack.crypto.wgkeys import generate_private_key, public_key_of
 from pydstack.errors import DstackError, InputError
+from pydstack.rpc.calls import CallContext, Encoded, PrpcService
 from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.errors import RpcError
+from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.proto import agent_rpc_pb2 as apb
 from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
-from pydstack.rpc.server import CallContext, Encoded, PrpcServer, PrpcService, RpcError
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
@@ -354,7 +356,7 @@ class GatewayClient:
         self.keepalive = KeepAlive()
         self._creds: _Credentials | None = None
         self._config = ""
-        self._agent: PrpcServer | None = None
+        self._agent: Http1Server | None = None
         self._agent_at: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
         #: the gateway that answered last, and its answer
@@ -425,7 +427,7 @@ class GatewayClient:
                 errors.append(f"{url}: {e or type(e).__name__}")
                 log.warning("registering with gateway %s failed: %s", url, e)
                 continue
-            except Exception as e:  # aiohttp's client errors and the like
+            except Exception as e:  # a malformed url and anything else: try the next gateway
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 log.warning("registering with gateway %s failed: %s", url, e)
                 continue
@@ -453,7 +455,7 @@ class GatewayClient:
         if self._agent is not None:
             await self._agent.close()
             self._agent = None
-        server = PrpcServer()
+        server = Http1Server()
         server.mount(PrpcService(WORKER, InfoOnly(self.core), prefix="/prpc/", trim="Worker."))
         await server.listen_tcp(ip, port)
         self._agent, self._agent_at = server, (ip, port)

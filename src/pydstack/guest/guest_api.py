@@ -14,8 +14,8 @@ from pathlib import Path
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack import __version__
+from pydstack.rpc.calls import CallContext
 from pydstack.rpc.proto import guest_api_pb2 as gpb
-from pydstack.rpc.server import CallContext
 
 from .compose_runner import PodmanCompose
 from .core import GuestCore

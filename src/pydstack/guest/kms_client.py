@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import aiohttp
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.empty_pb2 import Empty
@@ -18,8 +17,8 @@ from google.protobuf.empty_pb2 import Empty
 from pydstack.attest.ratls import parse_ratls_cert
 from pydstack.crypto.certs import load_cert_pem, ra_tls_client_cert
 from pydstack.rpc.client import PrpcClient
+from pydstack.rpc.errors import RpcError
 from pydstack.rpc.proto import kms_rpc_pb2 as pb
-from pydstack.rpc.server import RpcError
 
 from .appkeys import AppKeys, KeyProvider
 
@@ -73,7 +72,7 @@ async def get_app_keys(kms_url: str, attest: AttestFn, vm_config: str) -> tuple[
     try:
         async with ra_tls_client(base, tmp.temp_ca_cert, tmp.temp_ca_key, attest) as mtls:
             resp = await mtls.call("GetAppKey", request, pb.AppKeyResponse)
-    except (RpcError, OSError, aiohttp.ClientError):
+    except (RpcError, OSError):
         if base not in _TEMP_CA:
             raise
         # the kms may have a new temp ca (a restart): ask for it once more, then give up

@@ -34,10 +34,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydstack import __version__
+from pydstack.rpc.calls import PrpcService
+from pydstack.rpc.errors import RpcError
 from pydstack.rpc.http1 import Http1Server
-from pydstack.rpc.server import PrpcServer, PrpcService, RpcError
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose
 from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
@@ -53,6 +55,9 @@ from .qemu_init import uptime
 from .runtime import start_runtime
 from .sandbox import _key_provider, _project_name, app_owned_dir, registries_conf
 from .servers import RESPONSE_HEADERS
+
+if TYPE_CHECKING:
+    from pydstack.rpc.server import PrpcServer
 
 log = logging.getLogger("dstack-guest")
 
@@ -222,7 +227,7 @@ async def boot_and_run() -> int:
             userns=(UID_BASE, USERNS_SIZE),
         )
         api = GuestApi(core, compose, stop, data_mount=PERSISTENT, os_name="pydstack-qemu")
-        gserver = PrpcServer(response_headers=RESPONSE_HEADERS)
+        gserver = Http1Server(response_headers=RESPONSE_HEADERS)
         gserver.mount(PrpcService(GUEST_API_SERVICE, api, prefix="/api"))
         await gserver.listen_tcp("0.0.0.0", GUEST_API_PORT)
         servers.append(gserver)

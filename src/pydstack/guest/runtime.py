@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydstack.rpc.http1 import Http1Server
-from pydstack.rpc.server import PrpcServer
 from pydstack.types import hostshare as hs
 from pydstack.types.sysconfig import SysConfig
 
@@ -19,6 +19,9 @@ from .boot import BootResult, Notify
 from .core import GuestCore, QuotePlatform
 from .servers import Listener, ListenerOptions, start_agent
 from .signer import KmsCertSigner, LocalCertSigner
+
+if TYPE_CHECKING:
+    from pydstack.rpc.server import PrpcServer
 
 
 @dataclass

@@ -33,10 +33,12 @@ import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydstack import __version__
+from pydstack.rpc.calls import PrpcService
+from pydstack.rpc.errors import RpcError
 from pydstack.rpc.http1 import Http1Server
-from pydstack.rpc.server import PrpcServer, PrpcService, RpcError
 from pydstack.tee.hosttd import HostTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose, AppComposeError
@@ -50,6 +52,9 @@ from .hostapi import HostApi
 from .runtime import start_runtime
 from .servers import RESPONSE_HEADERS
 from .storage import Storage, sh
+
+if TYPE_CHECKING:
+    from pydstack.rpc.server import PrpcServer
 
 log = logging.getLogger("dstack-guest")
 
@@ -279,7 +284,7 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             userns=(uid_base, USERNS_SIZE) if uid_base else None,
         )
         api = GuestApi(core, compose, stop, data_mount=PERSISTENT, os_name="pydstack-sandbox")
-        gserver = PrpcServer(response_headers=RESPONSE_HEADERS)
+        gserver = Http1Server(response_headers=RESPONSE_HEADERS)
         gserver.mount(PrpcService(GUEST_API_SERVICE, api, prefix="/api"))
         await gserver.listen_unix(GUEST_API / "api.sock", mode=0o600)
         servers.append(gserver)

@@ -15,21 +15,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydstack import __version__
+from pydstack.rpc.calls import PrpcService, parse_socket_mode
+from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.http1 import Http1Server
-from pydstack.rpc.server import (
-    PrpcServer,
-    PrpcService,
-    RequestGuard,
-    ServerLimits,
-    parse_socket_mode,
-)
+from pydstack.rpc.limits import ServerLimits
 
 from .core import GuestCore
-from .http_routes import add_routes
 from .service import guest_service, tappd_service, worker_service
+
+if TYPE_CHECKING:
+    from pydstack.rpc.server import PrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +127,10 @@ async def start_agent(
             guard = listener.options.guard(listener.section)
             server: PrpcServer | Http1Server
             if "worker" in listener.apis:  # the dashboard and the log stream need aiohttp
+                from pydstack.rpc.server import PrpcServer
+
+                from .http_routes import add_routes
+
                 server = PrpcServer(response_headers=RESPONSE_HEADERS, limits=limits, guard=guard)
                 add_routes(server.app, core)
             else:  # prpc only: the lean server (the apps' hot path)

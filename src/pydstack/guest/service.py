@@ -15,8 +15,9 @@ from typing import TypeVar
 from google.protobuf.empty_pb2 import Empty
 
 from pydstack import UPSTREAM_VERSION, __version__
+from pydstack.rpc.calls import CallContext, Encoded, PrpcService
+from pydstack.rpc.errors import RpcError
 from pydstack.rpc.proto import agent_rpc_pb2 as pb
-from pydstack.rpc.server import CallContext, Encoded, PrpcService, RpcError
 
 from .core import KEY_CACHE_SIZE, AgentError, GuestCore, InfoResult, QuoteResult
 

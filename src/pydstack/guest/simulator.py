@@ -32,7 +32,8 @@ from pydstack.crypto.certs import CertRequest, cert_pem, issue_cert, key_pem, sp
 from pydstack.crypto.k256 import compressed_pubkey, sign_message
 from pydstack.crypto.kdf import derive_dh_secret, derive_key, p256_key_from_bytes
 from pydstack.process import run_server, stop_signal
-from pydstack.rpc.server import RequestGuard, parse_socket_mode
+from pydstack.rpc.calls import parse_socket_mode
+from pydstack.rpc.guard import RequestGuard
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.sysconfig import SysConfig

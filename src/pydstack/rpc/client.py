@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import ssl
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import aiohttp
 from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
@@ -78,8 +80,26 @@ def _load_cert_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
         ctx.load_cert_chain(cf, kf)
 
 
+#: bounds on what a server may send back: the head of a response and its body
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_BODY = 64 * 1024 * 1024
+#: idle keep-alive connections a client holds for its next calls
+MAX_IDLE = 8
+
+
+class _Stale(Exception):
+    """a kept-alive connection closed before any byte of the answer: the server had dropped it."""
+
+
 class PrpcClient:
-    """`base` is `http(s)://host:port[/prefix]` or a Unix socket path (then `prefix` applies)."""
+    """`base` is `http(s)://host:port[/prefix]` or a Unix socket path (then `prefix` applies).
+
+    HTTP/1.1 on asyncio streams, connections kept alive between calls (a connection the server
+    closed while idle is replaced once, before any byte of the answer was read). `call` raises
+    RpcError for an answer that is not a result (an error status, a malformed or oversized
+    response), OSError for the connection (ssl.SSLError and ConnectionError included) and
+    TimeoutError past `timeout` (5 s at most of it to connect).
+    """
 
     def __init__(
         self,
@@ -94,29 +114,36 @@ class PrpcClient:
         verify_server: Callable[[x509.Certificate], None] | None = None,
     ) -> None:
         self.json_mode = json_mode
-        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=min(5.0, timeout))
+        self.timeout = timeout
+        self.connect_timeout = min(5.0, timeout)
         self.verify_server = verify_server
         self.peer_cert: x509.Certificate | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._sock: SocketPath | None = None
         if base.startswith(("http://", "https://")):
-            self.url = base.rstrip("/") + "/" + prefix.strip("/")
-            self._connector_factory: Callable[[], aiohttp.BaseConnector] = lambda: (
-                _PeerCertConnector(self._on_peer_cert, ssl=self._ssl)
-            )
+            parts = urllib.parse.urlsplit(base)
+            if not parts.hostname:
+                raise ValueError(f"no host in {base[:200]!r}")
+            self._host = parts.hostname
+            self._port = parts.port or (443 if parts.scheme == "https" else 80)
+            host = f"[{self._host}]" if ":" in self._host else self._host
+            default = self._port == (443 if parts.scheme == "https" else 80)
+            self._host_header = host if default else f"{host}:{self._port}"
+            path = parts.path
+            if parts.scheme == "https":
+                self._ssl = client_ssl_context(
+                    ca_pem=ca_pem,
+                    attested=verify_server is not None,
+                    client_cert_pem=client_cert_pem,
+                    client_key_pem=client_key_pem,
+                )
         else:
             self._sock = SocketPath(base)  # held open: connections are made lazily
-            path = self._sock.address
-            self.url = "http://localhost/" + prefix.strip("/")
-            self._connector_factory = lambda: aiohttp.UnixConnector(path=path)
-        self.url = self.url.rstrip("/")
-        self._ssl: ssl.SSLContext | bool = True
-        if base.startswith("https://"):
-            self._ssl = client_ssl_context(
-                ca_pem=ca_pem,
-                attested=verify_server is not None,
-                client_cert_pem=client_cert_pem,
-                client_key_pem=client_key_pem,
-            )
-        self._session: aiohttp.ClientSession | None = None
+            self._host_header = "localhost"
+            path = ""
+        self._path = (path.rstrip("/") + "/" + prefix.strip("/")).rstrip("/")
+        self.url = f"{'https' if self._ssl else 'http'}://{self._host_header}{self._path}"
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     def _on_peer_cert(self, der: bytes | None) -> None:
         self.peer_cert = x509.load_der_x509_certificate(der) if der else None
@@ -131,31 +158,54 @@ class PrpcClient:
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    def _sess(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=self._connector_factory(), timeout=self.timeout
-            )
-        return self._session
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        idle, self._idle = self._idle, []
+        for _, writer in idle:
+            writer.close()
+        for _, writer in idle:
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async with asyncio.timeout(self.connect_timeout):
+            if self._sock is not None:
+                return await asyncio.open_unix_connection(
+                    self._sock.address, limit=MAX_RESPONSE_HEAD
+                )
+            reader, writer = await asyncio.open_connection(
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl else None,
+                limit=MAX_RESPONSE_HEAD,
+            )
+        ssl_obj = writer.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            try:
+                self._on_peer_cert(ssl_obj.getpeercert(binary_form=True))
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
 
     async def call(self, method: str, request: Message, response_type: type[M]) -> M:
-        url = f"{self.url}/{method}"
+        path = f"{self._path}/{method}"
         if self.json_mode:
             data = message_to_json(request)
-            headers = {"Content-Type": "application/json"}
-            url += "?json"
+            content_type = "application/json"
+            path += "?json"
         else:
             data = request.SerializeToString()
-            headers = {"Content-Type": "application/octet-stream"}
-        async with self._sess().post(url, data=data, headers=headers) as resp:
-            body = await resp.read()
-            if resp.status != 200:
-                raise RpcError(_error_message(body, resp.status, self.json_mode))
+            content_type = "application/octet-stream"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self._host_header}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+            "Accept: */*\r\nAccept-Encoding: identity\r\n\r\n"
+        ).encode()
+        async with asyncio.timeout(self.timeout):
+            status, body = await self._roundtrip(head + data)
+        if status != 200:
+            raise RpcError(_error_message(body, status, self.json_mode))
         out = response_type()
         try:
             if self.json_mode:
@@ -166,24 +216,120 @@ class PrpcClient:
             raise RpcError(f"invalid response from {method}: {e}") from e
         return out
 
-
-class _PeerCertConnector(aiohttp.TCPConnector):
-    """hands each new TLS connection's server certificate to a check before it is used."""
-
-    def __init__(self, on_cert: Callable[[bytes | None], None], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._on_cert = on_cert
-
-    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        ssl_obj = transport.get_extra_info("ssl_object")
-        if ssl_obj is not None:
+    async def _roundtrip(self, raw: bytes) -> tuple[int, bytes]:
+        while self._idle:
+            conn = self._idle.pop()
             try:
-                self._on_cert(ssl_obj.getpeercert(binary_form=True))
-            except BaseException:
-                transport.close()
-                raise
-        return transport, protocol
+                return await self._exchange(conn, raw)
+            except _Stale:
+                continue
+        try:
+            return await self._exchange(await self._connect(), raw)
+        except _Stale:
+            raise ConnectionResetError(
+                "the server closed a new connection without an answer"
+            ) from None
+
+    async def _exchange(
+        self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], raw: bytes
+    ) -> tuple[int, bytes]:
+        reader, writer = conn
+        keep = False
+        try:
+            try:
+                writer.write(raw)
+                await writer.drain()
+                first = await reader.readuntil(b"\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError) as e:
+                if isinstance(e, asyncio.IncompleteReadError) and e.partial:
+                    raise RpcError("the server's answer broke off in its status line") from None
+                raise _Stale from None
+            status, body, keep = await _read_response(first, reader)
+            return status, body
+        except asyncio.IncompleteReadError:
+            raise RpcError("the server's answer broke off") from None
+        except asyncio.LimitOverrunError:
+            raise RpcError("the server's answer has a line or head over 64 KiB") from None
+        finally:
+            if keep and len(self._idle) < MAX_IDLE and not reader.at_eof():
+                self._idle.append(conn)
+            else:
+                writer.close()
+
+
+async def _read_response(first: bytes, reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+    """status, body and whether the connection stays open, after the status line `first`."""
+    parts = first.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        raise RpcError(f"not an HTTP/1.1 answer: {first[:80]!r}")
+    status = int(parts[1])
+    keep = parts[0] == b"HTTP/1.1"
+    length: int | None = None
+    chunked = False
+    size = len(first)
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size += len(line)
+        if size > MAX_RESPONSE_HEAD:
+            raise RpcError("the server's answer has a head over 64 KiB")
+        if line == b"\r\n":
+            break
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise RpcError(f"malformed header line in the answer: {line[:80]!r}")
+        key, value = name.strip().lower(), value.strip()
+        if key == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise RpcError("the answer has an invalid Content-Length")
+            length = int(value)
+        elif key == b"transfer-encoding":
+            chunked = value.lower().split(b",")[-1].strip() == b"chunked"
+            if not chunked:
+                raise RpcError(f"unsupported transfer encoding {value[:40]!r} in the answer")
+        elif key == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            keep = (keep or b"keep-alive" in tokens) and b"close" not in tokens
+    if chunked:
+        return status, await _read_chunked(reader), keep
+    if length is not None:
+        if length > MAX_RESPONSE_BODY:
+            raise RpcError(f"the answer's body of {length} bytes is over the client's bound")
+        return status, await reader.readexactly(length), keep
+    if status in (204, 304) or 100 <= status < 200:
+        return status, b"", keep
+    body = await reader.read(MAX_RESPONSE_BODY + 1)  # no length: the body ends with the stream
+    while body and len(body) <= MAX_RESPONSE_BODY and not reader.at_eof():
+        more = await reader.read(MAX_RESPONSE_BODY + 1 - len(body))
+        if not more:
+            break
+        body += more
+    if len(body) > MAX_RESPONSE_BODY:
+        raise RpcError("the answer's body is over the client's bound")
+    return status, body, False
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size_text = line.split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise RpcError(f"malformed chunk size {size_text[:20]!r} in the answer") from None
+        if size < 0 or len(size_text) > 16:
+            raise RpcError("malformed chunk size in the answer")
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                pass
+            return b"".join(chunks)
+        total += size
+        if total > MAX_RESPONSE_BODY:
+            raise RpcError("the answer's body is over the client's bound")
+        chunks.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise RpcError("malformed chunk in the answer")
 
 
 def _error_message(body: bytes, status: int, json_mode: bool) -> str:
