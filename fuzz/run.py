@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,10 @@ if __package__ in (None, ""):
 
 FUZZ = Path(__file__).resolve().parent
 WORKER = FUZZ / "worker.py"
+#: the workers running now, and whether the run was interrupted (Ctrl-C): no target starts after
+_LOCK = threading.Lock()
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+_STOPPING = threading.Event()
 _COV = re.compile(r"cov: (\d+) ft: (\d+)")
 _UNITS = re.compile(r"stat::number_of_executed_units: (\d+)")
 _EXECS = re.compile(r"stat::average_exec_per_sec:\s+(\d+)")
@@ -131,10 +137,19 @@ def run_target(name: str, args: argparse.Namespace) -> Result:
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            with _LOCK:
+                if _STOPPING.is_set():
+                    proc.send_signal(signal.SIGINT)
+                _RUNNING.add(proc)
+            try:
+                proc.wait()
+            finally:
+                with _LOCK:
+                    _RUNNING.discard(proc)
         output = log_path.read_text(errors="replace").split("$ ")[-1]
         ran = _merge(result, output, stats_path)
-        if proc.returncode == 0:
+        if proc.returncode == 0 or _STOPPING.is_set() or "run interrupted" in output:
             break
         kind = next((k for marker, k in _CRASH_KINDS if marker in output), None)
         if kind is None and proc.returncode < 0:  # killed by a signal libFuzzer did not see
@@ -297,15 +312,33 @@ def main(argv: Sequence[str]) -> int:
     print(f"fuzzing {len(chosen)} target(s), {budget} each, {args.jobs} at a time", flush=True)
     print(HEADER, flush=True)
     results: dict[str, Result] = {}
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {name: pool.submit(run_target, name, args) for name in chosen}
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    futures = {name: pool.submit(run_target, name, args) for name in chosen}
+    try:
         for name in chosen:  # rows in target order, each as soon as it and those before are done
             results[name] = futures[name].result()
             print(row(results[name]), flush=True)
-    ordered = [results[n] for n in chosen]
+    except KeyboardInterrupt:
+        # stop: no further target starts, running workers get SIGINT (libFuzzer writes its
+        # final stats), and the targets that ran are reported as far as they got
+        _STOPPING.set()
+        with _LOCK:
+            for proc in _RUNNING:
+                proc.send_signal(signal.SIGINT)
+        pool.shutdown(wait=True, cancel_futures=True)
+        for name in chosen:
+            fut = futures[name]
+            if name not in results and fut.done() and not fut.cancelled():
+                results[name] = fut.result()
+                print(row(results[name]), flush=True)
+        print("interrupted: the targets not shown did not run", file=sys.stderr, flush=True)
+    pool.shutdown(wait=True)
+    ordered = [results[n] for n in chosen if n in results]
     lines = details(ordered, args.findings)
     if lines:
         print("\nfindings:\n" + "\n".join(lines), flush=True)
+    if _STOPPING.is_set():
+        return 130
     if any(r.error for r in ordered):
         return 2
     return 1 if any(r.new_findings() for r in ordered) else 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +100,32 @@ def test_a_finding_reproduces(tmp_path):
     proc = _run(tmp_path, "--target", "toy_raises", "--repro", str(saved))
     assert proc.returncode == 1
     assert "exception" in proc.stdout and "KeyError" in proc.stderr
+
+
+def test_an_interrupted_run_stops_and_reports_what_ran(tmp_path):
+    """Ctrl-C (SIGINT to run.py alone, as `kill -INT` sends it): the running worker stops, no
+    later target starts, the target that ran gets its row, and the status is 130."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "fuzz" / "run.py"), "--module", str(TOYS),
+         "--corpus", str(tmp_path / "corpus"), "--findings", str(tmp_path / "findings"),
+         "--logs", str(tmp_path / "logs"), "--seconds", "300", "--jobs", "1",
+         "--target", "toy_refuses", "--target", "toy_raises"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    log = tmp_path / "logs" / "toy_refuses.log"
+    deadline = time.monotonic() + 120
+    while "#" not in (log.read_text() if log.exists() else "").split("$ ")[-1]:
+        assert time.monotonic() < deadline, "the first worker never started fuzzing"
+        assert proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the run went on after SIGINT") from None
+    assert proc.returncode == 130, out + err
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("toy_")]
+    assert rows == ["toy_refuses"]
+    assert "interrupted" in err
+    assert not (tmp_path / "logs" / "toy_raises.log").exists()  # never started
