@@ -141,7 +141,7 @@ async def test_an_error_status_carries_the_servers_message():
         await writer.drain()
 
     async with Scripted(refuse) as base:
-        with pytest.raises(RpcError, match="^no such vm$"):
+        with pytest.raises(RpcError, match=r"^no such vm$"):
             await _call(base)
 
 
