@@ -36,6 +36,7 @@ from pydstack.guest.gateway_client import gateway_check
 from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
 from pydstack.rpc.server import RpcError
+from pydstack.vmm.backends.sandbox.network import bridge_mac_for
 from tests.gateway_pki import KmsPki, app_info, random_hex
 
 from .gateway_env import DOMAIN, Pki, make_pki
@@ -70,7 +71,9 @@ class Lan:
 
     def up(self) -> None:
         self.down()
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        # a set address: one the bridge picked would move as namespaces join (network.py)
+        mac = bridge_mac_for(self.bridge)
+        sh("ip", "link", "add", self.bridge, "address", mac, "type", "bridge")
         sh("ip", "addr", "add", f"{LAN}.1/24", "dev", self.bridge)
         sh("ip", "link", "set", self.bridge, "up")
         sh("iptables", "-I", "FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")

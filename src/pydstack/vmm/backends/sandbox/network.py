@@ -33,12 +33,34 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def bridge_mac_for(name: str) -> str:
+    """the bridge's own address: locally administered, derived from its name.
+
+    A bridge left to choose takes the lowest address among its ports, so it changed each time
+    a CVM whose veth sorts lower joined or the lowest one left; every other CVM kept the old
+    address in its neighbour cache for the host (kms, registry, gateway) and its packets went
+    nowhere until that entry expired, up to half a minute. A set address stays put.
+    """
+    return _local_mac(b"dstack-bridge:" + name.encode())
+
+
+def _local_mac(seed: bytes) -> str:
+    """a locally administered unicast address made from `seed`."""
+    digest = hashlib.sha256(seed).digest()
+    return ":".join(f"{b:02x}" for b in (b"\x02" + digest[:5]))
+
+
 def ensure_bridge(name: str, subnet: str) -> None:
-    """the host bridge CVMs attach to, with the host's address on it (idempotent)."""
+    """the host bridge CVMs attach to, with a fixed address of its own (`bridge_mac_for`) and
+    the host's IP address on it (idempotent)."""
     net = ipaddress.ip_network(subnet)
     host = f"{net.network_address + 1}/{net.prefixlen}"
+    mac = bridge_mac_for(name)
     if ip("link", "show", name, check=False).returncode != 0:
-        ip("link", "add", name, "type", "bridge")
+        ip("link", "add", name, "address", mac, "type", "bridge")
+    elif mac not in ip("link", "show", name).stdout:
+        # a bridge made before its address was fixed: pinned once, from now on
+        ip("link", "set", name, "address", mac)
     addrs = ip("-j", "addr", "show", name).stdout
     if host.split("/")[0] not in addrs:
         ip("addr", "add", host, "dev", name)
@@ -156,8 +178,7 @@ def ports_of_urls(urls: Iterable[str]) -> set[int]:
 
 def mac_for(vm_id: str) -> str:
     """the CVM's eth0 address: locally administered, stable across restarts."""
-    digest = hashlib.sha256(vm_id.encode()).digest()
-    return ":".join(f"{b:02x}" for b in (b"\x02" + digest[:5]))
+    return _local_mac(vm_id.encode())
 
 
 def names_for(vm_id: str) -> tuple[str, str]:
