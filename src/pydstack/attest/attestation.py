@@ -312,8 +312,11 @@ def _map(obj: Any, what: str) -> dict[str, Any]:
 def _bytes(obj: Any, what: str, *, size: int | None = None) -> bytes:
     if isinstance(obj, bytes):
         out = obj
-    elif isinstance(obj, list) and all(isinstance(x, int) and 0 <= x <= 255 for x in obj):
-        out = bytes(obj)
+    elif isinstance(obj, list):
+        try:  # bytes() takes exactly a list of ints in 0..255 (bools count, as msgpack's ints)
+            out = bytes(obj)
+        except (TypeError, ValueError):
+            raise ParseError(f"{what} must be bytes") from None
     else:
         raise ParseError(f"{what} must be bytes")
     if size is not None and len(out) != size:
