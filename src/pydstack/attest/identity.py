@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from Crypto.Hash import keccak
 
+from pydstack.crypto.keccak import keccak256
 from pydstack.types import jsonlimits, msgpacklimits
 
 from .attestation import Attestation
@@ -84,9 +84,7 @@ def mr_config_id_v2(
     compose_hash_: bytes, app_id: bytes, key_provider: str, key_provider_id: bytes
 ) -> bytes:
     kind = KEY_PROVIDER_KINDS[key_provider]
-    digest = keccak.new(
-        digest_bits=256, data=compose_hash_ + app_id + bytes([kind]) + key_provider_id
-    ).digest()
+    digest = keccak256(compose_hash_ + app_id + bytes([kind]) + key_provider_id)
     return (b"\x02" + digest).ljust(48, b"\0")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from Crypto.Hash import keccak
+from pydstack.crypto.keccak import keccak
 
 HASH_ALGORITHMS = (
     "sha256",
@@ -27,7 +27,7 @@ HASH_ALGORITHMS = (
 
 def _keccak(bits: int) -> Callable[[bytes], bytes]:
     def digest(data: bytes) -> bytes:
-        return bytes(keccak.new(digest_bits=bits, data=data).digest())
+        return keccak(bits, data)
 
     return digest
 

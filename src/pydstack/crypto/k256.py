@@ -6,18 +6,13 @@ from __future__ import annotations
 import hashlib
 
 from coincurve import PrivateKey, PublicKey
-from Crypto.Hash import keccak
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import ed25519
 from .kdf import derive_key
+from .keccak import keccak256 as keccak256  # re-exported: the signature chain hashes with it
 
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-
-
-def keccak256(data: bytes) -> bytes:
-    """the original Keccak-256 (Ethereum's), not SHA3-256."""
-    return bytes(keccak.new(digest_bits=256, data=data).digest())
 
 
 def _key(secret: bytes) -> PrivateKey:

@@ -16,10 +16,11 @@ import warnings
 from dataclasses import dataclass
 
 from coincurve import PublicKey
-from Crypto.Hash import keccak
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pydstack.crypto.keccak import keccak256
 
 PREFIX = b"dstack-env-encrypt-pubkey"
 
@@ -66,7 +67,7 @@ def _recover(message: bytes, signature: bytes) -> str | None:
     v = signature[64] - 27 if signature[64] >= 27 else signature[64]
     if v not in (0, 1):
         return None
-    digest = keccak.new(digest_bits=256, data=message).digest()
+    digest = keccak256(message)
     try:
         pub = PublicKey.from_signature_and_message(signature[:64] + bytes([v]), digest, hasher=None)
     except Exception:
