@@ -74,6 +74,10 @@ def _step(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
 def _cli(*args: str) -> str:
     """run a `dstack` command in-process, returning what it printed."""
     out = io.StringIO()
@@ -166,7 +170,7 @@ def run(directory: Path, port: int, keep_serving: bool, backend: str = "sandbox"
         info = stack.wait_vm(
             vm_id,
             timeout=600 if backend == "qemu" else 180,
-            on_progress=lambda p: print(f"    boot: {p}", flush=True),
+            on_progress=lambda p: _say(f"    boot: {p} ({time.monotonic() - t0:.1f} s)"),
         )
         stack.wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
         print(

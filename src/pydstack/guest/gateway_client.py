@@ -359,6 +359,7 @@ class GatewayClient:
         self._agent: Http1Server | None = None
         self._agent_at: tuple[str, int] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Task[None] | None = None
         #: the gateway that answered last, and its answer
         self.gateway_url = ""
         self.client_ip = ""
@@ -486,10 +487,32 @@ class GatewayClient:
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.run())
 
+    async def first_registration(self) -> None:
+        """register once (a failure is logged: the keep-alive loop retries), then keep alive."""
+        try:
+            url = await self.register(force=True)
+            self.keepalive.succeeded()
+            log.info("registered with dstack-gateway %s as %s", url, self.client_ip)
+        except (DstackError, OSError) as e:
+            self.keepalive.failed()
+            log.warning("dstack-gateway registration failed (the app has no route yet): %s", e)
+        self.start()
+
+    def begin(self) -> None:
+        """start the first registration (and after it the keep-alive loop) in the background."""
+        self._first = asyncio.ensure_future(self.first_registration())
+
+    async def ready(self) -> None:
+        """wait for the first registration `begin` started (a failed one counts: the
+        keep-alive loop retries it)."""
+        if self._first is not None:
+            await asyncio.shield(self._first)
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._first, self._task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._agent is not None:
             await self._agent.close()
 
@@ -501,9 +524,12 @@ async def start(
     notify: Notify | None = None,
     *,
     run_dir: Path = Path("/run/dstack"),
+    wait: bool = True,
 ) -> GatewayClient | None:
     """the gateway client of this CVM, registered once (or retrying in the background), or
-    None when the app does not use a gateway."""
+    None when the app does not use a gateway. With `wait=False` the first registration runs
+    while the caller goes on (a boot pulls the app's images meanwhile), and `ready()` waits
+    for it."""
     if not gateway_enabled(core.app_compose):
         return None
     if not sys_config.gateway_urls:
@@ -514,12 +540,8 @@ async def start(
     )
     if notify is not None:
         await notify("boot.progress", "setting up dstack-gateway")
-    try:
-        url = await client.register(force=True)
-        client.keepalive.succeeded()
-        log.info("registered with dstack-gateway %s as %s", url, client.client_ip)
-    except (DstackError, OSError) as e:
-        client.keepalive.failed()
-        log.warning("dstack-gateway registration failed (the app has no route yet): %s", e)
-    client.start()
+    if wait:
+        await client.first_registration()
+    else:
+        client.begin()
     return client

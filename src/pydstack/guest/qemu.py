@@ -237,6 +237,8 @@ async def boot_and_run() -> int:
             await compose.up()
         except ComposeError as e:
             raise BootError(f"failed to start containers: {e}") from e
+        if gateway is not None:  # "done" still means registered (or retrying on its own)
+            await gateway.ready()
         await host.notify("boot.progress", "done")
         await stop.wait()
         await host.notify("shutdown.progress", "stopping containers")

@@ -46,7 +46,9 @@ async def start_runtime(
 ) -> GuestRuntime:
     """serve the agent for the app the boot flow measured (its files under `work`'s host-shared
     copy), with its sockets in `run` (0660, group `socket_group`: the app containers' root, so
-    a container process running as another user reaches them with `group_add: ["0"]`)."""
+    a container process running as another user reaches them with `group_add: ["0"]`).
+    A gateway's first registration is left running: the caller awaits `gateway.ready()`
+    before it reports the boot done."""
     compose_raw = (work / ".host-shared" / hs.APP_COMPOSE).read_bytes()
     sys_config = SysConfig.load(work / ".host-shared" / hs.SYS_CONFIG)
     signer: LocalCertSigner | KmsCertSigner
@@ -78,7 +80,8 @@ async def start_runtime(
         ],
     )
     try:
-        gateway = await gateway_client.start(core, result.keys, sys_config, notify)
+        # the first registration runs on while the boot sets up and pulls the app
+        gateway = await gateway_client.start(core, result.keys, sys_config, notify, wait=False)
     except BaseException:
         await agent.close()
         raise

@@ -294,6 +294,8 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             await compose.up()
         except ComposeError as e:
             raise BootError(f"failed to start containers: {e}") from e
+        if gateway is not None:  # "done" still means registered (or retrying on its own)
+            await gateway.ready()
         await host.notify("boot.progress", "done")
         await stop.wait()
         if api.shutdown_requested:

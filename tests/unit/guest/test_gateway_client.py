@@ -216,3 +216,49 @@ async def test_registration_fails_over_in_order_and_starts_again_from_the_first(
             await client.register(force=False)
     finally:
         await client.close()
+
+
+async def test_the_first_registration_runs_while_the_boot_goes_on() -> None:
+    import asyncio
+
+    from pydstack.guest import gateway_client as gc
+    from pydstack.guest.appkeys import AppKeys, KeyProvider
+    from pydstack.types.sysconfig import SysConfig
+
+    keys = AppKeys(b"", b"", b"", b"", "11" * 20, "", KeyProvider("Kms", {}))
+    answer = asyncio.Event()
+    outcomes = ["down", "ok"]
+    calls: list[str] = []
+
+    class Client(gc.GatewayClient):
+        async def register(self, *, force: bool) -> str:
+            await answer.wait()
+            if not outcomes:  # the keep-alive loop's next registration: never answered here
+                await asyncio.Event().wait()
+            calls.append(outcomes.pop(0))
+            if calls[-1] == "down":
+                raise GatewayClientError("no gateway accepted the registration")
+            return "https://a"
+
+    for expect in ("down", "ok"):
+        answer.clear()
+        client = Client(
+            FakeCore(),  # type: ignore[arg-type]
+            keys,
+            SysConfig(gateway_urls=("https://a",)),
+            wg=FakeWg(),  # type: ignore[arg-type]
+        )
+        try:
+            client.begin()
+            waiter = asyncio.ensure_future(client.ready())
+            await asyncio.sleep(0.05)
+            assert not waiter.done() and client._task is None  # the boot goes on meanwhile
+            answer.set()
+            await asyncio.wait_for(waiter, 5)  # a failure counts as ready: the loop retries
+            assert calls[-1] == expect and client._task is not None
+            # the keep-alive loop knows how it went: a success, or a retry after its backoff
+            assert (client.keepalive.last_ok is not None) == (expect == "ok")
+            assert (client.keepalive.next_retry > 0) == (expect == "down")
+        finally:
+            await client.close()
+        assert client._task.cancelled()
