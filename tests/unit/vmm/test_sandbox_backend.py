@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,15 @@ def test_a_full_subnet_is_a_refusal(tmp_path):
         b.attach(vm_in(tmp_path, "one-too-many"))
 
 
+def _wait_for_exec(pid: int) -> None:
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    for _ in range(1000):
+        if b"--spec" in cmdline.read_bytes():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not start its command")
+
+
 @pytest.mark.parametrize("module", [MODULE, LEGACY_MODULE])
 def test_launchers_are_recognised_by_module_and_spec(tmp_path, module):
     spec = tmp_path / "launch.json"
@@ -83,6 +93,8 @@ def test_launchers_are_recognised_by_module_and_spec(tmp_path, module):
     proc = subprocess.Popen([*sleeper, module, "--spec", str(spec)])
     other = subprocess.Popen([*sleeper, module, "--spec", str(tmp_path / "other.json")])
     try:
+        for p in (proc, other):  # until each child has exec'd (before, /proc shows pytest's)
+            _wait_for_exec(p.pid)
         assert is_launcher(proc.pid, spec)
         assert not is_launcher(other.pid, spec)  # another cvm's launcher
     finally:
