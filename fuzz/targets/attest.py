@@ -9,8 +9,6 @@ import json
 from collections.abc import Callable, Sequence
 from functools import cache
 
-from cryptography import x509
-
 from fuzz import mutators as m
 from fuzz.harness import Target
 from fuzz.targets import common as c
@@ -34,6 +32,7 @@ from pydstack.attest.ratls import (
     verify_cert_binding,
 )
 from pydstack.attest.verify import precheck_quote, verify_quote
+from pydstack.crypto.certload import load_cert_der
 from pydstack.crypto.certs import CertRequest, issue_cert
 from pydstack.tee.collateral import make_collateral
 from pydstack.types.sysconfig import SysConfig
@@ -322,7 +321,7 @@ VM_CONFIG = Target(
 
 def _ratls(data: bytes) -> None:
     try:
-        cert = x509.load_der_x509_certificate(data)
+        cert = load_cert_der(data)  # as servers and verifiers load what peers send
     except ValueError:
         return  # not a certificate cryptography reads: no peer gets this far
     c.refusing((AttestError,), parse_ratls_cert, cert)

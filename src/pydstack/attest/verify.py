@@ -42,6 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from pydstack.crypto.certload import load_cert_der, load_certs_pem
+
 from .errors import ParseError, VerifyError
 from .intel_root import INTEL_SGX_ROOT_CA_DER
 from .quote import Quote, parse_quote
@@ -223,7 +225,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate, what: str, by: 
 def _root_cert(root_ca_der: bytes) -> x509.Certificate:
     """the configured root, parsed once (only well-formed roots are cached)."""
     try:
-        root = x509.load_der_x509_certificate(root_ca_der)
+        root = load_cert_der(root_ca_der)
     except ValueError as e:
         raise VerifyError(f"the configured root ca is not a der certificate: {e}") from e
     _p256_key(root, "root ca")
@@ -235,7 +237,7 @@ def _pck_ca(ca_der: bytes, root_ca_der: bytes) -> x509.Certificate:
     """a PCK CA certificate verified against the root; only verified ones are cached, so the
     cache holds the root's few genuine intermediates and nothing an attacker chose."""
     root = _root_cert(root_ca_der)
-    ca = x509.load_der_x509_certificate(ca_der)
+    ca = load_cert_der(ca_der)
     _p256_key(ca, "pck ca certificate")
     _issued_by(ca, root, "pck ca certificate", "configured root ca")
     try:
@@ -262,7 +264,7 @@ def _fmspc(leaf: x509.Certificate) -> str:
 def _claimed_fmspc(chain_pem: bytes) -> str:
     """the FMSPC a PCK chain's leaf names, unverified (a cache key only)."""
     try:
-        return _fmspc(x509.load_pem_x509_certificates(chain_pem)[0])
+        return _fmspc(load_certs_pem(chain_pem)[0])
     except (ValueError, IndexError) as e:
         raise VerifyError(f"pck certificate chain is malformed: {e}") from e
 
@@ -281,7 +283,7 @@ def _pck_chain(chain_pem: bytes, root_ca_der: bytes) -> _PckChain:
     chains that pass are cached."""
     root = _root_cert(root_ca_der)
     try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
+        chain = load_certs_pem(chain_pem)
     except ValueError as e:
         raise VerifyError(f"pck certificate chain is malformed: {e}") from e
     if len(chain) != 3:

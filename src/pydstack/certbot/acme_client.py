@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256
 from josepy.jwk import JWK, JWKEC
 
+from pydstack.crypto.certload import load_certs_pem
+
 from .dns01 import ACME_CHALLENGE, CAA, TXT, DnsProvider, caa_content
 from .dnscheck import make_resolver, wait_for_txt
 from .errors import AcmeRefusedError, AcmeUnavailableError, CertbotError, DnsProviderError
@@ -160,7 +162,7 @@ def parse_chain(
     """(not_after, leaf SPKI DER) of a PEM chain, leaf first; CertbotError when it does not
     parse or its leaf is not for `key`."""
     try:
-        certs = x509.load_pem_x509_certificates(chain_pem.encode())
+        certs = load_certs_pem(chain_pem)
     except ValueError as e:
         raise CertbotError(f"the issued chain does not parse: {e}") from e
     leaf = certs[0]

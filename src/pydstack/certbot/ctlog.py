@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from pydstack.crypto.certload import load_cert_der
 from pydstack.errors import InputError
 
 X509_ENTRY, PRECERT_ENTRY = 0, 1
@@ -193,7 +194,7 @@ class LogEntry:
         parse."""
         der = self.der if self.entry_type == X509_ENTRY else wrap_tbs(self.der)
         try:
-            return x509.load_der_x509_certificate(der)
+            return load_cert_der(der)
         except ValueError as e:
             raise CtError(f"{self.kind} entry does not parse: {e}") from e
 

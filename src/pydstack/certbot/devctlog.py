@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from pydstack.crypto.certload import load_cert_der
 
 from .ctlog import (
     MAX_CERT,
@@ -63,7 +64,7 @@ class DevCtLog:
         if not chain or len(chain) > MAX_CHAIN:
             raise CtError(f"chain must hold 1-{MAX_CHAIN} certificates")
         try:
-            certs = [x509.load_der_x509_certificate(c) for c in chain]
+            certs = [load_cert_der(c) for c in chain]
         except ValueError as e:
             raise CtError(f"chain does not parse: {e}") from e
         ts = int(time.time() * 1000)

@@ -39,6 +39,7 @@ from pydstack.attest.ratls import (
     OID_SPECIAL_USAGE,
     wrap_extension_value,
 )
+from pydstack.crypto.certload import load_cert_pem as load_cert_pem
 
 DEFAULT_NOT_BEFORE = int(dt.datetime(1975, 1, 1, tzinfo=dt.UTC).timestamp())
 DEFAULT_VALIDITY = 3650 * 24 * 3600
@@ -196,10 +197,6 @@ def load_key_pem(pem: str | bytes) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError("expected an elliptic-curve private key")
     return key
-
-
-def load_cert_pem(pem: str | bytes) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
 
 
 def ra_tls_client_cert(

@@ -19,8 +19,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cryptography import x509
-
+from pydstack.crypto.certload import load_cert_pem
 from pydstack.errors import InputError
 
 from .tickets import set_ticket_keys
@@ -102,7 +101,7 @@ class CertStore:
         """load `*.domain`'s certificate (the chain's first one is the leaf)."""
         domain = normalize_domain(domain)
         try:
-            leaf = x509.load_pem_x509_certificate(chain_pem.encode())
+            leaf = load_cert_pem(chain_pem)
         except (ValueError, UnicodeEncodeError) as e:
             raise CertStoreError(f"certificate for {domain} is not pem") from e
         not_after = leaf.not_valid_after_utc.timestamp()

@@ -28,6 +28,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from pydstack.crypto.certload import load_cert_pem
 from pydstack.errors import DstackError
 
 from .guard import Refusal, RequestLike, body_mode, get_allowed
@@ -129,6 +130,10 @@ class Answer:
     body: bytes
     content_type: str
     headers: Mapping[str, str] | None = None
+
+
+#: the refusal of a call whose TLS client certificate cryptography cannot read
+CLIENT_CERT_UNREADABLE = "the client certificate cannot be read: {}"
 
 
 def error_answer(
@@ -282,7 +287,7 @@ def _gid(group: str | int | None) -> int | None:
 
 def dns_names(cert_pem: str) -> list[str]:
     """the DNS subject alternative names of the first certificate in `cert_pem`."""
-    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    cert = load_cert_pem(cert_pem)
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
     except x509.ExtensionNotFound:

@@ -16,6 +16,8 @@ from typing import TypeVar
 from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
+from pydstack.crypto.certload import load_cert_der
+
 from .errors import RpcError
 from .json_codec import CodecError, json_to_message, message_to_json
 from .proto import prpc_pb2
@@ -146,7 +148,10 @@ class PrpcClient:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     def _on_peer_cert(self, der: bytes | None) -> None:
-        self.peer_cert = x509.load_der_x509_certificate(der) if der else None
+        try:
+            self.peer_cert = load_cert_der(der) if der else None
+        except ValueError as e:
+            raise RpcError(f"the server's certificate cannot be read: {e}") from None
         if self.verify_server is not None:
             if self.peer_cert is None:
                 raise RpcError("server presented no certificate")

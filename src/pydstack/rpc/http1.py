@@ -41,9 +41,11 @@ from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
-from cryptography import x509
+
+from pydstack.crypto.certload import load_cert_der
 
 from .calls import (
+    CLIENT_CERT_UNREADABLE,
     DEFAULT_MAX_BODY,
     JSON_CT,
     Answer,
@@ -240,9 +242,11 @@ class Http1Server:
             if isinstance(call, Answer):
                 return call
             assert request._conn is not None
-            return await invoke_call(
-                service, call, request.body, request.query_string, request._conn.context()
-            )
+            try:
+                peer = request._conn.context()
+            except ValueError as e:
+                return error_answer(CLIENT_CERT_UNREADABLE.format(e), call.json_mode)
+            return await invoke_call(service, call, request.body, request.query_string, peer)
         route = self._routes.get(request.path)
         if route is None:
             return self.route_error("not found", 404)
@@ -474,7 +478,7 @@ class _Connection(asyncio.Protocol):
             if ssl_obj is not None:
                 der = ssl_obj.getpeercert(binary_form=True)
                 if der:
-                    cert = x509.load_der_x509_certificate(der)
+                    cert = load_cert_der(der)  # ValueError: answered as a refusal
             self._ctx = CallContext(cert, cred, self.remote)
         return self._ctx
 

@@ -20,10 +20,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
+
+from pydstack.crypto.certload import load_cert_der
 
 from .aiolimits import LimitedRunner, LimitedSite
 from .calls import (
+    CLIENT_CERT_UNREADABLE,
     DEFAULT_MAX_BODY,
     Answer,
     CallContext,
@@ -84,7 +86,7 @@ def peer_context(request: web.Request) -> CallContext:
         if ssl_obj is not None:
             der = ssl_obj.getpeercert(binary_form=True)
             if der:
-                cert = x509.load_der_x509_certificate(der)
+                cert = load_cert_der(der)  # ValueError: answered as a refusal
         cred = peer_cred(transport.get_extra_info("socket"))
     return CallContext(cert, cred, request.remote, request)
 
@@ -167,7 +169,11 @@ class PrpcServer:
             )
         except ConnectionError:  # cut off (e.g. a body too slow): nobody to answer
             return _response(error_answer("connection lost", call.json_mode))
-        answer = await invoke_call(service, call, body, request.query_string, peer_context(request))
+        try:
+            peer = peer_context(request)
+        except ValueError as e:
+            return _response(error_answer(CLIENT_CERT_UNREADABLE.format(e), call.json_mode))
+        answer = await invoke_call(service, call, body, request.query_string, peer)
         return _response(answer)
 
     # ------------------------------------------------------------------ listeners

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from pydstack.crypto.certload import load_cert_der, load_cert_pem
 from pydstack.errors import ConfigError
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.limits import ServerLimits
@@ -143,8 +143,8 @@ class VerifierConfig:
             raise ConfigError(f"cannot read {self.root_ca_tdx}: {e.strerror}") from e
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
-            x509.load_der_x509_certificate(data)
+                return load_cert_pem(data).public_bytes(Encoding.DER)
+            load_cert_der(data)
         except ValueError as e:
             raise ConfigError(f"{self.root_ca_tdx} is not a certificate: {e}") from e
         return data
