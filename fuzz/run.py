@@ -312,6 +312,10 @@ def main(argv: Sequence[str]) -> int:
     print(f"fuzzing {len(chosen)} target(s), {budget} each, {args.jobs} at a time", flush=True)
     print(HEADER, flush=True)
     results: dict[str, Result] = {}
+    # SIGTERM stops a run as Ctrl-C does, and Ctrl-C works even where the run inherited SIGINT
+    # ignored (a job a script started with `&`)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     futures = {name: pool.submit(run_target, name, args) for name in chosen}
     try:
@@ -342,6 +346,10 @@ def main(argv: Sequence[str]) -> int:
     if any(r.error for r in ordered):
         return 2
     return 1 if any(r.new_findings() for r in ordered) else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

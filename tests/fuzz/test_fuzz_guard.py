@@ -102,15 +102,26 @@ def test_a_finding_reproduces(tmp_path):
     assert "exception" in proc.stdout and "KeyError" in proc.stderr
 
 
-def test_an_interrupted_run_stops_and_reports_what_ran(tmp_path):
-    """Ctrl-C (SIGINT to run.py alone, as `kill -INT` sends it): the running worker stops, no
-    later target starts, the target that ran gets its row, and the status is 130."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("how", "ignored"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-in-a-background-job"],
+)
+def test_an_interrupted_run_stops_and_reports_what_ran(tmp_path, how, ignored):
+    """Ctrl-C (SIGINT to run.py alone, as `kill -INT` sends it) or SIGTERM: the running worker
+    stops, no later target starts, the target that ran gets its row, and the status is 130.
+    Also for a run a script started with `&`, which inherits SIGINT ignored."""
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "fuzz" / "run.py"), "--module", str(TOYS),
          "--corpus", str(tmp_path / "corpus"), "--findings", str(tmp_path / "findings"),
          "--logs", str(tmp_path / "logs"), "--seconds", "300", "--jobs", "1",
          "--target", "toy_refuses", "--target", "toy_raises"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_ignore_sigint if ignored else None,
     )  # fmt: skip
     log = tmp_path / "logs" / "toy_refuses.log"
     deadline = time.monotonic() + 120
@@ -118,12 +129,12 @@ def test_an_interrupted_run_stops_and_reports_what_ran(tmp_path):
         assert time.monotonic() < deadline, "the first worker never started fuzzing"
         assert proc.poll() is None
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(how)
     try:
         out, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the run went on after SIGINT") from None
+        raise AssertionError(f"the run went on after {how.name}") from None
     assert proc.returncode == 130, out + err
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("toy_")]
     assert rows == ["toy_refuses"]
