@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
@@ -127,6 +128,7 @@ def run_target(name: str, args: argparse.Namespace) -> Result:
             "--corpus", str(corpus),
             "--findings", str(findings),
             "--stats", str(stats_path),
+            "--parent", str(os.getpid()),
             *(["--module", args.module] if args.module else []),
             *_limit_args(args),
             *budget,

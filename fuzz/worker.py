@@ -18,6 +18,8 @@ import ctypes
 import faulthandler
 import importlib.util
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--findings", type=Path)
     p.add_argument("--stats", type=Path)
     p.add_argument("--repro", type=Path, nargs="+")
+    p.add_argument("--parent", type=int, help="stop (as on Ctrl-C) when this process is gone")
     p.add_argument("--ms-per-kib", type=float, default=Limits.ms_per_kib)
     p.add_argument("--fixed-ms", type=float, default=Limits.fixed_ms)
     p.add_argument("--mem-factor", type=float, default=Limits.mem_factor)
@@ -123,6 +126,8 @@ def main(argv: list[str]) -> int:
         # take the signal from libFuzzer's handler, which saves the input)
         return repro(load_target(args.target, args.module), _limits(args), args.repro)
 
+    if args.parent:
+        _stop_with_parent(args.parent)
     import atheris
 
     logging.disable(logging.CRITICAL)  # the parsers' logs would only slow the fuzzer down
@@ -157,6 +162,16 @@ def main(argv: list[str]) -> int:
     )
     atheris.Fuzz()
     return 0  # not reached: libFuzzer exits the process
+
+
+def _stop_with_parent(parent: int) -> None:
+    """SIGINT (libFuzzer stops and writes its stats) when `parent` exits, even killed; gone
+    already: exit now. Linux only; elsewhere the run's own Ctrl-C handling is all there is."""
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+    if os.getppid() != parent:
+        raise SystemExit("the run that started this worker is gone")
 
 
 _keep: list[Any] = []

@@ -140,3 +140,39 @@ def test_an_interrupted_run_stops_and_reports_what_ran(tmp_path, how, ignored):
     assert rows == ["toy_refuses"]
     assert "interrupted" in err
     assert not (tmp_path / "logs" / "toy_raises.log").exists()  # never started
+
+
+def _workers_of(tmp_path: Path) -> list[int]:
+    """pids of fuzz workers whose command line names this test's directory."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker.py" in cmd and str(tmp_path).encode() in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_workers_stop_when_the_run_is_killed(tmp_path):
+    """SIGKILL gives run.py no chance to stop its workers: they stop on their own."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "fuzz" / "run.py"), "--module", str(TOYS),
+         "--corpus", str(tmp_path / "corpus"), "--findings", str(tmp_path / "findings"),
+         "--logs", str(tmp_path / "logs"), "--seconds", "300", "--target", "toy_refuses"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    log = tmp_path / "logs" / "toy_refuses.log"
+    deadline = time.monotonic() + 120
+    while "#" not in (log.read_text() if log.exists() else "").split("$ ")[-1]:
+        assert time.monotonic() < deadline, "the worker never started fuzzing"
+        time.sleep(0.2)
+    assert _workers_of(tmp_path)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while _workers_of(tmp_path):
+        assert time.monotonic() < deadline, "the worker outlived its run"
+        time.sleep(0.2)
