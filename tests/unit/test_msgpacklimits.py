@@ -100,7 +100,7 @@ BYTE_VALUES = st.lists(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(BYTE_VALUES, st.lists(st.booleans(), min_size=300, max_size=300), st.booleans())
 def test_byte_arrays_decode_as_msgpack_decodes_them(values, wide, nested):
     # upstream's serde writes Vec<u8> as an array of uint8 items; long ones take a faster path
