@@ -16,7 +16,9 @@ serves) makes a :class:`GatewayClient` that
    namespace (the kernel module where present, else ``wireguard-go``): ``Address =
    <client_ip>/32``, one peer per gateway with ``AllowedIPs = <its wg ip>/32``, its endpoint and
    keepalive 25, listen port 9182; an input filter lets WireGuard datagrams in only from the
-   gateways' endpoints and tunnel traffic only from the gateways' WireGuard addresses;
+   gateways' endpoints (ip6tables too when an endpoint is IPv6) and tunnel traffic only from the
+   gateways' WireGuard addresses. The answer is hostile input (:func:`parse_registration`):
+   every value is parsed and written back canonical, endpoints are IP addresses;
 4. serves the agent's read-only ``Info`` and ``Version`` (``/prpc/Info``) on
    ``<client_ip>:<agent internal_port>`` for the gateway's port-policy fetch;
 5. re-registers every 10 s check (:class:`KeepAlive`): at once with backoff (30 s doubling to
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import ipaddress
 import logging
 import os
@@ -135,34 +138,93 @@ def rpc_base(url: str) -> str:
     return url.rstrip("/").removesuffix("/prpc")
 
 
+#: the most gateways one RegisterCvm answer may name (a cluster is a handful of nodes)
+MAX_GATEWAYS = 64
+
+
 @dataclass(frozen=True)
 class Peer:
+    """one gateway as the CVM's WireGuard config names it, every field canonical (rendered from
+    parsed values, never copied from the answer)."""
+
     public_key: str
     ip: str
     endpoint: str
 
+    @property
+    def host(self) -> str:
+        """the endpoint's address, without brackets or port."""
+        return self.endpoint.rpartition(":")[0].strip("[]")
 
-def peers_of(resp: gpb.RegisterCvmResponse) -> list[Peer]:
-    """the gateways of a RegisterCvm answer, sorted by key; GatewayClientError when there is
-    none or one is malformed."""
-    out = []
-    for s in resp.wg.servers:
-        try:
-            ip = ipaddress.IPv4Interface(s.ip).ip
-            host, _, port = s.endpoint.rpartition(":")
-            ipaddress.ip_address(host.strip("[]"))
-            if not port.isdigit() or len(base64.b64decode(s.pk, validate=True)) != 32:
-                raise ValueError("bad endpoint or key")
-        except ValueError as e:
-            raise GatewayClientError(f"the gateway sent a malformed peer: {e}") from None
-        out.append(Peer(s.pk, str(ip), s.endpoint))
-    if not out:
+
+@dataclass(frozen=True)
+class Registration:
+    """what a RegisterCvm answer gives the CVM, checked: its tunnel address, the gateways, and the
+    port its agent's Info is served on for the gateway."""
+
+    client_ip: str
+    peers: list[Peer]
+    agent_port: int
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 5 or not 1 <= int(text) <= 65535:
+        raise ValueError(f"bad port {text[:16]!r}")
+    return int(text)
+
+
+def _endpoint(text: str) -> str:
+    """``<ipv4>:<port>`` or ``[<ipv6>]:<port>``, canonical. No host names, no IPv6 scope: the
+    endpoint's address is also the source the input filter admits."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError("endpoint without a port")
+    number = _port(port)
+    if host.startswith("[") and host.endswith("]"):
+        ip6 = ipaddress.IPv6Address(host[1:-1])
+        if ip6.scope_id is not None:
+            raise ValueError("endpoint with an ipv6 scope")
+        return f"[{ip6}]:{number}"
+    return f"{ipaddress.IPv4Address(host)}:{number}"
+
+
+def _peer(s: gpb.WireGuardPeer) -> Peer:
+    if len(s.pk) != 44:
+        raise ValueError("bad public key")
+    key = base64.b64decode(s.pk, validate=True)
+    if len(key) != 32:
+        raise ValueError("bad public key")
+    ip = ipaddress.IPv4Interface(s.ip).ip
+    return Peer(base64.b64encode(key).decode(), str(ip), _endpoint(s.endpoint))
+
+
+def parse_registration(resp: gpb.RegisterCvmResponse) -> Registration:
+    """the checked content of a RegisterCvm answer. Every value that reaches the WireGuard config,
+    a command line or a listener is parsed and written back from the parsed value, so an answer
+    (from a gateway, or from whoever answers when ``gateway_app_id`` is ``"any"``) cannot add a
+    line to the config or an argument to a command. GatewayClientError for a malformed answer,
+    none or more than :data:`MAX_GATEWAYS` gateways, or a key named twice."""
+    servers = resp.wg.servers
+    if not servers:
         raise GatewayClientError("the gateway sent no wireguard peers")
+    if len(servers) > MAX_GATEWAYS:
+        raise GatewayClientError(f"the gateway sent more than {MAX_GATEWAYS} wireguard peers")
+    peers = []
+    for s in servers:
+        try:
+            peers.append(_peer(s))
+        except (ValueError, binascii.Error) as e:
+            raise GatewayClientError(f"the gateway sent a malformed peer: {e}") from None
+    if len({p.public_key for p in peers}) != len(peers):
+        raise GatewayClientError("the gateway sent one wireguard key twice")
     try:
-        ipaddress.IPv4Address(resp.wg.client_ip)
+        client_ip = str(ipaddress.IPv4Address(resp.wg.client_ip))
     except ValueError:
         raise GatewayClientError("the gateway sent a malformed client ip") from None
-    return sorted(out, key=lambda p: p.public_key)
+    port = resp.agent.internal_port or DEFAULT_AGENT_PORT
+    if port > 65535:
+        raise GatewayClientError("the gateway sent a malformed agent port")
+    return Registration(client_ip, sorted(peers, key=lambda p: p.public_key), port)
 
 
 def render_cvm_config(private_key: str, client_ip: str, peers: Sequence[Peer]) -> str:
@@ -270,7 +332,17 @@ class CvmWireGuard:
             await run_cmd("ip", "route", "replace", f"{p.ip}/32", "dev", self.interface)
 
     async def _filter(self, peers: Sequence[Peer]) -> None:
-        ipt = ("iptables", "-w")
+        v4 = [p.host for p in peers if ":" not in p.host]
+        v6 = [p.host for p in peers if ":" in p.host]
+        await self._filter_family(("iptables", "-w"), v4, [p.ip for p in peers])
+        if v6:  # only then, so a guest without ip6tables still reaches IPv4 gateways
+            await self._filter_family(("ip6tables", "-w"), v6, [])
+
+    async def _filter_family(
+        self, ipt: tuple[str, ...], hosts: Sequence[str], tunnel_ips: Sequence[str]
+    ) -> None:
+        """one address family's chains: WireGuard datagrams only from `hosts`, tunnel traffic
+        only from `tunnel_ips`."""
         for chain in (CHAIN_UDP, CHAIN_IN):
             await run_cmd(*ipt, "-N", chain, check=False)
             await run_cmd(*ipt, "-F", chain)
@@ -282,10 +354,10 @@ class CvmWireGuard:
             while await _ok(*ipt, "-D", *jump):
                 pass
             await run_cmd(*ipt, "-I", *jump)
-        for p in peers:
-            host = p.endpoint.rpartition(":")[0].strip("[]")
+        for host in hosts:
             await run_cmd(*ipt, "-A", CHAIN_UDP, "-s", host, "-j", "ACCEPT")
-            await run_cmd(*ipt, "-A", CHAIN_IN, "-s", p.ip, "-j", "ACCEPT")
+        for ip in tunnel_ips:
+            await run_cmd(*ipt, "-A", CHAIN_IN, "-s", ip, "-j", "ACCEPT")
         await run_cmd(*ipt, "-A", CHAIN_UDP, "-j", "DROP")
         await run_cmd(*ipt, "-A", CHAIN_IN, "-j", "DROP")
 
@@ -423,7 +495,7 @@ class GatewayClient:
             try:
                 async with self._client(url, creds) as client:
                     resp = await client.call("RegisterCvm", request, gpb.RegisterCvmResponse)
-                peers = peers_of(resp)
+                reg = parse_registration(resp)
             except (DstackError, OSError, TimeoutError) as e:
                 errors.append(f"{url}: {e or type(e).__name__}")
                 log.warning("registering with gateway %s failed: %s", url, e)
@@ -432,23 +504,19 @@ class GatewayClient:
                 errors.append(f"{url}: {type(e).__name__}: {e}")
                 log.warning("registering with gateway %s failed: %s", url, e)
                 continue
-            await self._apply(creds, resp, peers, force=force)
+            await self._apply(creds, reg, force=force)
             self.gateway_url = url
             return url
         raise GatewayClientError("no gateway accepted the registration: " + "; ".join(errors))
 
-    async def _apply(
-        self, creds: _Credentials, resp: gpb.RegisterCvmResponse, peers: list[Peer], *, force: bool
-    ) -> None:
-        client_ip = resp.wg.client_ip
-        config = render_cvm_config(creds.wg_private, client_ip, peers)
+    async def _apply(self, creds: _Credentials, reg: Registration, *, force: bool) -> None:
+        config = render_cvm_config(creds.wg_private, reg.client_ip, reg.peers)
         if force or config != self._config or not self.wg.present():
-            await self.wg.apply(config, client_ip, peers)
+            await self.wg.apply(config, reg.client_ip, reg.peers)
             self._config = config
-            log.info("wireguard up: %s via %d gateway(s)", client_ip, len(peers))
-        self.client_ip = client_ip
-        port = resp.agent.internal_port or DEFAULT_AGENT_PORT
-        await self._serve_agent(client_ip, port)
+            log.info("wireguard up: %s via %d gateway(s)", reg.client_ip, len(reg.peers))
+        self.client_ip = reg.client_ip
+        await self._serve_agent(reg.client_ip, reg.agent_port)
 
     async def _serve_agent(self, ip: str, port: int) -> None:
         if self._agent_at == (ip, port):

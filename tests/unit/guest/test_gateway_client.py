@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydstack.crypto.wgkeys import generate_private_key, public_key_of
 from pydstack.errors import InputError
 from pydstack.guest.gateway_client import (
     HANDSHAKE_STALE,
+    MAX_GATEWAYS,
     REFRESH_INTERVAL,
     GatewayClientError,
     KeepAlive,
     gateway_check,
     gateway_enabled,
-    peers_of,
+    parse_registration,
     port_policy_message,
     render_cvm_config,
     rpc_base,
@@ -71,33 +74,73 @@ def test_peers_and_the_config_written() -> None:
     k2 = public_key_of(generate_private_key())
     resp = response(
         gpb.WireGuardPeer(pk=GW_KEY, ip="10.0.0.1/24", endpoint="10.213.0.1:51820"),
-        gpb.WireGuardPeer(pk=k2, ip="10.1.0.1/16", endpoint="[2001:db8::1]:51820"),
+        gpb.WireGuardPeer(pk=k2, ip="10.1.0.1/16", endpoint="[2001:0db8::0001]:51820"),
     )
-    peers = peers_of(resp)
-    assert [p.public_key for p in peers] == sorted([GW_KEY, k2])
-    text = render_cvm_config("PRIV", "10.0.0.2", peers)
+    reg = parse_registration(resp)
+    assert [p.public_key for p in reg.peers] == sorted([GW_KEY, k2])
+    assert reg.client_ip == "10.0.0.2" and reg.agent_port == 8090
+    assert {p.endpoint: p.host for p in reg.peers} == {
+        "10.213.0.1:51820": "10.213.0.1",
+        "[2001:db8::1]:51820": "2001:db8::1",  # written back canonical
+    }
+    text = render_cvm_config("PRIV", reg.client_ip, reg.peers)
     assert "ListenPort = 9182\nAddress = 10.0.0.2/32\n" in text
     assert f"PublicKey = {GW_KEY}\nAllowedIPs = 10.0.0.1/32\nEndpoint = 10.213.0.1:51820\n" in text
     assert text.count("PersistentKeepalive = 25") == 2
     assert "Address" not in strip_address(text) and "PrivateKey = PRIV" in strip_address(text)
+    resp.agent.internal_port = 65535
+    assert parse_registration(resp).agent_port == 65535
+
+
+def peer(
+    pk: str = GW_KEY, ip: str = "10.0.0.1/24", endpoint: str = "1.2.3.4:1"
+) -> gpb.WireGuardPeer:
+    return gpb.WireGuardPeer(pk=pk, ip=ip, endpoint=endpoint)
+
+
+#: a line a hostile answer would add to the CVM's WireGuard config
+INJECTED = f"\n[Peer]\nPublicKey = {GW_KEY}\nAllowedIPs = 0.0.0.0/0\n"
 
 
 @pytest.mark.parametrize(
     "resp",
     [
         response(),
-        response(gpb.WireGuardPeer(pk="short", ip="10.0.0.1/24", endpoint="1.2.3.4:1")),
-        response(gpb.WireGuardPeer(pk=GW_KEY, ip="nonsense", endpoint="1.2.3.4:1")),
-        response(gpb.WireGuardPeer(pk=GW_KEY, ip="10.0.0.1/24", endpoint="name:1")),
-        response(gpb.WireGuardPeer(pk=GW_KEY, ip="10.0.0.1/24", endpoint="1.2.3.4:x")),
+        response(peer(pk="short")),
+        response(peer(pk=GW_KEY + "\n")),
+        response(peer(pk=GW_KEY[:-1] + "\n")),
+        response(peer(ip="nonsense")),
+        response(peer(ip="10.0.0.1/24" + INJECTED)),
+        response(peer(endpoint="name:1")),
+        response(peer(endpoint="1.2.3.4:x")),
+        response(peer(endpoint="1.2.3.4:0")),
+        response(peer(endpoint="1.2.3.4:65536")),
+        response(peer(endpoint="1.2.3.4:\u0661\u0662")),  # Arabic-Indic digits are isdigit()
+        response(peer(endpoint="1.2.3.4:1" + INJECTED)),
+        # an IPv6 scope takes any text but '/' and ':'
+        response(peer(endpoint="[fe80::1%x\nListenPort = 1\n[Peer]\nPublicKey = AAAA]:51820")),
+        response(peer(endpoint="[fe80::1%eth0]:51820")),
+        response(peer(endpoint="[[1.2.3.4]]:51820")),
+        response(peer(endpoint="2001:db8::1:51820")),  # IPv6 without brackets
+        response(peer(endpoint="1.2.3.4")),
+        response(peer(), client_ip="x"),
+        response(peer(), client_ip="10.0.0.2" + INJECTED),
+        response(peer(), peer(ip="10.0.0.3/24")),  # one key twice
         response(
-            gpb.WireGuardPeer(pk=GW_KEY, ip="10.0.0.1/24", endpoint="1.2.3.4:1"), client_ip="x"
+            *(peer(pk=public_key_of(generate_private_key())) for _ in range(MAX_GATEWAYS + 1))
         ),
     ],
 )
 def test_a_malformed_answer_is_refused(resp: gpb.RegisterCvmResponse) -> None:
     with pytest.raises(GatewayClientError):
-        peers_of(resp)
+        parse_registration(resp)
+
+
+def test_an_agent_port_out_of_range_is_refused() -> None:
+    resp = response(peer())
+    resp.agent.internal_port = 65536
+    with pytest.raises(GatewayClientError, match="agent port"):
+        parse_registration(resp)
 
 
 def test_rpc_base() -> None:
@@ -262,3 +305,26 @@ async def test_the_first_registration_runs_while_the_boot_goes_on() -> None:
         finally:
             await client.close()
         assert client._task.cancelled()
+
+
+_FIELD = st.text(st.characters(codec="utf-8"), max_size=80) | st.sampled_from(
+    ["10.0.0.1/24", "1.2.3.4:51820", "[2001:db8::1]:51820", GW_KEY, "10.0.0.2"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pk=_FIELD, ip=_FIELD, endpoint=_FIELD, client_ip=_FIELD)
+def test_no_answer_adds_a_line_to_the_config(
+    pk: str, ip: str, endpoint: str, client_ip: str
+) -> None:
+    """whatever the four fields hold, the answer is refused or the config has the fixed shape."""
+    resp = response(gpb.WireGuardPeer(pk=pk, ip=ip, endpoint=endpoint), client_ip=client_ip)
+    try:
+        reg = parse_registration(resp)
+    except GatewayClientError:
+        return
+    lines = render_cvm_config("PRIV", reg.client_ip, reg.peers).split("\n")
+    keys = [line.split(" = ")[0] for line in lines if line]
+    assert keys == ["[Interface]", "PrivateKey", "ListenPort", "Address", "[Peer]", "PublicKey",
+                    "AllowedIPs", "Endpoint", "PersistentKeepalive"]  # fmt: skip
+    assert all(line.isascii() and line.isprintable() for line in lines)
