@@ -35,6 +35,11 @@ INDEX = {
     "hosttd_response": "guest",
     "td_state": "vmm",
     "kms_sign_cert": "kms",
+    "client_hello": "gateway",
+    "proxy_header": "gateway",
+    "gateway_http_head": "gateway",
+    "app_address": "gateway",
+    "register_answer": "gateway",
 }
 
 

@@ -3,7 +3,9 @@
 :func:`parse_proxy_header` takes the bytes read so far and returns ``None`` (a valid prefix, read
 more), or the header and how many bytes it used, or raises :class:`ProxyProtocolError` (an
 :class:`~pydstack.errors.InputError`): no header, a malformed one, a v1 line longer than 107
-bytes or a v2 header longer than 2048 bytes (upstream's bounds).
+bytes or with control characters, or a v2 header longer than 2048 bytes (upstream's bounds).
+The answer for a prefix of a stream agrees with the answer for the whole: ``None`` or the same
+header (a fuzz target checks it). Linear in the bytes looked at, at most 2048.
 
 :func:`encode_v2` builds the v2 ``PROXY``/``STREAM`` header the gateway sends to a backend whose
 port policy asks for it: TCP over IPv4 or IPv6 when both addresses are of that family (IPv4-mapped
@@ -81,6 +83,8 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
         text = line.decode("ascii")
     except UnicodeDecodeError as e:
         raise ProxyProtocolError("proxy v1 header is not ascii") from e
+    if not text.isprintable():  # a lone CR or LF too: read in pieces, it is refused at once
+        raise ProxyProtocolError("proxy v1 header with control characters")
     fields = text.split(" ")
     raw = data[: end + 2]
     if len(fields) >= 2 and fields[1] == "UNKNOWN":

@@ -36,6 +36,21 @@ def test_v1_prefixes_ask_for_more() -> None:
         assert parse_proxy_header(line[:n]) is None
 
 
+def test_a_header_read_in_pieces_parses_as_read_whole() -> None:
+    for data in (b"PROXY UNKNOWN a\nb\r\n", b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nGET"):
+        try:
+            whole = parse_proxy_header(data)
+        except ProxyProtocolError:
+            whole = None
+        for n in range(1, len(data)):
+            try:
+                part = parse_proxy_header(data[:n])
+            except ProxyProtocolError:
+                assert whole is None, f"a prefix of {n} bytes is refused, the whole is not"
+                continue
+            assert part is None or part == whole
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -51,6 +66,11 @@ def test_v1_prefixes_ask_for_more() -> None:
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 65536\r\n", "bad port"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 -1 2\r\n", "bad port"),
         (b"PROXY TCP4 1.2.3.4 5.6.7.8 \xff 2\r\n", "not ascii"),
+        # read whole, a line with a lone LF (or CR) parsed, while read in pieces it was refused
+        # at the LF: the two ways of reading must agree (a fuzzing finding, proxy_header)
+        (b"PROXY UNKNOWN a\nb\r\n", "control characters"),
+        (b"PROXY UNKNOWN a\rb\r\n", "control characters"),
+        (b"PROXY UNKNOWN \x00\r\n", "control characters"),
         (V2_SIGNATURE[:5] + b"x", "no proxy protocol header"),
         (V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\x00" * 12, "unsupported proxy protocol version"),
         (V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12, "unsupported proxy v2 command"),
