@@ -144,7 +144,8 @@ def _watch_button(dev: Path, loop: asyncio.AbstractEventLoop, stop: asyncio.Even
 
 def _firewall() -> None:
     """only root reaches the host API, and only the host the guest API: the app's containers
-    (other uids, sharing the VM's network) are refused (best effort: needs iptables)."""
+    (other uids, sharing the VM's network) are refused. BootError when a rule cannot be set:
+    without them an app could extend RTMR3 and send boot notices behind the boot's back."""
     rules = [
         ["-A", "OUTPUT", "-d", "10.0.2.100", "-m", "owner", "!", "--uid-owner", "0", "-j",
          "REJECT"],
@@ -154,7 +155,8 @@ def _firewall() -> None:
     for rule in rules:
         proc = subprocess.run(["iptables", *rule], capture_output=True, check=False)
         if proc.returncode != 0:
-            log.warning("firewall rule %s not set: %s", rule, proc.stderr.decode()[-200:])
+            detail = proc.stderr.decode(errors="replace").strip()[-200:]
+            raise BootError(f"cannot set the guest firewall ({' '.join(rule)}): {detail}")
 
 
 def _read_sys_config() -> SysConfig:
@@ -172,7 +174,6 @@ async def boot_and_run() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     _power_button(loop, stop)
-    _firewall()
     host: HostApi | None = None
     servers: list[PrpcServer | Http1Server] = []
     compose: PodmanCompose | None = None
@@ -182,6 +183,7 @@ async def boot_and_run() -> int:
     try:
         sys_config = _read_sys_config()
         host = HostApi(host_api_base(sys_config.host_api_url))
+        _firewall()
         compose_raw = (HOST_SHARED / hs.APP_COMPOSE).read_bytes()
         tdx = find_tdx(sys_config)
         booter = Booter(tdx, HOST_SHARED, WORK, host.notify)
