@@ -18,7 +18,8 @@ serves) makes a :class:`GatewayClient` that
    keepalive 25, listen port 9182; an input filter lets WireGuard datagrams in only from the
    gateways' endpoints (ip6tables too when an endpoint is IPv6) and tunnel traffic only from the
    gateways' WireGuard addresses. The answer is hostile input (:func:`parse_registration`):
-   every value is parsed and written back canonical, endpoints are IP addresses;
+   every value is parsed and written back canonical (endpoints are IP addresses or DNS names,
+   which the filter admits as they resolve when the tunnel is set up);
 4. serves the agent's read-only ``Info`` and ``Version`` (``/prpc/Info``) on
    ``<client_ip>:<agent internal_port>`` for the gateway's port-policy fetch;
 5. re-registers every 10 s check (:class:`KeepAlive`): at once with backoff (30 s doubling to
@@ -37,7 +38,9 @@ import binascii
 import ipaddress
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -173,9 +176,15 @@ def _port(text: str) -> int:
     return int(text)
 
 
+#: a DNS name as an endpoint may give it: letters, digits and inner hyphens, dot-separated
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*")
+
+
 def _endpoint(text: str) -> str:
-    """``<ipv4>:<port>`` or ``[<ipv6>]:<port>``, canonical. No host names, no IPv6 scope: the
-    endpoint's address is also the source the input filter admits."""
+    """``<ipv4>:<port>``, ``[<ipv6>]:<port>`` or ``<dns name>:<port>``, canonical (a name
+    lower-cased, letters, digits, hyphens and dots only). No IPv6 scope. The endpoint's
+    address, or the addresses its name resolves to, is the source the input filter admits."""
     host, sep, port = text.rpartition(":")
     if not sep:
         raise ValueError("endpoint without a port")
@@ -185,7 +194,36 @@ def _endpoint(text: str) -> str:
         if ip6.scope_id is not None:
             raise ValueError("endpoint with an ipv6 scope")
         return f"[{ip6}]:{number}"
-    return f"{ipaddress.IPv4Address(host)}:{number}"
+    try:
+        return f"{ipaddress.IPv4Address(host)}:{number}"
+    except ValueError:
+        pass
+    name = host.lower()
+    if not host.isascii() or not _HOSTNAME.fullmatch(name) or name.replace(".", "").isdigit():
+        raise ValueError(f"bad endpoint host {host[:64]!r}")
+    return f"{name}:{number}"
+
+
+async def filter_sources(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
+    """the IPv4 and IPv6 addresses of endpoint hosts (addresses as they are, names resolved).
+    GatewayClientError for a name that does not resolve."""
+    v4: list[str] = []
+    v6: list[str] = []
+    loop = asyncio.get_running_loop()
+    for host in hosts:
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = await loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+            except OSError as e:
+                raise GatewayClientError(f"cannot resolve gateway endpoint {host}: {e}") from None
+            ips = [ipaddress.ip_address(str(info[4][0])) for info in infos]
+        for ip in ips:
+            out = v4 if ip.version == 4 else v6
+            if str(ip) not in out:
+                out.append(str(ip))
+    return v4, v6
 
 
 def _peer(s: gpb.WireGuardPeer) -> Peer:
@@ -332,8 +370,7 @@ class CvmWireGuard:
             await run_cmd("ip", "route", "replace", f"{p.ip}/32", "dev", self.interface)
 
     async def _filter(self, peers: Sequence[Peer]) -> None:
-        v4 = [p.host for p in peers if ":" not in p.host]
-        v6 = [p.host for p in peers if ":" in p.host]
+        v4, v6 = await filter_sources([p.host for p in peers])
         await self._filter_family(("iptables", "-w"), v4, [p.ip for p in peers])
         if v6:  # only then, so a guest without ip6tables still reaches IPv4 gateways
             await self._filter_family(("ip6tables", "-w"), v6, [])

@@ -3,6 +3,9 @@ trusts, and the wireguard config it writes."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+
 import pytest
 from cryptography import x509
 from hypothesis import given, settings
@@ -16,6 +19,7 @@ from pydstack.guest.gateway_client import (
     REFRESH_INTERVAL,
     GatewayClientError,
     KeepAlive,
+    filter_sources,
     gateway_check,
     gateway_enabled,
     parse_registration,
@@ -111,7 +115,14 @@ INJECTED = f"\n[Peer]\nPublicKey = {GW_KEY}\nAllowedIPs = 0.0.0.0/0\n"
         response(peer(pk=GW_KEY[:-1] + "\n")),
         response(peer(ip="nonsense")),
         response(peer(ip="10.0.0.1/24" + INJECTED)),
-        response(peer(endpoint="name:1")),
+        response(peer(endpoint="na me:1")),
+        response(peer(endpoint="a..b:1")),
+        response(peer(endpoint="-gw.example:1")),
+        response(peer(endpoint="gw.example.:1")),
+        response(peer(endpoint="\u0261w.example:1")),  # not ASCII
+        response(peer(endpoint="1.2.3:1")),  # digits and dots: an address for some resolvers
+        response(peer(endpoint="a" * 64 + ".example:1")),
+        response(peer(endpoint="gw.example\nListenPort = 1:1")),
         response(peer(endpoint="1.2.3.4:x")),
         response(peer(endpoint="1.2.3.4:0")),
         response(peer(endpoint="1.2.3.4:65536")),
@@ -328,3 +339,27 @@ def test_no_answer_adds_a_line_to_the_config(
     assert keys == ["[Interface]", "PrivateKey", "ListenPort", "Address", "[Peer]", "PublicKey",
                     "AllowedIPs", "Endpoint", "PersistentKeepalive"]  # fmt: skip
     assert all(line.isascii() and line.isprintable() for line in lines)
+
+
+def test_a_dns_name_endpoint_is_kept_lower_cased() -> None:
+    reg = parse_registration(response(peer(endpoint="GW-1.Example.COM:51820")))
+    assert reg.peers[0].endpoint == "gw-1.example.com:51820"
+    assert reg.peers[0].host == "gw-1.example.com"
+
+
+async def test_the_filter_admits_addresses_and_what_names_resolve_to() -> None:
+    v4, v6 = await filter_sources(["10.0.2.2", "2001:db8::1", "localhost", "10.0.2.2"])
+    assert v4[0] == "10.0.2.2" and "127.0.0.1" in v4 and len(v4) == len(set(v4))
+    assert v6[0] == "2001:db8::1"
+
+
+async def test_a_name_that_does_not_resolve_fails_the_registration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def fail(*_: object, **__: object) -> None:
+        raise socket.gaierror(-2, "Name or service not known")
+
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(loop, "getaddrinfo", fail)
+    with pytest.raises(GatewayClientError, match=r"cannot resolve gateway endpoint gw\.example"):
+        await filter_sources(["gw.example"])
