@@ -256,7 +256,8 @@ def _register_seeds() -> list[tuple[str, bytes]]:
 
 def _register_answer(data: bytes) -> None:
     try:
-        resp = json_to_message(data, gpb.RegisterCvmResponse())
+        resp = gpb.RegisterCvmResponse()
+        json_to_message(data, resp)
         reg = parse_registration(resp)
     except (CodecError, GatewayClientError):
         return
