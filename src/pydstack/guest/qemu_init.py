@@ -127,7 +127,13 @@ def main() -> int:
         system_mounts()
         print(f"dstack-init: started {uptime():.1f} s after the kernel", flush=True)
         network()
+        net_at = uptime()
         host_share()
+        print(
+            f"dstack-init: network up at {net_at:.1f} s, host share at {uptime():.1f} s; "
+            "starting the guest",
+            flush=True,
+        )
         child = subprocess.Popen([sys.executable, "-m", "pydstack.guest.qemu"])
     except Exception as e:  # the vm cannot come up: say why on the console, then power off
         print(f"dstack-init: {type(e).__name__}: {e}; powering off", flush=True)
