@@ -45,6 +45,15 @@ def decode_key(key: str, what: str = "key") -> bytes:
     return raw
 
 
+def check_public_key(key: str) -> str:
+    """`key` when it is base64 of 32 bytes in its 44 characters (no whitespace around it);
+    WgKeyError otherwise."""
+    if not isinstance(key, str) or len(key) != 44:
+        raise WgKeyError("invalid wireguard public key: expected base64 of 32 bytes")
+    decode_key(key, "public key")
+    return key
+
+
 def public_key_of(private_key: str) -> str:
     """the public key of a private one."""
     raw = decode_key(private_key, "private key")

@@ -19,7 +19,12 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pydstack.crypto.wgkeys import WgKeyError, decode_key, generate_private_key, public_key_of
+from pydstack.crypto.wgkeys import (
+    WgKeyError,
+    check_public_key,
+    generate_private_key,
+    public_key_of,
+)
 from pydstack.errors import ConfigError, DstackError
 
 #: the keepalive every peer gets (seconds), as upstream's template
@@ -27,7 +32,7 @@ PERSISTENT_KEEPALIVE = 25
 #: the most peers ``wg show`` output is read for (a bound on what is parsed)
 MAX_HANDSHAKE_LINES = 1 << 20
 
-__all__ = ["WgKeyError", "generate_private_key", "public_key_of"]
+__all__ = ["WgKeyError", "check_public_key", "generate_private_key", "public_key_of"]
 
 
 class IpPoolExhausted(DstackError):
@@ -89,14 +94,6 @@ class WgNetwork:
             if text not in taken and self.usable(text):
                 return text
         raise IpPoolExhausted("ip pool exhausted, no available addresses in client_ip_range")
-
-
-def check_public_key(key: str) -> str:
-    """`key` when it is base64 of 32 bytes; WgKeyError otherwise."""
-    if not isinstance(key, str) or len(key) != 44:
-        raise WgKeyError("invalid wireguard public key: expected base64 of 32 bytes")
-    decode_key(key, "public key")
-    return key
 
 
 @dataclass(frozen=True)

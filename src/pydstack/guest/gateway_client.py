@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import ipaddress
 import logging
 import os
@@ -52,7 +51,13 @@ from google.protobuf.empty_pb2 import Empty
 
 from pydstack.attest.ratls import parse_ratls_cert
 from pydstack.crypto.certs import load_cert_pem
-from pydstack.crypto.wgkeys import generate_private_key, public_key_of
+from pydstack.crypto.wgkeys import (
+    WgKeyError,
+    check_public_key,
+    decode_key,
+    generate_private_key,
+    public_key_of,
+)
 from pydstack.errors import DstackError, InputError
 from pydstack.rpc.calls import CallContext, Encoded, PrpcService
 from pydstack.rpc.client import PrpcClient
@@ -227,11 +232,7 @@ async def filter_sources(hosts: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _peer(s: gpb.WireGuardPeer) -> Peer:
-    if len(s.pk) != 44:
-        raise ValueError("bad public key")
-    key = base64.b64decode(s.pk, validate=True)
-    if len(key) != 32:
-        raise ValueError("bad public key")
+    key = decode_key(check_public_key(s.pk), "public key")  # written back canonical
     ip = ipaddress.IPv4Interface(s.ip).ip
     return Peer(base64.b64encode(key).decode(), str(ip), _endpoint(s.endpoint))
 
@@ -251,7 +252,7 @@ def parse_registration(resp: gpb.RegisterCvmResponse) -> Registration:
     for s in servers:
         try:
             peers.append(_peer(s))
-        except (ValueError, binascii.Error) as e:
+        except (ValueError, WgKeyError) as e:
             raise GatewayClientError(f"the gateway sent a malformed peer: {e}") from None
     if len({p.public_key for p in peers}) != len(peers):
         raise GatewayClientError("the gateway sent one wireguard key twice")
