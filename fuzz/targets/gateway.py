@@ -8,8 +8,8 @@ import base64
 import contextlib
 import ipaddress
 import json
-import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from fuzz import mutators as m
 from fuzz.harness import Target
@@ -28,6 +28,9 @@ from pydstack.gateway.special import MAX_HEAD, HttpHeadError, parse_request_head
 from pydstack.guest.gateway_client import GatewayClientError, parse_registration, render_cvm_config
 from pydstack.rpc.json_codec import CodecError, json_to_message
 from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
+from tests.unit.gateway.hello import openssl_hello, records  # real OpenSSL ClientHellos
+
+T = TypeVar("T")
 
 
 def _cuts(n: int) -> tuple[int, ...]:
@@ -35,60 +38,50 @@ def _cuts(n: int) -> tuple[int, ...]:
     return tuple(sorted({1, n // 3, n // 2, n - 1} - {0})) if n > 1 else ()
 
 
+def _whole_and_prefixes(
+    parse: Callable[[bytes], T | None],
+    error: type[Exception],
+    data: bytes,
+    cuts: Iterable[int],
+) -> T | None:
+    """`parse(data)` (None when it raises `error`), after checking that each prefix `data[:cut]`
+    reads on (None) or parses the same, and is refused only when the whole is not parsed: the
+    answer must not depend on how the network cut the stream."""
+    try:
+        whole = parse(data)
+    except error:
+        whole = None
+    for cut in cuts:
+        try:
+            early = parse(data[:cut])
+        except error:
+            assert whole is None, f"a prefix of {cut} bytes is refused"
+            continue
+        assert early is None or early == whole, f"a prefix of {cut} bytes parses otherwise"
+    return whole
+
+
 # -- TLS ClientHello -------------------------------------------------------------------------
 
 
-def _openssl_hello(sni: str | None, alpn: list[str] | None = None, tls12: bool = False) -> bytes:
-    """the first flight of this Python's OpenSSL client."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    if tls12:
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=sni)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    return outgoing.read()
-
-
 def _hello_seeds() -> list[tuple[str, bytes]]:
-    plain = _openssl_hello("app.dstack.example")
-    # the same hello in two records, split inside the extensions
-    msg = plain[5:]
-    half = len(msg) // 2
-    split = b"".join(
-        b"\x16\x03\x01" + len(p).to_bytes(2, "big") + p for p in (msg[:half], msg[half:])
-    )
+    plain = openssl_hello("app.dstack.example")
+    msg = plain[5:]  # the same hello in two records, split inside the extensions
+    split = records(msg, split=len(msg) // 2)
     return [
         ("terminate", plain),
         ("split-records", split),
-        ("passthrough", _openssl_hello("0123abcd-443s.dstack.example")),
-        ("h2", _openssl_hello("0123abcd-8080g.dstack.example", ["h2", "http/1.1"])),
-        ("tls12", _openssl_hello("gateway.dstack.example", tls12=True)),
-        ("no-sni", _openssl_hello(None)),
-        ("custom-domain", _openssl_hello("www.customer.example.", ["http/1.1"])),
+        ("passthrough", openssl_hello("0123abcd-443s.dstack.example")),
+        ("h2", openssl_hello("0123abcd-8080g.dstack.example", ["h2", "http/1.1"])),
+        ("tls12", openssl_hello("gateway.dstack.example", tls12=True)),
+        ("no-sni", openssl_hello(None)),
+        ("custom-domain", openssl_hello("www.customer.example.", ["http/1.1"])),
     ]
 
 
 def _client_hello(data: bytes) -> None:
-    try:
-        hello = parse_client_hello(data)
-    except ClientHelloError:
-        hello = None
-        failed = True
-    else:
-        failed = False
-    for cut in _cuts(min(len(data), MAX_CLIENT_HELLO)):
-        try:
-            early = parse_client_hello(data[:cut])
-        except ClientHelloError:
-            # a prefix of a hello that parses is never refused: the relay reads on
-            assert failed or hello is None, f"a prefix of {cut} bytes is refused"
-            continue
-        assert early is None or early == hello, f"a prefix of {cut} bytes parses otherwise"
+    cuts = _cuts(min(len(data), MAX_CLIENT_HELLO))
+    hello = _whole_and_prefixes(parse_client_hello, ClientHelloError, data, cuts)
     if hello is None:
         return
     assert 0 < len(hello.sni) <= 253 and hello.sni.isascii() and hello.sni == hello.sni.lower()
@@ -128,19 +121,8 @@ def _proxy_seeds() -> list[tuple[str, bytes]]:
 
 
 def _proxy_header(data: bytes) -> None:
-    try:
-        parsed = parse_proxy_header(data)
-    except ProxyProtocolError:
-        parsed, failed = None, True
-    else:
-        failed = False
-    for cut in (*range(1, min(len(data), V1_MAX + 1)), *_cuts(len(data))):  # every v1 prefix
-        try:
-            early = parse_proxy_header(data[:cut])
-        except ProxyProtocolError:
-            assert failed or parsed is None, f"a prefix of {cut} bytes is refused"
-            continue
-        assert early is None or early == parsed, f"a prefix of {cut} bytes parses otherwise"
+    cuts = (*range(1, min(len(data), V1_MAX + 1)), *_cuts(len(data)))  # every v1 prefix
+    parsed = _whole_and_prefixes(parse_proxy_header, ProxyProtocolError, data, cuts)
     if parsed is None:
         return
     header, used = parsed

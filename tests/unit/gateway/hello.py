@@ -6,11 +6,14 @@ import contextlib
 import ssl
 
 
-def openssl_hello(sni: str | None, alpn: list[str] | None = None) -> bytes:
-    """the first flight of a real OpenSSL client (a ClientHello record)."""
+def openssl_hello(sni: str | None, alpn: list[str] | None = None, tls12: bool = False) -> bytes:
+    """the first flight of a real OpenSSL client (a ClientHello record); `tls12` caps it at
+    TLS 1.2."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     if alpn:
         ctx.set_alpn_protocols(alpn)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
