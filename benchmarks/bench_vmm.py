@@ -204,6 +204,24 @@ def bench_many(stack: DevStack, image: str, limit: int) -> None:
         stack.remove_all()
 
 
+def bench_idle(stack: DevStack, image: str, n: int) -> None:
+    """idle memory per cvm: pss and rss over `n` cvms running the sample app."""
+    print(f"\nmemory per idle cvm (sample app, {n} cvms, 5 s after boot)")
+    compose = app_compose(image, "idle", False)
+    vms = [create(stack, f"idle{i}", compose) for i in range(n)]
+    for vm in vms:
+        stack.wait_vm(vm, timeout=300)
+    time.sleep(5)
+    rows = [mem_of(descendants(launcher_pid(stack, vm))) for vm in vms]
+    rss = [r for r, _ in rows]
+    pss = [p for _, p in rows]
+    mib = 2**20
+    p90 = pct([float(x) for x in pss], 90) / mib
+    print(f"  pss per cvm: median {statistics.median(pss) / mib:.1f} MiB (p90 {p90:.1f})")
+    print(f"  rss per cvm: median {statistics.median(rss) / mib:.1f} MiB (shared pages in each)")
+    stack.remove_all()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--boots", type=int, default=5)
@@ -235,25 +253,8 @@ def main() -> int:
         med = statistics.median(ref)
         print(f"  reference, plain podman run until the app answers: median {med:.2f} s")
 
-        print(f"\nmemory per idle cvm (sample app, {args.idle} cvms, 5 s after boot)")
-        compose = app_compose(image, "idle", False)
-        vms = [create(stack, f"idle{i}", compose) for i in range(args.idle)]
-        for vm in vms:
-            stack.wait_vm(vm, timeout=300)
-        time.sleep(5)
-        rows = []
-        for vm in vms:
-            rss, pss = mem_of(descendants(launcher_pid(stack, vm)))
-            rows.append((rss, pss))
-        rss = [r for r, _ in rows]
-        pss = [p for _, p in rows]
-        mib = 2**20
-        p90 = pct([float(x) for x in pss], 90) / mib
-        print(f"  pss per cvm: median {statistics.median(pss) / mib:.1f} MiB (p90 {p90:.1f})")
-        print(
-            f"  rss per cvm: median {statistics.median(rss) / mib:.1f} MiB (shared pages in each)"
-        )
-        stack.remove_all()
+        if args.idle:
+            bench_idle(stack, image, args.idle)
 
         if args.max_cvms:
             print(f"\nconcurrent cvms (up to {args.max_cvms}), each with a port mapping")
