@@ -478,3 +478,106 @@ def test_finishing_an_image_of_links_never_writes_through_them(tmp_path):
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert (other / SIMULATED_MEASUREMENT).read_bytes() != before[SIMULATED_MEASUREMENT]
     assert not (other / SIMULATED_MEASUREMENT).is_symlink()
+
+
+# ------------------------------------------------------------------ a kvm that cannot run guests
+FAKE_QEMU = '''#!{python}
+"""a stand-in QEMU: its QMP answers `internal-error` under -accel kvm (as kvm-pvm does with OVMF),
+`running` under tcg; it prints QEMU's internal-error line and then registers, as QEMU does."""
+import os, socket, sys, json, time
+argv = sys.argv
+accel = argv[argv.index("-accel") + 1]
+with open(os.environ["FAKE_QEMU_LOG"], "a") as f:
+    f.write(accel + "\\n")
+if "isa-debug-exit,iobase=0xf4,iosize=0x01" in argv:  # the probe
+    if accel == "kvm":
+        sys.stderr.write("KVM internal error. Suberror: 1\\nEAX=00000000\\n")
+        sys.stderr.flush()
+        time.sleep(60)
+    sys.exit(3)
+qmp = next(a for a in argv if a.startswith("unix:") and "qmp.sock" in a)[5:].split(",")[0]
+if accel == "kvm":
+    print("KVM internal error. Suberror: 1\\nemulation failure\\nRAX=0 RBX=0", flush=True)
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(qmp)
+srv.listen()
+while True:
+    c, _ = srv.accept()
+    f = c.makefile("rwb")
+    f.write(b'{{"QMP": {{}}}}\\n'); f.flush()
+    for line in f:
+        cmd = json.loads(line)["execute"]
+        if cmd == "query-status":
+            st = "internal-error" if accel == "kvm" else "running"
+            ret = {{"status": st, "running": st == "running"}}
+        else:
+            ret = {{}}
+        f.write(json.dumps({{"return": ret}}).encode() + b"\\n"); f.flush()
+    c.close()
+'''
+
+
+def _fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    import sys
+
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text(FAKE_QEMU.format(python=sys.executable))
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_QEMU_LOG", str(calls))
+    return fake, calls
+
+
+def test_the_kvm_probe_runs_its_firmware_to_the_exit_port_and_stops_at_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from pydstack.vmm.backends.qemu.backend import probe_accel
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    # the probe's instructions are right: TCG runs them to the debug-exit port
+    assert probe_accel("qemu-system-x86_64", "tcg")
+    # a KVM that stops the guest with an internal error fails the probe, at once (no timeout)
+    fake, calls = _fake_qemu(tmp_path, monkeypatch)
+    assert not probe_accel(str(fake), "kvm", timeout=300)
+    assert probe_accel(str(fake), "tcg")
+    assert calls.read_text().split() == ["kvm", "tcg"]
+
+
+async def test_a_kvm_internal_error_at_start_falls_back_to_tcg_when_accel_is_auto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydstack.vmm.backends import BootSpec
+
+    fake, calls = _fake_qemu(tmp_path, monkeypatch)
+    (tmp_path / "run").mkdir()
+    make_image(tmp_path / "images" / "dev")
+    image = load_images(tmp_path / "images", ("tdx",))["dev"]
+
+    def spec(vm: Vm) -> BootSpec:
+        return BootSpec(image=image, hostname="a", vcpu=1, memory_mb=256, no_tee=True,
+                        stdout_log=vm.workdir.path / "stdout.log")  # fmt: skip
+
+    # accel = "kvm" (set by the operator): a clear error naming QEMU's line, nothing left running
+    cfg = QemuConfig(qemu_path=str(fake), accel="kvm", tdx="off", min_free_memory_mb=0)
+    b = QemuBackend(vmm_config(tmp_path), cfg)
+    vm = _vm(tmp_path)
+    b.attach(vm)
+    with pytest.raises(BackendError, match=r"internal error .*KVM internal error\. Suberror: 1"):
+        await b.launch(vm, spec(vm))
+    assert not b.is_alive(vm)
+    # accel = "auto" whose probe passed: the vm starts again under tcg, and so do later ones
+    cfg = QemuConfig(qemu_path=str(fake), accel="auto", tdx="off", min_free_memory_mb=0)
+    b = QemuBackend(vmm_config(tmp_path), cfg)
+    b.accel = "kvm"
+    b.attach(vm)
+    try:
+        await b.launch(vm, spec(vm))
+        assert b.is_alive(vm) and b.accel == "tcg"
+        state = json.loads((vm.workdir.path / "qemu.json").read_text())
+        assert state["accel"] == "tcg" and state["command"][2] == "tcg"
+    finally:
+        await b.stop(vm, 0)
+    assert calls.read_text().split() == ["kvm", "kvm", "tcg"]

@@ -5,11 +5,13 @@ it runs under), so a VMM that restarts finds a running QEMU again (by pid and co
 the CVM keeps running. The data disk is `hda.img` (qcow2, created on the first boot, grown by a
 resize), the console `serial.log`, QEMU's own output `stdout.log`, its monitor `qmp.sock`.
 
-The host: `-accel kvm` when /dev/kvm runs a guest (probed once, at VMM start), else TCG with a
-warning; TDX only where the host's kvm_intel has it, so a request for TDX elsewhere is refused;
-the simulated TD (the VMM's) stands in only when a deploy asks for it (`simulated_tee`). Without
-vsock here, each CVM's host-API channel is a `guestfwd` on its own user-mode network to its own
-socket (a connection on it can only come from that VM), and its guest API a loopback `hostfwd`.
+The host: `-accel kvm` when /dev/kvm runs a guest (probed once, at VMM start, with the early
+instructions of a firmware), else TCG with a warning; with `accel = "auto"`, a VM that KVM still
+stops with an internal error is started again under TCG, and so are the VMs after it. TDX only
+where the host's kvm_intel has it, so a request for TDX elsewhere is refused; the simulated TD
+(the VMM's) stands in only when a deploy asks for it (`simulated_tee`). Without vsock here, each
+CVM's host-API channel is a `guestfwd` on its own user-mode network to its own socket (a
+connection on it can only come from that VM), and its guest API a loopback `hostfwd`.
 
 Errors: BackendError when QEMU cannot be started (a missing or corrupt image file, a full disk,
 QEMU refusing its arguments), naming why; nothing of that start is left behind.
@@ -65,25 +67,78 @@ REQUIRED_TOOLS = ("qemu-img", "socat")
 START_TIMEOUT = 20.0
 
 
-def kvm_works(qemu: str) -> bool:
-    """whether KVM runs a guest here: a 64 KiB firmware whose reset vector writes to QEMU's
-    debug-exit port must end QEMU with that port's status (nested KVM often opens, then fails)."""
+#: what QEMU prints when KVM stops a guest it cannot run (QMP status `internal-error`)
+KVM_INTERNAL_ERROR = b"KVM internal error"
+#: the probe's firmware: the reset vector jumps to F000:0000, which runs instructions a
+#: firmware runs early (cpuid, the x87 fninit/fwait OVMF's SEC phase executes, rdtsc) and then
+#: writes 1 to QEMU's debug-exit port, so QEMU exits with status 3
+_PROBE_CODE = bytes.fromhex("6631c00fa2dbe39b0f31b001e6f4f4")
+_PROBE_RESET = bytes.fromhex("ea000000f0")  # jmp far f000:0000
+
+
+def kvm_works(qemu: str, timeout: float = 20.0) -> bool:
+    """whether KVM runs a guest here. Nested KVM often opens and then fails: a paravirtual
+    host module (kvm-pvm) runs a real-mode `out` but stops OVMF at its first x87 instruction
+    with an internal error. So KVM works only if it runs the probe firmware to its end."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    code = b"\xb0\x01\xe6\xf4\xf4"  # mov al, 1; out 0xf4, al; hlt
+    return probe_accel(qemu, "kvm", timeout)
+
+
+def probe_accel(qemu: str, accel: str, timeout: float = 20.0) -> bool:
+    """whether `accel` runs a 64 KiB firmware of the instructions a firmware runs early
+    through to QEMU's debug-exit port; an internal error on QEMU's stderr ends the probe at
+    once (QEMU would pause, not exit)."""
     bios = bytearray(b"\xf4" * 65536)
-    bios[-16 : -16 + len(code)] = code
+    bios[: len(_PROBE_CODE)] = _PROBE_CODE
+    bios[-16 : -16 + len(_PROBE_RESET)] = _PROBE_RESET
     with tempfile.NamedTemporaryFile(suffix=".bin") as f:
         f.write(bios)
         f.flush()
-        args = [qemu, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-nodefaults"]
+        cpu = "host" if accel == "kvm" else "max"
+        args = [qemu, "-accel", accel, "-cpu", cpu, "-machine", "q35", "-nodefaults"]
         args += ["-display", "none"]
         args += ["-bios", f.name, "-m", "16", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01"]
         try:
-            proc = subprocess.run(args, capture_output=True, timeout=20, check=False)
-        except (OSError, subprocess.TimeoutExpired):
+            proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            )
+        except OSError:
             return False
-    return proc.returncode == 3
+        try:
+            return _probe_outcome(proc, timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+
+def _probe_outcome(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """read the probe's stderr until it exits (True when through the debug-exit port), prints
+    a KVM internal error, or `timeout` passes (both False)."""
+    assert proc.stderr is not None
+    fd = proc.stderr.fileno()
+    os.set_blocking(fd, False)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(BlockingIOError):
+            chunk = os.read(fd, 4096)
+            if not chunk:  # stderr closed: QEMU is exiting
+                try:
+                    return proc.wait(timeout=max(0.1, deadline - time.monotonic())) == 3
+                except subprocess.TimeoutExpired:
+                    return False
+            seen = (seen + chunk)[-8192:]
+            if KVM_INTERNAL_ERROR in seen:
+                return False
+            continue
+        if proc.poll() is not None:
+            return proc.returncode == 3
+        time.sleep(0.01)
+    return False
 
 
 def host_has_tdx() -> bool:
@@ -124,6 +179,29 @@ def is_qemu_of(pid: int, workdir: Path) -> bool:
         and b"qemu" in Path(cmd[0].decode(errors="replace")).name.encode()
         and (qmp in cmd)
     )
+
+
+def log_tail(path: Path, size: int) -> list[str]:
+    """the non-blank lines of the last `size` bytes of a log ([] when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - size))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in tail.splitlines() if line.strip()]
+
+
+def internal_error_line(stdout_log: Path) -> str:
+    """QEMU's own line about a KVM internal error (with its suberror), from the end of its
+    output, or "" (the register dump after it says nothing to a user)."""
+    marker = KVM_INTERNAL_ERROR.decode()
+    found = [ln.strip() for ln in log_tail(stdout_log, 16384) if marker in ln]
+    return found[-1][:300] if found else ""
+
+
+class AccelError(BackendError):
+    """the accelerator stopped the guest (QMP status `internal-error`)."""
 
 
 @dataclass
@@ -392,6 +470,14 @@ class QemuBackend:
         atomic_write(path / STATE_FILE, json.dumps(state, indent=2).encode())
         try:
             await self._wait_running(vm, spec.stdout_log)
+        except AccelError as e:
+            await self.stop(vm, 0)
+            if self.settings.accel != "auto" or self.accel == "tcg":
+                raise
+            log.warning("vm %s: %s; this and later cvms run under tcg", vm.id, e)
+            self.accel = "tcg"
+            await self.launch(vm, spec)
+            return
         except BaseException:
             await self.stop(vm, 0)
             raise
@@ -410,19 +496,18 @@ class QemuBackend:
                     status = await qmp_command(sock, "query-status", timeout=2)
                     if isinstance(status, dict) and status.get("running"):
                         return
+                    if isinstance(status, dict) and status.get("status") == "internal-error":
+                        raise AccelError(
+                            f"{self.accel} stopped the machine with an internal error (a nested "
+                            "kvm that cannot run this guest?): "
+                            f"{internal_error_line(stdout_log) or 'no detail from qemu'}"
+                        )
             await asyncio.sleep(0.1)
         raise BackendError(f"qemu did not start its machine in {START_TIMEOUT:.0f} s")
 
     def exit_detail(self, vm: Vm, stdout_log: Path | None = None) -> str:
         """the last lines QEMU printed (why it exited), or ""."""
-        log_path = stdout_log or vm.workdir.path / "stdout.log"
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - 2000))
-                tail = f.read().decode(errors="replace")
-        except OSError:
-            return ""
-        lines = [line for line in tail.splitlines() if line.strip()]
+        lines = log_tail(stdout_log or vm.workdir.path / "stdout.log", 2000)
         return " / ".join(lines[-3:])[-600:]
 
     # ------------------------------------------------------------------ liveness and stop
