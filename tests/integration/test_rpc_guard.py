@@ -103,8 +103,10 @@ async def raw(
     headers: dict[str, str] | None = None,
     body: bytes = b"",
     host: str | None = None,
+    encoding: str = "utf-8",
 ) -> tuple[int, dict[str, str], bytes]:
-    """one HTTP/1.1 request with exactly these headers (Host defaults to 127.0.0.1:port)."""
+    """one HTTP/1.1 request with exactly these headers (Host defaults to 127.0.0.1:port), its
+    head in `encoding`."""
     if isinstance(target, Path):
         reader, writer = await asyncio.open_unix_connection(str(target))
         host = host or "localhost"
@@ -115,7 +117,7 @@ async def raw(
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body or method == "POST":
         lines.append(f"Content-Length: {len(body)}")
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode(encoding) + body)
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     head, _, rest = data.partition(b"\r\n\r\n")
@@ -219,6 +221,19 @@ async def test_dns_rebinding_host_is_refused_on_tcp(vmm):
     # a unix socket is out of a browser's reach: any Host is fine there
     status, _, _ = await raw(vmm.sock, "POST", "/prpc/CreateVm?json", JSON_CT, CREATE, "evil")
     assert status == 200
+
+
+async def test_a_host_port_of_non_ascii_digits_is_refused_not_an_error(vmm):
+    """`Host: localhost:\xb2` reads (as latin-1) as a superscript two, which str.isdigit()
+    accepts and int() refuses; `\u0668\u0660` are Arabic-Indic digits int() reads as 80.
+    Neither is a port: a 403 (the guard's refusal), never a 500 or a reset."""
+    for host, encoding in (("localhost:\xb2", "latin-1"), ("localhost:\u0668\u0660", "utf-8")):
+        for target in (vmm.port,):
+            status, _, body = await raw(
+                target, "POST", "/prpc/CreateVm?json", JSON_CT, CREATE, host, encoding
+            )
+            assert status in (400, 403), (host, status, body[:200])
+    assert vmm.calls == 0
 
 
 async def test_official_clients_and_the_web_ui_still_work(vmm):

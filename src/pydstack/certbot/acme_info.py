@@ -24,6 +24,7 @@ import httpx
 
 from pydstack.attest.evidence import EvidenceVerifier
 from pydstack.types import jsonlimits
+from pydstack.types.netaddr import parse_port
 
 from .attest import cert_report_data
 from .errors import CertbotError, CertbotInputError
@@ -78,7 +79,7 @@ def acme_info_url(gateway: str) -> str:
     if gateway.startswith(("http://", "https://")):
         return gateway
     host, _, port = gateway.partition(":")
-    if not host or (port and not port.isdigit()):
+    if not host or (port and parse_port(port) is None):
         raise CertbotInputError(f"gateway {gateway!r} must be base_domain[:port] or a url")
     return f"https://gateway.{host}{':' + port if port else ''}/.dstack/acme-info"
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydstack.types.netaddr import parse_port
+
 from .errors import CertbotInputError
 
 LETSENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -224,9 +226,10 @@ def split_server(server: str) -> tuple[str, int]:
 
 
 def _port(text: str, server: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    port = parse_port(text)
+    if port is None:
         raise CertbotInputError(f"dns server {server!r} has an invalid port")
-    return int(text)
+    return port
 
 
 def provider_from_json(obj: Any) -> DnsProviderConfig:

@@ -28,6 +28,7 @@ import dns.rdtypes.ANY.TXT
 import dns.resolver
 
 from pydstack.errors import InputError
+from pydstack.types.netaddr import parse_port
 
 COMPAT_PREFIX = "_tapp-address"
 CACHE_SIZE = 256
@@ -55,9 +56,10 @@ def parse_app_address(value: str) -> AppAddress:
         raise AppAddressError("bad app address record")
     if not app_id.isalnum():
         raise AppAddressError("bad app address record")
-    if not port.isascii() or not port.isdigit() or len(port) > 5 or not 1 <= int(port) <= 65535:
+    number = parse_port(port)
+    if number is None:
         raise AppAddressError("bad port in app address record")
-    return AppAddress(app_id.lower(), int(port))
+    return AppAddress(app_id.lower(), number)
 
 
 def _nameserver(addr: str) -> dns.nameserver.Do53Nameserver:
@@ -65,9 +67,10 @@ def _nameserver(addr: str) -> dns.nameserver.Do53Nameserver:
     if not sep:
         return dns.nameserver.Do53Nameserver(addr, 53)
     host = host.strip("[]")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    number = parse_port(port)
+    if number is None:
         raise AppAddressError(f"bad dns server address {addr!r}")
-    return dns.nameserver.Do53Nameserver(host, int(port))
+    return dns.nameserver.Do53Nameserver(host, number)
 
 
 class AppAddressResolver:

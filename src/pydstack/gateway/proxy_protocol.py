@@ -18,6 +18,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from pydstack.errors import InputError
+from pydstack.types.netaddr import parse_port
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107
@@ -109,9 +110,10 @@ def _v1_ip(text: str, version: int) -> str:
 
 
 def _v1_port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 5 or int(text) > 65535:
+    port = parse_port(text, allow_zero=True)
+    if port is None:
         raise ProxyProtocolError("bad port in proxy v1 header")
-    return int(text)
+    return port
 
 
 def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:

@@ -51,6 +51,7 @@ from typing import Any
 from pydstack.certbot.model import split_server
 from pydstack.errors import ConfigError, InputError
 from pydstack.rpc.limits import ServerLimits
+from pydstack.types.netaddr import parse_port
 
 from .config import ProxyConfig, _Reader, _table
 from .wgconf import WgKeyError, WgNetwork, check_public_key, public_key_of
@@ -62,9 +63,10 @@ def split_address(value: str, key: str, default_port: int | None = None) -> tupl
     if not sep:
         host, port = value, "" if default_port is None else str(default_port)
     host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = parse_port(port, allow_zero=True)
+    if not host or number is None:
         raise ConfigError(f"{key} must be host:port, got {value!r}")
-    return host, int(port)
+    return host, number
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from pydstack.rpc.errors import RpcError
 from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.proto import agent_rpc_pb2 as apb
 from pydstack.rpc.proto import gateway_rpc_pb2 as gpb
+from pydstack.types.netaddr import parse_port
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys
@@ -176,9 +177,10 @@ class Registration:
 
 
 def _port(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 5 or not 1 <= int(text) <= 65535:
+    port = parse_port(text)
+    if port is None:
         raise ValueError(f"bad port {text[:16]!r}")
-    return int(text)
+    return port
 
 
 #: a DNS name as an endpoint may give it: letters, digits and inner hyphens, dot-separated

@@ -22,6 +22,7 @@ from pydstack.rpc.calls import PrpcService, parse_socket_mode
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.http1 import Http1Server
 from pydstack.rpc.limits import ServerLimits
+from pydstack.types.netaddr import parse_port
 
 from .core import GuestCore
 from .service import guest_service, tappd_service, worker_service
@@ -108,9 +109,10 @@ async def _listen(server: PrpcServer | Http1Server, listener: Listener) -> str:
         await server.listen_unix(address[5:], mode=options.socket_mode, group=options.socket_group)
         return address
     host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    number = parse_port(port, allow_zero=True)
+    if not host or number is None:
         raise ValueError(f"invalid listen address {address!r}: expected unix:PATH or HOST:PORT")
-    bound = await server.listen_tcp(host.strip("[]"), int(port))
+    bound = await server.listen_tcp(host.strip("[]"), number)
     return f"http://{host}:{bound}"
 
 

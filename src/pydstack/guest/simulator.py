@@ -36,6 +36,7 @@ from pydstack.rpc.calls import parse_socket_mode
 from pydstack.rpc.guard import RequestGuard
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.types import hostshare as hs
+from pydstack.types.netaddr import parse_port
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys, KeyProvider
@@ -192,9 +193,10 @@ def _socket_mode(value: str) -> int:
 
 def _hostport(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
+    number = parse_port(port, allow_zero=True)
+    if not host or number is None:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), number
 
 
 async def serve(

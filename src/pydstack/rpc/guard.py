@@ -33,6 +33,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
+from pydstack.types.netaddr import parse_port
+
 
 class RequestLike(Protocol):
     """what the checks read of a request: aiohttp's, or :mod:`.http1`'s (header names are looked
@@ -99,9 +101,10 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         return None
     if not port_s:
         return host, None
-    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+    port = parse_port(port_s)
+    if port is None:
         return None
-    return host, int(port_s)
+    return host, port
 
 
 def _is_ip(host: str) -> bool:

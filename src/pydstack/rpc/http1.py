@@ -638,7 +638,9 @@ class _Connection(asyncio.Protocol):
             coro = self._server.answer(request)
             if not self._server.eager:
                 self.phase = "busy"
-                self._worker = self._loop.create_task(self._finish_answer(coro, None, keep_alive))
+                self._worker = self._loop.create_task(
+                    self._finish_answer(request, coro, None, keep_alive)
+                )
                 return
             try:
                 first = coro.send(None)
@@ -646,22 +648,31 @@ class _Connection(asyncio.Protocol):
                 if not self._write(stop.value, keep_alive):
                     return
                 continue
-            except BaseException:
-                log.exception("answering %s %s failed", request.method, request.path[:100])
-                self.abort("internal error")
+            except Exception:
+                self._write(self._failed_answer(request), False)
                 return
             self.phase = "busy"
-            self._worker = self._loop.create_task(self._finish_answer(coro, first, keep_alive))
+            self._worker = self._loop.create_task(
+                self._finish_answer(request, coro, first, keep_alive)
+            )
             return
         self._after_answers()
 
+    def _failed_answer(self, request: HttpRequest) -> Answer:
+        """the answer when answering raised (a bug; bad input never does): a 500 that closes
+        the connection, and the traceback in the log."""
+        log.exception("answering %s %s failed", request.method, request.path[:100])
+        return self._server.route_error("internal error", 500)
+
     async def _finish_answer(
-        self, coro: Coroutine[Any, Any, Answer], first: Any, keep_alive: bool
+        self, request: HttpRequest, coro: Coroutine[Any, Any, Answer], first: Any, keep_alive: bool
     ) -> None:
         """finish answering in a task: `coro` from its start, or (eager) from where it yielded
         `first`."""
         try:
             answer = await (coro if not self._server.eager else _Continue(coro, first))
+        except Exception:
+            answer, keep_alive = self._failed_answer(request), False
         finally:
             self._worker = None
         if self._write(answer, keep_alive):

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from pydstack.rpc.aiolimits import LimitedRunner, LimitedSite
 from pydstack.rpc.limits import ServerLimits
+from pydstack.types.netaddr import parse_port
 
 from .collateral import SignedCollateral
 from .mockpki import MockPki
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid seed: {e}", file=sys.stderr)
         return 2
     host, _, port = args.listen.rpartition(":")
-    if not host or not port.isdigit():
+    if not host or parse_port(port, allow_zero=True) is None:
         print(f"error: --listen must be host:port, got {args.listen!r}", file=sys.stderr)
         return 2
     from .collateral import make_collateral

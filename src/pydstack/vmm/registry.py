@@ -35,6 +35,7 @@ from typing import IO, Any
 import httpx
 
 from pydstack.errors import DstackError, InputError
+from pydstack.types.netaddr import ascii_decimal
 
 MAX_MANIFEST = 4 * 1024 * 1024
 MAX_CONFIG = 1024 * 1024
@@ -357,8 +358,8 @@ class RegistryClient:
 async def _read_capped(
     r: httpx.Response, limit: int, what: str, *, truncate: bool = False
 ) -> bytes:
-    length = r.headers.get("content-length", "")
-    if not truncate and length.isdigit() and int(length) > limit:
+    length = ascii_decimal(r.headers.get("content-length", ""), 20)
+    if not truncate and length is not None and length > limit:
         raise RegistryError(f"the registry's {what} is over {limit} bytes")
     buf = bytearray()
     async for chunk in r.aiter_bytes():
