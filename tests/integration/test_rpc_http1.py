@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 from google.protobuf.empty_pb2 import Empty
 
+from pydstack.rpc.guard import Refusal, RequestGuard, RequestLike
 from pydstack.rpc.http1 import MAX_HEAD, MAX_HEADERS, Http1Server, HttpRequest
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.rpc.server import Answer, CallContext, PrpcService
@@ -335,5 +336,34 @@ async def test_a_server_that_is_not_eager_runs_handlers_in_tasks():
             "port_mapping_enabled": False,
             "total": 1,
         }
+    finally:
+        await srv.close()
+
+
+class RaisingGuard(RequestGuard):
+    """a guard with a bug: it raises on the request named `boom` (bad input never should)."""
+
+    def check(self, request: RequestLike) -> Refusal | None:
+        if "boom" in request.path:
+            raise RuntimeError("a bug in the guard")
+        return super().check(request)
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["tasks", "eager"])
+async def test_an_answer_that_raises_is_a_500_and_a_close_and_others_are_served(eager):
+    srv = Http1Server(eager=eager, guard=RaisingGuard())
+    srv.mount(PrpcService(VMM, Impl(), prefix="/prpc", get_methods=frozenset({"Version"})))
+    port = await srv.listen_tcp("127.0.0.1", 0)
+    try:
+        get = b"GET /prpc/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        # pipelined: the one before is answered, the failing one is a 500, then the close
+        raw = await asyncio.wait_for(
+            exchange(port, get % b"Version" + get % b"boom" + get % b"Version"), 10
+        )
+        assert [s for s, _ in responses(raw)] == [200, 500]
+        assert b"internal error" in raw
+        close = b"GET /prpc/Version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        [(status, _)] = responses(await exchange(port, close))
+        assert status == 200
     finally:
         await srv.close()
