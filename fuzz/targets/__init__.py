@@ -25,6 +25,7 @@ INDEX = {
     "envcrypt": "crypto",
     "prpc_json": "rpc",
     "prpc_query": "rpc",
+    "http_guard": "rpc",
     "jsonlimits": "types",
     "yamllimits": "types",
     "compose": "types",

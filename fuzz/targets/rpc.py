@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from google.protobuf.message import Message
 
 from fuzz import mutators as m
 from fuzz.harness import Target
+from pydstack.rpc.guard import Refusal, RequestGuard, body_mode, normalize_origin, split_host
 from pydstack.rpc.json_codec import (
     CodecError,
     json_to_message,
@@ -135,4 +136,86 @@ PRPC_QUERY = Target(
     calls=7,
 )
 
-TARGETS: Sequence[Target] = (PRPC_JSON, PRPC_QUERY)
+# -- the request guard: Host, Origin, Sec-Fetch-Site and Content-Type of every request -------
+
+
+class _Request:
+    """a request as the guard reads it: header names lower-case, over TCP, plain http."""
+
+    method = "POST"
+    scheme = "http"
+    transport = None
+    is_unix = False
+
+    def __init__(self, headers: dict[str, str], query: dict[str, str]) -> None:
+        self.headers, self.query = headers, query
+
+
+def _guard() -> Callable[[bytes], None]:
+    guard = RequestGuard(
+        allowed_hosts=frozenset({"vmm.example", "*.lab.example"}),
+        allowed_origins=frozenset({"https://ui.example:8443"}),
+    )
+
+    def run(data: bytes) -> None:
+        # the two ways the servers decode a head: latin-1 (the lean server) and utf-8 with
+        # surrogateescape (aiohttp)
+        for text in (data.decode("latin-1"), data.decode("utf-8", "surrogateescape")):
+            headers: dict[str, str] = {}
+            for line in text.split("\r\n"):
+                name, sep, value = line.partition(":")
+                if sep:
+                    headers.setdefault(name.strip().lower(), value.strip())
+            refusal = guard.check(_Request(headers, {"json": ""} if "json" in text else {}))
+            host = headers.get("host")
+            if refusal is None and host is not None:
+                parsed = split_host(host)
+                assert parsed is not None and guard.host_allowed(parsed[0])
+                # one spelling: a port read is the ASCII digits it was written as
+                port = parsed[1]
+                assert port is None or (1 <= port <= 65535 and host.endswith(str(port)))
+            assert refusal is None or (
+                isinstance(refusal, Refusal) and refusal.status in (400, 403)
+            ), refusal
+            mode = body_mode(_Request(headers, {}))
+            assert isinstance(mode, str) or mode.status == 415
+            origin = normalize_origin(headers.get("origin", ""))
+            assert origin is None or origin.isascii(), origin
+
+    return run
+
+
+def _guard_seeds() -> list[tuple[str, bytes]]:
+    return [
+        ("local", b"Host: localhost:8080\r\nContent-Type: application/json\r\n"),
+        ("v6", b"Host: [::1]:80\r\nOrigin: http://[::1]:80\r\nSec-Fetch-Site: same-origin\r\n"),
+        ("ui", b"Host: vmm.example\r\nOrigin: https://ui.example:8443\r\n"),
+        ("wild", b"Host: a.lab.example:443\r\nContent-Type: application/x-protobuf\r\n"),
+        ("cross", b"Host: 10.0.0.1\r\nOrigin: null\r\nSec-Fetch-Site: cross-site\r\n"),
+    ]
+
+
+HTTP_GUARD = Target(
+    name="http_guard",
+    doc="`rpc/guard.py::RequestGuard.check` and `body_mode` on headers decoded as both servers "
+    "decode them; a request that passes names an allowed host and a port of one spelling",
+    make=_guard,
+    allowed=(),
+    seeds=_guard_seeds,
+    mutators=(*m.TEXT, m.truncate),
+    tokens=(
+        b"Host: ",
+        b"Origin: http://",
+        b"Sec-Fetch-Site: ",
+        b"Content-Type: ",
+        b"\xb2",
+        b"\xd9\xa8",
+        b"[::1]",
+        b":",
+        b"\r\n",
+    ),
+    max_len=4096,
+    calls=2,
+)
+
+TARGETS: Sequence[Target] = (PRPC_JSON, PRPC_QUERY, HTTP_GUARD)

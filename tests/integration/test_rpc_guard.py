@@ -282,6 +282,15 @@ def test_guard_config_is_validated():
     assert normalize_origin("http://a/b") is None
     assert split_host("[::1]:80") == ("::1", 80)
     assert split_host("a:b:c") is None and split_host("a:99999") is None
+    # found by the http_guard fuzz target: hosts are DNS characters or a bracketed IPv6 address
+    # (so a normalized origin is ASCII), with no zone and no newline before the port
+    for bad in ("\u00e9", "a b:80", "a\n:80", "[x]:80", "[fe80::1%eth0]:80", "[10.0.0.1]"):
+        assert split_host(bad) is None, bad
+        assert normalize_origin(f"http://{bad}") is None, bad
+    assert split_host("[fe80::1]:80") == ("fe80::1", 80) and split_host("a_b.c-d.") == (
+        "a_b.c-d.",
+        None,
+    )
 
 
 @pytest.mark.parametrize("kind", [PrpcServer, Http1Server])

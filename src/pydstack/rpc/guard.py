@@ -59,7 +59,7 @@ PROTO_TYPES = frozenset(
 #: what a browser sends cross-site without a preflight
 SIMPLE_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_HOST_CHARS = re.compile(r"^[a-z0-9._-]+$")
+_HOST_CHARS = re.compile(r"[a-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,12 @@ def local_names() -> frozenset[str]:
 
 
 def split_host(value: str) -> tuple[str, int | None] | None:
-    """a `Host` value -> (lower-case host without brackets, port or None); None if malformed."""
+    """a `Host` value -> (lower-case host without brackets, port or None); None if malformed:
+    a name not of DNS characters (ASCII letters, digits, `.`, `-`, `_`), brackets around
+    anything but an IPv6 address, a port not of 1 to 5 ASCII digits in 1..65535."""
     value = value.strip().lower()
-    if value.startswith("["):
+    bracketed = value.startswith("[")
+    if bracketed:
         end = value.find("]")
         if end < 0:
             return None
@@ -97,7 +100,7 @@ def split_host(value: str) -> tuple[str, int | None] | None:
             return None
         if sep and not port_s:
             return None
-    if not host:
+    if not host or not (_HOST_CHARS.fullmatch(host) if not bracketed else _is_v6(host)):
         return None
     if not port_s:
         return host, None
@@ -105,6 +108,16 @@ def split_host(value: str) -> tuple[str, int | None] | None:
     if port is None:
         return None
     return host, port
+
+
+def _is_v6(host: str) -> bool:
+    """an IPv6 address without a zone (no browser sends one in a Host)."""
+    if "%" in host:
+        return False
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def _is_ip(host: str) -> bool:
@@ -133,7 +146,7 @@ def normalize_origin(value: str) -> str | None:
 def _host_pattern(value: str) -> str:
     pattern = value.strip().lower().rstrip(".")
     bare = pattern[2:] if pattern.startswith("*.") else pattern
-    if pattern != "*" and (not bare or not _HOST_CHARS.match(bare)):
+    if pattern != "*" and (not bare or not _HOST_CHARS.fullmatch(bare)):
         raise ValueError(f"invalid allowed host {value!r}: expected a DNS name, *.suffix or *")
     return pattern
 
