@@ -3,6 +3,7 @@ app info and identity."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
 import json
@@ -34,6 +35,7 @@ from pydstack.attest.ratls import (
 from pydstack.attest.verify import precheck_quote, verify_quote
 from pydstack.crypto.certload import load_cert_der
 from pydstack.crypto.certs import CertRequest, issue_cert
+from pydstack.mr.machine import VmMeasureConfig
 from pydstack.tee.collateral import make_collateral
 from pydstack.types.sysconfig import SysConfig
 
@@ -292,13 +294,17 @@ def _vm_config(data: bytes) -> None:
         os_image_hash_from_config(doc)
         sc = SysConfig(vm_config=doc)
         _ = sc.vm_config_obj, sc.os_image_hash
+        # what the KMS and the verifier measure a CVM's image by: ParseError or a config
+        if sc.vm_config_obj is not None:
+            with contextlib.suppress(ParseError):
+                VmMeasureConfig.from_obj(sc.vm_config_obj)
 
 
 VM_CONFIG = Target(
     name="vm_config",
     doc="`attest/identity.py::os_image_hash_from_config` and `types/sysconfig.py` "
     "`SysConfig.vm_config_obj`/`os_image_hash`: a vm_config string (or a sys-config nesting "
-    "one), which never raises",
+    "one), which never raise; and `mr/machine.py::VmMeasureConfig.from_obj` of it (`ParseError`)",
     make=lambda: _vm_config,
     allowed=(),
     seeds=lambda: [
@@ -311,7 +317,7 @@ VM_CONFIG = Target(
         ),
     ],
     mutators=m.JSON,
-    tokens=(b'"os_image_hash"', b'"vm_config"', b'"0x'),
+    tokens=(b'"os_image_hash"', b'"vm_config"', b'"0x', b'"qemu_version"', b'"8.2.2"', b"\xc2\xb2"),
     max_len=8 * 1024,
     calls=4,
 )

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pydstack.errors import ConfigError
+from pydstack.types.netaddr import ascii_decimal
 
 from .certstore import CertStoreError, tls_version_range
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|msec|s|sec|secs|m|min|mins|h|hr|hrs|d|days?)")
+_DURATION = re.compile(
+    r"(\d+(?:\.\d+)?)\s*(ms|msec|s|sec|secs|m|min|mins|h|hr|hrs|d|days?)", re.ASCII
+)
 _UNITS = {
     "ms": 0.001, "msec": 0.001,
     "s": 1.0, "sec": 1.0, "secs": 1.0,
@@ -233,13 +236,14 @@ def _listen_ports(value: object) -> tuple[int, ...]:
             raise ConfigError(f"{key} must be in 1..65535")
         return (value,)
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", value)
+        m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", value, re.ASCII)
         if m:
             lo, hi = int(m.group(1)), int(m.group(2))
             if 1 <= lo <= hi <= 65535 and hi - lo < 1024:
                 return tuple(range(lo, hi + 1))
-        if value.strip().isdigit():
-            return _listen_ports(int(value))
+        port = ascii_decimal(value.strip(), 5)
+        if port is not None:
+            return _listen_ports(port)
     raise ConfigError(f'{key} must be a port or a range "a-b" of at most 1024 ports')
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from pydstack.errors import ConfigError
 from pydstack.rpc.guard import RequestGuard
 from pydstack.rpc.limits import ServerLimits
+from pydstack.types.netaddr import ascii_decimal
 
 
 def _seconds(value: object) -> float:
@@ -27,8 +28,9 @@ def _seconds(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     units = {"s": 1, "m": 60, "h": 3600}
-    if isinstance(value, str) and value[-1:] in units and value[:-1].isdigit():
-        return float(int(value[:-1]) * units[value[-1]])
+    count = ascii_decimal(value[:-1], 18) if isinstance(value, str) else None
+    if isinstance(value, str) and value[-1:] in units and count is not None:
+        return float(count * units[value[-1]])
     raise ConfigError(f"invalid duration {str(value)[:32]!r} (a number of seconds, or 30s, 2m, 1h)")
 
 

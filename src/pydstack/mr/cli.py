@@ -31,13 +31,13 @@ from .machine import MAX_DOCUMENT, VmMeasureConfig
 from .tdvf import AcpiDigests
 from .verify import acpi_digests
 
-_SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_size(text: str) -> int:
     """bytes from "2147483648", "2048M", "2G" or "2GiB"; ValueError otherwise."""
-    m = _SIZE.match(text.strip())
+    m = _SIZE.fullmatch(text.strip())
     if not m:
         raise ValueError(f"invalid size {text!r}")
     return int(m.group(1)) * _UNITS[m.group(2).upper()]

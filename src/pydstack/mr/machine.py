@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydstack.attest.errors import ParseError
+from pydstack.types.netaddr import ascii_decimal
 
 from .tdvf import MAX_ADDRESS, OVMF_VARIANTS
 
@@ -36,10 +37,10 @@ def qemu_version(value: str | None) -> tuple[int, int, int]:
     """a QEMU version triple; ParseError unless it is "MAJOR.MINOR.PATCH" of 8.0.0 or later."""
     if value is None:
         return DEFAULT_QEMU
-    parts = value.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    numbers = [ascii_decimal(p, 6) for p in value.split(".")]
+    if len(numbers) != 3 or None in numbers:
         raise ParseError(f"qemu_version {value[:32]!r} is not MAJOR.MINOR.PATCH")
-    major, minor, patch = (int(p) for p in parts)
+    major, minor, patch = (n or 0 for n in numbers)
     if (major, minor, patch) < (8, 0, 0):
         raise ParseError(f"qemu version {value} is not supported (8.0.0 or later)")
     return major, minor, patch

@@ -90,7 +90,7 @@ _DISK = {"": 1, "G": 1, "GB": 1, "T": 1024, "TB": 1024}
 
 
 def _size(value: str, units: dict[str, int], what: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value, re.ASCII)
     if not m or m.group(2).upper() not in units:
         raise ArgError(f"invalid {what} size {value!r}")
     amount = float(m.group(1)) * units[m.group(2).upper()]
