@@ -706,9 +706,10 @@ class DevStack:
         until: str = "done",
         timeout: float = 120,
         on_progress: Callable[[str], None] | None = None,
+        interval: float = 0.2,
     ) -> dict[str, Any]:
-        """wait for boot progress `until` (or a boot error, raised); returns the vm info.
-        `on_progress` sees each new boot progress text."""
+        """wait for boot progress `until` (or a boot error, raised), asking every `interval`
+        seconds; returns the vm info. `on_progress` sees each new boot progress text."""
         deadline = time.monotonic() + timeout
         info: dict[str, Any] = {}
         seen = ""
@@ -722,7 +723,7 @@ class DevStack:
                 raise StackError(f"vm {vm_id} failed to boot: {info['boot_error']}")
             if info.get("boot_progress") == until and info.get("status") == "running":
                 return info
-            time.sleep(0.2)
+            time.sleep(interval)
         raise StackError(f"vm {vm_id} did not reach {until!r} in {timeout:.0f} s: {info}")
 
     @staticmethod
