@@ -215,5 +215,13 @@ async def test_logs_route_never_passes_a_name_as_an_option(tmp_path, monkeypatch
             args = [line.removeprefix("arg:") for line in r.text.splitlines()]
             assert args == ["logs", "--tail", "5", "--", "app-1_v2.0"]
             assert (await c.get(f"/logs/{'a' * 128}?bare=true")).text.endswith("a" * 128 + "\n")
+            # numbers are non-negative ASCII digits: a negative tail is every line to podman
+            # (past the cap), a superscript two an int() error
+            for query in ("tail=-1", "tail=%C2%B2", "since=-5", "until=1e3", "tail=+5"):
+                r = await c.get(f"/logs/app?{query}")
+                assert r.status_code == 400 and "non-negative integers" in r.text, query
+            r = await c.get("/logs/app", params={"tail": "99999999", "since": "7", "bare": "1"})
+            args = [line.removeprefix("arg:") for line in r.text.splitlines()]
+            assert args == ["logs", "--tail", "10000", "--since", "7", "--", "app"]
     finally:
         await server.close()

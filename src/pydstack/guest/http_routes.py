@@ -19,6 +19,8 @@ import time
 
 from aiohttp import web
 
+from pydstack.types.netaddr import ascii_decimal
+
 from .core import GuestCore
 
 MAX_LOG_LINES = 10000
@@ -101,14 +103,19 @@ def add_routes(app: web.Application, core: GuestCore) -> None:
             return web.Response(status=503, text="no container engine in this cvm\n")
         q = request.query
         cmd = [engine, "logs"]
-        try:
-            if q.get("tail"):
-                cmd += ["--tail", str(min(int(q["tail"]), MAX_LOG_LINES))]
-            for opt in ("since", "until"):
-                if q.get(opt):
-                    cmd += [f"--{opt}", str(int(q[opt]))]
-        except ValueError:
-            return web.Response(status=400, text="tail, since and until must be integers\n")
+        # ASCII digits only: a negative tail is "all lines" to podman, past the cap
+        numbers = {
+            opt: ascii_decimal(q[opt], 19) for opt in ("tail", "since", "until") if q.get(opt)
+        }
+        if None in numbers.values():
+            return web.Response(
+                status=400, text="tail, since and until must be non-negative integers\n"
+            )
+        if "tail" in numbers:
+            cmd += ["--tail", str(min(numbers["tail"] or 0, MAX_LOG_LINES))]
+        for opt in ("since", "until"):
+            if opt in numbers:
+                cmd += [f"--{opt}", str(numbers[opt])]
         if q.get("timestamps") in ("true", "1"):
             cmd.append("--timestamps")
         if q.get("follow") in ("true", "1"):
