@@ -12,6 +12,7 @@ be pulled is a clear error before any container starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydstack.types import yamllimits
 from pydstack.types.docker_compose import ComposeError, ComposeProject, Mount, Service
+from pydstack.types.yamllimits import YamlError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,99 @@ def host_ulimits() -> list[str]:
     nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
     nproc = 32768 if nproc == resource.RLIM_INFINITY else min(nproc // 2, 32768)
     return [f"--ulimit=nofile={nofile}:{nofile}", f"--ulimit=nproc={nproc}:{nproc}"]
+
+
+async def run_podman(podman: str, env: Mapping[str, str], *args: str) -> tuple[int, str]:
+    """podman with `args`: its status and output (stdout and stderr); a cancelled call kills
+    podman instead of leaving it running."""
+    proc = await asyncio.create_subprocess_exec(
+        podman, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env
+    )
+    try:
+        out, _ = await proc.communicate()
+    except asyncio.CancelledError:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def podman_env(
+    storage_conf: Path, registries_conf: Path | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """the environment of every podman call of a CVM: its own storage and registries."""
+    env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage_conf), **(extra or {})}
+    if registries_conf is not None:
+        env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
+    return env
+
+
+#: at most this many images are pulled ahead, each name at most this long
+MAX_PREFETCH, MAX_IMAGE_NAME = 16, 512
+
+
+def named_images(compose_yaml: str) -> list[str]:
+    """the images a docker-compose file names outright, in order, each once: not those named
+    through `$` (the app's encrypted env decides them, known only after its keys), nor any
+    name podman could read as a flag. [] for a file that does not parse (the boot reports it)."""
+    try:
+        doc = yamllimits.load(compose_yaml)
+    except YamlError:
+        return []
+    services = doc.get("services") if isinstance(doc, dict) else None
+    if not isinstance(services, dict):
+        return []
+    out: dict[str, None] = {}
+    for svc in services.values():
+        image = svc.get("image") if isinstance(svc, dict) else None
+        if (
+            isinstance(image, str)
+            and 0 < len(image) <= MAX_IMAGE_NAME
+            and "$" not in image
+            and not image.startswith("-")
+            and image.isprintable()
+        ):
+            out[image] = None
+    return list(out)[:MAX_PREFETCH]
+
+
+class ImagePrefetch:
+    """pulls a new storage's images while the boot does other work (its keys, its disk): the
+    images of a measured compose file, before the app's keys exist. Nothing of an image runs
+    until the containers start, after the keys, as without it; a pull that fails here is
+    tried again then, and its error reported there."""
+
+    def __init__(self, images: list[str], env: Mapping[str, str], podman: str = "podman") -> None:
+        self.images = images
+        self._task = asyncio.create_task(self._pull(dict(env), podman))
+
+    async def _pull(self, env: dict[str, str], podman: str) -> set[str]:
+        pulled = set()
+        for image in self.images:
+            started = time.monotonic()
+            code, out = await run_podman(podman, env, "pull", "--quiet", "--", image)
+            if code == 0:
+                pulled.add(image)
+                log.info("pulled image %s ahead in %.1f s", image, time.monotonic() - started)
+            else:
+                log.info("pulling image %s ahead failed: %s", image, out.strip()[-200:])
+        return pulled
+
+    async def pulled(self) -> set[str]:
+        """the images that were pulled (waits for the pulls); none after `cancel`."""
+        if self._task.cancelled():
+            return set()
+        try:
+            return await asyncio.shield(self._task)
+        except Exception:
+            log.exception("pulling images ahead failed")
+            return set()
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task
 
 
 class PodmanCompose:
@@ -55,15 +151,18 @@ class PodmanCompose:
         userns: tuple[int, int] | None = None,
         registries_conf: Path | None = None,
         new_storage: bool = False,
+        prefetch: ImagePrefetch | None = None,
     ) -> None:
         """`binds_dir` holds the app's relative bind mounts (`./data`), created on first use
         with mode 0700; `agent_sockets` maps an agent socket path a compose file may mount
         (`/var/run/dstack.sock`, ...) to the socket on this side (default: the same path).
         `new_storage`: the storage was created empty for this boot, so `up` neither asks which
         images are there nor removes an earlier boot's containers (two podman calls, about a
-        second each under TCG)."""
+        second each under TCG). `prefetch`: pulls of this storage's images already under way;
+        `up` waits for them and pulls only what they did not."""
         self.project = project
         self.new_storage = new_storage
+        self.prefetch = prefetch
         #: (first host id, count): container root is that unprivileged host uid, not host root
         self.userns = userns
         self.volumes_dir = volumes_dir
@@ -72,27 +171,17 @@ class PodmanCompose:
         self.logs_dir = logs_dir or volumes_dir.parent / "container-logs"
         self.cgroup_parent = cgroup_parent
         self.podman = podman
-        self.env = {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage_conf), **(env or {})}
-        if registries_conf is not None:
-            self.env["CONTAINERS_REGISTRIES_CONF"] = str(registries_conf)
+        self.env = podman_env(storage_conf, registries_conf, env)
         self._log_tasks: list[asyncio.Task[None]] = []
 
     def container(self, svc: Service) -> str:
         return f"{self.project.name}-{svc.name}-1"
 
     async def _podman(self, *args: str, check: bool = True) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            self.podman,
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=self.env,
-        )
-        out, _ = await proc.communicate()
-        text = out.decode(errors="replace")
-        if check and proc.returncode != 0:
+        code, text = await run_podman(self.podman, self.env, *args)
+        if check and code != 0:
             raise ComposeError(f"podman {args[0]} failed: {text.strip()[-2000:]}")
-        return proc.returncode or 0, text
+        return code, text
 
     def run_args(self, svc: Service) -> list[str]:
         """`podman run` arguments for `svc`; every value rides in its flag (`--flag=value`),
@@ -199,7 +288,13 @@ class PodmanCompose:
     async def pull_images(self) -> None:
         """pull every service's image that is not here yet, each once; ComposeError naming the
         first one that cannot be pulled."""
+        ahead: set[str] = set()
+        if self.prefetch is not None:
+            ahead = await self.prefetch.pulled()
+            self.prefetch = None
         for image in dict.fromkeys(svc.image for svc in self.project.services):
+            if image in ahead:
+                continue
             if not self.new_storage:
                 code, _ = await self._podman("image", "exists", "--", image, check=False)
                 if code == 0:

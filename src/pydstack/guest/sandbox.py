@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydstack import __version__
+from pydstack.errors import InputError
 from pydstack.rpc.calls import PrpcService
 from pydstack.rpc.errors import RpcError
 from pydstack.rpc.http1 import Http1Server
@@ -43,10 +44,11 @@ from pydstack.tee.hosttd import HostTdx
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose, AppComposeError
 from pydstack.types.docker_compose import STRICT, ComposeError, ComposeProject
+from pydstack.types.sysconfig import SysConfig
 
 from . import gateway_client
 from .boot import Booter, BootError, BootResult
-from .compose_runner import PodmanCompose
+from .compose_runner import ImagePrefetch, PodmanCompose, named_images, podman_env
 from .guest_api import GUEST_API_SERVICE, GuestApi
 from .hostapi import HostApi
 from .runtime import start_runtime
@@ -237,12 +239,18 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
     compose: PodmanCompose | None = None
     api: GuestApi | None = None
     gateway: gateway_client.GatewayClient | None = None
+    prefetch: ImagePrefetch | None = None
     reported = False
     try:
         try:
             compose_raw = (HOST_SHARED / hs.APP_COMPOSE).read_bytes()
         except OSError as e:
             raise BootError(f"cannot read app-compose.json: {e.strerror}") from e
+        # a new storage's images are pulled while the keys are asked for and the disk set up
+        new_storage = not (wd / "containers").exists()
+        podman_storage = storage_conf(wd)
+        if new_storage:
+            prefetch = _prefetch(compose_raw, podman_storage)
         tdx = HostTdx(HOST_API / "api.sock")  # the td lives in the vmm, out of our reach
         booter = Booter(tdx, HOST_SHARED, WORK, host.notify)
         try:
@@ -272,11 +280,11 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
         project = ComposeProject.parse(
             app.docker_compose_file, _project_name(app.name), envs, policy=STRICT
         )
-        new_storage = not (wd / "containers").exists()
         compose = PodmanCompose(
             project,
-            storage_conf=storage_conf(wd),
+            storage_conf=podman_storage,
             new_storage=new_storage,
+            prefetch=prefetch,
             registries_conf=registries_conf(sys_config.docker_registry),
             volumes_dir=app_owned_dir(PERSISTENT / "volumes", uid_base),
             binds_dir=app_owned_dir(PERSISTENT / "binds", uid_base),
@@ -319,12 +327,30 @@ async def boot_and_run(wd: Path, scrypt_n: int, uid_base: int = 0) -> int:
             await compose.down(timeout=2)
         return 1
     finally:
+        if prefetch is not None:
+            await prefetch.cancel()
         if gateway is not None:
             await gateway.close()
         for s in servers:
             await s.close()
         await host.client.close()
         subprocess.run(["fusermount3", "-u", "-z", str(PERSISTENT)], capture_output=True)
+
+
+def _prefetch(compose_raw: bytes, podman_storage: Path) -> ImagePrefetch | None:
+    """pulls of the images the app's compose names outright, started now; None when there is
+    nothing to pull or the compose or sys-config does not read (the boot reports that)."""
+    try:
+        app = AppCompose.parse(compose_raw)
+        app.check_policy()
+        images = named_images(app.docker_compose_file)
+        registry = SysConfig.load(HOST_SHARED / hs.SYS_CONFIG).docker_registry
+    except (InputError, OSError) as e:
+        log.info("not pulling images ahead: %s", e)
+        return None
+    if not images:
+        return None
+    return ImagePrefetch(images, podman_env(podman_storage, registries_conf(registry)))
 
 
 def _key_provider(raw: bytes) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
-from pydstack.guest.compose_runner import PodmanCompose
+from pydstack.guest.compose_runner import MAX_PREFETCH, ImagePrefetch, PodmanCompose, named_images
 from pydstack.types.docker_compose import PERMISSIVE, STRICT, ComposeError, ComposeProject, Mount
 
 COMPOSE = """
@@ -212,15 +214,19 @@ def test_storage_conf_keeps_pulled_images_and_mounts_no_host_store(tmp_path, mon
     assert (wd / "containers" / "overlay-images").is_dir()
 
 
+def _podman_script(tmp_path: Path, body: str) -> Path:
+    """a podman that is the shell script `body`."""
+    script = tmp_path / "podman"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
 def _recording_podman(tmp_path: Path) -> tuple[Path, Path]:
     """a podman that logs its arguments; `image exists` answers "no" (status 1)."""
     log = tmp_path / "calls.log"
-    script = tmp_path / "podman"
-    script.write_text(
-        f'#!/bin/sh\necho "$*" >> {log}\nif [ "$1 $2" = "image exists" ]; then exit 1; fi\n'
-    )
-    script.chmod(0o755)
-    return script, log
+    body = f'echo "$*" >> {log}\nif [ "$1 $2" = "image exists" ]; then exit 1; fi'
+    return _podman_script(tmp_path, body), log
 
 
 @pytest.mark.parametrize("new_storage", [True, False])
@@ -244,3 +250,64 @@ async def test_up_on_new_storage_skips_the_image_check_and_the_cleanup(tmp_path,
     for t in pc._log_tasks:
         t.cancel()
     assert "rm --ignore" in [" ".join(line.split()[:2]) for line in log.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------ images pulled ahead
+def test_only_images_named_outright_are_pulled_ahead():
+    text = """
+services:
+  a: {image: localhost/web:1}
+  b: {image: "${IMAGE}"}
+  c: {image: "localhost/db:$TAG"}
+  d: {image: localhost/web:1}
+  e: {image: "--privileged"}
+  f: {build: .}
+  g: {image: localhost/db:1}
+"""
+    assert named_images(text) == ["localhost/web:1", "localhost/db:1"]
+    for bad in ("services: [", "- a", "services: 5", "a: &x [*x]", ""):
+        assert named_images(bad) == [], bad
+    many = "services:\n" + "".join(f"  s{i}: {{image: img{i}}}\n" for i in range(40))
+    assert named_images(many) == [f"img{i}" for i in range(MAX_PREFETCH)]
+
+
+async def test_images_pulled_ahead_are_not_pulled_again(tmp_path):
+    podman, log = _recording_podman(tmp_path)
+    ahead = ImagePrefetch(["localhost/db:1", "localhost/other:1"], {}, podman=str(podman))
+    _, pc = runner(tmp_path, podman=str(podman), new_storage=True, prefetch=ahead)
+    await pc.up()
+    for t in pc._log_tasks:
+        t.cancel()
+    calls = log.read_text().splitlines()
+    assert [c for c in calls if c.startswith("pull")] == [
+        "pull --quiet -- localhost/db:1",
+        "pull --quiet -- localhost/other:1",
+        "pull --quiet -- localhost/web:1",  # not pulled ahead: pulled at up
+    ]
+    assert [" ".join(c.split()[:2]) for c in calls[3:]] == ["run -d"] * 2
+
+
+async def test_a_failed_pull_ahead_is_pulled_again_and_its_error_reported_there(tmp_path):
+    log = tmp_path / "calls.log"
+    # every pull fails: the one ahead quietly, the one at up with the boot's error
+    podman = _podman_script(tmp_path, f'echo "$*" >> {log}\necho "manifest unknown"; exit 125')
+    ahead = ImagePrefetch(["localhost/db:1"], {}, podman=str(podman))
+    _, pc = runner(tmp_path, podman=str(podman), new_storage=True, prefetch=ahead)
+    with pytest.raises(ComposeError, match=r"image localhost/db:1 of service db cannot be pulled"):
+        await pc.up()
+    assert log.read_text().splitlines() == ["pull --quiet -- localhost/db:1"] * 2
+
+
+async def test_cancelling_the_pulls_ahead_stops_podman(tmp_path):
+    pidfile = tmp_path / "pid"
+    podman = _podman_script(tmp_path, f"echo $$ > {pidfile}\nexec sleep 60")
+    ahead = ImagePrefetch(["localhost/db:1"], {}, podman=str(podman))
+    for _ in range(500):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    await ahead.cancel()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert await ahead.pulled() == set()
