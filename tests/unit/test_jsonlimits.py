@@ -180,3 +180,14 @@ def test_paired_surrogate_escapes_are_text():
     doc = jsonlimits.loads(b'{"a": "\\ud83d\\ude00"}', surrogates=False)
     assert doc == {"a": "\U0001f600"}
     assert jsonlimits.loads(b'"\\udfff"') == "\udfff"  # loads alone keeps them by default
+
+
+@pytest.mark.parametrize(
+    "doc", [b'{"a": NaN}', b"[Infinity]", b"[-Infinity]", b"1e999", b'{"t": -1E400}']
+)
+def test_non_finite_numbers_are_not_json(doc: bytes) -> None:
+    """json.loads reads NaN, Infinity and overflowing numbers (serde_json, upstream's parser,
+    refuses them): a timeout or interval of NaN compares false with everything."""
+    with pytest.raises(jsonlimits.JsonError, match=r"not a json number|out of range"):
+        jsonlimits.loads(doc)
+    assert jsonlimits.loads(b"[1e308, -0.0, 2e-400, 1.5]") == [1e308, -0.0, 0.0, 1.5]

@@ -184,7 +184,7 @@ def _jlist(values: Sequence[str]) -> str:
 def key_provider_of(info: bytes) -> dict[str, str] | None:
     """the decoded key-provider event (`{"name", "id"}`), None when absent or malformed."""
     try:
-        obj = json.loads(info) if info else None
+        obj = jsonlimits.loads(info) if info else None
     except ValueError:
         return None
     if not isinstance(obj, dict):

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from pydstack.crypto.certload import load_cert_der, load_certs_pem
+from pydstack.types import jsonlimits
 
 from .errors import ParseError, VerifyError
 from .intel_root import INTEL_SGX_ROOT_CA_DER
@@ -103,7 +104,7 @@ def _parsed_collateral(text: str) -> Any:
 
 def _issue_date(collateral: Any) -> int | None:
     try:
-        issue = json.loads(collateral.tcb_info)["issueDate"]
+        issue = jsonlimits.loads(collateral.tcb_info)["issueDate"]
         return int(dt.datetime.fromisoformat(issue.replace("Z", "+00:00")).timestamp())
     except (ValueError, KeyError, TypeError):
         return None
@@ -113,7 +114,7 @@ def _issue_date(collateral: Any) -> int | None:
 def _next_update(collateral_json: str) -> float | None:
     """the nextUpdate of a collateral's TCB info (read once per text), None if unreadable."""
     try:
-        tcb = json.loads(json.loads(collateral_json)["tcb_info"])
+        tcb = jsonlimits.loads(jsonlimits.loads(collateral_json)["tcb_info"])
         return dt.datetime.fromisoformat(tcb["nextUpdate"].replace("Z", "+00:00")).timestamp()
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -395,7 +396,7 @@ class CollateralCache:
         the file is not such collateral."""
         try:
             text = path.read_text()
-            fmspc = str(json.loads(json.loads(text)["tcb_info"])["fmspc"]).upper()
+            fmspc = str(jsonlimits.loads(jsonlimits.loads(text)["tcb_info"])["fmspc"]).upper()
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise VerifyError(f"{path.name} is not collateral json with a tcb info: {e}") from e
         if len(fmspc) != 12 or not all(c in "0123456789ABCDEF" for c in fmspc):

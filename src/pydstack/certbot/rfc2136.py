@@ -30,6 +30,8 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
+from pydstack.types import jsonlimits
+
 from .dns01 import CAA, TXT, DnsRecord, caa_content
 from .errors import DnsProviderError
 from .model import Rfc2136Provider, split_server
@@ -61,7 +63,7 @@ def _decode_id(record_id: str) -> tuple[str, str, str]:
         raise DnsProviderError("rfc2136 record id is too long")
     try:
         raw = base64.urlsafe_b64decode(record_id + "=" * (-len(record_id) % 4))
-        name, rtype, rdata = json.loads(raw)
+        name, rtype, rdata = jsonlimits.loads(raw)
     except (binascii.Error, ValueError, TypeError) as e:
         raise DnsProviderError("rfc2136 record id is not one this provider made") from e
     if not all(isinstance(x, str) for x in (name, rtype, rdata)) or rtype not in (TXT, CAA):

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from pydstack.errors import ConfigError, DstackError, UnavailableError
+from pydstack.types import jsonlimits
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ def _reason(e: BaseException) -> str:
 
 def _json(raw: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(raw)
+        obj = jsonlimits.loads(raw)
     except ValueError:
         raise EtcdError("etcd answered something that is not json") from None
     if not isinstance(obj, dict):

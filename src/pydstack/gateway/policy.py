@@ -13,12 +13,12 @@ Parsing raises :class:`PortPolicyError` (an :class:`~pydstack.errors.InputError`
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydstack.errors import InputError
+from pydstack.types import jsonlimits
 
 #: the most ports one policy may list (a bound on what a CVM can make the gateway store)
 MAX_PORTS = 1024
@@ -127,7 +127,7 @@ def _json_object(text: str, what: str) -> Mapping[str, Any]:
     if len(text) > 1 << 20:
         raise PortPolicyError(f"agent info {what} is too large")
     try:
-        value = json.loads(text)
+        value = jsonlimits.loads(text)
     except ValueError as e:
         raise PortPolicyError(f"agent info {what} is not json") from e
     if not isinstance(value, Mapping):

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pydstack.errors import ConfigError
+from pydstack.types import jsonlimits
 
 from .bootinfo import BootInfo
 
@@ -314,7 +315,7 @@ class EthCallBatcher:
             raw = await r.content.read(MAX_RPC_ANSWER + 1)
         if len(raw) > MAX_RPC_ANSWER:
             raise RuntimeError("node's answer too large")
-        answers = json.loads(raw)
+        answers = jsonlimits.loads(raw)
         if not isinstance(answers, list) or len(answers) != len(calls):
             raise RuntimeError("node did not answer the batch")
         by_id = {a.get("id"): a for a in answers if isinstance(a, dict)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import ssl
 import tempfile
@@ -17,6 +16,7 @@ from cryptography import x509
 from google.protobuf.message import DecodeError, Message
 
 from pydstack.crypto.certload import load_cert_der
+from pydstack.types import jsonlimits
 
 from .errors import RpcError
 from .json_codec import CodecError, json_to_message, message_to_json
@@ -340,7 +340,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
 def _error_message(body: bytes, status: int, json_mode: bool) -> str:
     if json_mode:
         try:
-            obj = json.loads(body)
+            obj = jsonlimits.loads(body)
             if isinstance(obj, dict) and isinstance(obj.get("error"), str):
                 return str(obj["error"])
         except ValueError:

@@ -43,6 +43,7 @@ from urllib.parse import parse_qsl
 import httptools
 
 from pydstack.crypto.certload import load_cert_der
+from pydstack.types import jsonlimits
 
 from .calls import (
     CLIENT_CERT_UNREADABLE,
@@ -138,7 +139,7 @@ class HttpRequest:
         return self._conn.remote if self._conn is not None else None
 
     def json(self) -> object:
-        return json.loads(self.body)
+        return jsonlimits.loads(self.body)
 
 
 RouteHandler = Callable[[HttpRequest], Awaitable[Answer]]

@@ -15,7 +15,9 @@ The contract of `loads`:
   so over-counted, never under-counted, and at C speed before anything is built); otherwise
   JsonError.
 - every failure is a `JsonError` (an `InputError`, so a ValueError): malformed JSON, an
-  integer of more digits than Python converts, and every limit above.
+  integer of more digits than Python converts, `NaN`, `Infinity`, `-Infinity` and numbers
+  beyond a float's range (json.loads reads these; they are not JSON), and every limit above.
+  So every float that comes back is finite.
 - escaped lone surrogates (`"\\udfff"`) are legal JSON and come back as lone surrogates in the
   resulting str; callers that encode such strings (hashing, printing) must handle that, or
   pass `surrogates=False` to have them refused (as serde_json, upstream's parser, refuses
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +89,22 @@ def nesting_depth(data: str | bytes) -> int:
     return max(0, max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0))
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a json number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+#: json.loads would read NaN, Infinity and -Infinity (not JSON; serde_json, upstream's parser,
+#: refuses them) and numbers like 1e999 as infinity; this decoder refuses all four
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def loads(
     data: str | bytes,
     max_depth: int = DEFAULT_MAX_DEPTH,
@@ -105,8 +124,8 @@ def loads(
     if opening > max_depth and nesting_depth(text) > max_depth:
         raise JsonError(f"json nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(text)
-    except ValueError as e:  # JSONDecodeError, and int() refusing more than 4300 digits
+        obj = _DECODER.decode(text)
+    except ValueError as e:  # JSONDecodeError, int() refusing more than 4300 digits, and ours
         raise JsonError(str(e)) from None
     if not surrogates:
         try:  # escapes can pair into valid text or not; raw characters were checked as text
