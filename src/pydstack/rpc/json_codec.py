@@ -55,6 +55,7 @@ class CodecError(InputError):
 
 
 #: a decimal integer as JSON strings and query values carry it: ascii digits, optional sign
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 _INT_TEXT = re.compile(r"-?[0-9]{1,20}")
 #: a proto field name (anything else cannot name a field: it is an unknown key)
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -155,10 +156,11 @@ def message_to_json(msg: Message, omit_empty: frozenset[str] = frozenset()) -> b
 def _hex(value: Any, name: str) -> bytes:
     if not isinstance(value, str):
         raise CodecError(f"field {name}: expected a hex string")
-    try:
-        return bytes.fromhex(value.removeprefix("0x").removeprefix("0X"))
-    except ValueError as e:
-        raise CodecError(f"field {name}: invalid hex") from e
+    digits = value.removeprefix("0x").removeprefix("0X")
+    # bytes.fromhex would also skip whitespace ("de ad"): hex digits only, as serde's hex reads
+    if not _HEX.fullmatch(digits):
+        raise CodecError(f"field {name}: invalid hex")
+    return bytes.fromhex(digits)
 
 
 def _scalar_in(f: Any, value: Any, msg_cls: Callable[[], Message] | None) -> Any:

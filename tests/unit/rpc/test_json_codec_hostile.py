@@ -35,6 +35,17 @@ def test_integer_strings_are_ascii_decimal_only(text):
         query_to_message(f"vcpu={text}", pb.VmConfiguration())
 
 
+@pytest.mark.parametrize("text", ["de ad", " dead", "dead\n", "de\tad", "0xde ad", "abc", "zz"])
+def test_hex_fields_are_hex_digits_only(text):
+    """bytes.fromhex skips whitespace: "de ad" was a second spelling of b"\\xde\\xad"."""
+    body = json.dumps({"report_data": text}).encode()
+    with pytest.raises(CodecError, match="invalid hex"):
+        json_to_message(body, apb.RawQuoteArgs())
+    for ok, want in (("dead", b"\xde\xad"), ("0xDEAD", b"\xde\xad"), ("", b"")):
+        body = json.dumps({"report_data": ok}).encode()
+        assert json_to_message(body, apb.RawQuoteArgs()).report_data == want
+
+
 def test_integer_strings_still_parse():
     assert json_to_message(b'{"memory": "-0"}', pb.VmConfiguration()).memory == 0
     assert json_to_message(b'{"memory": "2048"}', pb.VmConfiguration()).memory == 2048
