@@ -41,6 +41,7 @@ INDEX = {
     "gateway_http_head": "gateway",
     "app_address": "gateway",
     "register_answer": "gateway",
+    "port_policy": "gateway",
 }
 
 

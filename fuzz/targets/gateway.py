@@ -17,6 +17,12 @@ from fuzz.targets import common as c
 from pydstack.crypto.wgkeys import public_key_of
 from pydstack.gateway.app_address import AppAddressError, parse_app_address
 from pydstack.gateway.ingress import IngressError, classify
+from pydstack.gateway.policy import (
+    MAX_PORTS,
+    PortPolicy,
+    PortPolicyError,
+    policy_from_agent_info,
+)
 from pydstack.gateway.proxy_protocol import (
     V1_MAX,
     ProxyProtocolError,
@@ -262,4 +268,52 @@ REGISTER_ANSWER = Target(
     max_len=16 * 1024,
 )
 
-TARGETS: Sequence[Target] = (CLIENT_HELLO, PROXY_HEADER, HTTP_HEAD, APP_ADDRESS, REGISTER_ANSWER)
+# -- the port policy a CVM reports: its agent's Info, as the gateway's policy fetch reads it --
+
+
+def _port_policy(data: bytes) -> None:
+    text = c.text(data)
+    for info in ({"tcb_info": text}, {"tcb_info": json.dumps({"app_compose": text})}):
+        try:
+            policy = policy_from_agent_info(info)
+        except PortPolicyError as e:
+            assert len(str(e)) < 300, "an error message grew with its input"
+            continue
+        assert len(policy.ports) <= MAX_PORTS
+        assert all(1 <= p <= 65535 and isinstance(pp, bool) for p, pp in policy.ports.items())
+        again = PortPolicy.from_json(policy.to_json())
+        assert again == policy, "a policy does not survive its own json form"
+
+
+def _policy_seeds() -> list[tuple[str, bytes]]:
+    compose = {"manifest_version": 2, "name": "app", "runner": "docker-compose"}
+    policy = {"restrict_mode": True, "ports": [{"port": 8080, "pp": True}, {"port": 443}]}
+    return [
+        ("policy", json.dumps({**compose, "port_policy": policy}).encode()),
+        ("open", json.dumps(compose).encode()),
+        ("tcb", json.dumps({"app_compose": json.dumps({"port_policy": policy})}).encode()),
+    ]
+
+
+PORT_POLICY = Target(
+    name="port_policy",
+    doc="`gateway/policy.py::policy_from_agent_info`: the port policy in a CVM agent's `Info` "
+    "(tcb_info → app_compose → port_policy, JSON in JSON), the input as either level; a "
+    "policy read survives its JSON form and errors stay short",
+    make=lambda: _port_policy,
+    allowed=(),
+    seeds=_policy_seeds,
+    mutators=m.JSON,
+    tokens=(b'"port_policy"', b'"restrict_mode"', b'"ports"', b'"port"', b'"pp"', b"65536"),
+    max_len=16 * 1024,
+    calls=2,
+)
+
+TARGETS: Sequence[Target] = (
+    CLIENT_HELLO,
+    PROXY_HEADER,
+    HTTP_HEAD,
+    APP_ADDRESS,
+    REGISTER_ANSWER,
+    PORT_POLICY,
+)

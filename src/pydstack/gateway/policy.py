@@ -24,6 +24,14 @@ from pydstack.types import jsonlimits
 MAX_PORTS = 1024
 
 
+def _show(value: object) -> str:
+    """a value for an error message, bounded whatever the value: an int's first digits, else
+    its type (a CVM chooses these values)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value) if -(10**20) < value < 10**20 else f"of {value.bit_length()} bits"
+    return f"of type {type(value).__name__}"
+
+
 class PortPolicyError(InputError):
     """a port policy is malformed."""
 
@@ -40,7 +48,7 @@ class PortPolicy:
             raise PortPolicyError(f"port policy lists more than {MAX_PORTS} ports")
         for port in self.ports:
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise PortPolicyError(f"port policy port {port!r} is not in 1..65535")
+                raise PortPolicyError(f"port policy port {_show(port)} is not in 1..65535")
         object.__setattr__(self, "ports", dict(self.ports))
 
     def __hash__(self) -> int:
@@ -84,7 +92,7 @@ class PortPolicy:
             port = item.get("port")
             pp = item.get("pp", False)
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise PortPolicyError(f"port policy port {port!r} is not in 1..65535")
+                raise PortPolicyError(f"port policy port {_show(port)} is not in 1..65535")
             if not isinstance(pp, bool):
                 raise PortPolicyError("port policy pp must be a boolean")
             entries.append((port, pp))

@@ -68,6 +68,14 @@ def test_malformed_policies(obj: object) -> None:
         PortPolicy.from_json(obj)
 
 
+@pytest.mark.parametrize("port", ["8" * 100_000, [[1] * 50_000], 10**4000, -(10**30)])
+def test_errors_do_not_grow_with_what_a_cvm_sent(port: object) -> None:
+    """the port value went into the error message whole (repr of a 100 KB string)."""
+    with pytest.raises(PortPolicyError) as e:
+        PortPolicy.from_json({"ports": [{"port": port}]})
+    assert len(str(e.value)) < 100, str(e.value)[:200]
+
+
 def test_json_round_trip_and_duplicate_ports_merge_pp() -> None:
     p = PortPolicy.from_json(
         {"restrict_mode": True, "ports": [{"port": 1}, {"port": 1, "pp": True}]}
