@@ -28,3 +28,22 @@ class NotFoundError(DstackError):
 
 class UnavailableError(DstackError):
     """a service this depends on cannot be reached or refused to work."""
+
+
+#: the most characters of a peer's value an error message shows
+SHOW_MAX = 40
+
+
+def show_value(value: object) -> str:
+    """a value a peer sent, for an error message: bounded whatever the value (a string cut to
+    SHOW_MAX characters, an integer's digits while short, else only its kind), so a message
+    never grows with its input, nor repeats a large structure."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if -(10**SHOW_MAX) < value < 10**SHOW_MAX else "a number too long to show"
+    if isinstance(value, str):
+        return repr(value[:SHOW_MAX]) + ("..." if len(value) > SHOW_MAX else "")
+    if isinstance(value, float):
+        return repr(value)
+    return f"a {type(value).__name__}"

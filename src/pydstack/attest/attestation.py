@@ -22,6 +22,7 @@ from typing import Any
 
 import msgpack
 
+from pydstack.errors import show_value
 from pydstack.types import msgpacklimits
 
 from .errors import ParseError
@@ -339,7 +340,7 @@ def _int(obj: Any, what: str, hi: int) -> int:
 def _version(obj: dict[str, Any]) -> int:
     v = obj.get("version", 1)
     if v not in (1, 2) or isinstance(v, bool):
-        raise ParseError(f"unsupported event version {v!r}")
+        raise ParseError(f"unsupported event version {show_value(v)}")
     return int(v)
 
 

@@ -19,6 +19,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from pydstack.errors import show_value
 from pydstack.types import jsonlimits
 
 from .errors import ParseError
@@ -76,7 +77,7 @@ class TdxEvent(NamedTuple):
         imr: Any = get("imr")
         event_type: Any = get("event_type")
         if not (type(imr) is int or _plain_int(imr)) or not 0 <= imr <= 3:
-            raise ParseError(f"event log entry has an invalid imr: {imr!r}")
+            raise ParseError(f"event log entry has an invalid imr: {show_value(imr)}")
         if not (type(event_type) is int or _plain_int(event_type)):
             raise ParseError("event log entry has an invalid event_type")
         if not 0 <= event_type <= 0xFFFFFFFF:
@@ -86,7 +87,7 @@ class TdxEvent(NamedTuple):
             raise ParseError("event log entry has no event_payload")
         version = get("version", 1)
         if version not in (1, 2) or isinstance(version, bool):
-            raise ParseError(f"event log entry has an unsupported version: {version!r}")
+            raise ParseError(f"event log entry has an unsupported version: {show_value(version)}")
         preimage = get("preimage")
         return cls(
             imr,
@@ -165,7 +166,7 @@ class RuntimeEvent(NamedTuple):
             raise ParseError(f"runtime event payload is not base64: {e}") from e
         version = obj.get("version", 1)
         if version not in (1, 2):
-            raise ParseError(f"unsupported runtime event version {version!r}")
+            raise ParseError(f"unsupported runtime event version {show_value(version)}")
         return cls(name, raw, version)
 
 

@@ -17,19 +17,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydstack.errors import InputError
+from pydstack.errors import InputError, show_value
 from pydstack.types import jsonlimits
 
 #: the most ports one policy may list (a bound on what a CVM can make the gateway store)
 MAX_PORTS = 1024
-
-
-def _show(value: object) -> str:
-    """a value for an error message, bounded whatever the value: an int's first digits, else
-    its type (a CVM chooses these values)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value) if -(10**20) < value < 10**20 else f"of {value.bit_length()} bits"
-    return f"of type {type(value).__name__}"
 
 
 class PortPolicyError(InputError):
@@ -48,7 +40,7 @@ class PortPolicy:
             raise PortPolicyError(f"port policy lists more than {MAX_PORTS} ports")
         for port in self.ports:
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise PortPolicyError(f"port policy port {_show(port)} is not in 1..65535")
+                raise PortPolicyError(f"port policy port {show_value(port)} is not in 1..65535")
         object.__setattr__(self, "ports", dict(self.ports))
 
     def __hash__(self) -> int:
@@ -92,7 +84,7 @@ class PortPolicy:
             port = item.get("port")
             pp = item.get("pp", False)
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise PortPolicyError(f"port policy port {_show(port)} is not in 1..65535")
+                raise PortPolicyError(f"port policy port {show_value(port)} is not in 1..65535")
             if not isinstance(pp, bool):
                 raise PortPolicyError("port policy pp must be a boolean")
             entries.append((port, pp))

@@ -108,3 +108,13 @@ def test_ccel_digests_longer_than_48_bytes_are_refused_when_parsed():
     assert parse_ccel(_ccel(0xC, 48))[0].digest == b"\x11" * 48
     with pytest.raises(ParseError, match="longer than 48"):
         parse_ccel(_ccel(0xD, 64))
+
+
+@pytest.mark.parametrize("field", ["imr", "version"])
+@pytest.mark.parametrize("value", ["3" * 100_000, [0] * 50_000, {"a": "b" * 100_000}, 10**500])
+def test_event_log_errors_do_not_repeat_what_the_peer_sent(field: str, value: object) -> None:
+    entry = {"imr": 3, "event_type": 1, "digest": "00" * 48, "event": "", "event_payload": ""}
+    entry[field] = value
+    with pytest.raises(ParseError) as e:
+        event_log_from_json(json.dumps([entry]))
+    assert len(str(e.value)) < 120, str(e.value)[:200]
