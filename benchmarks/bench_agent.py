@@ -7,7 +7,9 @@
 
 Rows: `Version` (no work: the floor of the HTTP stack), `GetKey`, `Info`, `GetQuote`; each
 with its ratio to `Version`, and the in-process cost of the work itself (a key and its signature
-chain, a quote) as a second floor.
+chain, a quote) as a second floor. A GetQuote answer is about 31 KB (the quote, the versioned
+attestation and the event log, as upstream's), so a last row, `blob`, is the same HTTP stack
+answering a GetQuote answer's bytes without any work: GetQuote's floor on the wire.
 """
 
 from __future__ import annotations
@@ -147,6 +149,35 @@ def unix(sock: str, method: str, body: bytes, procs: int, conns: int, secs: floa
     return len(lat) / secs, pct(lat, 50) * 1e3, pct(lat, 99) * 1e3, float(errors)
 
 
+def start_blob_server(d: str, body: bytes, port: int) -> subprocess.Popen[str]:
+    """`blob_server.py` answering `body` on `{d}/blob.sock` and `port`."""
+    (Path(d) / "blob.json").write_bytes(body)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "blob_server.py"), f"{d}/blob.json",
+         f"{d}/blob.sock", str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("blob_server did not start")
+    return proc
+
+
+def quote_answer(sock: str) -> bytes:
+    """one GetQuote answer's body, from the simulator."""
+    body = CALLS["GetQuote"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock)
+        s.sendall(
+            b"POST /GetQuote HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.partition(b"\r\n\r\n")[2]
+
+
 def work_floor(d: str) -> dict[str, float]:
     """the work itself, in process: per second."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
@@ -180,20 +211,37 @@ def main() -> None:
             print(f"# dstack-simulator, {conns} connections, {secs:.0f} s per row, load {load:.1f}")
             print(f"# the work alone, in process: key + chain {floors['GetKey']:.0f}/s, "
                   f"quote {floors['GetQuote']:.0f}/s")  # fmt: skip
-            for label, run in (
-                ("wrk http", lambda m, b: wrk(port, m, b, conns, secs, d)),
+            answer = quote_answer(f"{d}/sim/dstack.sock")
+            blob_port = free_port()
+            blob = start_blob_server(d, answer, blob_port)
+            print(f"# a GetQuote answer: {len(answer)} bytes; blob: that answer, no work")
+            for label, run, run_blob in (
+                (
+                    "wrk http",
+                    lambda m, b: wrk(port, m, b, conns, secs, d),
+                    lambda: wrk(blob_port, "Blob", b"{}", conns, secs, d),
+                ),
                 (
                     "unix x2 procs",
                     lambda m, b: unix(f"{d}/sim/dstack.sock", m, b, 2, conns // 2, secs),
+                    lambda: unix(f"{d}/blob.sock", "Blob", b"{}", 2, conns // 2, secs),
                 ),
             ):
                 base = None
+                rows = {}
                 for method, body in CALLS.items():
-                    rps, p50, p99, errors = run(method, body)
+                    rows[method] = rps, p50, p99, errors = run(method, body)
                     base = base or rps
                     print(f"  {label:<14} {method:<9} {rps:9.0f} req/s  p50 {p50:6.2f} ms  "
                           f"p99 {p99:6.2f} ms  {rps / base:5.2f}x Version  errors {errors:.0f}",
                           flush=True)  # fmt: skip
+                rps, p50, p99, errors = run_blob()
+                ratio = rows["GetQuote"][0] / rps
+                print(f"  {label:<14} {'blob':<9} {rps:9.0f} req/s  p50 {p50:6.2f} ms  "
+                      f"p99 {p99:6.2f} ms  GetQuote at {ratio:4.2f}x of it  errors {errors:.0f}",
+                      flush=True)  # fmt: skip
+            blob.terminate()
+            blob.wait(10)
         finally:
             sim.terminate()
             sim.wait(10)
