@@ -232,6 +232,13 @@ def test_deploy_keys_quote_env_storage_and_lifecycle(stack: DevStack, image: str
     # the container's own output reaches the cvm's console, prefixed with its service
     assert "hello | hello: listening on :8080" in stack.logs(vm, 200)
     assert "leaked" not in stack.logs(vm, 500)
+    # the log route: lines are ASCII digits (-1, +5, a superscript two), an unknown id is
+    # echoed cut short
+    for lines in ("-1", "+5", "\u00b2", "1e3"):
+        r = httpx.get(f"{stack.vmm_url}/logs", params={"id": vm, "lines": lines})
+        assert r.status_code == 400 and "non-negative number" in r.text, lines
+    r = httpx.get(f"{stack.vmm_url}/logs", params={"id": "x" * 5000})
+    assert r.status_code == 404 and len(r.text) < 100
 
     # persistent storage is encrypted on the host and survives stop/start
     r = httpx.post(f"http://127.0.0.1:{port}/data", params={"name": "note"}, content=b"persist me")

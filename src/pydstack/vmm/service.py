@@ -27,6 +27,7 @@ from pydstack.rpc.client import PrpcClient
 from pydstack.rpc.proto import guest_api_pb2 as gpb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from pydstack.rpc.server import CallContext, PrpcServer, PrpcService
+from pydstack.types.netaddr import ascii_decimal
 
 from .app import VmmApp
 from .errors import KMS_NOT_CONFIGURED, InvalidState, KmsUnavailable, Refused
@@ -303,15 +304,15 @@ def add_routes(server: PrpcServer, app: VmmApp) -> None:
         vm_id = request.query.get("id", "")
         vm = app.vms.get(vm_id)
         if vm is None:
-            return web.Response(status=404, text=f"vm not found: {vm_id}\n")
+            return web.Response(status=404, text=f"vm not found: {vm_id[:64]}\n")
         ch = request.query.get("ch", "serial")
         files = {"serial": "serial.log", "stdout": "stdout.log", "stderr": "stdout.log"}
         if ch not in files:
             return web.Response(status=400, text="ch must be serial, stdout or stderr\n")
-        try:
-            lines = min(int(request.query.get("lines", "10000")), MAX_LOG_LINES)
-        except ValueError:
-            return web.Response(status=400, text="lines must be a number\n")
+        asked = ascii_decimal(request.query.get("lines", "10000"), 9)
+        if asked is None:
+            return web.Response(status=400, text="lines must be a non-negative number\n")
+        lines = min(asked, MAX_LOG_LINES)
         follow = request.query.get("follow", "false") in ("1", "true", "")
         ansi = request.query.get("ansi", "true") in ("1", "true", "")
         path = vm.workdir.path / files[ch]
