@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -168,6 +169,46 @@ def bench_podman_reference(image: str, runs: int) -> list[float]:
     return times
 
 
+def _podman_in(cg: Any, store: list[str], *args: str) -> None:
+    """podman on the store `store`, started inside the cgroup `cg`."""
+    subprocess.run(["podman", *store, *args], check=True, capture_output=True, preexec_fn=cg.join)
+
+
+def bench_pull_reference(stack: DevStack, image: str, runs: int) -> list[float]:
+    """what a CVM's boot cannot avoid: `podman pull` from the stack's registry into a fresh
+    store, then `podman run` until the app answers, in a cgroup of one CPU and 256 MiB (the
+    benchmark's CVM size), without any of dstack's work."""
+    from pydstack.vmm.backends.sandbox import cgroups
+
+    remote = f"{stack.registry_push}/library/{image}"
+    times = []
+    for i in range(runs):
+        cg = cgroups.create(f"bench-pull-{os.getpid()}-{i}", 1, 256)
+        port = free_port()
+        name = f"bench-pull-{port}"
+        tmp = tempfile.mkdtemp(prefix="bench-pull-")
+        store = ["--root", f"{tmp}/root", "--runroot", f"{tmp}/run"]
+        try:
+            t0 = time.perf_counter()
+            _podman_in(cg, store, "pull", "--quiet", "--tls-verify=false", remote)
+            _podman_in(cg, store, "run", "-d", "--name", name, "--network", "host",
+                       *host_ulimits(), "-e", f"PORT={port}", remote)  # fmt: skip
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(POLL)
+            times.append(time.perf_counter() - t0)
+        finally:
+            subprocess.run(["podman", *store, "rm", "-f", "-t", "0", name], capture_output=True)
+            subprocess.run(["podman", *store, "system", "reset", "-f"], capture_output=True)
+            subprocess.run(["umount", "-R", "-l", f"{tmp}/root"], capture_output=True)
+            subprocess.run(["rm", "-rf", tmp], capture_output=True)
+            cg.remove()
+    return times
+
+
 def bench_many(stack: DevStack, image: str, limit: int) -> None:
     compose = app_compose(image, "many", False)
     vms: list[str] = []
@@ -258,6 +299,12 @@ def main() -> int:
         ref = bench_podman_reference(local, args.boots)
         med = statistics.median(ref)
         print(f"  reference, plain podman run until the app answers: median {med:.2f} s")
+        ref = bench_pull_reference(stack, image, args.boots)
+        med = statistics.median(ref)
+        print(
+            "  reference, podman pull into a fresh store and run, in one cpu and 256 MiB: "
+            f"median {med:.2f} s  min {min(ref):.2f}  max {max(ref):.2f}"
+        )
 
         if args.idle:
             bench_idle(stack, image, args.idle)
