@@ -212,7 +212,10 @@ def registries_conf(docker_registry: str) -> Path:
             f'location = "{host}"',
             "insecure = true",
         ]
-    conf.write_text("\n".join(lines) + "\n")
+    # replaced whole: podman pulls started ahead may be reading it while the boot writes it again
+    tmp = conf.with_name(conf.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, conf)
     return conf
 
 

@@ -198,6 +198,11 @@ def test_the_cvm_registries_conf_mirrors_docker_io_to_the_vmm_registry(tmp_path,
     assert hub["mirror"] == [{"location": "10.213.0.1:5000", "insecure": True}]
     assert direct == {"location": "10.213.0.1:5000", "insecure": True}
     assert "registry" not in tomllib.loads(sandbox.registries_conf("").read_text())
+    # written again while a pull started ahead reads it: replaced whole, never truncated in place
+    with open(sandbox.registries_conf("http://10.213.0.1:5000"), "rb") as reader:
+        before = os.fstat(reader.fileno()).st_ino
+        again = sandbox.registries_conf("http://10.213.0.1:5000")
+        assert os.stat(again).st_ino != before and b"10.213.0.1:5000" in reader.read()
     for bad in ('http://h:1"\n[[registry]]', "http://h:1/path", "http://user@h:1", "h h"):
         with pytest.raises(BootError, match="invalid docker_registry"):
             sandbox.registries_conf(bad)
