@@ -99,6 +99,9 @@ class PolicyFetcher:
                     await self._sleep(delay)
                     delay = min(delay * 2, s.backoff_max)
                 continue
+            except Exception:  # a bug: said in the log; the instance stays denied (fail closed)
+                log.exception("port policy fetch for %s failed unexpectedly", instance_id)
+                return
             if self.table.get(instance_id) is None:
                 return
             self.table.set_reported_policy(instance_id, policy)

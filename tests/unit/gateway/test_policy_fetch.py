@@ -90,3 +90,17 @@ async def test_malformed_answer_is_permanent() -> None:
     await asyncio.gather(*fetcher.in_flight.values())
     assert len(calls) == 1 and sleeps == []
     assert table.get("i1").reported_policy is None  # type: ignore[union-attr]
+
+
+async def test_an_unexpected_error_is_logged_and_the_instance_stays_denied(caplog) -> None:
+    """before jsonlimits, a deeply nested tcb_info raised RecursionError out of the fetch task
+    ("task exception was never retrieved"); whatever escapes the parsers now ends the same way
+    as a malformed answer, with the traceback in the log."""
+    table, fetcher, calls, _ = setup([RuntimeError("a bug"), GOOD])
+    fetcher.gate.set()  # type: ignore[attr-defined]
+    fetcher("i1")
+    tasks = list(fetcher.in_flight.values())
+    await asyncio.gather(*tasks)
+    assert all(t.exception() is None for t in tasks)
+    assert len(calls) == 1 and table.get("i1").reported_policy is None  # type: ignore[union-attr]
+    assert "failed unexpectedly" in caplog.text and "a bug" in caplog.text
