@@ -144,6 +144,16 @@ def bench_boot(stack: DevStack, image: str, boots: int, kms: bool) -> list[float
     return times
 
 
+def wait_app(port: int) -> None:
+    """until the sample app on `port` answers, asking every POLL seconds."""
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(POLL)
+
+
 def bench_podman_reference(image: str, runs: int) -> list[float]:
     """plain `podman run` of the same image until its port answers."""
     times = []
@@ -158,12 +168,7 @@ def bench_podman_reference(image: str, runs: int) -> list[float]:
             ],
             check=True, capture_output=True,
         )  # fmt: skip
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(POLL)
+        wait_app(port)
         times.append(time.perf_counter() - t0)
         subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True)
     return times
@@ -193,12 +198,7 @@ def bench_pull_reference(stack: DevStack, image: str, runs: int) -> list[float]:
             _podman_in(cg, store, "pull", "--quiet", "--tls-verify=false", remote)
             _podman_in(cg, store, "run", "-d", "--name", name, "--network", "host",
                        *host_ulimits(), "-e", f"PORT={port}", remote)  # fmt: skip
-            while True:
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(POLL)
+            wait_app(port)
             times.append(time.perf_counter() - t0)
         finally:
             subprocess.run(["podman", *store, "rm", "-f", "-t", "0", name], capture_output=True)

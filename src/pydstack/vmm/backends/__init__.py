@@ -27,27 +27,6 @@ if TYPE_CHECKING:
         ProcessInfo,
     )
 
-_BASE_NAMES = frozenset(
-    {
-        "BootSpec",
-        "Capabilities",
-        "CvmBackend",
-        "GpuDevice",
-        "HostApiChannel",
-        "InterfaceStatus",
-        "ProcessInfo",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _BASE_NAMES:
-        from . import base
-
-        return getattr(base, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AVAILABLE",
     "BootSpec",
@@ -60,6 +39,17 @@ __all__ = [
     "make_backend",
     "parse_backend_config",
 ]
+#: the names of `.base`, loaded on first use
+_BASE_NAMES = frozenset(__all__) - {"AVAILABLE", "make_backend", "parse_backend_config"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE_NAMES:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 AVAILABLE = ("sandbox", "qemu")
 PLANNED: tuple[str, ...] = ()
