@@ -16,6 +16,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from pydstack.types.capped import read_capped
+
 from .attestation import Attestation, decode_versioned, from_quote_and_event_log
 from .errors import ParseError, VerifyError
 from .eventlog import event_log_from_json
@@ -99,7 +101,7 @@ def decompress_ext_value(data: bytes) -> bytes:
         raise ParseError("compressed extension is corrupt: no gzip data")
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data[len(GZIP_MAGIC) :])) as f:
-            out = f.read(MAX_DECOMPRESSED + 1)
+            out = read_capped(f, MAX_DECOMPRESSED)
     except (OSError, EOFError, zlib.error) as e:
         raise ParseError(f"compressed extension is corrupt: {e}") from e
     if len(out) > MAX_DECOMPRESSED:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from pydstack.errors import ConfigError
+from pydstack.types.capped import read_capped
 from pydstack.types.jsonlimits import load_object
 
 from .policy import PortPolicy, PortPolicyError
@@ -216,7 +217,7 @@ class LocalFileStore:
     def _read(self) -> GatewayState:
         try:
             with open(self.path, "rb") as f:
-                data = f.read(MAX_STATE_BYTES + 1)
+                data = read_capped(f, MAX_STATE_BYTES)
         except FileNotFoundError:
             return GatewayState()
         except OSError as e:

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydstack.errors import InputError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 MAX_APPKEYS_SIZE = 256 * 1024
 KEY_PROVIDER_KINDS = ("None", "Local", "Tpm", "Kms")
@@ -91,7 +92,7 @@ class AppKeys:
     def load(cls, path: Path) -> AppKeys:
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_APPKEYS_SIZE + 1)
+                data = read_capped(f, MAX_APPKEYS_SIZE)
         except OSError as e:
             raise AppKeysError(f"cannot read appkeys {path}: {e.strerror}") from e
         return cls.from_json(data)

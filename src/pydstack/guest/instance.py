@@ -14,6 +14,7 @@ from typing import Any
 
 from pydstack.errors import InputError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 MAX_INSTANCE_INFO_SIZE = 64 * 1024
 
@@ -58,7 +59,7 @@ class InstanceInfo:
     def load(cls, path: Path) -> InstanceInfo:
         try:
             with open(path, "rb") as f:
-                return cls.from_json(f.read(MAX_INSTANCE_INFO_SIZE + 1))
+                return cls.from_json(read_capped(f, MAX_INSTANCE_INFO_SIZE))
         except FileNotFoundError:
             return cls()
         except OSError as e:

@@ -24,6 +24,7 @@ from typing import Any
 from pydstack.attest.errors import AttestError
 from pydstack.attest.eventlog import MAX_EVENT_LOG_JSON, TdxEvent, event_log_from_json
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 from .image import SANDBOX_KIND, ImageDir
 from .lite import TdxMeasurements, lite_measurements
@@ -53,7 +54,7 @@ def _bool(text: str) -> bool:
 
 def _event_log(path: Path) -> list[TdxEvent]:
     with open(path, "rb") as f:
-        raw = f.read(MAX_EVENT_LOG_JSON + 1)
+        raw = read_capped(f, MAX_EVENT_LOG_JSON)
     doc = jsonlimits.loads(raw, max_bytes=MAX_EVENT_LOG_JSON)
     # a GetQuote response carries the log as a json string
     if isinstance(doc, dict) and isinstance(doc.get("event_log"), str):
@@ -114,7 +115,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 def cmd_lite(args: argparse.Namespace) -> int:
     with open(args.vm_config, "rb") as f:
-        doc = jsonlimits.loads(f.read(MAX_DOCUMENT + 1), max_bytes=MAX_DOCUMENT)
+        doc = jsonlimits.loads(read_capped(f, MAX_DOCUMENT), max_bytes=MAX_DOCUMENT)
     if isinstance(doc, dict) and isinstance(doc.get("vm_config"), str):
         doc = jsonlimits.loads(doc["vm_config"], max_bytes=MAX_DOCUMENT)
     vm = VmMeasureConfig.from_obj(doc)

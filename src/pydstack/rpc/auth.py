@@ -37,6 +37,7 @@ import bcrypt
 from aiohttp import web
 
 from pydstack.errors import ConfigError
+from pydstack.types.capped import read_capped
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class Htpasswd:
                 st = os.fstat(f.fileno())
                 if st.st_size > MAX_FILE:
                     raise ConfigError(f"{self.path} is over {MAX_FILE} bytes")
-                text = f.read(MAX_FILE + 1)
+                text = read_capped(f, MAX_FILE)
         except OSError as e:
             raise ConfigError(f"cannot read the htpasswd file {self.path}: {e.strerror}") from e
         return _Stamp(st.st_size, st.st_mtime_ns, st.st_ino), parse(text, str(self.path))

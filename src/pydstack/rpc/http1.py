@@ -63,6 +63,7 @@ from .calls import (
     wants_json,
 )
 from .guard import RequestGuard
+from .json_codec import MAX_QUERY_FIELDS
 from .limits import ConnectionTable, ServerLimits, connection_cap, raise_nofile_limit
 
 __all__ = ["MAX_HEAD", "MAX_HEADERS", "MAX_PIPELINED", "Http1Server", "HttpRequest", "Route"]
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 MAX_HEAD = 16 * 1024
 MAX_HEADERS = 100
 MAX_PIPELINED = 16
-MAX_QUERY_FIELDS = 100
 #: headers whose second copy is refused: the guard, the body mode and the framing read them
 SINGLE_HEADERS = frozenset({"host", "origin", "sec-fetch-site", "content-type", "content-length"})
 _REASONS = {

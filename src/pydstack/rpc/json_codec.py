@@ -61,6 +61,10 @@ _INT_TEXT = re.compile(r"-?[0-9]{1,20}")
 _FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
+#: fields a GET query may carry (counted by its separators before any is decoded)
+MAX_QUERY_FIELDS = 100
+
+
 def _field(fields: Any, key: object) -> Any:
     """the field `key` names, or None; the lookup never sees text the protobuf runtime cannot
     take (lone surrogates raise SystemError there, an embedded NUL matches a shorter name)."""
@@ -237,10 +241,17 @@ def json_to_message(body: bytes, msg: Message) -> Message:
 
 def query_to_message(query: str, msg: Message) -> Message:
     """the GET form: `?field=value&...` (repeated fields as repeated keys or `f[]`).
-    CodecError as `json_to_message`; linear time and memory."""
+    CodecError as `json_to_message`, and for more than MAX_QUERY_FIELDS fields (counted
+    before any is decoded); linear time and memory."""
     obj: dict[str, Any] = {}
     fields = msg.DESCRIPTOR.fields_by_name
-    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+    try:
+        pairs = urllib.parse.parse_qsl(
+            query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS
+        )
+    except ValueError as e:  # the only ValueError parse_qsl raises here: the field count
+        raise CodecError(f"more than {MAX_QUERY_FIELDS} query fields") from e
+    for key, value in pairs:
         f = _field(fields, key.removesuffix("[]"))
         if f is None:
             continue

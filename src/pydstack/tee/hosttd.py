@@ -28,6 +28,7 @@ from pydstack.attest.eventlog import (
 from pydstack.errors import UnavailableError
 from pydstack.rpc.unixpath import SocketPath
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 MAX_RESPONSE = 8 * 1024 * 1024
 SERVICE_PREFIX = "/tdx"
@@ -85,7 +86,7 @@ class HostTdx:
                 headers={"Content-Type": "application/json"},
             )
             resp = conn.getresponse()
-            data = resp.read(MAX_RESPONSE + 1)
+            data = read_capped(resp, MAX_RESPONSE)
         except OSError as e:
             raise HostTdError(f"the host's td is unreachable: {e}") from e
         finally:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydstack.errors import InputError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 MAX_SYS_CONFIG_SIZE = 1024 * 1024
 
@@ -57,7 +58,7 @@ class SysConfig:
     def load(cls, path: Path) -> SysConfig:
         try:
             with open(path, "rb") as f:
-                data = f.read(MAX_SYS_CONFIG_SIZE + 1)
+                data = read_capped(f, MAX_SYS_CONFIG_SIZE)
         except OSError as e:
             raise SysConfigError(f"cannot read sys-config {path}: {e.strerror}") from e
         return cls.from_json(data)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pydstack.errors import ConfigError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 from .config import VerifierConfig
 from .service import MAX_BODY, build_verifier, make_server
@@ -30,7 +31,7 @@ log = logging.getLogger("dstack-verifier")
 async def verify_file(cfg: VerifierConfig, path: Path) -> int:
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_BODY + 1)
+            raw = read_capped(f, MAX_BODY)
         body = jsonlimits.loads(raw, max_bytes=MAX_BODY)
     except OSError as e:
         print(f"error: cannot read {path}: {e.strerror}", file=sys.stderr)

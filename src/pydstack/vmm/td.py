@@ -30,6 +30,7 @@ from pydstack.rpc.proto import host_api_pb2 as hpb
 from pydstack.rpc.server import CallContext
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 from .workdir import atomic_write
 
@@ -86,7 +87,7 @@ class VmTd:
     def resume(cls, seed: bytes, state_path: Path) -> VmTd:
         """the TD of a CVM still running after a VMM restart, rebuilt from its saved events."""
         with open(state_path, "rb") as f:
-            raw = f.read(MAX_STATE_FILE + 1)
+            raw = read_capped(f, MAX_STATE_FILE)
         if len(raw) > MAX_STATE_FILE:
             raise ValueError(f"{state_path.name} is too large")
         doc = jsonlimits.loads(raw)

@@ -10,7 +10,12 @@ import json
 
 import pytest
 
-from pydstack.rpc.json_codec import CodecError, json_to_message, query_to_message
+from pydstack.rpc.json_codec import (
+    MAX_QUERY_FIELDS,
+    CodecError,
+    json_to_message,
+    query_to_message,
+)
 from pydstack.rpc.proto import agent_rpc_pb2 as apb
 from pydstack.rpc.proto import vmm_rpc_pb2 as pb
 from tests.peak import allocation_peak
@@ -85,3 +90,13 @@ def test_bodies_of_countless_items_are_refused_before_parsing():
 def test_utf16_bodies_are_refused():
     with pytest.raises(CodecError, match="utf-8"):
         json_to_message('{"name": "x"}'.encode("utf-16"), pb.VmConfiguration())
+
+
+def test_a_query_of_too_many_fields_is_refused_before_decoding():
+    ok = "&".join(["kms_urls=u"] * MAX_QUERY_FIELDS)
+    assert len(query_to_message(ok, pb.VmConfiguration()).kms_urls) == MAX_QUERY_FIELDS
+    with pytest.raises(CodecError, match=f"more than {MAX_QUERY_FIELDS} query fields"):
+        query_to_message(ok + "&x=1", pb.VmConfiguration())
+    # separators alone count: 4 KiB of them was 4096 empty pairs decoded per message type
+    with pytest.raises(CodecError, match="query fields"):
+        query_to_message("&" * 4096, pb.VmConfiguration())

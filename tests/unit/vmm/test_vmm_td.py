@@ -21,6 +21,7 @@ from pydstack.tee.hosttd import HostTdError, HostTdx
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.vmm.td import (
     MAX_EVENT_PAYLOAD,
+    MAX_STATE_FILE,
     MAX_EVENTS,
     TDX_HOST,
     TdError,
@@ -28,6 +29,7 @@ from pydstack.vmm.td import (
     TdxHostImpl,
     VmTd,
 )
+from tests.peak import allocation_peak
 
 SEED = bytes(range(32))
 COMPOSE_HASH = hashlib.sha256(b'{"name":"app"}').digest()
@@ -136,3 +138,20 @@ async def test_guest_client_over_the_host_socket(tmp_path):
             await asyncio.to_thread(gone.get_quote, b"")
     finally:
         await server.close()
+
+
+def test_resume_pays_for_the_state_file_not_for_its_cap(tmp_path):
+    """`f.read(MAX_STATE_FILE + 1)` allocated the whole 16 MiB cap for every state file, however
+    small (a fuzz finding); the state is read in chunks now."""
+    t = td(tmp_path)
+    t.extend_rtmr3(RuntimeEvent("app-id", b"\x01" * 20))
+    state = tmp_path / "td.json"
+    peak = allocation_peak(
+        f"from pathlib import Path\nfrom pydstack.vmm.td import VmTd\n"
+        f"seed = bytes.fromhex({SEED.hex()!r})\npath = Path({str(state)!r})",
+        "VmTd.resume(seed, path)",
+    )
+    assert peak < 1024 * 1024, peak
+    (tmp_path / "big.json").write_bytes(b" " * (MAX_STATE_FILE + 1))
+    with pytest.raises(ValueError, match="too large"):
+        VmTd.resume(SEED, tmp_path / "big.json")

@@ -23,6 +23,7 @@ import httpx
 
 from pydstack.attest.errors import VerifyError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped
 
 MAX_INPUT = 24 * 1024 * 1024
 _CHECKS = (
@@ -40,10 +41,10 @@ def _die(msg: str) -> NoReturn:
 def _read(path: str) -> Any:
     try:
         if path == "-":
-            raw = sys.stdin.buffer.read(MAX_INPUT + 1)
+            raw = read_capped(sys.stdin.buffer, MAX_INPUT)
         else:
             with open(path, "rb") as f:
-                raw = f.read(MAX_INPUT + 1)
+                raw = read_capped(f, MAX_INPUT)
     except OSError as e:
         _die(f"cannot read {path}: {e.strerror}")
     try:
