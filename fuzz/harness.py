@@ -26,6 +26,7 @@ those inputs (``crash-*``, ``timeout-*``, ``oom-*``) and ``fuzz/run.py`` starts 
 from __future__ import annotations
 
 import cProfile
+import functools
 import hashlib
 import importlib.util
 import json
@@ -137,7 +138,10 @@ def mem_ratio(peak: int, size: int) -> float:
     return peak / max(size, 1024)
 
 
+@functools.lru_cache(maxsize=4096)
 def _rel(filename: str) -> str | None:
+    """`filename` relative to pydstack's source, or None (cached: the memory-peak hook asks
+    for every frame of every line traced)."""
     try:
         return str(Path(filename).resolve().relative_to(PYDSTACK_DIR))
     except ValueError:

@@ -35,6 +35,16 @@ MESSAGES: tuple[type[Message], ...] = (
     host.TdExtendRequest,
     guest.Container,
 )
+#: the GET form reads scalars only: the four of MESSAGES that hold every scalar kind between
+#: them (bool with and without presence, uint32 with and without, uint64, int64, bytes,
+#: string, repeated string, and message fields a query cannot set); each type parses the whole
+#: query again, so the other three only slowed the fuzzer
+QUERY_MESSAGES: tuple[type[Message], ...] = (
+    vmm.VmConfiguration,
+    vmm.UpdateVmRequest,
+    kms.GetMetaResponse,
+    guest.Container,
+)
 
 
 def _json(data: bytes) -> None:
@@ -52,7 +62,7 @@ def _json(data: bytes) -> None:
 
 def _query(data: bytes) -> None:
     query = data.decode("utf-8", "surrogateescape")
-    for cls in MESSAGES:
+    for cls in QUERY_MESSAGES:
         try:
             msg = query_to_message(query, cls())
         except CodecError:
@@ -126,14 +136,15 @@ def _query_seeds() -> list[tuple[str, bytes]]:
 
 PRPC_QUERY = Target(
     name="prpc_query",
-    doc="`rpc/json_codec.py::query_to_message` (the GET form) over the same message types",
+    doc="`rpc/json_codec.py::query_to_message` (the GET form) over four of the same message "
+    "types, which hold every scalar kind",
     make=lambda: _query,
     allowed=(),
     seeds=_query_seeds,
     mutators=(*m.QUERY, m.reencode),
     tokens=(*tuple(t.strip(b'"') + b"=" for t in FIELD_TOKENS[:40]), b"[]=", b"&", b"%"),
     max_len=4 * 1024,  # query strings are short: longer ones only slow the fuzzer
-    calls=7,
+    calls=4,
 )
 
 # -- the request guard: Host, Origin, Sec-Fetch-Site and Content-Type of every request -------
