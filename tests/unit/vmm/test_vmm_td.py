@@ -21,8 +21,8 @@ from pydstack.tee.hosttd import HostTdError, HostTdx
 from pydstack.tee.simulated import SimulatedTdx
 from pydstack.vmm.td import (
     MAX_EVENT_PAYLOAD,
-    MAX_STATE_FILE,
     MAX_EVENTS,
+    MAX_STATE_FILE,
     TDX_HOST,
     TdError,
     TdIdentity,
