@@ -241,6 +241,12 @@ def _broken_image(good: Path, where: Path, file: str, data: bytes) -> Path:
     return where
 
 
+def _seen(stack: DevStack, vm: str) -> str:
+    """what a timed-out wait saw: the vm's info and the end of its serial log."""
+    vmm_log = "\n".join((stack.dir / "vmm.log").read_text(errors="replace").splitlines()[-40:])
+    return f"info: {stack.info(vm)}\nserial log:\n{stack.logs(vm, 80)}\nvmm log:\n{vmm_log}"
+
+
 def test_bad_images_and_a_dying_vm_give_clear_errors(
     stack: DevStack, image: str, guest_image: Path, tmp_path
 ):
@@ -268,7 +274,12 @@ def test_bad_images_and_a_dying_vm_give_clear_errors(
     # a kernel that cannot boot (no usable initramfs): the vm exits, its serial log says why
     _broken_image(guest_image, images / "noinit", "initramfs.cpio.gz", b"\0" * 4096)
     vm = vm_id_of(deploy(stack, d, "x4", image="noinit").stdout)
-    wait_for(lambda: stack.info(vm).get("status") == "exited", "the broken kernel to halt", 300)
+    wait_for(
+        lambda: stack.info(vm).get("status") == "exited",
+        "the broken kernel to halt",
+        300,
+        lambda: _seen(stack, vm),
+    )
     assert "the cvm exited during boot" in stack.info(vm)["boot_error"]
     assert "boot error" in dstack(stack, "lsvm").stdout
     assert "Kernel panic" in stack.logs(vm, 200)
@@ -276,7 +287,14 @@ def test_bad_images_and_a_dying_vm_give_clear_errors(
 
     # QEMU killed in the middle of a boot: a boot error, and nothing of it keeps running
     vm = vm_id_of(deploy(stack, d, "x5").stdout)
-    wait_for(lambda: stack.info(vm).get("boot_progress") not in ("", "booting"), "the boot", 300)
+    t0 = time.monotonic()
+    wait_for(
+        lambda: stack.info(vm).get("boot_progress") not in ("", "booting"),
+        "the boot",
+        300,
+        lambda: _seen(stack, vm),
+    )
+    print(f"x5: first boot step after {time.monotonic() - t0:.1f} s")
     pid = qemu_pid(stack, vm)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: stack.info(vm).get("status") == "exited", "the vm to be seen exited")

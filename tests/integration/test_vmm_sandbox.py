@@ -123,13 +123,15 @@ def get(port: int, route: str, **params: str) -> dict:
     return r.json()
 
 
-def wait_for(pred, what: str, timeout: float = 60) -> None:
+def wait_for(pred, what: str, timeout: float = 60, detail=None) -> None:
+    """poll `pred` until true; on timeout fail with `detail()` (what was seen) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = f"\n{detail()}" if detail is not None else ""
+    raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
 def port_open(port: int) -> bool:
