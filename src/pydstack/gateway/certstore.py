@@ -64,7 +64,7 @@ def server_context(
     processes, when given). CertStoreError when they do not load."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version, ctx.maximum_version = versions
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     if alpn:
         ctx.set_alpn_protocols(alpn)
     fd = os.memfd_create("gateway-cert", os.MFD_CLOEXEC)

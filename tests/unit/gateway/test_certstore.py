@@ -72,6 +72,9 @@ def test_contexts_follow_tls_versions_and_alpn() -> None:
     for bad in ([], ["1.1"], ["tls1.3"]):
         with pytest.raises(CertStoreError):
             tls_version_range(bad)
+    # a TLS 1.2 client cannot make the gateway renegotiate (a handshake's cost, on demand)
+    for ctx in (only12.plain, only12.h2, both.plain, both.h2):
+        assert ctx.options & ssl.OP_NO_RENEGOTIATION
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None):
