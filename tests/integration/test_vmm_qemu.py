@@ -241,6 +241,15 @@ def _broken_image(good: Path, where: Path, file: str, data: bytes) -> Path:
     return where
 
 
+def _mid_boot(stack: DevStack, vm: str) -> bool:
+    """the guest's boot has begun its own steps: one reported to the VMM, or printed on the
+    console (the kill below needs the guest running, not the host API; the first test checks
+    that every step reaches the VMM)."""
+    if stack.info(vm).get("boot_progress") not in ("", "booting"):
+        return True
+    return "[boot.progress]" in stack.logs(vm, 400)
+
+
 def _seen(stack: DevStack, vm: str) -> str:
     """what a timed-out wait saw: the vm's info and the end of its serial log."""
     vmm_log = "\n".join((stack.dir / "vmm.log").read_text(errors="replace").splitlines()[-40:])
@@ -288,12 +297,7 @@ def test_bad_images_and_a_dying_vm_give_clear_errors(
     # QEMU killed in the middle of a boot: a boot error, and nothing of it keeps running
     vm = vm_id_of(deploy(stack, d, "x5").stdout)
     t0 = time.monotonic()
-    wait_for(
-        lambda: stack.info(vm).get("boot_progress") not in ("", "booting"),
-        "the boot",
-        300,
-        lambda: _seen(stack, vm),
-    )
+    wait_for(lambda: _mid_boot(stack, vm), "the boot", 300, lambda: _seen(stack, vm))
     print(f"x5: first boot step after {time.monotonic() - t0:.1f} s")
     pid = qemu_pid(stack, vm)
     os.kill(pid, signal.SIGKILL)
