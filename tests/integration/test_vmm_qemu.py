@@ -251,7 +251,7 @@ def _mid_boot(stack: DevStack, vm: str) -> bool:
 
 
 def _seen(stack: DevStack, vm: str) -> str:
-    """what a timed-out wait saw: the vm's info and the end of its serial log."""
+    """what a timed-out wait saw: the vm's info and the ends of its serial log and the vmm log."""
     vmm_log = "\n".join((stack.dir / "vmm.log").read_text(errors="replace").splitlines()[-40:])
     return f"info: {stack.info(vm)}\nserial log:\n{stack.logs(vm, 80)}\nvmm log:\n{vmm_log}"
 

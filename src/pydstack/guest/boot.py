@@ -27,6 +27,7 @@ from pydstack.crypto.kdf import derive_key, derive_p256_key, p256_pkcs8_der
 from pydstack.errors import DstackError
 from pydstack.types import hostshare as hs
 from pydstack.types.app_compose import AppCompose
+from pydstack.types.capped import read_capped
 from pydstack.types.sysconfig import SysConfig
 
 from .appkeys import AppKeys, KeyProvider
@@ -67,7 +68,7 @@ def copy_host_share(src: Path, dst: Path) -> None:
         except OSError as e:
             raise BootError(f"cannot read {name} from the host share: {e.strerror}") from e
         with os.fdopen(fd, "rb") as f:
-            data = f.read(cap + 1)
+            data = read_capped(f, cap)
         if len(data) > cap:
             raise BootError(f"{name} exceeds its {cap}-byte limit")
         out = os.open(dst / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

@@ -25,6 +25,7 @@ from typing import Any
 
 from pydstack.attest.errors import ParseError, VerifyError
 from pydstack.tee.simulated import synthetic_measurements
+from pydstack.types.capped import read_capped
 
 from .kernel import MAX_KERNEL, cmdline_digest, kernel_digest, measured_cmdline, rtmr1_log
 from .lite import CHECKSUM_FILE, TdxImageMeasurement, TdxMeasurements, checksum_entry
@@ -127,7 +128,7 @@ def _plain_name(value: Any, key: str) -> str:
 def _read(path: Path, limit: int) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            data = read_capped(f, limit)
     except OSError as e:
         raise ImageError(f"cannot read image file {path.name}: {e.strerror}") from e
     if len(data) > limit:
