@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 
 import pytest
 
-from pydstack.types.capped import CHUNK, read_capped
+from pydstack.types.capped import CHUNK, read_capped, read_capped_stream
 from tests.peak import allocation_peak
 
 
@@ -52,3 +53,34 @@ def test_a_small_file_under_a_large_cap_costs_its_size(tmp_path):
     plain = allocation_peak(setup, "with open(path, 'rb') as f: f.read((1 << 26) + 1)")
     assert plain > 1 << 26  # what the cap cost before
     assert capped < 2 * CHUNK
+
+
+async def test_a_stream_that_hands_out_what_has_arrived_is_read_to_its_end_or_cap():
+    """asyncio's and aiohttp's `read(n)` return what has arrived, not n bytes: one read of a
+    body that came in pieces was its first piece."""
+    data = bytes(range(256)) * 1000
+
+    def stream() -> asyncio.StreamReader:
+        """`data` arriving in 1000-byte pieces, one per turn of the loop."""
+        r = asyncio.StreamReader()
+
+        async def arrive() -> None:
+            for i in range(0, len(data), 1000):
+                r.feed_data(data[i : i + 1000])
+                await asyncio.sleep(0)
+            r.feed_eof()
+
+        tasks.append(asyncio.get_running_loop().create_task(arrive()))
+        return r
+
+    tasks: list[asyncio.Task[None]] = []
+
+    one = await stream().read(len(data) + 1)
+    assert len(one) < len(data)  # what a single read gave
+    assert await read_capped_stream(stream(), len(data)) == data
+    assert await read_capped_stream(stream(), 5000) == data[:5001]
+    assert await read_capped_stream(stream(), 0) == data[:1]
+    with pytest.raises(ValueError, match="negative"):
+        await read_capped_stream(stream(), -1)
+    for t in tasks:
+        t.cancel()

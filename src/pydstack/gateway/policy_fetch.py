@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from pydstack.types.capped import read_capped_stream
 from pydstack.types.jsonlimits import load_object
 
 from .config import PortPolicyFetch
@@ -44,7 +45,7 @@ async def agent_info(ip: str, port: int, timeout: float) -> Mapping[str, Any]:
     ):
         if r.status != 200:
             raise OSError(f"agent info answered {r.status}")
-        body = await r.content.read(MAX_INFO_BYTES + 1)
+        body = await read_capped_stream(r.content, MAX_INFO_BYTES)
         if len(body) > MAX_INFO_BYTES:
             raise PortPolicyError("agent info answer too large")
         return load_object(body, "agent info", max_bytes=MAX_INFO_BYTES, error=PortPolicyError)

@@ -25,6 +25,7 @@ import aiohttp
 
 from pydstack.errors import ConfigError
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped_stream
 
 from .bootinfo import BootInfo
 
@@ -312,7 +313,7 @@ class EthCallBatcher:
         async with self._session.post(self.rpc_url, json=body) as r:
             if r.status != 200:
                 raise RuntimeError(f"node answered http {r.status}")
-            raw = await r.content.read(MAX_RPC_ANSWER + 1)
+            raw = await read_capped_stream(r.content, MAX_RPC_ANSWER)
         if len(raw) > MAX_RPC_ANSWER:
             raise RuntimeError("node's answer too large")
         answers = jsonlimits.loads(raw)

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError, Message
 
 from pydstack.crypto.certload import load_cert_der
 from pydstack.types import jsonlimits
+from pydstack.types.capped import read_capped_stream
 
 from .errors import RpcError
 from .json_codec import CodecError, json_to_message, message_to_json
@@ -302,12 +303,7 @@ async def _read_response(first: bytes, reader: asyncio.StreamReader) -> tuple[in
         return status, await reader.readexactly(length), keep
     if status in (204, 304) or 100 <= status < 200:
         return status, b"", keep
-    body = await reader.read(MAX_RESPONSE_BODY + 1)  # no length: the body ends with the stream
-    while body and len(body) <= MAX_RESPONSE_BODY and not reader.at_eof():
-        more = await reader.read(MAX_RESPONSE_BODY + 1 - len(body))
-        if not more:
-            break
-        body += more
+    body = await read_capped_stream(reader, MAX_RESPONSE_BODY)  # no length: ends with the stream
     if len(body) > MAX_RESPONSE_BODY:
         raise RpcError("the answer's body is over the client's bound")
     return status, body, False
