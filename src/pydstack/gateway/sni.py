@@ -32,6 +32,8 @@ _EXT_ALPN = 16
 _NAME_TYPE_HOST = 0
 _MAX_RECORD = 1 << 14
 _MAX_HOST = 253
+#: the bytes a host name may hold (letters, digits, ``-``, ``.``, ``_``)
+_HOST_CHARS = b"-._0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class ClientHelloError(InputError):
@@ -159,8 +161,16 @@ def parse_client_hello(buf: bytes | bytearray | memoryview) -> ClientHello | Non
     alpn: tuple[str, ...] = ()
     seen: set[int] = set()
     while i < ext_end:
-        etype = _u16(d, i, ext_end, "extension type")
-        b0, i = _vec(d, i + 2, ext_end, 2, "extension body")
+        # inlined _u16/_vec: this loop runs for every extension of every new connection
+        if i + 2 > ext_end:
+            raise NotClientHelloError("client hello truncated in extension type")
+        if i + 4 > ext_end:
+            raise NotClientHelloError("client hello truncated in extension body")
+        etype = (d[i] << 8) | d[i + 1]
+        b0 = i + 4
+        i = b0 + ((d[i + 2] << 8) | d[i + 3])
+        if i > ext_end:
+            raise NotClientHelloError("client hello truncated in extension body")
         if etype in seen:
             raise NotClientHelloError(f"duplicate extension {etype}")
         seen.add(etype)
@@ -191,9 +201,8 @@ def _host(raw: bytes) -> str:
         raise NotClientHelloError("bad sni length")
     if raw.endswith(b"."):
         raw = raw[:-1]
-    for c in raw:
-        if not (0x30 <= c <= 0x39 or 0x61 <= c <= 0x7A or 0x41 <= c <= 0x5A or c in b"-._"):
-            raise NotClientHelloError("sni is not a host name")
+    if raw.translate(None, _HOST_CHARS):
+        raise NotClientHelloError("sni is not a host name")
     if not raw or b".." in raw or raw.startswith(b"."):
         raise NotClientHelloError("sni is not a host name")
     return raw.decode("ascii").lower()
