@@ -7,18 +7,21 @@ Per connection:
    and local addresses, for backends whose port policy asks for ``pp``;
 2. the ClientHello is **peeked** (``MSG_PEEK``, waiting for more with ``SO_RCVLOWAT``) until it
    parses, within 4096 bytes and ``timeouts.handshake``: the bytes stay in the socket, so
-   passthrough relays them as they are and TLS termination is done by the event loop's own TLS
-   (uvloop's) on the untouched socket;
+   passthrough relays them as they are and TLS termination starts on the untouched socket;
 3. an SNI whose parent domain has a certificate follows the ingress grammar (``gateway`` and
    ``health`` are answered here, ``localhost`` with the debug switch goes to 127.0.0.1, other ids
    through :meth:`RouteTable.resolve`); any other SNI is a custom domain resolved through DNS TXT
    and passed through;
 4. the candidates are connected to concurrently within ``timeouts.connect`` (first wins, the
-   others are closed), while the TLS handshake (terminate: no ALPN; ``g``: ALPN ``h2``) runs
-   within ``timeouts.handshake``;
+   others are closed), while the TLS handshake (terminate: no ALPN; ``g``: ALPN ``h2``) runs on
+   an :class:`ssl.SSLSocket` within ``timeouts.handshake``;
 5. a PROXY v2 header goes first where the chosen instance's policy says ``pp``, then bytes are
    relayed (:mod:`.relay`) until either side closes, the idle watchdog (``timeouts.idle``, when
    ``data_timeout_enabled``) or ``timeouts.total`` ends it.
+
+Steps 1-4 are callbacks on the socket's readiness and on timers (:class:`_Conn`), not a task per
+connection: on this path a new connection's Python cost is a few calls, and most of its time is
+OpenSSL's handshake. Only a custom domain's DNS lookup and the gateway's own answers run as tasks.
 
 Every refusal closes the connection and is logged at debug level with the reason; nothing a
 client sends can stop the others from being served. :attr:`ProxyServer.on_refused` lets tests
@@ -28,14 +31,15 @@ and stats see refusals.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
+import functools
 import logging
 import math
+import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +49,7 @@ from . import ingress
 from .app_address import AppAddressError, AppAddressResolver
 from .certstore import CertStore
 from .config import ProxyConfig
+from .poller import ERR, IN, OUT, Poller
 from .proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
 from .relay import Relay
 from .routes import Candidate, RouteError, RouteTable
@@ -118,9 +123,12 @@ class ProxyServer:
         self.stats = ProxyStats()
         self.on_refused: Callable[[str], None] | None = None
         self.relays: set[Relay] = set()
+        #: connections between accept and relay, and the tasks of the rare paths
+        self._conns: set[_Conn] = set()
         self._pending: set[asyncio.Task[None]] = set()
         self._listeners: list[socket.socket] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller: Poller | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         t = config.timeouts
         self._sweep_every = max(t.idle / 4, 0.5)
@@ -131,6 +139,7 @@ class ProxyServer:
     async def start(self, sockets: list[socket.socket] | None = None) -> list[tuple[str, int]]:
         """listen on `sockets` or on ``listen_addr`` × ``listen_ports``; the bound addresses."""
         self._loop = asyncio.get_running_loop()
+        self._poller = Poller(self._loop)
         if sockets is None:
             sockets = [listen_socket(self.config.listen_addr, p) for p in self.config.listen_ports]
         for sock in sockets:
@@ -155,6 +164,8 @@ class ProxyServer:
             self._sweeper.cancel()
         for task in list(self._pending):
             task.cancel()
+        for conn in list(self._conns):
+            conn.abort()
         deadline = time.monotonic() + (self.config.timeouts.shutdown if grace is None else grace)
         while self.relays and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -162,6 +173,9 @@ class ProxyServer:
             relay.abort()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
     # --- accept ---------------------------------------------------------------------------
 
@@ -182,9 +196,7 @@ class ProxyServer:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.stats.accepted += 1
-            task = self._loop.create_task(self._handle(conn))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            _Conn(self, conn).start()
 
     # --- per connection -------------------------------------------------------------------
 
@@ -196,196 +208,87 @@ class ProxyServer:
         if self.on_refused is not None:
             self.on_refused(reason)
 
-    async def _handle(self, sock: socket.socket) -> None:
-        handed_off = False
-        try:
-            handed_off = await self._route_and_connect(sock)
-        except Refused as e:
-            self._refuse(str(e))
-        except TimeoutError:
-            self._refuse("timeout")
-        except (DstackError, ssl.SSLError, OSError, ConnectionError) as e:
-            self._refuse(f"{type(e).__name__}: {e}")
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            # a bug must cost one connection, never the listener
-            log.exception("connection handler failed")
-            self._refuse("internal error")
-        finally:
-            if not handed_off:
-                sock.close()
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
-    async def _route_and_connect(self, sock: socket.socket) -> bool:
-        """True once the socket belongs to a transport (the relay or the special server)."""
-        t = self.config.timeouts
-        if self.config.inbound_pp_enabled:
-            async with asyncio.timeout(t.pp_header):
-                header = await self._read_proxy_header(sock)
-            pp: bytes | None = header.to_v2()
-        else:
-            pp = None  # synthesised from the socket only for a backend that wants it
-        async with asyncio.timeout(t.handshake):
-            hello = await self._peek_hello(sock)
-        domain = self.certs.for_sni(hello.sni)
-        if domain is None:
-            return await self._custom_domain(sock, hello, pp)
+    async def _custom_domain(self, conn: _Conn, hello: ClientHello) -> None:
+        """a SNI outside our domains: its app comes from DNS TXT, and it is passed through."""
         try:
-            target = ingress.classify(
-                hello.sni, localhost_backend=self.config.insecure_localhost_backend
-            )
-        except ingress.IngressError as e:
-            raise Refused(str(e)) from None
-        dest = target.dest
-        if target.kind in (ingress.Kind.GATEWAY, ingress.Kind.HEALTH):
-            return await self._serve_special(sock, target.kind.value, domain.plain)
-        if target.kind is ingress.Kind.LOCALHOST:
-            candidates = [Candidate(None, self.localhost, False)]
-        else:
             try:
-                candidates = self.table.resolve(dest.id, dest.port)
+                addr = await self.resolver.resolve(hello.sni)
+            except AppAddressError as e:
+                raise Refused(str(e)) from None
+            try:
+                candidates = self.table.resolve(addr.id, addr.port)
             except RouteError as e:
                 raise Refused(str(e)) from None
-        if dest.mode is ingress.Mode.PASSTHROUGH:
-            ctx = None
-        else:
-            ctx = domain.h2 if dest.mode is ingress.Mode.H2 else domain.plain
-        return await self._connect(sock, candidates, dest.port, ctx, pp)
+        except Refused as e:
+            conn.fail(str(e))
+            return
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception:
+            log.exception("custom domain lookup failed")
+            conn.fail("internal error")
+            return
+        conn.route_to(candidates, addr.port, None)
 
-    async def _custom_domain(
-        self, sock: socket.socket, hello: ClientHello, pp: bytes | None
-    ) -> bool:
-        try:
-            addr = await self.resolver.resolve(hello.sni)
-        except AppAddressError as e:
-            raise Refused(str(e)) from None
-        try:
-            candidates = self.table.resolve(addr.id, addr.port)
-        except RouteError as e:
-            raise Refused(str(e)) from None
-        return await self._connect(sock, candidates, addr.port, None, pp)
-
-    async def _serve_special(self, sock: socket.socket, kind: str, ctx: ssl.SSLContext) -> bool:
+    async def _serve_special(self, sock: socket.socket, kind: str, ctx: ssl.SSLContext) -> None:
+        """the gateway's own answers (``gateway``, ``health``) over the event loop's TLS."""
         assert self._loop is not None
         t = self.config.timeouts
         proto = SpecialProtocol(kind, self.app_info, self.acme_info)
-        transport, _ = await self._loop.connect_accepted_socket(
-            lambda: proto, sock, ssl=ctx, ssl_handshake_timeout=t.handshake
-        )
+        try:
+            transport, _ = await self._loop.connect_accepted_socket(
+                lambda: proto, sock, ssl=ctx, ssl_handshake_timeout=t.handshake
+            )
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except (OSError, ConnectionError) as e:  # ssl.SSLError is an OSError
+            sock.close()
+            self._refuse(f"{type(e).__name__}: {e}")
+            return
+        except Exception:
+            sock.close()
+            log.exception("special answer failed")
+            self._refuse("internal error")
+            return
         try:
             async with asyncio.timeout(t.handshake):
                 await proto.done
         except TimeoutError:
             transport.abort()
-        return True
 
-    async def _connect(
-        self,
-        sock: socket.socket,
-        candidates: list[Candidate],
-        port: int,
-        ctx: ssl.SSLContext | None,
-        pp: bytes | None,
-    ) -> bool:
+    def _link(self, conn: _Conn, client: socket.socket, backend: socket.socket) -> None:
+        """both sides are up: relay them (a PROXY v2 header first where the policy says so)."""
         loop = self._loop
-        assert loop is not None
-        t = self.config.timeouts
+        assert loop is not None and self._poller is not None
+        chosen = conn.chosen
+        assert chosen is not None
+        pp = b""
+        if chosen.pp:
+            pp = conn.pp or encode_v2(_addr(client.getpeername()), _addr(client.getsockname()))
         relay = Relay(
-            high_water=self.config.buffer_size,
-            shutdown_timeout=t.shutdown,
+            loop,
+            self._poller,
+            client,
+            backend,
+            chunk=self.config.buffer_size,
+            shutdown_timeout=self.config.timeouts.shutdown,
             started=loop.time(),
             on_close=self._relay_closed,
         )
-        backend = loop.create_task(self._connect_backend(relay, candidates, port))
-        try:
-            if ctx is None:
-                await loop.connect_accepted_socket(lambda: relay.client, sock)
-            else:
-                await loop.connect_accepted_socket(
-                    lambda: relay.client, sock, ssl=ctx, ssl_handshake_timeout=t.handshake
-                )
-        except BaseException:
-            backend.cancel()
-            with contextlib.suppress(BaseException):
-                await backend
-            relay.closed = True
-            if relay.backend.transport is not None:
-                relay.backend.transport.abort()
-            raise
         self.relays.add(relay)
         self.stats.connections += 1
-        try:
-            chosen = await backend
-        except BaseException:
-            relay.close()
-            raise
-        if relay.closed:
-            # the client went away during the connect
-            if relay.backend.transport is not None:
-                relay.backend.transport.abort()
-            return True
         if chosen.instance is not None:
             relay.instance_id = chosen.instance.instance_id
             self.table.conn_opened(relay.instance_id)
-        if chosen.pp and pp is None:
-            pp = encode_v2(_addr(sock.getpeername()), _addr(sock.getsockname()))
-        relay.link(pp if chosen.pp and pp is not None else b"")
-        return True
-
-    async def _connect_backend(
-        self, relay: Relay, candidates: list[Candidate], port: int
-    ) -> Candidate:
-        """connect the relay's backend side to the first candidate that answers."""
-        loop = self._loop
-        assert loop is not None
-        async with asyncio.timeout(self.config.timeouts.connect):
-            if len(candidates) == 1:
-                c = candidates[0]
-                await loop.create_connection(lambda: relay.backend, c.host, port)
-                _nodelay(relay.backend.transport)
-                return c
-            return await self._race(relay, candidates, port)
-
-    async def _race(self, relay: Relay, candidates: list[Candidate], port: int) -> Candidate:
-        """connect to every candidate at once; the first connected wins, the rest are closed."""
-        loop = self._loop
-        assert loop is not None
-
-        async def one(c: Candidate) -> tuple[Candidate, socket.socket]:
-            s = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET)
-            s.setblocking(False)
-            try:
-                await loop.sock_connect(s, (c.host, port))
-            except BaseException:
-                s.close()
-                raise
-            return c, s
-
-        tasks = [loop.create_task(one(c)) for c in candidates]
-        winner: tuple[Candidate, socket.socket] | None = None
-        error: BaseException | None = None
-        try:
-            for fut in asyncio.as_completed(tasks):
-                try:
-                    winner = await fut
-                    break
-                except OSError as e:
-                    error = e
-        finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    res = await task
-                    if winner is None or res[1] is not winner[1]:
-                        res[1].close()
-        if winner is None:
-            raise error or OSError("no backend answered")
-        c, s = winner
-        await loop.create_connection(lambda: relay.backend, sock=s)
-        _nodelay(relay.backend.transport)
-        return c
+        relay.start(pp, client_mask=conn.mask(), backend_mask=conn.backend_mask)
 
     def _relay_closed(self, relay: Relay) -> None:
         if relay in self.relays:
@@ -394,67 +297,6 @@ class ProxyServer:
         if relay.instance_id is not None:
             self.table.conn_closed(relay.instance_id)
             relay.instance_id = None
-
-    # --- reading the first bytes without consuming them -----------------------------------
-
-    async def _wait_readable(self, fd: int) -> None:
-        loop = self._loop
-        assert loop is not None
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            await fut
-        finally:
-            loop.remove_reader(fd)
-
-    async def _peek(self, sock: socket.socket, limit: int, parse: Callable[[bytes], Any]) -> Any:
-        """peek at the socket until `parse` returns non-None; Refused on EOF. Waits for more bytes
-        than already buffered with SO_RCVLOWAT (reset afterwards)."""
-        lowat = 1
-        seen = -1
-        try:
-            while True:
-                try:
-                    data = sock.recv(limit, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    data = None
-                if data is not None:
-                    if not data or len(data) == seen:
-                        raise Refused("connection closed before the client hello")
-                    result = parse(data)
-                    if result is not None:
-                        return result
-                    seen = len(data)
-                    lowat = seen + 1
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-                await self._wait_readable(sock.fileno())
-        finally:
-            if lowat != 1:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-
-    async def _peek_hello(self, sock: socket.socket) -> ClientHello:
-        try:
-            hello: ClientHello = await self._peek(sock, MAX_CLIENT_HELLO, parse_client_hello)
-        except DstackError as e:
-            raise Refused(str(e)) from None
-        return hello
-
-    async def _read_proxy_header(self, sock: socket.socket) -> ProxyHeader:
-        try:
-            header, used = await self._peek(sock, 2048, parse_proxy_header)
-        except DstackError as e:
-            raise Refused(str(e)) from None
-        got = sock.recv(used)
-        if len(got) != used:
-            raise Refused("proxy header vanished")
-        assert isinstance(header, ProxyHeader)
-        return header
 
     # --- watchdogs ------------------------------------------------------------------------
 
@@ -480,14 +322,387 @@ class ProxyServer:
         self._sweeper = loop.call_later(self._sweep_every, self._sweep)
 
 
-def _nodelay(transport: Any) -> None:
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _addr(addr: Any) -> tuple[str, int] | None:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return str(addr[0]), int(addr[1])
     return None
+
+
+class _Conn:
+    """one accepted connection until it is relayed, handed to a task or refused; driven by
+    reader, writer and timer callbacks, so the common path creates no task and no coroutine.
+
+    Steps: peek the PROXY header (``inbound_pp_enabled``) and consume it, peek the ClientHello,
+    route; then the backend connects (all candidates at once, first wins) and, when terminating,
+    the TLS handshake runs on an :class:`ssl.SSLSocket` over the same descriptor, each within its
+    own timeout; when both are done :meth:`ProxyServer._link` relays them. Any failure closes
+    everything this connection holds and counts one refusal.
+
+    The client socket has one handler in the data plane's :class:`~.poller.Poller` from accept
+    to relay (it runs the current :attr:`step`), and the relay takes the socket over as it is
+    watched: a TLS connection costs three ``epoll_ctl`` (client in, backend out, backend in).
+    """
+
+    __slots__ = (
+        "attempts",
+        "backend",
+        "backend_mask",
+        "chosen",
+        "connect_timer",
+        "done",
+        "fd",
+        "loop",
+        "lowat",
+        "poller",
+        "pp",
+        "reading",
+        "server",
+        "sock",
+        "step",
+        "timer",
+        "tls_done",
+        "writing",
+    )
+
+    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
+        self.server = server
+        loop = server._loop
+        assert loop is not None
+        self.loop = loop
+        poller = server._poller
+        assert poller is not None
+        self.poller = poller
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pp: bytes | None = None
+        self.lowat = 1
+        self.step: Callable[[], None] = self._peek_hello
+        self.reading = False
+        self.writing = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.connect_timer: asyncio.TimerHandle | None = None
+        self.attempts: dict[int, tuple[Candidate, socket.socket]] = {}
+        self.chosen: Candidate | None = None
+        self.backend: socket.socket | None = None
+        #: what is watched on the connected backend socket (IN until the relay starts)
+        self.backend_mask = 0
+        self.tls_done = True
+        self.done = False
+
+    def start(self) -> None:
+        server = self.server
+        server._conns.add(self)
+        t = server.config.timeouts
+        if server.config.inbound_pp_enabled:
+            self.step = self._peek_proxy_header
+            self.timer = self.loop.call_later(t.pp_header, self.fail, "timeout")
+        else:
+            self.timer = self.loop.call_later(t.handshake, self.fail, "timeout")
+        self.reading = True
+        self.poller.set(self.fd, IN, self._event)
+
+    def mask(self) -> int:
+        """what is watched on the client socket."""
+        return (IN if self.reading else 0) | (OUT if self.writing else 0)
+
+    def _event(self, ev: int) -> None:
+        if ev & ERR:
+            ev = self.mask()
+        if ev & OUT and self.writing:
+            self._guard(self._handshake)
+        elif ev & IN and self.reading:
+            self._guard(self.step)
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        """run a step; whatever it raises costs this connection only."""
+        try:
+            step()
+        except Refused as e:
+            self.fail(str(e))
+        except (DstackError, OSError) as e:  # ssl.SSLError is an OSError
+            self.fail(f"{type(e).__name__}: {e}")
+        except Exception:
+            log.exception("connection handler failed")
+            self.fail("internal error")
+
+    def _stop_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.poller.set(self.fd, self.mask(), self._event)
+
+    def _write(self, on: bool) -> None:
+        if on != self.writing:
+            self.writing = on
+            self.poller.set(self.fd, self.mask(), self._event)
+
+    def _restart_timer(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(seconds, self.fail, "timeout")
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # --- the first bytes, read without consuming them ------------------------------------
+
+    def _peek(self, limit: int, parse: Callable[[bytes], Any]) -> Any:
+        """what `parse` makes of the bytes so far, or None to wait for more (raising SO_RCVLOWAT
+        past what is buffered, so the next wake-up brings new bytes); Refused on EOF."""
+        try:
+            data = self.sock.recv(limit, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not data or len(data) + 1 == self.lowat:
+            raise Refused("connection closed before the client hello")
+        try:
+            result = parse(data)
+        except DstackError as e:
+            raise Refused(str(e)) from None
+        if result is None:
+            self.lowat = len(data) + 1
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self.lowat)
+        return result
+
+    def _reset_lowat(self) -> None:
+        if self.lowat != 1:
+            self.lowat = 1
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+    def _peek_proxy_header(self) -> None:
+        got = self._peek(2048, parse_proxy_header)
+        if got is None:
+            return
+        header, used = got
+        self._reset_lowat()
+        if len(self.sock.recv(used)) != used:
+            raise Refused("proxy header vanished")
+        assert isinstance(header, ProxyHeader)
+        self.pp = header.to_v2()
+        self._restart_timer(self.server.config.timeouts.handshake)
+        self.step = self._peek_hello
+        self._peek_hello()
+
+    def _peek_hello(self) -> None:
+        hello: ClientHello | None = self._peek(MAX_CLIENT_HELLO, parse_client_hello)
+        if hello is None:
+            return
+        self._reset_lowat()
+        self._route(hello)
+
+    # --- routing --------------------------------------------------------------------------
+
+    def _route(self, hello: ClientHello) -> None:
+        server = self.server
+        domain = server.certs.for_sni(hello.sni)
+        if domain is None:
+            self._park()
+            server._spawn(server._custom_domain(self, hello))
+            return
+        try:
+            target = ingress.classify(
+                hello.sni, localhost_backend=server.config.insecure_localhost_backend
+            )
+        except ingress.IngressError as e:
+            raise Refused(str(e)) from None
+        if target.kind in (ingress.Kind.GATEWAY, ingress.Kind.HEALTH):
+            sock = self._hand_over()
+            server._spawn(server._serve_special(sock, target.kind.value, domain.plain))
+            return
+        dest = target.dest
+        if target.kind is ingress.Kind.LOCALHOST:
+            candidates = [Candidate(None, server.localhost, False)]
+        else:
+            try:
+                candidates = server.table.resolve(dest.id, dest.port)
+            except RouteError as e:
+                raise Refused(str(e)) from None
+        if dest.mode is ingress.Mode.PASSTHROUGH:
+            ctx = None
+        else:
+            ctx = domain.h2 if dest.mode is ingress.Mode.H2 else domain.plain
+        self.route_to(candidates, dest.port, ctx)
+
+    def _park(self) -> None:
+        """no callbacks on the socket while a task works for this connection."""
+        self._stop_reading()
+        self._stop_timer()
+
+    def _hand_over(self) -> socket.socket:
+        """the socket, for a task that owns it from now on (through the event loop's own
+        watching, so it leaves the poller's set)."""
+        self._park()
+        self.poller.unwatch(self.fd)
+        self.server._conns.discard(self)
+        self.done = True
+        return self.sock
+
+    def route_to(self, candidates: list[Candidate], port: int, ctx: ssl.SSLContext | None) -> None:
+        """connect to the candidates and, with `ctx`, terminate TLS meanwhile."""
+        if self.done:
+            return
+        self.tls_done = ctx is None
+        if ctx is None:
+            # passthrough: the socket waits untouched until the relay reads it
+            self._park()
+        try:
+            self._connect(candidates, port)
+            if ctx is not None and not self.done:
+                self._start_tls(ctx)
+        except Refused as e:
+            self.fail(str(e))
+        except (DstackError, OSError) as e:  # ssl.SSLError is an OSError
+            self.fail(f"{type(e).__name__}: {e}")
+
+    # --- the backend ----------------------------------------------------------------------
+
+    def _connect(self, candidates: list[Candidate], port: int) -> None:
+        loop = self.loop
+        error: OSError | None = None
+        for c in candidates:
+            s = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET)
+            try:
+                s.setblocking(False)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                err = s.connect_ex((c.host, port))
+            except OSError as e:
+                s.close()
+                error = e
+                continue
+            if err == 0:
+                self._won(c, s)
+                return
+            if err != errno.EINPROGRESS:
+                s.close()
+                error = OSError(err, os.strerror(err))
+                continue
+            fd = s.fileno()
+            self.attempts[fd] = (c, s)
+            self.poller.set(fd, OUT, functools.partial(self._connected, fd))
+        if not self.attempts:
+            raise error or OSError("no backend answered")
+        self.connect_timer = loop.call_later(
+            self.server.config.timeouts.connect, self.fail, "timeout"
+        )
+
+    def _connected(self, fd: int, ev: int) -> None:
+        attempt = self.attempts.pop(fd, None)
+        if attempt is None:
+            return
+        c, s = attempt
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.poller.forget(fd)
+            s.close()
+            if not self.attempts:
+                e = OSError(err, os.strerror(err))  # the errno's subclass
+                self.fail(f"{type(e).__name__}: {e}")
+            return
+        if not ev & (OUT | ERR):
+            self.attempts[fd] = attempt  # still connecting (a stale wake-up)
+            return
+        # watched for input until the relay takes it over (one change, no unregistering)
+        self.backend_mask = IN
+        self.poller.set(fd, IN, self._backend_early)
+        self._won(c, s)
+
+    def _backend_early(self, ev: int) -> None:
+        """the backend speaks before the client's handshake is done: it waits in the socket."""
+        if self.backend is not None and self.backend_mask:
+            self.backend_mask = 0
+            self.poller.set(self.backend.fileno(), 0, self._backend_early)
+
+    def _won(self, c: Candidate, s: socket.socket) -> None:
+        """the first connected candidate; the others are dropped."""
+        self._drop_attempts()
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        self.chosen = c
+        self.backend = s
+        if self.tls_done:
+            self._ready()
+
+    def _drop_attempts(self) -> None:
+        for fd, (_c, s) in self.attempts.items():
+            self.poller.forget(fd)
+            s.close()
+        self.attempts.clear()
+
+    # --- TLS termination ------------------------------------------------------------------
+
+    def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        # the SSLSocket takes over the descriptor (the plain socket object is detached)
+        self.sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self._restart_timer(self.server.config.timeouts.handshake)
+        self.step = self._handshake
+        self._handshake()
+
+    def _handshake(self) -> None:
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._write(False)
+            return
+        except ssl.SSLWantWriteError:
+            self._write(True)
+            return
+        self._write(False)
+        self._stop_timer()
+        self.tls_done = True
+        if self.backend is not None:
+            self._ready()
+        else:
+            self.step = self._early
+
+    def _early(self) -> None:
+        """the client speaks before the backend is connected: it waits in the socket."""
+        self._stop_reading()
+
+    # --- the end of this stage ------------------------------------------------------------
+
+    def _ready(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.server._conns.discard(self)
+        backend = self.backend
+        assert backend is not None
+        try:
+            self.server._link(self, self.sock, backend)
+        except OSError as e:  # the client left (its address is gone) or the first write failed
+            self.done = False
+            self.fail(f"{type(e).__name__}: {e}")
+        except Exception:
+            log.exception("connection handler failed")
+            self.done = False
+            self.fail("internal error")
+
+    def fail(self, reason: str) -> None:
+        """close all this connection holds and count one refusal; once."""
+        if self.done:
+            return
+        self.abort()
+        self.server._refuse(reason)
+
+    def abort(self) -> None:
+        """close all this connection holds, without counting a refusal (shutdown)."""
+        if self.done:
+            return
+        self.done = True
+        self.server._conns.discard(self)
+        self._stop_timer()
+        if self.connect_timer is not None:
+            self.connect_timer.cancel()
+            self.connect_timer = None
+        self._drop_attempts()
+        if self.sock.fileno() >= 0:
+            self.poller.forget(self.fd)
+            self.sock.close()
+        if self.backend is not None:
+            self.poller.forget(self.backend.fileno())
+            self.backend.close()
+            self.backend = None

@@ -1,120 +1,223 @@
-"""the relay's flow control and ordering, on stand-in transports (the relay's own logic only;
-the integration tests run it on real sockets)."""
+"""the relay and the poller on real loopback sockets: flow control that holds at most one chunk,
+order (a PROXY header first, then what the client sent early), half-close, TLS records larger
+than one read, close_notify, and a poller batch that never hands a forgotten descriptor's event
+to anyone."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from pydstack.gateway.relay import TLS_WRITE_HIGH_WATER, Relay, Side
+from pydstack.gateway.certstore import server_context, tls_version_range
+from pydstack.gateway.poller import IN, Poller
+from pydstack.gateway.relay import Relay
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
+from gateway_env import make_pki
 
 
-class FakeTransport:
-    """a transport that keeps what is written and calls pause/resume_writing at its marks, as
-    asyncio's do."""
-
-    def __init__(self, protocol: Side, *, tls: bool = False) -> None:
-        self.protocol = protocol
-        self.tls = tls
-        self.buffered = 0
-        self.written: list[bytes] = []
-        self.reading = True
-        self.high = 64 * 1024
-        self.low = self.high // 4
-        self.writing_paused = False
-        self.closing = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return object() if name == "ssl_object" and self.tls else default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        assert high is not None
-        self.high = high
-        self.low = high // 4 if low is None else low
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-        self.buffered += len(data)
-        if not self.writing_paused and self.buffered > self.high:
-            self.writing_paused = True
-            self.protocol.pause_writing()
-
-    def drain(self) -> None:
-        """the peer read everything."""
-        self.buffered = 0
-        if self.writing_paused:
-            self.writing_paused = False
-            self.protocol.resume_writing()
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def abort(self) -> None:
-        self.closing = True
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """two ends of one loopback TCP connection (the app's, the gateway's)."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        a = socket.create_connection(lsock.getsockname())
+        b, _ = lsock.accept()
+    return a, b
 
 
-def _relay(
-    *, client_tls: bool, high: int = 64 * 1024
-) -> tuple[Relay, FakeTransport, FakeTransport]:
+@pytest.fixture
+async def poller() -> AsyncIterator[Poller]:
+    p = Poller(asyncio.get_running_loop())
+    yield p
+    p.close()
+
+
+def make_relay(
+    poller: Poller, client: socket.socket, backend: socket.socket, chunk: int = 64 * 1024
+) -> tuple[Relay, list[Relay]]:
     closed: list[Relay] = []
-    relay = Relay(high_water=high, shutdown_timeout=5, started=0.0, on_close=closed.append)
-    client = FakeTransport(relay.client, tls=client_tls)
-    backend = FakeTransport(relay.backend)
-    relay.client.connection_made(client)  # type: ignore[arg-type]
-    relay.backend.connection_made(backend)  # type: ignore[arg-type]
-    return relay, client, backend
+    client.setblocking(False)
+    backend.setblocking(False)
+    relay = Relay(
+        asyncio.get_running_loop(),
+        poller,
+        client,
+        backend,
+        chunk=chunk,
+        shutdown_timeout=5,
+        started=0.0,
+        on_close=closed.append,
+    )
+    return relay, closed
 
 
-def test_a_client_that_does_not_read_pauses_the_backend() -> None:
-    """bytes pile up for a client only to the pause mark: the backend is not read beyond it
-    until the client drains (what bounds a slow reader's memory)."""
-    relay, client, backend = _relay(client_tls=False)
-    relay.link()
-    chunk = b"x" * 16 * 1024
-    sent = 0
-    while backend.reading:
-        relay.backend.data_received(chunk)
-        sent += len(chunk)
-        assert sent < 1 << 20, "the backend was never paused"
-    assert client.buffered <= client.high + len(chunk)
-    assert client.high == 64 * 1024
-    client.drain()
-    assert backend.reading
+async def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    out = bytearray()
+    while len(out) < n:
+        got = await loop.sock_recv(sock, n - len(out))
+        if not got:
+            break
+        out += got
+    return bytes(out)
 
 
-@pytest.mark.parametrize(("configured", "expected"), [(16 * 1024, TLS_WRITE_HIGH_WATER),
-                                                      (1 << 20, 1 << 20)])  # fmt: skip
-def test_a_tls_side_pauses_no_lower_than_one_read(configured: int, expected: int) -> None:
-    """a TLS side's pause mark is at least one read of the other side; a plain side keeps the
-    configured buffer size; a larger configured size holds for both."""
-    relay, client, backend = _relay(client_tls=True, high=configured)
-    relay.link()
-    assert client.high == expected
-    assert backend.high == configured
+async def test_a_client_that_does_not_read_pauses_the_backend(poller: Poller) -> None:
+    """bytes for a client that does not read pile up in the kernel, not here: the relay holds
+    one chunk at most and stops reading the backend, whose sender then blocks; once the client
+    reads, everything arrives in order."""
+    c_app, c_gw = tcp_pair()
+    b_gw, b_app = tcp_pair()
+    relay, _ = make_relay(poller, c_gw, b_gw, chunk=16 * 1024)
+    relay.start()
+    loop = asyncio.get_running_loop()
+    data = os.urandom(16 << 20)
+    b_app.setblocking(False)
+    sender = loop.create_task(loop.sock_sendall(b_app, data))
+    await asyncio.sleep(0.5)
+    assert not sender.done(), "the relay read everything the backend sent"
+    assert relay._down is not None and len(relay._down) <= 16 * 1024
+    got = await asyncio.wait_for(recv_exactly(c_app, len(data)), 30)
+    await sender
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    for s in (c_app, b_app):
+        s.close()
 
 
-def test_bytes_sent_before_the_link_go_first_and_in_order() -> None:
-    relay, client, backend = _relay(client_tls=True)
-    relay.client.data_received(b"hello ")
-    relay.client.data_received(b"world")
-    assert not client.reading  # held, and reading paused until both sides exist
-    relay.backend.data_received(b"early reply")
-    relay.link(b"PROXY-HEADER")
-    assert backend.written == [b"PROXY-HEADER", b"hello ", b"world"]
-    assert client.written == [b"early reply"]
-    assert client.reading and backend.reading
-    relay.client.data_received(b"!")
-    assert backend.written[-1] == b"!"
+async def test_the_proxy_header_goes_first_then_early_bytes_in_order(poller: Poller) -> None:
+    c_app, c_gw = tcp_pair()
+    b_gw, b_app = tcp_pair()
+    c_app.sendall(b"early ")
+    await asyncio.sleep(0.05)
+    relay, _ = make_relay(poller, c_gw, b_gw)
+    relay.start(b"PROXY-HEADER ")
+    c_app.sendall(b"late")
+    want = b"PROXY-HEADER early late"
+    assert await asyncio.wait_for(recv_exactly(b_app, len(want)), 5) == want
+    b_app.sendall(b"answer")
+    assert await asyncio.wait_for(recv_exactly(c_app, 6), 5) == b"answer"
+    for s in (c_app, b_app):
+        s.close()
+
+
+async def test_plain_eof_is_passed_on_as_a_half_close(poller: Poller) -> None:
+    """the client's EOF reaches the backend while the backend can still answer; the backend's
+    close then ends the relay, once."""
+    c_app, c_gw = tcp_pair()
+    b_gw, b_app = tcp_pair()
+    relay, closed = make_relay(poller, c_gw, b_gw)
+    relay.start()
+    c_app.sendall(b"request")
+    c_app.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(recv_exactly(b_app, 100), 5) == b"request"  # then EOF
+    assert not relay.closed
+    b_app.sendall(b"reply")
+    b_app.close()
+    assert await asyncio.wait_for(recv_exactly(c_app, 100), 5) == b"reply"
+    await asyncio.sleep(0.05)
+    assert closed == [relay] and relay.finished
+    c_app.close()
+
+
+def _tls_pair(*, client_ragged_eof_ok: bool = False) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(the client's TLS socket, the gateway's), handshaken, the gateway's non-blocking."""
+    pki = make_pki("relay.test")
+    server_ctx = server_context(pki.chain_pem, pki.key_pem, tls_version_range(["1.3"]))
+    c_app, c_gw = tcp_pair()
+    result: dict[str, ssl.SSLSocket] = {}
+
+    def client() -> None:
+        result["c"] = pki.client_context().wrap_socket(
+            c_app, server_hostname="x.relay.test", suppress_ragged_eofs=client_ragged_eof_ok
+        )
+
+    t = threading.Thread(target=client)
+    t.start()
+    gw = server_ctx.wrap_socket(c_gw, server_side=True)
+    t.join()
+    gw.setblocking(False)
+    return result["c"], gw
+
+
+async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller) -> None:
+    """OpenSSL hands out one record in pieces of the read size; the pieces it keeps have no
+    readiness event, so the relay reads on while it holds some."""
+    c_tls, gw = await asyncio.to_thread(_tls_pair)
+    b_gw, b_app = tcp_pair()
+    relay, _ = make_relay(poller, gw, b_gw, chunk=1000)
+    relay.start()
+    payload = os.urandom(16000)  # one TLS record
+    await asyncio.to_thread(c_tls.sendall, payload)
+    assert await asyncio.wait_for(recv_exactly(b_app, len(payload)), 5) == payload
+    b_app.close()
+    c_tls.close()
+
+
+async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> None:
+    """a client that refuses ragged EOFs sees a clean end: the relay sends close_notify after
+    the last bytes."""
+    c_tls, gw = await asyncio.to_thread(_tls_pair)
+    b_gw, b_app = tcp_pair()
+    relay, closed = make_relay(poller, gw, b_gw)
+    relay.start()
+    b_app.sendall(b"last words")
+    b_app.close()
+
+    def read_all() -> bytes:
+        out = b""
+        while chunk := c_tls.recv(100):  # SSLEOFError without close_notify
+            out += chunk
+        return out
+
+    assert await asyncio.wait_for(asyncio.to_thread(read_all), 5) == b"last words"
+    assert closed == [relay]
+    c_tls.close()
+
+
+async def test_a_forgotten_descriptor_gets_no_event_of_the_same_batch(poller: Poller) -> None:
+    """both sockets are readable in one wake-up; the first handler forgets and closes the other
+    and a new socket takes its number at once: the rest of the batch does not hand the old
+    socket's event to the new one's handler."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    for a, b in pairs:
+        a.sendall(b"x")
+        b.setblocking(False)
+    calls: list[str] = []
+    fresh: list[socket.socket] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def first(mine: socket.socket, other: socket.socket) -> None:
+        calls.append("first")
+        number = other.fileno()
+        poller.forget(number)
+        other.close()
+        new, peer = socket.socketpair()  # connected, nothing to read on it
+        fresh.extend((new, peer))
+        assert new.fileno() == number  # the lowest free number is the one just closed
+        poller.set(number, IN, lambda ev: calls.append("stale event"))
+        poller.forget(mine.fileno())
+        done.set_result(None)
+
+    a0, b0 = pairs[0][1], pairs[1][1]
+    poller.set(b0.fileno(), IN, lambda ev: first(b0, a0) if not calls else None)
+    poller.set(a0.fileno(), IN, lambda ev: first(a0, b0) if not calls else None)
+    await asyncio.wait_for(done, 5)
+    await asyncio.sleep(0.05)
+    assert calls == ["first"]
+    poller.forget(fresh[0].fileno())
+    for s in fresh:
+        s.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
