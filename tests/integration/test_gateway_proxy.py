@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 
@@ -445,6 +446,43 @@ async def test_tls_versions_are_enforced(pki) -> None:
         ctx13.minimum_version = ssl.TLSVersion.TLSv1_3
         with pytest.raises((ssl.SSLError, ConnectionError)):
             await asyncio.open_connection("127.0.0.1", port, ssl=ctx13, server_hostname=sni)
+    finally:
+        await srv.close(0)
+        await b.stop()
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+async def test_clients_get_session_tickets_and_resume(pki, version: ssl.TLSVersion) -> None:
+    """TLS 1.3 tickets leave with the first answer bytes rather than on their own; either way a
+    client ends up with a ticket, and its next connection resumes (TLS 1.2 sends its ticket in
+    the handshake's last flight)."""
+    b = await Backend("ok", "http").start()
+    cfg = proxy_config(tls_versions=["1.2", "1.3"])
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")), config=cfg)
+    sni = f"a1-{b.port}.{DOMAIN}"
+    ctx = pki.client_context()
+    ctx.minimum_version = ctx.maximum_version = version
+
+    def one(session: ssl.SSLSession | None) -> tuple[bytes, ssl.SSLSession | None, bool]:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as raw,
+            ctx.wrap_socket(raw, server_hostname=sni, session=session) as s,
+        ):
+            s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            answer = b""
+            while b"ok" not in answer:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+            return answer, s.session, s.session_reused
+
+    try:
+        answer, session, reused = await asyncio.to_thread(one, None)
+        assert b"ok" in answer and not reused
+        assert session is not None and session.has_ticket
+        answer, _, reused = await asyncio.to_thread(one, session)
+        assert b"ok" in answer and reused
     finally:
         await srv.close(0)
         await b.stop()

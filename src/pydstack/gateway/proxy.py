@@ -14,7 +14,7 @@ Per connection:
    and passed through;
 4. the candidates are connected to concurrently within ``timeouts.connect`` (first wins, the
    others are closed), while the TLS handshake (terminate: no ALPN; ``g``: ALPN ``h2``) runs on
-   an :class:`ssl.SSLSocket` within ``timeouts.handshake``;
+   memory BIOs (:class:`~.relay.Tls`) within ``timeouts.handshake``;
 5. a PROXY v2 header goes first where the chosen instance's policy says ``pp``, then bytes are
    relayed (:mod:`.relay`) until either side closes, the idle watchdog (``timeouts.idle``, when
    ``data_timeout_enabled``) or ``timeouts.total`` ends it.
@@ -31,6 +31,7 @@ and stats see refusals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
@@ -51,7 +52,7 @@ from .certstore import CertStore
 from .config import ProxyConfig
 from .poller import ERR, IN, OUT, Poller
 from .proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
-from .relay import Relay
+from .relay import Relay, Tls
 from .routes import Candidate, RouteError, RouteTable
 from .sni import MAX_CLIENT_HELLO, ClientHello, parse_client_hello
 from .special import InfoSource, SpecialProtocol
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 LOCALHOST = "127.0.0.1"
 BACKLOG = 4096
+#: the most bytes one read takes during a TLS handshake (a client's flight is a few KiB)
+MAX_HANDSHAKE_READ = 16 * 1024
 _ACCEPT_BATCH = 64
 
 
@@ -264,7 +267,9 @@ class ProxyServer:
         except TimeoutError:
             transport.abort()
 
-    def _link(self, conn: _Conn, client: socket.socket, backend: socket.socket) -> None:
+    def _link(
+        self, conn: _Conn, client: socket.socket, backend: socket.socket, tls: Tls | None
+    ) -> None:
         """both sides are up: relay them (a PROXY v2 header first where the policy says so)."""
         loop = self._loop
         assert loop is not None and self._poller is not None
@@ -278,6 +283,7 @@ class ProxyServer:
             self._poller,
             client,
             backend,
+            tls=tls,
             chunk=self.config.buffer_size,
             shutdown_timeout=self.config.timeouts.shutdown,
             started=loop.time(),
@@ -334,9 +340,10 @@ class _Conn:
 
     Steps: peek the PROXY header (``inbound_pp_enabled``) and consume it, peek the ClientHello,
     route; then the backend connects (all candidates at once, first wins) and, when terminating,
-    the TLS handshake runs on an :class:`ssl.SSLSocket` over the same descriptor, each within its
-    own timeout; when both are done :meth:`ProxyServer._link` relays them. Any failure closes
-    everything this connection holds and counts one refusal.
+    the TLS handshake runs on memory BIOs (:class:`~.relay.Tls`: one read per flight from the
+    client, one write per flight to it), each within its own timeout; when both are done
+    :meth:`ProxyServer._link` relays them. Any failure closes everything this connection holds
+    and counts one refusal.
 
     The client socket has one handler in the data plane's :class:`~.poller.Poller` from accept
     to relay (it runs the current :attr:`step`), and the relay takes the socket over as it is
@@ -351,6 +358,7 @@ class _Conn:
         "connect_timer",
         "done",
         "fd",
+        "hs_out",
         "loop",
         "lowat",
         "poller",
@@ -360,6 +368,7 @@ class _Conn:
         "sock",
         "step",
         "timer",
+        "tls",
         "tls_done",
         "writing",
     )
@@ -386,7 +395,11 @@ class _Conn:
         self.backend: socket.socket | None = None
         #: what is watched on the connected backend socket (IN until the relay starts)
         self.backend_mask = 0
-        self.tls_done = True
+        self.tls: Tls | None = None
+        #: True once the handshake is done and its last flight sent (None: sending it)
+        self.tls_done: bool | None = True
+        #: handshake bytes the socket did not take yet
+        self.hs_out: memoryview | None = None
         self.done = False
 
     def start(self) -> None:
@@ -409,7 +422,7 @@ class _Conn:
         if ev & ERR:
             ev = self.mask()
         if ev & OUT and self.writing:
-            self._guard(self._handshake)
+            self._guard(self._flush_handshake)
         elif ev & IN and self.reading:
             self._guard(self.step)
 
@@ -561,9 +574,9 @@ class _Conn:
         loop = self.loop
         error: OSError | None = None
         for c in candidates:
-            s = socket.socket(socket.AF_INET6 if ":" in c.host else socket.AF_INET)
+            family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             try:
-                s.setblocking(False)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = s.connect_ex((c.host, port))
             except OSError as e:
@@ -633,24 +646,59 @@ class _Conn:
     # --- TLS termination ------------------------------------------------------------------
 
     def _start_tls(self, ctx: ssl.SSLContext) -> None:
-        # the SSLSocket takes over the descriptor (the plain socket object is detached)
-        self.sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.tls = Tls(ctx)
         self._restart_timer(self.server.config.timeouts.handshake)
-        self.step = self._handshake
-        self._handshake()
+        self.step = self._handshake_read
+        self._handshake_read()  # the ClientHello is in the socket (peeked)
 
-    def _handshake(self) -> None:
-        sock = self.sock
-        assert isinstance(sock, ssl.SSLSocket)
+    def _handshake_read(self) -> None:
         try:
-            sock.do_handshake()
+            data = self.sock.recv(MAX_HANDSHAKE_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            raise Refused("connection closed during the tls handshake")
+        tls = self.tls
+        assert tls is not None
+        tls.inc.write(data)
+        try:
+            tls.obj.do_handshake()
         except ssl.SSLWantReadError:
-            self._write(False)
+            self._send_handshake(tls.out.read())
             return
-        except ssl.SSLWantWriteError:
-            self._write(True)
-            return
+        except ssl.SSLError:
+            with contextlib.suppress(OSError):
+                self.sock.send(tls.out.read())  # the alert, so the client knows why
+            raise
+        self.tls_done = None  # done, once the last flight has left
+        if tls.obj.version() == "TLSv1.3":
+            # what is left to send are session tickets, which no client waits for: they stay in
+            # the BIO and leave with the first bytes the relay sends (one packet fewer)
+            self._send_handshake(b"")
+        else:
+            self._send_handshake(tls.out.read())  # TLS 1.2: the client waits for this flight
+
+    def _send_handshake(self, out: bytes | memoryview) -> None:
+        if self.hs_out is not None:
+            out = bytes(self.hs_out) + out
+            self.hs_out = None
+        if out:
+            try:
+                n = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            if n < len(out):
+                self.hs_out = memoryview(out)[n:]
+                self._write(True)
+                return
         self._write(False)
+        if self.tls_done is None:
+            self._handshake_done()
+
+    def _flush_handshake(self) -> None:
+        self._send_handshake(b"")
+
+    def _handshake_done(self) -> None:
         self._stop_timer()
         self.tls_done = True
         if self.backend is not None:
@@ -672,7 +720,7 @@ class _Conn:
         backend = self.backend
         assert backend is not None
         try:
-            self.server._link(self, self.sock, backend)
+            self.server._link(self, self.sock, backend, self.tls)
         except OSError as e:  # the client left (its address is gone) or the first write failed
             self.done = False
             self.fail(f"{type(e).__name__}: {e}")

@@ -1,10 +1,10 @@
-"""the byte relay between a client socket (plain, or TLS as an :class:`ssl.SSLSocket`) and a
-backend socket, driven by the event loop's reader and writer callbacks on the two descriptors.
+"""the byte relay between a client socket (plain, or TLS through :class:`Tls`) and a backend
+socket, driven by readiness events on the two descriptors.
 
 No transports, protocols or tasks: one :class:`Relay` per proxied connection reads a chunk from
 one socket and writes it to the other at once. Flow control is the kernel's: when the other
 socket cannot take a whole chunk, the rest is held (one chunk at most per direction), reading
-from the source stops and a writer callback on the destination sends the rest, then reading
+from the source stops and a writable event on the destination sends the rest, then reading
 resumes. So a peer that does not read holds at most one chunk of memory here.
 
 An EOF is passed on as a half-close (``shutdown(SHUT_WR)``) when both sockets are plain TCP;
@@ -12,11 +12,10 @@ otherwise (TLS) the whole connection closes. Closing flushes what is held, sends
 ``close_notify`` and aborts after the shutdown timeout if the peer does not drain.
 :attr:`Relay.ticks` counts forwarded chunks for the idle watchdog.
 
-OpenSSL decrypts one record per read; a TLS record larger than the read buffer leaves bytes
-inside OpenSSL that no readiness event announces, so reading goes on while
-:meth:`ssl.SSLSocket.pending` says so. A TLS read that must first write (a KeyUpdate answer)
-waits for the client socket to be writable. Renegotiation is off in the gateway's contexts, so a
-TLS write never has to read.
+TLS runs on memory BIOs (:class:`Tls`): OpenSSL never touches the socket, so one ``recv`` takes
+every record that has arrived (OpenSSL's own socket reads take two system calls per record) and
+a flight of records leaves in one ``send``. What one read leaves decrypted inside OpenSSL is
+read on before the socket is read again.
 
 The sockets are watched through the data plane's :class:`~.poller.Poller` (a change of what is
 watched is one ``epoll_ctl``), and only on a change: a request and its answer cost two
@@ -33,9 +32,27 @@ from collections.abc import Callable
 
 from .poller import ERR, IN, OUT, Poller
 
-Sock = socket.socket  # an ssl.SSLSocket is one too
+Sock = socket.socket
 
 _GONE = (OSError,)  # ssl.SSLError is an OSError
+
+
+class Tls:
+    """a server-side TLS session on memory BIOs: bytes from the socket go into :attr:`inc`,
+    bytes for the socket come out of :attr:`out`."""
+
+    __slots__ = ("inc", "obj", "out")
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+
+    def close_notify(self) -> bytes:
+        """the ``close_notify`` record (the peer's own is not waited for)."""
+        with contextlib.suppress(ssl.SSLError, ValueError):
+            self.obj.unwrap()
+        return self.out.read()
 
 
 class Relay:
@@ -46,13 +63,11 @@ class Relay:
         "_abort_timer",
         "_b_mask",
         "_c_mask",
-        "_c_read_wants_write",
         "_down",
         "_up",
         "b",
         "bfd",
         "c",
-        "c_tls",
         "cfd",
         "chunk",
         "closed",
@@ -67,6 +82,7 @@ class Relay:
         "shutdown_timeout",
         "started",
         "ticks",
+        "tls",
     )
 
     def __init__(
@@ -76,6 +92,7 @@ class Relay:
         client: Sock,
         backend: Sock,
         *,
+        tls: Tls | None = None,
         chunk: int,
         shutdown_timeout: float,
         started: float,
@@ -87,7 +104,7 @@ class Relay:
         self.b = backend
         self.cfd = client.fileno()
         self.bfd = backend.fileno()
-        self.c_tls = isinstance(client, ssl.SSLSocket)
+        self.tls = tls
         self.chunk = chunk
         self.shutdown_timeout = shutdown_timeout
         self.started = started
@@ -97,7 +114,6 @@ class Relay:
         self._down: bytes | memoryview | None = None
         #: what is watched on each socket (IN, OUT)
         self._c_mask = self._b_mask = 0
-        self._c_read_wants_write = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.finished = False
@@ -169,42 +185,79 @@ class Relay:
 
     def _resume_client(self) -> None:
         self._watch_client(IN, True)
-        if self.c_tls and self.c.pending():  # type: ignore[attr-defined]
-            # a record OpenSSL holds decrypted (left by a short read): no readiness event comes
-            self._client_readable()
+        tls = self.tls
+        if tls is not None and (tls.inc.pending or tls.obj.pending()):
+            # records the last read brought (or the handshake's): no readiness event comes
+            self._decrypt(tls)
+
+    def _recv(self, sock: Sock) -> bytes | None:
+        """a chunk from `sock` (``b""`` at EOF); None when it would block or an error has
+        aborted the relay."""
+        try:
+            return sock.recv(self.chunk)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except _GONE:
+            self.abort()
+            return None
 
     def _client_readable(self) -> None:
-        c = self.c
-        while True:
+        data = self._recv(self.c)
+        if data is None:
+            return
+        if not data:
+            self._eof_from_client()
+            return
+        tls = self.tls
+        if tls is None:
+            self.ticks += 1
+            self._to_backend(data)
+            return
+        tls.inc.write(data)
+        self._decrypt(tls)
+
+    def _decrypt(self, tls: Tls) -> None:
+        """relay what OpenSSL can decrypt, while the backend takes it."""
+        obj = tls.obj
+        held = tls.out.pending  # session tickets wait for the next bytes to the client
+        while self._up is None and not self.closed:
             try:
-                data = c.recv(self.chunk)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-                return
-            except ssl.SSLWantWriteError:
-                self._c_read_wants_write = True
-                self._watch_client(IN, False)
-                self._watch_client(OUT, True)
-                return
-            except _GONE:
+                data = obj.read(self.chunk)
+            except ssl.SSLWantReadError:
+                break
+            except _GONE:  # a bad record (OpenSSL queued an alert)
+                self._flush_tls(tls)
                 self.abort()
                 return
-            if not data:
+            if not data:  # close_notify
                 self._eof_from_client()
                 return
             self.ticks += 1
             self._to_backend(data)
-            if not self._c_mask & IN or not self.c_tls or not c.pending():  # type: ignore[attr-defined]
-                return
+            if not tls.inc.pending and not obj.pending():
+                break  # all read: spare the exception of a read that finds nothing
+        if tls.out.pending > held:  # what reading made OpenSSL say (a KeyUpdate answer)
+            self._flush_tls(tls)
+
+    def _flush_tls(self, tls: Tls) -> None:
+        out = tls.out.read()
+        if not out or self.finished:
+            return
+        if self._down is not None:
+            self._down = bytes(self._down) + out
+            return
+        n = self._send(self.c, out)
+        if 0 <= n < len(out):
+            self._hold_down(memoryview(out)[n:])
 
     def _send(self, sock: Sock, data: bytes | memoryview) -> int:
-        """the bytes `sock` took: all of them from a TLS socket, or 0 when its write would
-        block (OpenSSL then keeps its place: the retry must offer the same bytes); -1 once an
-        error has aborted the relay."""
+        """the bytes `sock` took (0 when its write would block); -1 once an error has aborted
+        the relay."""
         try:
             n = sock.send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+        except (BlockingIOError, InterruptedError):
             return 0
-        except _GONE:  # SSLWantReadError included: renegotiation is off
+        except _GONE:
             self.abort()
             return -1
         return n
@@ -239,12 +292,8 @@ class Relay:
     # --- backend → client ------------------------------------------------------------------
 
     def _backend_readable(self) -> None:
-        try:
-            data = self.b.recv(self.chunk)
-        except (BlockingIOError, InterruptedError):
-            return
-        except _GONE:
-            self.abort()
+        data = self._recv(self.b)
+        if data is None:
             return
         if not data:
             self._eof_from_backend()
@@ -253,10 +302,16 @@ class Relay:
         self._to_client(data)
 
     def _to_client(self, data: bytes | memoryview) -> None:
+        tls = self.tls
+        if tls is not None:
+            try:
+                tls.obj.write(data)  # into the memory BIO: never blocks
+            except _GONE:
+                self.abort()
+                return
+            data = tls.out.read()
         n = self._send(self.c, data)
-        if n == 0 and self.c_tls:
-            self._hold_down(data)  # the very same bytes, for OpenSSL's retry
-        elif 0 <= n < len(data):
+        if 0 <= n < len(data):
             self._hold_down(memoryview(data)[n:])
 
     def _hold_down(self, rest: bytes | memoryview) -> None:
@@ -265,23 +320,17 @@ class Relay:
         self._watch_client(OUT, True)
 
     def _client_writable(self) -> None:
-        if self._c_read_wants_write:
-            self._c_read_wants_write = False
-            if self._down is None:
-                self._watch_client(OUT, False)
-            if not self.closed and self._up is None:
-                self._resume_client()
         data = self._down
         if data is None:
+            self._watch_client(OUT, False)
             return
         n = self._send(self.c, data)
         if n < len(data):
-            if n > 0:  # a plain socket took part (TLS takes all or nothing)
-                self._down = memoryview(data)[n:]
+            if n > 0:
+                self._down = data[n:]
             return
         self._down = None
-        if not self._c_read_wants_write:
-            self._watch_client(OUT, False)
+        self._watch_client(OUT, False)
         if self.closed:
             self._maybe_finish()
         else:
@@ -293,7 +342,7 @@ class Relay:
     def _eof(self, from_client: bool) -> None:
         """an EOF read on one side: passed on as a half-close between plain sockets, and both
         EOFs end the relay; with TLS the whole connection ends (after flushing)."""
-        if self.c_tls:
+        if self.tls is not None:
             self.close()
             return
         self._watch(from_client, IN, False)
@@ -340,13 +389,8 @@ class Relay:
         # closing drops the sockets from the kernel's set
         self.poller.forget(self.cfd)
         self.poller.forget(self.bfd)
-        if notify and self.c_tls:
-            send_close_notify(self.c)
+        if notify and self.tls is not None:
+            with contextlib.suppress(OSError):
+                self.c.send(self.tls.close_notify())
         self.c.close()
         self.b.close()
-
-
-def send_close_notify(sock: Sock) -> None:
-    """one non-blocking attempt at TLS ``close_notify`` (the peer's own is not waited for)."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        sock.unwrap()  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ import pytest
 
 from pydstack.gateway.certstore import server_context, tls_version_range
 from pydstack.gateway.poller import IN, Poller
-from pydstack.gateway.relay import Relay
+from pydstack.gateway.relay import Relay, Tls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
 from gateway_env import make_pki
@@ -43,7 +43,11 @@ async def poller() -> AsyncIterator[Poller]:
 
 
 def make_relay(
-    poller: Poller, client: socket.socket, backend: socket.socket, chunk: int = 64 * 1024
+    poller: Poller,
+    client: socket.socket,
+    backend: socket.socket,
+    chunk: int = 64 * 1024,
+    tls: Tls | None = None,
 ) -> tuple[Relay, list[Relay]]:
     closed: list[Relay] = []
     client.setblocking(False)
@@ -53,6 +57,7 @@ def make_relay(
         poller,
         client,
         backend,
+        tls=tls,
         chunk=chunk,
         shutdown_timeout=5,
         started=0.0,
@@ -130,32 +135,39 @@ async def test_plain_eof_is_passed_on_as_a_half_close(poller: Poller) -> None:
     c_app.close()
 
 
-def _tls_pair(*, client_ragged_eof_ok: bool = False) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
-    """(the client's TLS socket, the gateway's), handshaken, the gateway's non-blocking."""
+def _tls_pair() -> tuple[ssl.SSLSocket, socket.socket, Tls]:
+    """the client's TLS socket (refusing ragged EOFs), the gateway's socket and its handshaken
+    :class:`Tls`."""
     pki = make_pki("relay.test")
-    server_ctx = server_context(pki.chain_pem, pki.key_pem, tls_version_range(["1.3"]))
+    tls = Tls(server_context(pki.chain_pem, pki.key_pem, tls_version_range(["1.3"])))
     c_app, c_gw = tcp_pair()
     result: dict[str, ssl.SSLSocket] = {}
 
     def client() -> None:
         result["c"] = pki.client_context().wrap_socket(
-            c_app, server_hostname="x.relay.test", suppress_ragged_eofs=client_ragged_eof_ok
+            c_app, server_hostname="x.relay.test", suppress_ragged_eofs=False
         )
 
     t = threading.Thread(target=client)
     t.start()
-    gw = server_ctx.wrap_socket(c_gw, server_side=True)
+    while True:
+        try:
+            tls.obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            c_gw.sendall(tls.out.read())
+            tls.inc.write(c_gw.recv(65536))
+    c_gw.sendall(tls.out.read())
     t.join()
-    gw.setblocking(False)
-    return result["c"], gw
+    return result["c"], c_gw, tls
 
 
 async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller) -> None:
-    """OpenSSL hands out one record in pieces of the read size; the pieces it keeps have no
-    readiness event, so the relay reads on while it holds some."""
-    c_tls, gw = await asyncio.to_thread(_tls_pair)
+    """OpenSSL hands out one record in pieces of the read size; what it keeps has no readiness
+    event, so the relay reads on while it holds some."""
+    c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
     b_gw, b_app = tcp_pair()
-    relay, _ = make_relay(poller, gw, b_gw, chunk=1000)
+    relay, _ = make_relay(poller, gw, b_gw, chunk=1000, tls=tls)
     relay.start()
     payload = os.urandom(16000)  # one TLS record
     await asyncio.to_thread(c_tls.sendall, payload)
@@ -167,9 +179,9 @@ async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller
 async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> None:
     """a client that refuses ragged EOFs sees a clean end: the relay sends close_notify after
     the last bytes."""
-    c_tls, gw = await asyncio.to_thread(_tls_pair)
+    c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
     b_gw, b_app = tcp_pair()
-    relay, closed = make_relay(poller, gw, b_gw)
+    relay, closed = make_relay(poller, gw, b_gw, tls=tls)
     relay.start()
     b_app.sendall(b"last words")
     b_app.close()
