@@ -488,6 +488,27 @@ async def test_clients_get_session_tickets_and_resume(pki, version: ssl.TLSVersi
         await b.stop()
 
 
+async def test_both_sides_of_a_relay_send_without_delay(pki) -> None:
+    """Nagle off on the client's socket (inherited from the listener) and the backend's: a
+    small answer is not held back waiting for an ACK."""
+    b = await Backend("ok", "echo").start()
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
+    ctx = pki.client_context()
+    r, w = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname=f"a1-{b.port}.{DOMAIN}"
+    )
+    try:
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), PATIENCE) == b"ping"
+        (relay,) = srv.relays
+        for sock in (relay.c, relay.b):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        w.close()
+        await srv.close(0)
+        await b.stop()
+
+
 class TxtServer(asyncio.DatagramProtocol):
     def __init__(self, records: dict[str, str]) -> None:
         self.records = records
