@@ -62,6 +62,7 @@ class Relay:
     __slots__ = (
         "_abort_timer",
         "_b_mask",
+        "_c_held",
         "_c_mask",
         "_down",
         "_up",
@@ -114,6 +115,8 @@ class Relay:
         self._down: bytes | memoryview | None = None
         #: what is watched on each socket (IN, OUT)
         self._c_mask = self._b_mask = 0
+        #: the client is not read until it takes what its own reads made OpenSSL say
+        self._c_held = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.finished = False
@@ -240,15 +243,21 @@ class Relay:
             self._flush_tls(tls)
 
     def _flush_tls(self, tls: Tls) -> None:
+        """send what reading the client made OpenSSL say. A client that does not take it is
+        read no more until it does: otherwise a stream of KeyUpdate requests from a client
+        that never reads would pile up answers here without end."""
         out = tls.out.read()
         if not out or self.finished:
             return
         if self._down is not None:
             self._down = bytes(self._down) + out
-            return
-        n = self._send(self.c, out)
-        if 0 <= n < len(out):
+        else:
+            n = self._send(self.c, out)
+            if n < 0 or n == len(out):
+                return
             self._hold_down(memoryview(out)[n:])
+        self._c_held = True
+        self._watch_client(IN, False)
 
     def _send(self, sock: Sock, data: bytes | memoryview) -> int:
         """the bytes `sock` took (0 when its write would block); -1 once an error has aborted
@@ -283,7 +292,7 @@ class Relay:
         self._watch_backend(OUT, False)
         if self.closed:
             self._maybe_finish()
-        else:
+        elif not self._c_held:
             self._resume_client()
 
     def _eof_from_client(self) -> None:
@@ -333,8 +342,12 @@ class Relay:
         self._watch_client(OUT, False)
         if self.closed:
             self._maybe_finish()
-        else:
-            self._watch_backend(IN, True)
+            return
+        self._watch_backend(IN, True)
+        if self._c_held:
+            self._c_held = False
+            if self._up is None:
+                self._resume_client()
 
     def _eof_from_backend(self) -> None:
         self._eof(False)

@@ -197,6 +197,42 @@ async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> 
     c_tls.close()
 
 
+async def test_a_client_that_does_not_take_tls_answers_is_not_read(poller: Poller) -> None:
+    """what reading a client makes OpenSSL say (a KeyUpdate answer) waits behind bytes the
+    client has not taken: the client is read no more until it takes them (so a client sending
+    KeyUpdate requests without reading cannot pile up answers here), then read again."""
+    c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
+    b_gw, b_app = tcp_pair()
+    relay, _ = make_relay(poller, gw, b_gw, tls=tls)
+    relay.start()
+    loop = asyncio.get_running_loop()
+    b_app.setblocking(False)
+    sender = loop.create_task(loop.sock_sendall(b_app, os.urandom(16 << 20)))
+    await asyncio.sleep(0.5)
+    assert relay._down is not None and relay._c_mask & IN  # held bytes, the client still read
+    tls.obj.write(b"answer")  # a record OpenSSL queued, as after a KeyUpdate request
+    relay._flush_tls(tls)
+    assert not relay._c_mask & IN
+    sender.cancel()
+    await asyncio.to_thread(_read_until, c_tls, b"answer")
+    for _ in range(200):
+        if relay._c_mask & IN:
+            break
+        await asyncio.sleep(0.01)
+    assert relay._c_mask & IN
+    relay.abort()
+    b_app.close()
+    c_tls.close()
+
+
+def _read_until(sock: ssl.SSLSocket, mark: bytes) -> None:
+    tail = b""
+    while mark not in tail:
+        chunk = sock.recv(1 << 16)
+        assert chunk, "the stream ended before the mark"
+        tail = tail[-len(mark) :] + chunk
+
+
 async def test_a_forgotten_descriptor_gets_no_event_of_the_same_batch(poller: Poller) -> None:
     """both sockets are readable in one wake-up; the first handler forgets and closes the other
     and a new socket takes its number at once: the rest of the batch does not hand the old
