@@ -78,9 +78,6 @@ class Poller:
             self._ep.unregister(fd)
         self.forget(fd)
 
-    def __len__(self) -> int:
-        return len(self._handlers)
-
     def _ready(self) -> None:
         events = self._ep.poll(0, _BATCH)
         handlers = self._handlers

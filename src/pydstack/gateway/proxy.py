@@ -239,7 +239,7 @@ class ProxyServer:
             log.exception("custom domain lookup failed")
             conn.fail("internal error")
             return
-        conn.route_to(candidates, addr.port, None)
+        conn._guard(functools.partial(conn.route_to, candidates, addr.port, None))
 
     async def _serve_special(self, sock: socket.socket, kind: str, ctx: ssl.SSLContext) -> None:
         """the gateway's own answers (``gateway``, ``health``) over the event loop's TLS."""
@@ -268,14 +268,13 @@ class ProxyServer:
         except TimeoutError:
             transport.abort()
 
-    def _link(
-        self, conn: _Conn, client: socket.socket, backend: socket.socket, tls: Tls | None
-    ) -> None:
-        """both sides are up: relay them (a PROXY v2 header first where the policy says so)."""
+    def _link(self, conn: _Conn) -> None:
+        """both sides of `conn` are up: relay them (a PROXY v2 header first where the policy
+        says so)."""
         loop = self._loop
         assert loop is not None and self._poller is not None
-        chosen = conn.chosen
-        assert chosen is not None
+        chosen, client, backend = conn.chosen, conn.sock, conn.backend
+        assert chosen is not None and backend is not None
         pp = b""
         if chosen.pp:
             pp = conn.pp or encode_v2(_addr(client.getpeername()), _addr(client.getsockname()))
@@ -284,7 +283,7 @@ class ProxyServer:
             self._poller,
             client,
             backend,
-            tls=tls,
+            tls=conn.tls,
             chunk=self.config.buffer_size,
             shutdown_timeout=self.config.timeouts.shutdown,
             started=loop.time(),
@@ -553,21 +552,17 @@ class _Conn:
         return self.sock
 
     def route_to(self, candidates: list[Candidate], port: int, ctx: ssl.SSLContext | None) -> None:
-        """connect to the candidates and, with `ctx`, terminate TLS meanwhile."""
+        """connect to the candidates and, with `ctx`, terminate TLS meanwhile (raises as a
+        step does: run it through :meth:`_guard` from outside a step)."""
         if self.done:
             return
         self.tls_done = ctx is None
         if ctx is None:
             # passthrough: the socket waits untouched until the relay reads it
             self._park()
-        try:
-            self._connect(candidates, port)
-            if ctx is not None and not self.done:
-                self._start_tls(ctx)
-        except Refused as e:
-            self.fail(str(e))
-        except (DstackError, OSError) as e:  # ssl.SSLError is an OSError
-            self.fail(f"{type(e).__name__}: {e}")
+        self._connect(candidates, port)
+        if ctx is not None and not self.done:
+            self._start_tls(ctx)
 
     # --- the backend ----------------------------------------------------------------------
 
@@ -600,7 +595,7 @@ class _Conn:
             self.server.config.timeouts.connect, self.fail, "timeout"
         )
 
-    def _connected(self, fd: int, ev: int) -> None:
+    def _connected(self, fd: int, _ev: int) -> None:
         attempt = self.attempts.pop(fd, None)
         if attempt is None:
             return
@@ -612,9 +607,6 @@ class _Conn:
             if not self.attempts:
                 e = OSError(err, os.strerror(err))  # the errno's subclass
                 self.fail(f"{type(e).__name__}: {e}")
-            return
-        if not ev & (OUT | ERR):
-            self.attempts[fd] = attempt  # still connecting (a stale wake-up)
             return
         # watched for input until the relay takes it over (one change, no unregistering)
         self.backend_mask = IN
@@ -714,21 +706,14 @@ class _Conn:
     # --- the end of this stage ------------------------------------------------------------
 
     def _ready(self) -> None:
-        if self.done:
-            return
+        if not self.done:
+            self._guard(self._relay)
+
+    def _relay(self) -> None:
+        """hand both sockets to a relay; from here on they are not this connection's."""
+        self.server._link(self)  # OSError: the client left (its address is gone)
         self.done = True
         self.server._conns.discard(self)
-        backend = self.backend
-        assert backend is not None
-        try:
-            self.server._link(self, self.sock, backend, self.tls)
-        except OSError as e:  # the client left (its address is gone) or the first write failed
-            self.done = False
-            self.fail(f"{type(e).__name__}: {e}")
-        except Exception:
-            log.exception("connection handler failed")
-            self.done = False
-            self.fail("internal error")
 
     def fail(self, reason: str) -> None:
         """close all this connection holds and count one refusal; once."""
@@ -748,9 +733,8 @@ class _Conn:
             self.connect_timer.cancel()
             self.connect_timer = None
         self._drop_attempts()
-        if self.sock.fileno() >= 0:
-            self.poller.forget(self.fd)
-            self.sock.close()
+        self.poller.forget(self.fd)
+        self.sock.close()
         if self.backend is not None:
             self.poller.forget(self.backend.fileno())
             self.backend.close()
