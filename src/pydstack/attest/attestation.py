@@ -13,12 +13,13 @@ bytes are refused.
 
 from __future__ import annotations
 
+import binascii
 import dataclasses
 import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -208,14 +209,84 @@ def _pack(obj: Any) -> bytes:
     return out
 
 
+#: where a v4 quote is cut for packing: the header and the TD report up to its report data
+#: (fixed while the RTMRs are), the report data, the signature data's length and the signature
+#: (new with every quote), and the attestation key and certification data (fixed for a boot).
+#: Any cuts give the same bytes; these keep what does not change in whole pieces.
+QUOTE_CUTS = (568, 632, 700)
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an array of `n` elements."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+class _Piece:
+    """a piece of a byte string packed as an array of integers: its bytes, the packed elements
+    (each byte as a positive fixint below 0x80, else ``0xcc`` and the byte), and the hex of
+    both."""
+
+    __slots__ = ("hex", "packed", "packed_hex", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.packed = _pack(list(raw))[len(_array_header(len(raw))) :]
+        self.hex = binascii.hexlify(raw)
+        self.packed_hex = binascii.hexlify(self.packed)
+
+
+class ArrayPacker:
+    """packs byte strings as msgpack arrays of integers (serde's `Vec<u8>`), cut at `cuts`; each
+    piece is kept until the bytes at its place change, so successive quotes of a TD pack and hex
+    only their report data and signature again. Safe to share between threads: a piece is only
+    used after its bytes were compared with the input's."""
+
+    __slots__ = ("_cuts", "_pieces")
+
+    def __init__(self, cuts: Sequence[int] = ()) -> None:
+        self._cuts = tuple(cuts)
+        self._pieces: list[_Piece | None] = [None] * (len(self._cuts) + 1)
+
+    def pieces(self, data: bytes) -> list[_Piece]:
+        out = []
+        start = 0
+        for i, end in enumerate((*self._cuts, len(data))):
+            end = min(max(end, start), len(data))
+            raw = data[start:end]
+            piece = self._pieces[i]
+            if piece is None or piece.raw != raw:
+                piece = self._pieces[i] = _Piece(raw)
+            out.append(piece)
+            start = end
+        return out
+
+
+def pack_byte_array(data: bytes) -> bytes:
+    """``msgpack.packb(list(data))``."""
+    return _array_header(len(data)) + _Piece(data).packed
+
+
+class V1Encoding(NamedTuple):
+    """a v1 attestation's bytes, their hex, and the hex of the quote it carries."""
+
+    attestation: bytes
+    attestation_hex: bytes
+    quote_hex: bytes
+
+
 class V1Encoder:
     """the v1 (msgpack) encoding of attestations that share an event log and a config: the
-    parts that do not change are packed once; :meth:`encode` adds a quote and report data.
+    parts that do not change are packed (and hexed) once; :meth:`encode` adds a quote and report
+    data.
 
     The bytes are those of packing upstream's document (maps in its key order, byte strings
     as arrays of integers, as serde writes `Vec<u8>`)."""
 
-    __slots__ = ("_head", "_mid", "_tail")
+    __slots__ = ("_fixed", "_fixed_hex", "_quotes", "_report_data")
 
     def __init__(
         self,
@@ -227,7 +298,7 @@ class V1Encoder:
         # {"version": 1, "platform": {"kind": "tdx", "data": {"quote": [..], "event_log": [..]}},
         #  "stack": {"kind": "dstack", "data": {"report_data": [..], "runtime_events": [..],
         #  "config": ".."}}}
-        self._head = b"".join(
+        head = b"".join(
             (
                 packer.pack_map_header(3),
                 _pack("version"),
@@ -241,7 +312,7 @@ class V1Encoder:
                 _pack("quote"),
             )
         )
-        self._mid = b"".join(
+        mid = b"".join(
             (
                 _pack("event_log"),
                 _pack([_event_v1(e) for e in event_log]),
@@ -254,7 +325,7 @@ class V1Encoder:
                 _pack("report_data"),
             )
         )
-        self._tail = b"".join(
+        tail = b"".join(
             (
                 _pack("runtime_events"),
                 _pack([_runtime_v1(e) for e in runtime_events]),
@@ -262,39 +333,51 @@ class V1Encoder:
                 _pack(config),
             )
         )
+        self._fixed = (head, mid, tail)
+        self._fixed_hex = tuple(binascii.hexlify(part) for part in self._fixed)
+        self._quotes = ArrayPacker(QUOTE_CUTS)
+        self._report_data = ArrayPacker()
+
+    def _encode(
+        self, quote: bytes, report_data: bytes
+    ) -> tuple[bytes, list[_Piece], list[_Piece], bytes, bytes]:
+        head, mid, tail = self._fixed
+        quote_pieces = self._quotes.pieces(quote)
+        rd_pieces = self._report_data.pieces(report_data)
+        quote_header, rd_header = _array_header(len(quote)), _array_header(len(report_data))
+        encoded = b"".join(
+            (
+                head,
+                quote_header,
+                *(p.packed for p in quote_pieces),
+                mid,
+                rd_header,
+                *(p.packed for p in rd_pieces),
+                tail,
+            )
+        )
+        return encoded, quote_pieces, rd_pieces, quote_header, rd_header
 
     def encode(self, quote: bytes, report_data: bytes) -> bytes:
-        quote_array, report_data_array = pack_byte_array(quote), pack_byte_array(report_data)
-        return b"".join((self._head, quote_array, self._mid, report_data_array, self._tail))
+        return self._encode(quote, report_data)[0]
 
-
-_CHUNK = 256
-_CHUNK_CACHE_SIZE = 256
-
-
-@functools.lru_cache(maxsize=_CHUNK_CACHE_SIZE)
-def _packed_bytes(chunk: bytes) -> bytes:
-    """the elements of ``msgpack.packb(list(chunk))`` (its array header dropped)."""
-    packed = _pack(list(chunk))
-    return packed[1:] if len(chunk) < 16 else packed[3:]
-
-
-def pack_byte_array(data: bytes) -> bytes:
-    """``msgpack.packb(list(data))``: an array header, then each byte as a positive fixint
-    (below 0x80) or as uint8 (``0xcc`` and the byte). Packed in 256-byte chunks kept in a small
-    cache: successive quotes of one TD share all but the chunks holding the report data and the
-    signature (its certification data and most of its body do not change within a boot)."""
-    n = len(data)
-    if n < 16:
-        head = bytes((0x90 | n,))
-    elif n < 1 << 16:
-        head = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        head = b"\xdd" + n.to_bytes(4, "big")
-    if n <= _CHUNK:
-        return head + _packed_bytes(data)
-    view = memoryview(data)
-    return head + b"".join(_packed_bytes(bytes(view[i : i + _CHUNK])) for i in range(0, n, _CHUNK))
+    def encode_hex(self, quote: bytes, report_data: bytes) -> V1Encoding:
+        """:meth:`encode`'s bytes with their hex and the quote's, for a JSON answer; the hex of
+        the unchanged parts is kept."""
+        encoded, quote_pieces, rd_pieces, quote_header, rd_header = self._encode(quote, report_data)
+        head_hex, mid_hex, tail_hex = self._fixed_hex
+        encoded_hex = b"".join(
+            (
+                head_hex,
+                binascii.hexlify(quote_header),
+                *(p.packed_hex for p in quote_pieces),
+                mid_hex,
+                binascii.hexlify(rd_header),
+                *(p.packed_hex for p in rd_pieces),
+                tail_hex,
+            )
+        )
+        return V1Encoding(encoded, encoded_hex, b"".join(p.hex for p in quote_pieces))
 
 
 def encode_v1(att: Attestation) -> bytes:

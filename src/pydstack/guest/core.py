@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -95,13 +95,15 @@ def normalize_algorithm(algorithm: str) -> str:
     raise AgentError("Unsupported algorithm")
 
 
-@dataclass(frozen=True)
-class QuoteResult:
+class QuoteResult(NamedTuple):
     quote: bytes
     event_log: str
     report_data: bytes
     vm_config: str
     attestation: bytes = b""
+    #: the hex of `quote` and `attestation` where the encoder made them (kept parts), else empty
+    quote_hex: bytes = b""
+    attestation_hex: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -302,13 +304,18 @@ class GuestCore:
         rd = pad64(report_data)
         evidence = self._current_evidence()
         quote = self.platform.get_quote(rd)
+        if not self.platform.simulated:  # real TDX: no attestation, as upstream's
+            return QuoteResult(quote, evidence.quote_event_log, rd, self.sys_config.vm_config)
+        # the simulator adds upstream's v1 attestation
+        v1 = evidence.v1.encode_hex(quote, rd)
         return QuoteResult(
             quote=quote,
             event_log=evidence.quote_event_log,
             report_data=rd,
             vm_config=self.sys_config.vm_config,
-            # the simulator adds upstream's v1 attestation; real TDX leaves it out
-            attestation=evidence.v1.encode(quote, rd) if self.platform.simulated else b"",
+            attestation=v1.attestation,
+            quote_hex=v1.quote_hex,
+            attestation_hex=v1.attestation_hex,
         )
 
     def attest(self, report_data: bytes) -> bytes:

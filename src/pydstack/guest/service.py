@@ -7,6 +7,7 @@ event loop (quotes and signatures are CPU work) and converts the result back.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import json
 from collections import OrderedDict
 from collections.abc import Callable
@@ -108,14 +109,17 @@ def _quote(r: QuoteResult) -> pb.GetQuoteResponse:
 
 class _QuoteReply(Encoded):
     """GetQuote's answer. Its JSON is written from parts: the hex of what changes per call (quote,
-    report data, attestation) between the JSON strings of the event log and the VM config,
-    which :class:`_QuoteTexts` escapes once per evidence. The bytes equal ``message_to_json``'s
-    (a test compares them)."""
+    report data, attestation; the encoder's where it made them) between the JSON strings of the
+    event log and the VM config, which :class:`_QuoteTexts` escapes once per evidence. The bytes
+    equal ``message_to_json``'s (a test compares them). The protobuf message is only built for a
+    protobuf answer."""
 
     __slots__ = ("_result", "_texts")
 
     def __init__(self, result: QuoteResult, texts: tuple[bytes, bytes]) -> None:
-        super().__init__(_quote(result))
+        # no message yet: json() writes from the result, proto() builds it
+        self._json = {}
+        self._proto = None
         self._result = result
         self._texts = texts
 
@@ -124,19 +128,25 @@ class _QuoteReply(Encoded):
         event_log, vm_config = self._texts
         parts = [
             b'{"quote":"',
-            r.quote.hex().encode(),
+            r.quote_hex or binascii.hexlify(r.quote),
             b'","event_log":',
             event_log,
             b',"report_data":"',
-            r.report_data.hex().encode(),
+            binascii.hexlify(r.report_data),
             b'","vm_config":',
             vm_config,
         ]
         if r.attestation or "attestation" not in omit_empty:
-            parts += (b',"attestation":"', r.attestation.hex().encode(), b'"}')
+            hexed = r.attestation_hex or binascii.hexlify(r.attestation)
+            parts += (b',"attestation":"', hexed, b'"}')
         else:
             parts.append(b"}")
         return b"".join(parts)
+
+    def proto(self) -> bytes:
+        if self._proto is None:
+            self._proto = _quote(self._result).SerializeToString()
+        return self._proto
 
 
 class _QuoteTexts:

@@ -120,6 +120,7 @@ def _is_v6(host: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=256)  # bounded: a client choosing new hosts only evicts
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -182,23 +182,58 @@ def test_v1_bytes_are_upstreams_document_packed(sim_bin):
     assert encode_v1(att) == msgpack.packb(doc, use_bin_type=True)
 
 
-@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 255, 256, 257, 4509, 65535, 65536, 70_000])
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 567, 600, 632, 700, 701, 4509, 65535, 70_000])
 def test_byte_arrays_pack_as_msgpack_packs_their_integers(size):
-    """the chunked packer (with its cache) writes what packing the list of integers writes,
-    also for data that shares chunks with data packed before."""
+    """the packer cut at a quote's places (with its kept pieces) writes what packing the list of
+    integers writes, and the hex of the data, also after a byte changes in any piece."""
+    import binascii
     import os
 
     import msgpack
 
-    from pydstack.attest.attestation import pack_byte_array
+    from pydstack.attest.attestation import QUOTE_CUTS, ArrayPacker, pack_byte_array
 
+    packer = ArrayPacker(QUOTE_CUTS)
     data = bytearray(os.urandom(size))
-    for _ in range(3):
-        assert pack_byte_array(bytes(data)) == msgpack.packb(list(data))
-        if size:
-            data[size // 2] ^= 0xFF  # one chunk changes, the others come from the cache
+    for where in (None, 0, 570, 640, size - 1, size // 2):
+        if where is not None and size:
+            data[min(where, size - 1)] ^= 0xFF  # that piece changes, the others are kept
+        expected = msgpack.packb(list(data))
+        assert pack_byte_array(bytes(data)) == expected
+        pieces = packer.pieces(bytes(data))
+        assert expected.endswith(b"".join(p.packed for p in pieces))
+        assert len(expected) - sum(len(p.packed) for p in pieces) in (1, 3, 5)  # the header
+        assert b"".join(p.hex for p in pieces) == binascii.hexlify(data)
+        assert (
+            b"".join(p.packed_hex for p in pieces)
+            == binascii.hexlify(expected)[
+                -2 * sum(len(p.packed) for p in pieces) or len(expected) * 2 :
+            ]
+        )
     every = bytes(range(256)) * 3
     assert pack_byte_array(every) == msgpack.packb(list(every))
+
+
+def test_v1_encoder_hex_is_the_hex_of_its_bytes(sim_bin):
+    """encode_hex's bytes equal encode's and packing upstream's document, and its hex equals
+    theirs, for successive quotes that differ in report data and signature."""
+    import binascii
+    import os
+
+    from pydstack.attest.attestation import V1Encoder
+
+    att = decode_versioned(sim_bin)
+    encoder = V1Encoder(att.event_log, att.runtime_events, att.config)
+    quote = bytearray(att.quote)
+    for _ in range(3):
+        rd = os.urandom(64)
+        quote[568:632] = rd
+        quote[636:700] = os.urandom(64)
+        doc = dataclasses.replace(att, quote=bytes(quote), report_data=rd)
+        enc = encoder.encode_hex(bytes(quote), rd)
+        assert enc.attestation == encoder.encode(bytes(quote), rd) == encode_v1(doc)
+        assert enc.attestation_hex == binascii.hexlify(enc.attestation)
+        assert enc.quote_hex == binascii.hexlify(quote)
 
 
 def _reference_v0(data: bytes) -> tuple[object, ...]:
