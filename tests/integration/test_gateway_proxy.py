@@ -491,7 +491,7 @@ async def test_clients_get_session_tickets_and_resume(pki, version: ssl.TLSVersi
 
 async def test_both_sides_of_a_relay_send_without_delay(pki) -> None:
     """Nagle off on the client's socket (inherited from the listener) and the backend's: a
-    small answer is not held back waiting for an ACK."""
+    small answer is not held back waiting for an ACK; and no ACK of its own for the hello."""
     b = await Backend("ok", "echo").start()
     srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
     ctx = pki.client_context()
@@ -504,6 +504,10 @@ async def test_both_sides_of_a_relay_send_without_delay(pki) -> None:
         (relay,) = srv.relays
         for sock in (relay.c, relay.b):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        # accepted sockets start in delayed-ACK mode: the ClientHello's ACK rides on the
+        # server's flight instead of going out alone when the hello is read
+        for lsock in srv._listeners:
+            assert lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 0
     finally:
         w.close()
         await srv.close(0)

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 IN = select.EPOLLIN
 OUT = select.EPOLLOUT
+#: the peer has shut down its side (asked for with IN on backend sockets)
+RDHUP = select.EPOLLRDHUP
 #: what the kernel reports without being asked; a handler treats it as readable and writable
 ERR = select.EPOLLERR | select.EPOLLHUP
 

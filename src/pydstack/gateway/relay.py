@@ -30,7 +30,7 @@ import socket
 import ssl
 from collections.abc import Callable
 
-from .poller import ERR, IN, OUT, Poller
+from .poller import ERR, IN, OUT, RDHUP, Poller
 
 Sock = socket.socket
 
@@ -65,6 +65,7 @@ class Relay:
         "_c_held",
         "_c_mask",
         "_down",
+        "_notified",
         "_up",
         "b",
         "bfd",
@@ -117,6 +118,8 @@ class Relay:
         self._c_mask = self._b_mask = 0
         #: the client is not read until it takes what its own reads made OpenSSL say
         self._c_held = False
+        #: the close_notify has gone out with the backend's last bytes
+        self._notified = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.finished = False
@@ -140,7 +143,9 @@ class Relay:
             self.poller.set(self.cfd, mask, self._client_event)
         else:
             self._b_mask = mask
-            self.poller.set(self.bfd, mask, self._backend_event)
+            # reading the backend also asks whether it has closed: its last bytes and the EOF
+            # are then taken in one callback (and, with TLS, leave with the close_notify)
+            self.poller.set(self.bfd, mask | RDHUP if mask & IN else mask, self._backend_event)
 
     def _watch_client(self, bit: int, on: bool) -> None:
         self._watch(True, bit, on)
@@ -162,7 +167,7 @@ class Relay:
         if ev & OUT and self._b_mask & OUT:
             self._backend_writable()
         if ev & IN and self._b_mask & IN:
-            self._backend_readable()
+            self._backend_readable(ev & RDHUP)
 
     # --- start -----------------------------------------------------------------------------
 
@@ -193,11 +198,11 @@ class Relay:
             # records the last read brought (or the handshake's): no readiness event comes
             self._decrypt(tls)
 
-    def _recv(self, sock: Sock) -> bytes | None:
-        """a chunk from `sock` (``b""`` at EOF); None when it would block or an error has
-        aborted the relay."""
+    def _recv(self, sock: Sock, size: int = 0) -> bytes | None:
+        """a chunk (or `size` bytes) from `sock` (``b""`` at EOF); None when it would block or
+        an error has aborted the relay."""
         try:
-            return sock.recv(self.chunk)
+            return sock.recv(size or self.chunk)
         except (BlockingIOError, InterruptedError):
             return None
         except _GONE:
@@ -300,7 +305,9 @@ class Relay:
 
     # --- backend → client ------------------------------------------------------------------
 
-    def _backend_readable(self) -> None:
+    def _backend_readable(self, closed: int = 0) -> None:
+        """read the backend; `closed` (its FIN has come) with a short read: the EOF is looked
+        for at once, so the last bytes and the end go out together."""
         data = self._recv(self.b)
         if data is None:
             return
@@ -308,13 +315,30 @@ class Relay:
             self._eof_from_backend()
             return
         self.ticks += 1
+        if closed and len(data) < self.chunk:
+            rest = self._recv(self.b, self.chunk - len(data))  # at most one chunk in all
+            if rest == b"":
+                self._to_client(data, last=True)
+                if not self.finished and self._down is None:
+                    self._eof_from_backend()  # else read again once the client has it all
+                return
+            if rest:
+                data += rest
+            elif self.finished:
+                return
         self._to_client(data)
 
-    def _to_client(self, data: bytes | memoryview) -> None:
+    def _to_client(self, data: bytes | memoryview, *, last: bool = False) -> None:
+        """send `data` to the client; `last` (the backend's last bytes): with TLS, the
+        ``close_notify`` follows in the same write."""
         tls = self.tls
         if tls is not None:
             try:
                 tls.obj.write(data)  # into the memory BIO: never blocks
+                if last:
+                    self._notified = True
+                    with contextlib.suppress(ssl.SSLError, ValueError):
+                        tls.obj.unwrap()
             except _GONE:
                 self.abort()
                 return
@@ -402,7 +426,7 @@ class Relay:
         # closing drops the sockets from the kernel's set
         self.poller.forget(self.cfd)
         self.poller.forget(self.bfd)
-        if notify and self.tls is not None:
+        if notify and self.tls is not None and not self._notified:
             with contextlib.suppress(OSError):
                 self.c.send(self.tls.close_notify())
         self.c.close()

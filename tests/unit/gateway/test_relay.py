@@ -197,6 +197,69 @@ async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> 
     c_tls.close()
 
 
+class _CountingSocket(socket.socket):
+    """a real socket that counts its sends with data."""
+
+    sends = 0
+
+    def send(self, data, flags=0):  # type: ignore[no-untyped-def,override]
+        if len(data):
+            self.sends += 1
+        return super().send(data, flags)
+
+
+async def test_the_backends_last_bytes_and_close_notify_leave_in_one_write(poller: Poller) -> None:
+    """a backend that answers and closes at once (an HTTP/1.0 or `Connection: close` answer):
+    its FIN is seen with its last bytes, so they and the close_notify go out in one write, not
+    a write and then another wake-up for the EOF."""
+    c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
+    counted = _CountingSocket(fileno=gw.detach())
+    b_gw, b_app = tcp_pair()
+    b_app.sendall(b"the answer")
+    b_app.close()
+    await asyncio.sleep(0.05)  # the FIN is in
+    relay, closed = make_relay(poller, counted, b_gw, tls=tls)
+    relay.start()
+
+    def read_all() -> bytes:
+        out = b""
+        while chunk := c_tls.recv(100):  # SSLEOFError without close_notify
+            out += chunk
+        return out
+
+    assert await asyncio.wait_for(asyncio.to_thread(read_all), 5) == b"the answer"
+    assert closed == [relay] and relay.finished
+    assert counted.sends == 1
+    c_tls.close()
+
+
+async def test_a_plain_backends_close_waits_for_what_the_client_has_not_taken(
+    poller: Poller,
+) -> None:
+    """the backend's answer and its FIN are both in when the relay reads, and the client cannot
+    take the whole answer yet: the EOF is passed on only after the client has it all."""
+    with socket.socket() as lsock:  # a client with a small window from the start
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen()
+        c_app = socket.socket()
+        c_app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c_app.connect(lsock.getsockname())
+        c_gw, _ = lsock.accept()
+    c_gw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    b_gw, b_app = tcp_pair()
+    data = os.urandom(48 * 1024)  # more than the client side holds, less than one read
+    b_app.sendall(data)
+    b_app.close()
+    await asyncio.sleep(0.05)  # answer and FIN are in
+    relay, _ = make_relay(poller, c_gw, b_gw, chunk=64 * 1024)
+    relay.start()
+    await asyncio.sleep(0.05)
+    assert relay._down is not None, "the client took it all: nothing was held"
+    got = await asyncio.wait_for(recv_exactly(c_app, len(data) + 1), 10)  # then the EOF
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    c_app.close()
+
+
 async def test_a_client_that_does_not_take_tls_answers_is_not_read(poller: Poller) -> None:
     """what reading a client makes OpenSSL say (a KeyUpdate answer) waits behind bytes the
     client has not taken: the client is read no more until it takes them (so a client sending
