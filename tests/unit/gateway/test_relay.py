@@ -162,6 +162,14 @@ def _tls_pair() -> tuple[ssl.SSLSocket, socket.socket, Tls]:
     return result["c"], c_gw, tls
 
 
+def read_to_close_notify(c_tls: ssl.SSLSocket) -> bytes:
+    """what the client reads until a clean end (SSLEOFError without close_notify)."""
+    out = b""
+    while chunk := c_tls.recv(100):
+        out += chunk
+    return out
+
+
 async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller) -> None:
     """OpenSSL hands out one record in pieces of the read size; what it keeps has no readiness
     event, so the relay reads on while it holds some."""
@@ -186,13 +194,9 @@ async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> 
     b_app.sendall(b"last words")
     b_app.close()
 
-    def read_all() -> bytes:
-        out = b""
-        while chunk := c_tls.recv(100):  # SSLEOFError without close_notify
-            out += chunk
-        return out
-
-    assert await asyncio.wait_for(asyncio.to_thread(read_all), 5) == b"last words"
+    assert (
+        await asyncio.wait_for(asyncio.to_thread(read_to_close_notify, c_tls), 5) == b"last words"
+    )
     assert closed == [relay]
     c_tls.close()
 
@@ -221,13 +225,8 @@ async def test_the_backends_last_bytes_and_close_notify_leave_in_one_write(polle
     relay, closed = make_relay(poller, counted, b_gw, tls=tls)
     relay.start()
 
-    def read_all() -> bytes:
-        out = b""
-        while chunk := c_tls.recv(100):  # SSLEOFError without close_notify
-            out += chunk
-        return out
-
-    assert await asyncio.wait_for(asyncio.to_thread(read_all), 5) == b"the answer"
+    got = await asyncio.wait_for(asyncio.to_thread(read_to_close_notify, c_tls), 5)
+    assert got == b"the answer"
     assert closed == [relay] and relay.finished
     assert counted.sends == 1
     c_tls.close()
