@@ -514,6 +514,29 @@ async def test_both_sides_of_a_relay_send_without_delay(pki) -> None:
         await b.stop()
 
 
+async def test_a_hello_in_before_the_accept_is_answered_by_the_accept(pki) -> None:
+    """a ClientHello already in the socket when the gateway accepts it is read at once: the
+    server's first flight leaves within the accept, not a loop round later."""
+    from tests.unit.gateway.hello import openssl_hello
+
+    b = await Backend("ok", "echo").start()
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
+    (lsock,) = srv._listeners
+    srv._loop.remove_reader(lsock.fileno())  # the test accepts, by hand
+    client = socket.create_connection(("127.0.0.1", port))
+    try:
+        client.sendall(openssl_hello(f"a1-{b.port}.{DOMAIN}"))
+        time.sleep(0.1)  # the hello is in the gateway's socket
+        srv._accept_ready(lsock)  # no loop round from here on
+        client.settimeout(0.5)
+        flight = client.recv(65536)
+        assert flight[:1] == b"\x16"  # a handshake record: the ServerHello
+    finally:
+        client.close()
+        await srv.close(0)
+        await b.stop()
+
+
 class TxtServer(asyncio.DatagramProtocol):
     def __init__(self, records: dict[str, str]) -> None:
         self.records = records

@@ -415,7 +415,11 @@ class _Conn:
         else:
             self.timer = self.loop.call_later(t.handshake, self.fail, "timeout")
         self.reading = True
-        self.poller.set(self.fd, IN, self._event)
+        # the first bytes are often in by now: read them at once rather than a loop round
+        # later (the client waits for the server's first flight meanwhile)
+        self._guard(self.step)
+        if not self.done:
+            self.poller.set(self.fd, self.mask(), self._event)
 
     def mask(self) -> int:
         """what is watched on the client socket."""
