@@ -8,8 +8,11 @@ from the source stops and a writable event on the destination sends the rest, th
 resumes. So a peer that does not read holds at most one chunk of memory here.
 
 An EOF is passed on as a half-close (``shutdown(SHUT_WR)``) when both sockets are plain TCP;
-otherwise (TLS) the whole connection closes. Closing flushes what is held, sends TLS
-``close_notify`` and aborts after the shutdown timeout if the peer does not drain.
+otherwise (TLS) the whole connection closes. Reads of the backend also ask for ``EPOLLRDHUP``:
+a backend that answers and closes at once has its last bytes and its EOF taken in one callback,
+and with TLS the ``close_notify`` leaves in the same write as those bytes. Closing flushes
+what is held, sends TLS ``close_notify`` and aborts after the shutdown timeout if the peer does
+not drain.
 :attr:`Relay.ticks` counts forwarded chunks for the idle watchdog.
 
 TLS runs on memory BIOs (:class:`Tls`): OpenSSL never touches the socket, so one ``recv`` takes
