@@ -44,17 +44,27 @@ class Tls:
     """a server-side TLS session on memory BIOs: bytes from the socket go into :attr:`inc`,
     bytes for the socket come out of :attr:`out`."""
 
-    __slots__ = ("inc", "obj", "out")
+    __slots__ = ("inc", "obj", "out", "shut")
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        #: the ``close_notify`` has been queued in :attr:`out`
+        self.shut = False
+
+    def shutdown(self) -> None:
+        """queue the ``close_notify`` record in :attr:`out`, once (the peer's own is not
+        waited for)."""
+        if not self.shut:
+            self.shut = True
+            with contextlib.suppress(ssl.SSLError, ValueError):
+                self.obj.unwrap()
 
     def close_notify(self) -> bytes:
-        """the ``close_notify`` record (the peer's own is not waited for)."""
-        with contextlib.suppress(ssl.SSLError, ValueError):
-            self.obj.unwrap()
+        """what is left to send, ending with the ``close_notify`` record (empty when it has
+        gone out already)."""
+        self.shutdown()
         return self.out.read()
 
 
@@ -68,7 +78,6 @@ class Relay:
         "_c_held",
         "_c_mask",
         "_down",
-        "_notified",
         "_up",
         "b",
         "bfd",
@@ -121,8 +130,6 @@ class Relay:
         self._c_mask = self._b_mask = 0
         #: the client is not read until it takes what its own reads made OpenSSL say
         self._c_held = False
-        #: the close_notify has gone out with the backend's last bytes
-        self._notified = False
         self._abort_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self.finished = False
@@ -339,9 +346,7 @@ class Relay:
             try:
                 tls.obj.write(data)  # into the memory BIO: never blocks
                 if last:
-                    self._notified = True
-                    with contextlib.suppress(ssl.SSLError, ValueError):
-                        tls.obj.unwrap()
+                    tls.shutdown()
             except _GONE:
                 self.abort()
                 return
@@ -429,8 +434,10 @@ class Relay:
         # closing drops the sockets from the kernel's set
         self.poller.forget(self.cfd)
         self.poller.forget(self.bfd)
-        if notify and self.tls is not None and not self._notified:
-            with contextlib.suppress(OSError):
-                self.c.send(self.tls.close_notify())
+        if notify and self.tls is not None:
+            out = self.tls.close_notify()
+            if out:
+                with contextlib.suppress(OSError):
+                    self.c.send(out)
         self.c.close()
         self.b.close()
