@@ -265,11 +265,6 @@ class ArrayPacker:
         return out
 
 
-def pack_byte_array(data: bytes) -> bytes:
-    """``msgpack.packb(list(data))``."""
-    return _array_header(len(data)) + _Piece(data).packed
-
-
 class V1Encoding(NamedTuple):
     """a v1 attestation's bytes, their hex, and the hex of the quote it carries."""
 
