@@ -31,6 +31,7 @@ from pydstack.apps.image import hello_image
 from pydstack.devstack import DevStack, StackError, free_port
 from pydstack.guest.compose_runner import host_ulimits
 from pydstack.vmm.compose import app_id_of, compose_bytes, compose_hash, make_app_compose
+from pydstack.vmm.workdir import spread_subdirectories
 
 COMPOSE = """services:
   hello:
@@ -187,11 +188,14 @@ def bench_pull_reference(stack: DevStack, image: str, runs: int) -> list[float]:
 
     remote = f"{stack.registry_push}/library/{image}"
     times = []
+    # each store in a directory of its own block group, as the VMM puts its VM directories
+    parent = Path(tempfile.mkdtemp(prefix="bench-pull-"))
+    spread_subdirectories(parent)
     for i in range(runs):
         cg = cgroups.create(f"bench-pull-{os.getpid()}-{i}", 1, 256)
         port = free_port()
         name = f"bench-pull-{port}"
-        tmp = tempfile.mkdtemp(prefix="bench-pull-")
+        tmp = tempfile.mkdtemp(dir=parent)
         store = ["--root", f"{tmp}/root", "--runroot", f"{tmp}/run"]
         try:
             t0 = time.perf_counter()
@@ -206,6 +210,7 @@ def bench_pull_reference(stack: DevStack, image: str, runs: int) -> list[float]:
             subprocess.run(["umount", "-R", "-l", f"{tmp}/root"], capture_output=True)
             subprocess.run(["rm", "-rf", tmp], capture_output=True)
             cg.remove()
+    parent.rmdir()
     return times
 
 

@@ -45,7 +45,7 @@ from .td import STATE_FILE as TD_STATE_FILE
 from .td import TdIdentity, VmTd, stored_seed
 from .vm import Vm, load_runtime, save_runtime, status_of
 from .vminfo import vm_info
-from .workdir import VmWorkDir, WorkDirError
+from .workdir import VmWorkDir, WorkDirError, spread_subdirectories
 
 log = logging.getLogger("dstack-vmm")
 M = TypeVar("M", bound=Message)
@@ -76,6 +76,7 @@ class VmmApp:
     async def start(self) -> None:
         c = self.config
         c.run_path.mkdir(parents=True, exist_ok=True)
+        spread_subdirectories(c.run_path)
         self.seed = stored_seed(c.mock_attestation_seed, c.mock_attestation_seed_file, c.run_path)
         await self.backend.prepare()
         await self.reload()

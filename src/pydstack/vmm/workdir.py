@@ -10,9 +10,11 @@ the VMM finishes (stopping the CVM first) when it finds one at start.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import struct
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,35 @@ REMOVING = ".removing"
 
 class WorkDirError(InputError):
     """a VM directory or manifest is malformed."""
+
+
+#: `FS_IOC_GETFLAGS` / `FS_IOC_SETFLAGS` and `FS_TOPDIR_FL` (linux/fs.h); the flags are an int
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def spread_subdirectories(path: Path) -> bool:
+    """mark `path` as the top of unrelated directory trees (`chattr +T`), so that ext2/3/4 put
+    each new subdirectory, and the files under it, in a block group of its own rather than
+    the parent's. A VM directory holds a container store of thousands of files, created by a
+    boot often seconds after a removed VM's store was deleted. On ext4 without a journal,
+    every new inode in a group skips past the inodes deleted there in the last minute, reading
+    each one's table block: a 900-file image pulled right after a removal then took twice as
+    long. False, and nothing changed, where the filesystem has no such flag."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        (flags,) = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4))
+        if not flags & _FS_TOPDIR_FL:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+        return True
+    except OSError:  # not ext2/3/4 (ENOTTY, EOPNOTSUPP) or not permitted
+        return False
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
