@@ -135,10 +135,29 @@ def parse_client_hello(buf: bytes | bytearray | memoryview) -> ClientHello | Non
     """the SNI and ALPN of the ClientHello at the start of `buf`, or None to read more.
 
     Raises :class:`NotClientHelloError` or :class:`NoSniError` (see the module doc)."""
-    data = bytes(buf[:MAX_CLIENT_HELLO]) if len(buf) > MAX_CLIENT_HELLO else bytes(buf)
-    d = _handshake_bytes(data)
-    if d is None:
-        return None
+    n = len(buf)
+    if (
+        9 <= n <= MAX_CLIENT_HELLO
+        and buf[0] == _RECORD_HANDSHAKE
+        and buf[1] == 3
+        and buf[5] == _HANDSHAKE_CLIENT_HELLO
+        and ((buf[3] << 8) | buf[4]) + 5 == n
+        and ((buf[6] << 16) | (buf[7] << 8) | buf[8]) + 9 == n
+    ):
+        # the usual case: one record holding exactly the whole ClientHello, which
+        # _handshake_bytes would reassemble into the same bytes
+        d = bytes(buf[5:])
+    else:
+        data = bytes(buf[:MAX_CLIENT_HELLO]) if n > MAX_CLIENT_HELLO else bytes(buf)
+        reassembled = _handshake_bytes(data)
+        if reassembled is None:
+            return None
+        d = reassembled
+    return _parse_hello(d)
+
+
+def _parse_hello(d: bytes) -> ClientHello:
+    """the SNI and ALPN of one whole ClientHello handshake message (header included)."""
     end = len(d)
     i = 4 + 2 + 32
     if i > end:

@@ -146,3 +146,58 @@ def test_mutated_real_hellos_parse_or_are_refused(data: st.DataObject) -> None:
     except ClientHelloError:
         return
     assert result is None or isinstance(result, ClientHello)
+
+
+def _reassembled(data: bytes) -> ClientHello | None:
+    """what the general path (records reassembled, then parsed) makes of `data`."""
+    from pydstack.gateway.sni import _handshake_bytes, _parse_hello
+
+    msg = _handshake_bytes(data)
+    return None if msg is None else _parse_hello(msg)
+
+
+def _outcome(parse: object, data: bytes) -> object:
+    try:
+        return parse(data)  # type: ignore[operator]
+    except ClientHelloError as e:
+        return (type(e), str(e))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_one_record_fast_path_answers_as_reassembly_does(data: st.DataObject) -> None:
+    """a hello in one record takes a shorter path; on every input, mutated or not, the answer
+    (a hello, more to read, or the same refusal) is the general path's."""
+    base = bytearray(
+        data.draw(
+            st.sampled_from(
+                [
+                    openssl_hello("fast.example.com", ["h2", "http/1.1"]),
+                    openssl_hello("t12.example.com", tls12=True),
+                    openssl_hello(None),
+                    built(sni_ext((0, b"a.example.com")) + alpn_ext(b"h2")),
+                ]
+            )
+        )
+    )
+    for _ in range(data.draw(st.integers(0, 3))):
+        # the headers' length fields as often as the rest
+        i = data.draw(st.one_of(st.integers(0, 8), st.integers(0, len(base) - 1)))
+        base[i] = data.draw(st.integers(0, 255))
+    cut = len(base) if data.draw(st.booleans()) else data.draw(st.integers(0, len(base)))
+    sample = bytes(base[:cut])
+    assert _outcome(parse_client_hello, sample) == _outcome(_reassembled, sample)
+
+
+def test_the_fast_path_is_taken_for_a_real_hello(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydstack.gateway import sni
+
+    def no_reassembly(buf: bytes) -> bytes | None:
+        raise AssertionError("reassembled a hello that fits one record")
+
+    monkeypatch.setattr(sni, "_handshake_bytes", no_reassembly)
+    hello = openssl_hello("one.example.com", ["h2"])
+    assert parse_client_hello(hello) == ClientHello("one.example.com", ("h2",))
+    # two records still go the general way
+    with pytest.raises(AssertionError):
+        parse_client_hello(records(handshake(hello_body(sni_ext((0, b"x.y")))), split=10))
