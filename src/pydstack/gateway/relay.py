@@ -31,13 +31,71 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from _socket import socket as _RawSocket
 from collections.abc import Callable
+from typing import Protocol
 
 from .poller import ERR, IN, OUT, RDHUP, Poller
 
-Sock = socket.socket
+#: the C socket type (``socket.socket`` is a subclass, so both are taken)
+Sock = _RawSocket
 
 _GONE = (OSError,)  # ssl.SSLError is an OSError
+
+
+class _TlsObject(Protocol):
+    """what the relay calls on a TLS session: the methods ``ssl.SSLObject`` and the C object
+    beneath it share (``shutdown`` is ``SSLObject.unwrap``)."""
+
+    def do_handshake(self) -> None: ...
+    def read(self, size: int, /) -> bytes: ...
+    def write(self, data: bytes | memoryview, /) -> int: ...
+    def pending(self) -> int: ...
+    def version(self) -> str | None: ...
+    def shutdown(self) -> object: ...
+
+
+class _Unwrapping:
+    """``ssl.SSLObject`` seen as a :class:`_TlsObject`."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: ssl.SSLObject) -> None:
+        self._obj = obj
+
+    def do_handshake(self) -> None:
+        self._obj.do_handshake()
+
+    def read(self, size: int, /) -> bytes:
+        return self._obj.read(size)
+
+    def write(self, data: bytes | memoryview, /) -> int:
+        return self._obj.write(data)
+
+    def pending(self) -> int:
+        return self._obj.pending()
+
+    def version(self) -> str | None:
+        return self._obj.version()
+
+    def shutdown(self) -> object:
+        self._obj.unwrap()
+        return None
+
+
+#: CPython's C session object is reachable (``SSLContext._wrap_bio``)
+C_SESSIONS = hasattr(ssl.SSLContext, "_wrap_bio")
+
+
+def _wrap(ctx: ssl.SSLContext, inc: ssl.MemoryBIO, out: ssl.MemoryBIO) -> _TlsObject:
+    """a server-side TLS session on the two BIOs: CPython's C session object itself where it is
+    there (``SSLObject`` only forwards each call to it, a Python call more per record and per
+    handshake step), else the public ``SSLObject``."""
+    if C_SESSIONS:
+        wrap_c = ctx._wrap_bio  # type: ignore[attr-defined]  # CPython's, untyped
+        obj: _TlsObject = wrap_c(inc, out, server_side=True, server_hostname=None)
+        return obj
+    return _Unwrapping(ctx.wrap_bio(inc, out, server_side=True))
 
 
 class Tls:
@@ -49,7 +107,7 @@ class Tls:
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        self.obj: _TlsObject = _wrap(ctx, self.inc, self.out)
         #: the ``close_notify`` has been queued in :attr:`out`
         self.shut = False
 
@@ -59,7 +117,7 @@ class Tls:
         if not self.shut:
             self.shut = True
             with contextlib.suppress(ssl.SSLError, ValueError):
-                self.obj.unwrap()
+                self.obj.shutdown()
 
     def close_notify(self) -> bytes:
         """what is left to send, ending with the ``close_notify`` record (empty when it has

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pydstack.gateway import relay as relay_mod
 from pydstack.gateway.certstore import server_context, tls_version_range
 from pydstack.gateway.poller import IN, Poller
 from pydstack.gateway.relay import Relay, Tls
@@ -170,10 +171,24 @@ def read_to_close_notify(c_tls: ssl.SSLSocket) -> bytes:
     return out
 
 
-async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller) -> None:
+@pytest.fixture(params=["c-session", "ssl-object"])
+def session_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """both kinds of TLS session the relay can run on: CPython's C object, and the public
+    ``ssl.SSLObject`` (where the C one is out of reach)."""
+    if request.param == "ssl-object":
+        monkeypatch.setattr(relay_mod, "C_SESSIONS", False)
+    return str(request.param)
+
+
+async def test_a_tls_record_larger_than_one_read_is_relayed_whole(
+    poller: Poller, session_kind: str
+) -> None:
     """OpenSSL hands out one record in pieces of the read size; what it keeps has no readiness
     event, so the relay reads on while it holds some."""
     c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
+    assert isinstance(tls.obj, ssl.SSLObject | relay_mod._Unwrapping) == (
+        session_kind == "ssl-object"
+    )
     b_gw, b_app = tcp_pair()
     relay, _ = make_relay(poller, gw, b_gw, chunk=1000, tls=tls)
     relay.start()
@@ -184,7 +199,9 @@ async def test_a_tls_record_larger_than_one_read_is_relayed_whole(poller: Poller
     c_tls.close()
 
 
-async def test_the_backends_close_ends_tls_with_close_notify(poller: Poller) -> None:
+async def test_the_backends_close_ends_tls_with_close_notify(
+    poller: Poller, session_kind: str
+) -> None:
     """a client that refuses ragged EOFs sees a clean end: the relay sends close_notify after
     the last bytes."""
     c_tls, gw, tls = await asyncio.to_thread(_tls_pair)
