@@ -593,3 +593,144 @@ async def test_custom_domain_through_txt_is_passed_through(pki) -> None:
         await srv.close(0)
         transport.close()
         await b.stop()
+
+
+def _unanswering_port() -> tuple[socket.socket, list[socket.socket]]:
+    """a listening port whose accept queue is full, so a new connection's SYN is dropped and its
+    connect hangs (the listener and the connections that fill the queue)."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    fillers: list[socket.socket] = []
+    for _ in range(16):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(lsock.getsockname())
+        fillers.append(s)
+    # the last ones never connect: nobody accepts, and the queue holds one
+    probe = socket.socket()
+    probe.settimeout(0.5)
+    try:
+        with pytest.raises(OSError):
+            probe.connect(lsock.getsockname())
+    finally:
+        probe.close()
+    return lsock, fillers
+
+
+async def test_setup_deadlines_close_stalled_connections_while_others_are_served(pki) -> None:
+    """a backend that never answers the SYN, a client that stops after its ClientHello and one
+    that never sends its PROXY header: each is closed by its deadline, counted as a timeout,
+    while others are served throughout."""
+    from tests.unit.gateway.hello import openssl_hello
+
+    b = await Backend("ok", "echo").start()
+    hole, fillers = _unanswering_port()
+    table = table_with(app("i1", "a1"), app("h1", "hole"))
+    cfg = proxy_config(timeouts={"handshake": "1s", "connect": "1s"})
+    srv, port = await start_proxy(pki, table=table, config=cfg)
+    pp_cfg = proxy_config(inbound_pp_enabled=True, timeouts={"pp_header": "1s"})
+    pp_srv, pp_port = await start_proxy(pki, table=table_with(app("i1", "a1")), config=pp_cfg)
+    reasons: list[str] = []
+    srv.on_refused = pp_srv.on_refused = reasons.append
+    ctx = pki.client_context()
+    try:
+        # the backend never connects (the client's handshake is done by then)
+        hole_port = hole.getsockname()[1]
+        r1, w1 = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname=f"hole-{hole_port}.{DOMAIN}"
+        )
+        w1.write(b"waiting")
+        # the client sends its hello, reads the server's flight and goes silent
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        w2.write(openssl_hello(f"a1-{b.port}.{DOMAIN}"))
+        assert await asyncio.wait_for(r2.read(1), PATIENCE)  # the ServerHello has come
+        # no PROXY header ever
+        r3, w3 = await asyncio.open_connection("127.0.0.1", pp_port)
+        for _ in range(3):
+            assert (await tls_exchange(port, f"a1-{b.port}.{DOMAIN}", pki, b"hi"))[0] == b"hi"
+        for r in (r1, r2, r3):
+            assert await closed_by_gateway(r)
+        assert reasons == ["timeout"] * 3
+        assert not srv._conns and not pp_srv._conns
+        assert (await tls_exchange(port, f"a1-{b.port}.{DOMAIN}", pki, b"hi"))[0] == b"hi"
+        for w in (w1, w2, w3):
+            w.close()
+    finally:
+        await srv.close(0)
+        await pp_srv.close(0)
+        await b.stop()
+        for s in (hole, *fillers):
+            s.close()
+
+
+async def test_a_changed_certificate_is_served_at_once_to_a_name_seen_before(pki) -> None:
+    """the routing answer kept per server name holds the certificate: replacing it (a renewal)
+    or removing it takes effect on the next connection."""
+    b = await Backend("ok", "echo").start()
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
+    sni = f"a1-{b.port}.{DOMAIN}"
+    reasons: list[str] = []
+    srv.on_refused = reasons.append
+    try:
+        assert (await tls_exchange(port, sni, pki, b"one"))[0] == b"one"
+        renewed = make_pki()  # another key under another CA
+        srv.certs.set(DOMAIN, renewed.chain_pem, renewed.key_pem)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await tls_exchange(port, sni, pki, b"two")
+        assert (await tls_exchange(port, sni, renewed, b"two"))[0] == b"two"
+        srv.certs.remove(DOMAIN)
+        # now a custom domain: its DNS lookup fails (no such record here) and it is refused
+        srv.resolver.resolve = _no_record  # type: ignore[method-assign]
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await tls_exchange(port, sni, renewed, b"three")
+        assert reasons[-1] == "no record"
+    finally:
+        await srv.close(0)
+        await b.stop()
+
+
+async def _no_record(name: str) -> object:
+    from pydstack.gateway.app_address import AppAddressError
+
+    raise AppAddressError("no record")
+
+
+async def test_the_name_cache_is_bounded(pki) -> None:
+    from pydstack.gateway.proxy import _SNI_CACHE
+
+    srv, _port = await start_proxy(pki, table=table_with(app("i1", "a1")))
+    try:
+        for i in range(_SNI_CACHE + 10):
+            routed = srv._route_sni(f"x{i}-80.{DOMAIN}")
+            assert routed is not None and routed[1].dest.id == f"x{i}"
+            assert len(srv._sni_cache) <= _SNI_CACHE
+        assert srv._route_sni("elsewhere.example.org") is None
+    finally:
+        await srv.close(0)
+
+
+async def test_a_finished_connection_is_freed_without_the_cyclic_collector(pki) -> None:
+    """a connection's setup object holds its TLS session until relayed; it must not wait for the
+    cyclic collector to go (thousands of TLS sessions per second would pile up meanwhile)."""
+    import gc
+
+    from pydstack.gateway.proxy import _Conn
+
+    b = await Backend("ok", "echo").start()
+    srv, port = await start_proxy(pki, table=table_with(app("i1", "a1")))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(5):
+            assert (await tls_exchange(port, f"a1-{b.port}.{DOMAIN}", pki, b"hi"))[0] == b"hi"
+        # a refused one too
+        with pytest.raises((ConnectionError, ssl.SSLError)):
+            await tls_exchange(port, f"nobody-{b.port}.{DOMAIN}", pki, b"x")
+        await asyncio.sleep(0.1)
+        assert not srv._conns
+        assert [o for o in gc.get_objects() if isinstance(o, _Conn)] == []
+    finally:
+        gc.enable()
+        await srv.close(0)
+        await b.stop()

@@ -19,9 +19,12 @@ Per connection:
    relayed (:mod:`.relay`) until either side closes, the idle watchdog (``timeouts.idle``, when
    ``data_timeout_enabled``) or ``timeouts.total`` ends it.
 
-Steps 1-4 are callbacks on the socket's readiness and on timers (:class:`_Conn`), not a task per
-connection: on this path a new connection's Python cost is a few calls, and most of its time is
-OpenSSL's handshake. Only a custom domain's DNS lookup and the gateway's own answers run as tasks.
+Steps 1-4 are callbacks on the socket's readiness (:class:`_Conn`), not a task per connection:
+on this path a new connection's Python cost is a few calls, and most of its time is OpenSSL's
+handshake. Its timeouts are deadlines that one periodic tick checks for all connections in
+setup, rather than timers armed and cancelled for each. A server name's routing answer is kept
+until the certificates change. Only a custom domain's DNS lookup and the gateway's own answers
+run as tasks.
 
 Every refusal closes the connection and is logged at debug level with the reason; nothing a
 client sends can stop the others from being served. :attr:`ProxyServer.on_refused` lets tests
@@ -40,6 +43,7 @@ import os
 import socket
 import ssl
 import time
+from _socket import socket as _RawSocket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +52,7 @@ from pydstack.errors import DstackError
 
 from . import ingress
 from .app_address import AppAddressError, AppAddressResolver
-from .certstore import CertStore
+from .certstore import CertStore, DomainCert
 from .config import ProxyConfig
 from .poller import ERR, IN, OUT, RDHUP, Poller
 from .proxy_protocol import ProxyHeader, encode_v2, parse_proxy_header
@@ -64,6 +68,8 @@ BACKLOG = 4096
 #: the most bytes one read takes during a TLS handshake (a client's flight is a few KiB)
 MAX_HANDSHAKE_READ = 16 * 1024
 _ACCEPT_BATCH = 64
+#: the most server names whose routing answer is kept
+_SNI_CACHE = 4096
 
 
 class Refused(DstackError):
@@ -133,7 +139,14 @@ class ProxyServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: Poller | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+        #: SNI -> (certificate, target) while the certificate set is that of `_sni_version`
+        self._sni_cache: dict[str, tuple[DomainCert, ingress.IngressTarget]] = {}
+        self._sni_version = -1
         t = config.timeouts
+        # the setup deadlines (PROXY header, handshake, connect) are checked on a tick, not by a
+        # timer per connection: a connection expires within an eighth of its timeout after it
+        self._tick_every = min(max(min(t.pp_header, t.handshake, t.connect) / 8, 0.01), 0.5)
         self._sweep_every = max(t.idle / 4, 0.5)
         self._idle_sweeps = max(1, math.ceil(t.idle / self._sweep_every))
 
@@ -155,6 +168,7 @@ class ProxyServer:
             self._listeners.append(sock)
             self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
         self._sweeper = self._loop.call_later(self._sweep_every, self._sweep)
+        self._ticker = self._loop.call_later(self._tick_every, self._tick)
         return [s.getsockname()[:2] for s in sockets]
 
     def stop_accepting(self) -> None:
@@ -170,6 +184,9 @@ class ProxyServer:
         self.stop_accepting()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
         for task in list(self._pending):
             task.cancel()
         for conn in list(self._conns):
@@ -189,9 +206,12 @@ class ProxyServer:
 
     def _accept_ready(self, lsock: socket.socket) -> None:
         assert self._loop is not None
+        family = lsock.family
         for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _addr = lsock.accept()
+                # the C socket type, not socket.socket: its Python-level constructor, close and
+                # properties are calls a new connection need not pay for
+                fd, _addr = lsock._accept()  # type: ignore[attr-defined]  # CPython's, untyped
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -201,6 +221,7 @@ class ProxyServer:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 raise
+            conn = _RawSocket(family, socket.SOCK_STREAM, 0, fd)
             conn.setblocking(False)
             self.stats.accepted += 1
             _Conn(self, conn).start()
@@ -309,6 +330,38 @@ class ProxyServer:
 
     # --- watchdogs ------------------------------------------------------------------------
 
+    def _tick(self) -> None:
+        """fail the connections whose setup deadline has passed."""
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        expired = [c for c in self._conns if c.expires(now)]
+        for conn in expired:
+            conn.fail("timeout")
+        self._ticker = loop.call_later(self._tick_every, self._tick)
+
+    def _route_sni(self, sni: str) -> tuple[DomainCert, ingress.IngressTarget] | None:
+        """the certificate covering `sni` and what its name asks for; None outside our domains
+        (a custom domain). IngressError for a name under our domains that the grammar refuses.
+        Answers are kept per name until the certificates change: clients come back to the same
+        names, and a name's answer depends on nothing else."""
+        certs = self.certs
+        cache = self._sni_cache
+        if certs.version != self._sni_version:
+            cache.clear()
+            self._sni_version = certs.version
+        hit = cache.get(sni)
+        if hit is not None:
+            return hit
+        domain = certs.for_sni(sni)
+        if domain is None:
+            return None
+        target = ingress.classify(sni, localhost_backend=self.config.insecure_localhost_backend)
+        if len(cache) >= _SNI_CACHE:
+            cache.clear()  # names never seen again (a scan) cost a refill, not memory
+        cache[sni] = (domain, target)
+        return domain, target
+
     def _sweep(self) -> None:
         """one pass of the idle watchdog and the total-time limit over every relay."""
         loop = self._loop
@@ -337,9 +390,14 @@ def _addr(addr: Any) -> tuple[str, int] | None:
     return None
 
 
+def _idle() -> None:
+    """the step of a connection whose setup is over."""
+
+
 class _Conn:
     """one accepted connection until it is relayed, handed to a task or refused; driven by
-    reader, writer and timer callbacks, so the common path creates no task and no coroutine.
+    reader and writer callbacks and deadlines (:meth:`ProxyServer._tick`), so the common path
+    creates no task, no coroutine and no timer.
 
     Steps: peek the PROXY header (``inbound_pp_enabled``) and consume it, peek the ClientHello,
     route; then the backend connects (all candidates at once, first wins) and, when terminating,
@@ -358,7 +416,8 @@ class _Conn:
         "backend",
         "backend_mask",
         "chosen",
-        "connect_timer",
+        "connect_deadline",
+        "deadline",
         "done",
         "fd",
         "hs_out",
@@ -370,13 +429,12 @@ class _Conn:
         "server",
         "sock",
         "step",
-        "timer",
         "tls",
         "tls_done",
         "writing",
     )
 
-    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
+    def __init__(self, server: ProxyServer, sock: _RawSocket) -> None:
         self.server = server
         loop = server._loop
         assert loop is not None
@@ -391,11 +449,13 @@ class _Conn:
         self.step: Callable[[], None] = self._peek_hello
         self.reading = False
         self.writing = False
-        self.timer: asyncio.TimerHandle | None = None
-        self.connect_timer: asyncio.TimerHandle | None = None
-        self.attempts: dict[int, tuple[Candidate, socket.socket]] = {}
+        #: when the current setup step (PROXY header, handshake) times out (loop time)
+        self.deadline: float | None = None
+        #: when connecting to the backend times out
+        self.connect_deadline: float | None = None
+        self.attempts: dict[int, tuple[Candidate, _RawSocket]] = {}
         self.chosen: Candidate | None = None
-        self.backend: socket.socket | None = None
+        self.backend: _RawSocket | None = None
         #: what is watched on the connected backend socket (IN until the relay starts)
         self.backend_mask = 0
         self.tls: Tls | None = None
@@ -411,9 +471,9 @@ class _Conn:
         t = server.config.timeouts
         if server.config.inbound_pp_enabled:
             self.step = self._peek_proxy_header
-            self.timer = self.loop.call_later(t.pp_header, self.fail, "timeout")
+            self.deadline = self.loop.time() + t.pp_header
         else:
-            self.timer = self.loop.call_later(t.handshake, self.fail, "timeout")
+            self.deadline = self.loop.time() + t.handshake
         self.reading = True
         # the first bytes are often in by now: read them at once rather than a loop round
         # later (the client waits for the server's first flight meanwhile)
@@ -455,15 +515,16 @@ class _Conn:
             self.writing = on
             self.poller.set(self.fd, self.mask(), self._event)
 
-    def _restart_timer(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_later(seconds, self.fail, "timeout")
+    def _set_deadline(self, seconds: float) -> None:
+        self.deadline = self.loop.time() + seconds
 
-    def _stop_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _clear_deadline(self) -> None:
+        self.deadline = None
+
+    def expires(self, now: float) -> bool:
+        """whether a deadline of this connection has passed at `now`."""
+        d, c = self.deadline, self.connect_deadline
+        return (d is not None and now >= d) or (c is not None and now >= c)
 
     # --- the first bytes, read without consuming them ------------------------------------
 
@@ -500,7 +561,7 @@ class _Conn:
             raise Refused("proxy header vanished")
         assert isinstance(header, ProxyHeader)
         self.pp = header.to_v2()
-        self._restart_timer(self.server.config.timeouts.handshake)
+        self._set_deadline(self.server.config.timeouts.handshake)
         self.step = self._peek_hello
         self._peek_hello()
 
@@ -515,17 +576,15 @@ class _Conn:
 
     def _route(self, hello: ClientHello) -> None:
         server = self.server
-        domain = server.certs.for_sni(hello.sni)
-        if domain is None:
+        try:
+            routed = server._route_sni(hello.sni)
+        except ingress.IngressError as e:
+            raise Refused(str(e)) from None
+        if routed is None:
             self._park()
             server._spawn(server._custom_domain(self, hello))
             return
-        try:
-            target = ingress.classify(
-                hello.sni, localhost_backend=server.config.insecure_localhost_backend
-            )
-        except ingress.IngressError as e:
-            raise Refused(str(e)) from None
+        domain, target = routed
         if target.kind in (ingress.Kind.GATEWAY, ingress.Kind.HEALTH):
             sock = self._hand_over()
             server._spawn(server._serve_special(sock, target.kind.value, domain.plain))
@@ -547,16 +606,17 @@ class _Conn:
     def _park(self) -> None:
         """no callbacks on the socket while a task works for this connection."""
         self._stop_reading()
-        self._stop_timer()
+        self._clear_deadline()
 
     def _hand_over(self) -> socket.socket:
         """the socket, for a task that owns it from now on (through the event loop's own
         watching, so it leaves the poller's set)."""
         self._park()
         self.poller.unwatch(self.fd)
-        self.server._conns.discard(self)
-        self.done = True
-        return self.sock
+        self._end()
+        raw = self.sock
+        # the event loop's transports want the socket module's class
+        return socket.socket(raw.family, socket.SOCK_STREAM, 0, raw.detach())
 
     def route_to(self, candidates: list[Candidate], port: int, ctx: ssl.SSLContext | None) -> None:
         """connect to the candidates and, with `ctx`, terminate TLS meanwhile (raises as a
@@ -578,7 +638,7 @@ class _Conn:
         error: OSError | None = None
         for c in candidates:
             family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
-            s = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            s = _RawSocket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             try:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = s.connect_ex((c.host, port))
@@ -598,9 +658,7 @@ class _Conn:
             self.poller.set(fd, OUT, functools.partial(self._connected, fd))
         if not self.attempts:
             raise error or OSError("no backend answered")
-        self.connect_timer = loop.call_later(
-            self.server.config.timeouts.connect, self.fail, "timeout"
-        )
+        self.connect_deadline = loop.time() + self.server.config.timeouts.connect
 
     def _connected(self, fd: int, _ev: int) -> None:
         attempt = self.attempts.pop(fd, None)
@@ -626,12 +684,10 @@ class _Conn:
             self.backend_mask = 0
             self.poller.set(self.backend.fileno(), 0, self._backend_early)
 
-    def _won(self, c: Candidate, s: socket.socket) -> None:
+    def _won(self, c: Candidate, s: _RawSocket) -> None:
         """the first connected candidate; the others are dropped."""
         self._drop_attempts()
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self.connect_deadline = None
         self.chosen = c
         self.backend = s
         if self.tls_done:
@@ -647,7 +703,7 @@ class _Conn:
 
     def _start_tls(self, ctx: ssl.SSLContext) -> None:
         self.tls = Tls(ctx)
-        self._restart_timer(self.server.config.timeouts.handshake)
+        self._set_deadline(self.server.config.timeouts.handshake)
         self.step = self._handshake_read
         self._handshake_read()  # the ClientHello is in the socket (peeked)
 
@@ -699,7 +755,7 @@ class _Conn:
         self._send_handshake(b"")
 
     def _handshake_done(self) -> None:
-        self._stop_timer()
+        self._clear_deadline()
         self.tls_done = True
         if self.backend is not None:
             self._ready()
@@ -719,8 +775,15 @@ class _Conn:
     def _relay(self) -> None:
         """hand both sockets to a relay; from here on they are not this connection's."""
         self.server._link(self)  # OSError: the client left (its address is gone)
+        self._end()
+
+    def _end(self) -> None:
+        """this stage is over: out of the server's set, and the bound method in :attr:`step`
+        no longer holds the object in a cycle, so it is freed at once rather than by the
+        cyclic collector."""
         self.done = True
         self.server._conns.discard(self)
+        self.step = _idle
 
     def fail(self, reason: str) -> None:
         """close all this connection holds and count one refusal; once."""
@@ -733,12 +796,9 @@ class _Conn:
         """close all this connection holds, without counting a refusal (shutdown)."""
         if self.done:
             return
-        self.done = True
-        self.server._conns.discard(self)
-        self._stop_timer()
-        if self.connect_timer is not None:
-            self.connect_timer.cancel()
-            self.connect_timer = None
+        self._end()
+        self._clear_deadline()
+        self.connect_deadline = None
         self._drop_attempts()
         self.poller.forget(self.fd)
         self.sock.close()
