@@ -471,9 +471,9 @@ class _Conn:
         t = server.config.timeouts
         if server.config.inbound_pp_enabled:
             self.step = self._peek_proxy_header
-            self.deadline = self.loop.time() + t.pp_header
+            self._set_deadline(t.pp_header)
         else:
-            self.deadline = self.loop.time() + t.handshake
+            self._set_deadline(t.handshake)
         self.reading = True
         # the first bytes are often in by now: read them at once rather than a loop round
         # later (the client waits for the server's first flight meanwhile)
@@ -796,9 +796,7 @@ class _Conn:
         """close all this connection holds, without counting a refusal (shutdown)."""
         if self.done:
             return
-        self._end()
-        self._clear_deadline()
-        self.connect_deadline = None
+        self._end()  # out of the server's set: its deadlines are never looked at again
         self._drop_attempts()
         self.poller.forget(self.fd)
         self.sock.close()
